@@ -1,1 +1,14 @@
-//! shoal-core
+//! shoal-core: every decision procedure of shoal as a sans-I/O state machine.
+//!
+//! Nothing here sleeps, reads a clock, opens a socket or spawns a task: callers
+//! pass observations and the current time, and get decisions back. The live
+//! services and the simulator drive the same code.
+
+/// Request selection (dispatch) algorithms and locality analysis.
+pub mod select;
+/// Demand forecasting (AR(p), EMA, seasonal).
+pub mod forecast;
+/// Allocation policies (LAMA Algorithm 1, HPA baseline, predictive).
+pub mod policy;
+/// Leases: TTL bookkeeping, expiry, grace after a restart.
+pub mod lease;

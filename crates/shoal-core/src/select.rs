@@ -1,0 +1,1 @@
+//! Request selection algorithms (filled in by the dispatcher work).

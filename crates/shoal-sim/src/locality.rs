@@ -1,0 +1,10 @@
+//! Placeholder until this simulation is built.
+
+/// Arguments of this simulation.
+#[derive(Debug, clap::Args)]
+pub struct LocalityArgs {}
+
+/// Runs the simulation.
+pub fn run(_args: &LocalityArgs) -> anyhow::Result<()> {
+    anyhow::bail!("this simulation is not built yet")
+}
