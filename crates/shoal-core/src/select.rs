@@ -1,1 +1,0 @@
-//! Request selection algorithms (filled in by the dispatcher work).
