@@ -433,8 +433,9 @@ pub struct SeasonalConfig {
     pub season: f64,
     /// Bins the season is divided into (96 = quarter hours of a day).
     pub bins: usize,
-    /// Learning rate of the seasonal profile: each visit to a bin moves it
-    /// this fraction towards the value seen.
+    /// Learning rate of the seasonal profile, per season: the newest day
+    /// weighs this much in a bin's value, however many samples fall in the
+    /// bin. A bin's first samples are simply averaged.
     pub gamma: f64,
     /// Model of what the profile does not explain (short-term deviations).
     pub residual: ArConfig,
@@ -445,7 +446,7 @@ impl Default for SeasonalConfig {
         Self {
             season: 86_400.0,
             bins: 96,
-            gamma: 0.1,
+            gamma: 0.3,
             residual: ArConfig {
                 trend: true,
                 window: 30,
@@ -467,6 +468,10 @@ impl Default for SeasonalConfig {
 pub struct Seasonal {
     cfg: SeasonalConfig,
     profile: Vec<Option<f64>>,
+    /// Samples seen per bin (for the running-mean warm-up).
+    counts: Vec<u64>,
+    /// Per-sample learning rate equivalent to `gamma` per season.
+    rate: f64,
     residual: Ar,
     last_t: Option<f64>,
 }
@@ -486,8 +491,11 @@ impl Seasonal {
                 value: cfg.gamma,
             });
         }
+        let per_bin = (cfg.season / cfg.bins as f64 / cfg.residual.period).max(1.0);
         Ok(Self {
             profile: vec![None; cfg.bins],
+            counts: vec![0; cfg.bins],
+            rate: 1.0 - (1.0 - cfg.gamma).powf(1.0 / per_bin),
             residual: Ar::new(cfg.residual)?,
             cfg,
             last_t: None,
@@ -532,7 +540,8 @@ impl Forecaster for Seasonal {
         let base = self.profile_at(t).unwrap_or(0.0);
         self.residual.observe(t, value - base);
         let b = self.bin(t);
-        let g = self.cfg.gamma;
+        self.counts[b] += 1;
+        let g = self.rate.max(1.0 / self.counts[b] as f64);
         self.profile[b] = Some(match self.profile[b] {
             None => value,
             Some(s) => s + g * (value - s),
@@ -785,7 +794,7 @@ mod tests {
         let horizon = 60.0;
         let mut t = 0.0;
         while t < 3.0 * day {
-            let v = f(t) + rng.normal();
+            let v = f(t) + 5.0 * rng.normal();
             s.observe(t, v);
             ar.observe(t, v);
             if t >= 2.0 * day {
