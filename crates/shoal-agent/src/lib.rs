@@ -1,1 +1,348 @@
-//! shoal-agent
+//! shoal-agent: one per machine. It joins the pool with the cluster token,
+//! holds a lease, reports the node's load with every renewal, and runs the
+//! applications the manager assigns through adaptors.
+
+pub mod adaptor;
+pub mod load;
+pub mod www;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use shoal_core::lease::{backoff_ms, renew_interval_ms};
+use shoal_net::client::{ApiClient, ApiError};
+use shoal_net::identity::{Token, read_file, validate_node_name, write_file};
+use shoal_net::wire::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// `shoal agent` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Examples:\n  shoal agent --join https://10.0.0.1:7400 --token $(shoal token --dir /var/lib/shoal) --name web1 --roles web\n  shoal agent --discover --token shoal1.... --name web2"
+)]
+pub struct AgentArgs {
+    /// The manager's URL (not needed with --discover, or once joined).
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Find the manager by multicast discovery instead of --join.
+    #[arg(long)]
+    pub discover: bool,
+    /// The join token (needed on the first start only).
+    #[arg(long, env = "SHOAL_TOKEN")]
+    pub token: Option<String>,
+    /// This node's name (default: the one recorded at join).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Roles, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub roles: Vec<String>,
+    /// Capacities, NAME=NUMBER (repeatable), e.g. net_mbps=100.
+    #[arg(long = "capacity", value_parser = parse_capacity)]
+    pub capacities: Vec<(String, f64)>,
+    /// The address at which this node's apps are reachable (default: the
+    /// local address used to reach the manager).
+    #[arg(long)]
+    pub address: Option<String>,
+    /// The agent's directory: identity and app directories.
+    #[arg(long, default_value = "./shoal-agent")]
+    pub dir: PathBuf,
+    /// UDP port for discovery.
+    #[arg(long, default_value_t = shoal_net::discovery::DEFAULT_PORT)]
+    pub discovery_port: u16,
+    /// How long to look for a manager with --discover, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub discover_timeout: f64,
+}
+
+fn parse_capacity(s: &str) -> Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("capacity {s:?} must be NAME=NUMBER, e.g. net_mbps=100"))?;
+    let n: f64 = v
+        .parse()
+        .map_err(|_| format!("capacity {k} must be a number, got {v:?}"))?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("capacity {k} must be >= 0, got {v}"));
+    }
+    Ok((k.to_string(), n))
+}
+
+/// What the agent remembers about its membership (agent.toml).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Membership {
+    name: String,
+    manager_url: String,
+}
+
+struct Identity {
+    membership: Membership,
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+fn load_identity(dir: &Path) -> anyhow::Result<Option<Identity>> {
+    let m = dir.join("agent.toml");
+    if !m.exists() {
+        return Ok(None);
+    }
+    let membership: Membership = toml::from_str(&read_file(&m)?).with_context(|| {
+        format!(
+            "{}: invalid; delete the agent directory to join again",
+            m.display()
+        )
+    })?;
+    Ok(Some(Identity {
+        membership,
+        ca: read_file(&dir.join("ca.pem"))?,
+        cert: read_file(&dir.join("node.pem"))?,
+        key: read_file(&dir.join("node.key"))?,
+    }))
+}
+
+async fn find_manager(args: &AgentArgs, token: Option<&Token>) -> anyhow::Result<String> {
+    if let Some(u) = &args.join {
+        return Ok(u.clone());
+    }
+    if args.discover {
+        let token = token.context("--discover needs the token (--token or SHOAL_TOKEN): the manager only answers probes keyed with it")?;
+        let url = shoal_net::discovery::discover(
+            token.secret,
+            args.discovery_port,
+            Duration::from_secs_f64(args.discover_timeout),
+        )
+        .await?;
+        eprintln!("discovered the manager at {url}");
+        return Ok(url);
+    }
+    anyhow::bail!("no manager given: pass --join URL or --discover")
+}
+
+async fn join_or_load(args: &AgentArgs) -> anyhow::Result<Identity> {
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create the agent directory {}", args.dir.display()))?;
+    let token = args.token.as_deref().map(Token::parse).transpose()?;
+    if let Some(mut id) = load_identity(&args.dir)? {
+        if let Some(n) = &args.name
+            && *n != id.membership.name
+        {
+            anyhow::bail!(
+                "{} belongs to node {:?}, not {n:?}; use another --dir for another node",
+                args.dir.display(),
+                id.membership.name
+            );
+        }
+        if args.join.is_some() || args.discover {
+            let url = find_manager(args, token.as_ref()).await?;
+            if url != id.membership.manager_url {
+                id.membership.manager_url = url;
+                write_file(
+                    &args.dir.join("agent.toml"),
+                    &toml::to_string(&id.membership)?,
+                    false,
+                )?;
+            }
+        }
+        return Ok(id);
+    }
+    let name = args
+        .name
+        .clone()
+        .context("--name is required on the first start")?;
+    validate_node_name(&name).map_err(anyhow::Error::msg)?;
+    let token = token.context(
+        "--token is required to join (print it with `shoal token --dir DIR` on the manager's machine)",
+    )?;
+    let url = find_manager(args, Some(&token)).await?;
+    let (ca, key, cert) = shoal_net::client::join(&url, &token, &name).await?;
+    write_file(&args.dir.join("ca.pem"), &ca, false)?;
+    write_file(&args.dir.join("node.key"), &key, true)?;
+    write_file(&args.dir.join("node.pem"), &cert, false)?;
+    let membership = Membership {
+        name,
+        manager_url: url,
+    };
+    write_file(
+        &args.dir.join("agent.toml"),
+        &toml::to_string(&membership)?,
+        false,
+    )?;
+    eprintln!("joined the cluster as {}", membership.name);
+    Ok(Identity {
+        membership,
+        ca,
+        cert,
+        key,
+    })
+}
+
+fn default_address(manager_url: &str) -> String {
+    let host = manager_url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|hp| hp.parse::<std::net::SocketAddr>().ok());
+    match host {
+        Some(sa) if sa.ip().is_loopback() => sa.ip().to_string(),
+        Some(sa) => shoal_net::discovery::local_ip_towards(sa.ip())
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        None => "127.0.0.1".into(),
+    }
+}
+
+/// Runs the agent until interrupted.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let id = join_or_load(&args).await?;
+    let name = id.membership.name.clone();
+    let client = ApiClient::new(
+        &id.membership.manager_url,
+        &id.ca,
+        Some((&id.cert, &id.key)),
+    )?;
+    let mut capacities: BTreeMap<String, f64> = BTreeMap::new();
+    capacities.insert(
+        "cpus".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get() as f64)
+            .unwrap_or(1.0),
+    );
+    capacities.extend(args.capacities.iter().cloned());
+    let reg = Registration {
+        name: name.clone(),
+        address: args
+            .address
+            .clone()
+            .unwrap_or_else(|| default_address(&id.membership.manager_url)),
+        roles: args.roles.clone(),
+        capacities,
+    };
+
+    // L(t) every 2 s, the paper's sampling period.
+    let (load_tx, load_rx) = watch::channel(None::<LoadSample>);
+    tokio::task::spawn_blocking(move || {
+        let mut s = load::LoadSampler::new();
+        loop {
+            match s.sample() {
+                Ok(x) => {
+                    if load_tx.send(Some(x)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!("load sample: {e}"),
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+
+    let mut sup = adaptor::Supervisor::new(args.dir.join("apps"), name.clone());
+    tokio::select! {
+        r = lease_loop(&client, &reg, load_rx, &mut sup) => r?,
+        _ = shutdown() => {}
+    }
+    sup.stop_all().await;
+    eprintln!("agent {name} stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn register(client: &ApiClient, reg: &Registration) -> Result<u64, ApiError> {
+    let g: LeaseGrant = client
+        .send(
+            reqwest::Method::PUT,
+            &format!("/v1/nodes/{}", reg.name),
+            reg,
+        )
+        .await?;
+    Ok(g.lease_ttl_ms)
+}
+
+/// Registers, then renews at TTL/3 (jittered), reconciling apps after each
+/// answer and between renewals. Transport errors retry with capped,
+/// jittered back-off; a manager that forgot us (404) gets a new
+/// registration. A refusal (401/403/400) is fatal: retrying cannot fix it.
+async fn lease_loop(
+    client: &ApiClient,
+    reg: &Registration,
+    load_rx: watch::Receiver<Option<LoadSample>>,
+    sup: &mut adaptor::Supervisor,
+) -> anyhow::Result<()> {
+    let mut ttl_ms: u64 = 6000;
+    let mut registered = false;
+    let mut attempt: u32 = 0;
+    let mut desired: Vec<AppAssignment> = Vec::new();
+    let mut next_renew = tokio::time::Instant::now();
+    let mut reconcile_tick = tokio::time::interval(Duration::from_millis(500));
+    reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_renew) => {}
+            _ = reconcile_tick.tick() => {
+                // Supervision between renewals: restarts happen on time.
+                sup.reconcile(&desired).await;
+                let _ = sup.statuses().await;
+                continue;
+            }
+        }
+        let result = if !registered {
+            register(client, reg).await.map(|t| {
+                ttl_ms = t;
+                registered = true;
+                eprintln!("registered {} (lease {} ms)", reg.name, t);
+                None
+            })
+        } else {
+            let req = RenewRequest {
+                load: load_rx.borrow().clone(),
+                apps: sup.statuses().await,
+            };
+            client
+                .post::<_, RenewResponse>(&format!("/v1/nodes/{}/renew", reg.name), &req)
+                .await
+                .map(Some)
+        };
+        match result {
+            Ok(resp) => {
+                attempt = 0;
+                if let Some(r) = resp {
+                    ttl_ms = r.lease_ttl_ms;
+                    desired = r.desired;
+                    sup.reconcile(&desired).await;
+                }
+                next_renew = tokio::time::Instant::now()
+                    + Duration::from_millis(renew_interval_ms(ttl_ms, rand::random()));
+            }
+            Err(e) if e.status() == Some(404) => {
+                tracing::warn!("{e}; registering again");
+                registered = false;
+                next_renew = tokio::time::Instant::now();
+            }
+            Err(
+                e @ ApiError::Status {
+                    status: 400 | 401 | 403,
+                    ..
+                },
+            ) => return Err(e.into()),
+            Err(e) => {
+                let wait = backoff_ms(attempt, 100, (ttl_ms / 6).max(200), rand::random());
+                attempt = attempt.saturating_add(1);
+                tracing::warn!("{e}; retrying in {wait} ms");
+                if attempt == 1 {
+                    eprintln!("lost the manager: {e}; retrying");
+                }
+                next_renew = tokio::time::Instant::now() + Duration::from_millis(wait);
+            }
+        }
+    }
+}

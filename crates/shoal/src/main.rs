@@ -2,6 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin;
+mod bench_agents;
+
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "A self-managing cluster manager")]
 struct Cli {
@@ -11,6 +14,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Create a cluster identity: CA, manager and administrator certificates, join token.
+    Init(admin::InitArgs),
+    /// Print the join token alone, for scripts.
+    Token(admin::TokenArgs),
+    /// Run the manager: lookup service with leases, HTTPS API.
+    Manager(shoal_manager::ManagerArgs),
+    /// Run a node agent: join, hold a lease, report load, run assigned apps.
+    Agent(shoal_agent::AgentArgs),
+    /// Show nodes, leases, load, apps and services.
+    Status(admin::StatusArgs),
+    /// Node administration.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// The built-in static file server (the default demo app).
+    Www(shoal_agent::www::WwwArgs),
     /// Run an L7 dispatcher for a service.
     ///
     /// Example: shoal dispatch --backends 127.0.0.1:8081,127.0.0.1:8082 --listen 127.0.0.1:8080 --algo url-hash
@@ -28,6 +46,12 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum NodeCmd {
+    /// Set (or with --remove, drop) an app in a node's desired state.
+    Assign(admin::AssignArgs),
+}
+
+#[derive(Subcommand)]
 enum SimCmd {
     /// Locality loss of naive rehash vs subset rebuilding on every single-backend failure.
     ///
@@ -41,22 +65,44 @@ enum SimCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Many virtual agents renewing leases against a real manager.
+    Agents(bench_agents::BenchAgentsArgs),
     /// shoal's dispatcher vs HAProxy vs nginx, driven by wrk.
     Dispatch(shoal_dispatch::BenchDispatchArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.cmd {
         Cmd::Sim(SimCmd::Locality(a)) => shoal_sim::locality::run(&a),
         Cmd::Sim(SimCmd::Autoscale(a)) => shoal_sim::autoscale::run(&a),
+        Cmd::Init(a) => admin::init(a),
+        Cmd::Token(a) => admin::token(a),
+        Cmd::Www(a) => shoal_agent::www::run(a),
         other => runtime().and_then(|rt| {
             rt.block_on(async move {
                 match other {
                     Cmd::Dispatch(a) => shoal_dispatch::run(a).await,
                     Cmd::Route(a) => shoal_dispatch::route(a).await,
                     Cmd::Bench(BenchCmd::Dispatch(a)) => shoal_dispatch::bench(a).await,
-                    Cmd::Sim(_) => unreachable!("handled above"),
+                    Cmd::Manager(a) => {
+                        raise_nofile();
+                        shoal_manager::run(a).await
+                    }
+                    Cmd::Agent(a) => shoal_agent::run(a).await,
+                    Cmd::Status(a) => admin::status(a).await,
+                    Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
+                    Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
+                    Cmd::Sim(_) | Cmd::Init(_) | Cmd::Token(_) | Cmd::Www(_) => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }),
@@ -71,5 +117,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Servers holding thousands of connections need more than the default soft
+/// limit of open files; raise it to the hard limit.
+pub(crate) fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }

@@ -1,0 +1,561 @@
+//! A supervised process: the body of every built-in adaptor.
+
+use super::{Adaptor, AdaptorError};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use shoal_net::wire::{AppState, AppStatus, Params};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// How long an app gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a started app may take to pass its first health check before it
+/// counts as unhealthy.
+const STARTUP_GRACE: Duration = Duration::from_secs(10);
+/// After this long running healthy, the restart back-off starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Which built-in adaptor this process implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Any program: `command`, `args`, `env.*`, `file.*`, `health`.
+    Process,
+    /// nginx with a private configuration: `listen`, `root`.
+    Nginx,
+    /// The built-in `shoal www` static server: `listen`, `root`.
+    Www,
+}
+
+impl Flavor {
+    fn name(self) -> &'static str {
+        match self {
+            Flavor::Process => "process",
+            Flavor::Nginx => "nginx",
+            Flavor::Www => "www",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Health {
+    Tcp(String),
+    Http(String),
+}
+
+/// What to run, derived from the control parameters.
+#[derive(Debug, Clone)]
+struct Spec {
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    files: Vec<(PathBuf, String)>,
+    health: Option<Health>,
+    endpoint: Option<String>,
+}
+
+const NGINX_CONF: &str = r#"# Written by the shoal agent; edits are overwritten by `set`.
+daemon off;
+master_process on;
+worker_processes 1;
+pid {{ app_dir }}/nginx.pid;
+error_log {{ app_dir }}/error.log warn;
+{% if as_root %}user root;{% endif %}
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path {{ app_dir }}/tmp/body;
+    proxy_temp_path {{ app_dir }}/tmp/proxy;
+    fastcgi_temp_path {{ app_dir }}/tmp/fastcgi;
+    uwsgi_temp_path {{ app_dir }}/tmp/uwsgi;
+    scgi_temp_path {{ app_dir }}/tmp/scgi;
+    types {
+        text/html html htm;
+        text/css css;
+        text/plain txt;
+        application/javascript js;
+        application/json json;
+        image/png png;
+        image/jpeg jpg jpeg;
+        image/svg+xml svg;
+    }
+    default_type application/octet-stream;
+    server {
+        listen {{ listen }};
+        root {{ root }};
+        location / { }
+    }
+}
+"#;
+
+fn render(
+    env: &minijinja::Environment<'_>,
+    name: &str,
+    tpl: &str,
+    ctx: &minijinja::Value,
+) -> Result<String, AdaptorError> {
+    env.render_str(tpl, ctx)
+        .map_err(|e| AdaptorError::Params(format!("template {name}: {e}")))
+}
+
+fn need<'a>(params: &'a Params, key: &str, flavor: Flavor) -> Result<&'a str, AdaptorError> {
+    params
+        .get(key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            AdaptorError::Params(format!(
+                "the {} adaptor needs the parameter {key} (e.g. --param {key}=...)",
+                flavor.name()
+            ))
+        })
+}
+
+fn parse_health(s: &str) -> Result<Health, AdaptorError> {
+    if let Some(rest) = s.strip_prefix("tcp:") {
+        Ok(Health::Tcp(rest.to_string()))
+    } else if s.starts_with("http://") {
+        Ok(Health::Http(s.to_string()))
+    } else {
+        Err(AdaptorError::Params(format!(
+            "health must be tcp:HOST:PORT or http://HOST:PORT/PATH, got {s:?}"
+        )))
+    }
+}
+
+fn spec(
+    flavor: Flavor,
+    params: &Params,
+    app_dir: &Path,
+    id: &str,
+    node: &str,
+) -> Result<Spec, AdaptorError> {
+    let env = minijinja::Environment::new();
+    let mut ctx_map: std::collections::BTreeMap<String, String> = params.clone();
+    ctx_map.insert("app_dir".into(), app_dir.display().to_string());
+    ctx_map.insert("node".into(), node.to_string());
+    ctx_map.insert("id".into(), id.to_string());
+    let mut ctx = minijinja::Value::from_serialize(&ctx_map);
+    shoal_net::wire::check_params(flavor.name(), params).map_err(AdaptorError::Params)?;
+    match flavor {
+        Flavor::Process => {
+            let program = render(&env, "command", need(params, "command", flavor)?, &ctx)?;
+            let args = match params.get("args") {
+                Some(a) => shell_words::split(&render(&env, "args", a, &ctx)?)
+                    .map_err(|e| AdaptorError::Params(format!("args: {e}")))?,
+                None => Vec::new(),
+            };
+            let mut envs = Vec::new();
+            let mut files = Vec::new();
+            for (k, v) in params {
+                if let Some(name) = k.strip_prefix("env.") {
+                    envs.push((name.to_string(), render(&env, k, v, &ctx)?));
+                } else if let Some(name) = k.strip_prefix("file.") {
+                    files.push((app_dir.join(name), render(&env, k, v, &ctx)?));
+                }
+            }
+            let health = params
+                .get("health")
+                .map(|h| render(&env, "health", h, &ctx))
+                .transpose()?;
+            Ok(Spec {
+                program,
+                args,
+                env: envs,
+                files,
+                health: health.as_deref().map(parse_health).transpose()?,
+                endpoint: params.get("endpoint").cloned(),
+            })
+        }
+        Flavor::Nginx | Flavor::Www => {
+            let listen = need(params, "listen", flavor)?.to_string();
+            let root = need(params, "root", flavor)?.to_string();
+            if !Path::new(&root).is_dir() {
+                return Err(AdaptorError::Params(format!(
+                    "root {root:?} is not a directory on node {node}; create it or fix the root parameter"
+                )));
+            }
+            if flavor == Flavor::Www {
+                let exe = std::env::current_exe().map_err(|e| {
+                    AdaptorError::Spawn(format!("cannot find the shoal binary: {e}"))
+                })?;
+                return Ok(Spec {
+                    program: exe.display().to_string(),
+                    args: vec![
+                        "www".into(),
+                        "--listen".into(),
+                        listen.clone(),
+                        "--root".into(),
+                        root,
+                    ],
+                    env: Vec::new(),
+                    files: Vec::new(),
+                    health: Some(Health::Tcp(listen.clone())),
+                    endpoint: Some(listen),
+                });
+            }
+            let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .ok_or_else(|| {
+                    AdaptorError::Spawn(
+                        "nginx is not installed on this node (apt-get install -y nginx)".into(),
+                    )
+                })?;
+            ctx_map.insert(
+                "as_root".into(),
+                if nix::unistd::geteuid().is_root() {
+                    "yes"
+                } else {
+                    ""
+                }
+                .into(),
+            );
+            ctx = minijinja::Value::from_serialize(&ctx_map);
+            let conf = app_dir.join("nginx.conf");
+            Ok(Spec {
+                program: nginx.to_string(),
+                args: vec![
+                    "-p".into(),
+                    app_dir.display().to_string(),
+                    "-c".into(),
+                    conf.display().to_string(),
+                    "-e".into(),
+                    app_dir.join("error.log").display().to_string(),
+                ],
+                env: Vec::new(),
+                files: vec![(conf, render(&env, "nginx.conf", NGINX_CONF, &ctx)?)],
+                health: Some(Health::Tcp(listen.clone())),
+                endpoint: Some(listen),
+            })
+        }
+    }
+}
+
+/// A supervised application process.
+pub struct ProcessApp {
+    flavor: Flavor,
+    id: String,
+    dir: PathBuf,
+    node: String,
+    params: Params,
+    child: Option<Child>,
+    pid: Option<u32>,
+    state: AppState,
+    message: Option<String>,
+    restarts: u32,
+    attempt: u32,
+    started_at: Option<Instant>,
+    healthy_since: Option<Instant>,
+    restart_at: Option<Instant>,
+    spec: Spec,
+}
+
+impl ProcessApp {
+    /// A stopped app; parameters are checked now.
+    pub fn new(
+        flavor: Flavor,
+        id: String,
+        dir: PathBuf,
+        node: String,
+        params: Params,
+    ) -> Result<Self, AdaptorError> {
+        std::fs::create_dir_all(&dir).map_err(|source| AdaptorError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let spec = spec(flavor, &params, &dir, &id, &node)?;
+        Ok(Self {
+            flavor,
+            id,
+            dir,
+            node,
+            params,
+            child: None,
+            pid: None,
+            state: AppState::Stopped,
+            message: None,
+            restarts: 0,
+            attempt: 0,
+            started_at: None,
+            healthy_since: None,
+            restart_at: None,
+            spec,
+        })
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("pid")
+    }
+
+    fn write_files(&self) -> Result<(), AdaptorError> {
+        if self.flavor == Flavor::Nginx {
+            for t in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+                let p = self.dir.join("tmp").join(t);
+                std::fs::create_dir_all(&p).map_err(|source| AdaptorError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
+            }
+        }
+        for (path, text) in &self.spec.files {
+            std::fs::write(path, text).map_err(|source| AdaptorError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<(), AdaptorError> {
+        self.write_files()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("output.log"))
+            .map_err(|source| AdaptorError::Io {
+                path: self.dir.join("output.log"),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| AdaptorError::Io {
+            path: self.dir.join("output.log"),
+            source,
+        })?;
+        let mut cmd = Command::new(&self.spec.program);
+        cmd.args(&self.spec.args)
+            .envs(self.spec.env.iter().cloned())
+            .current_dir(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group, so stop reaches every process it forks.
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd
+            .spawn()
+            .map_err(|e| AdaptorError::Spawn(format!("cannot run {}: {e}", self.spec.program)))?;
+        let pid = child.id();
+        if let Some(pid) = pid {
+            let st = start_time(pid).unwrap_or(0);
+            let _ = std::fs::write(self.pid_file(), format!("{pid} {st}\n"));
+        }
+        self.pid = pid;
+        self.child = Some(child);
+        self.state = AppState::Starting;
+        self.started_at = Some(Instant::now());
+        self.healthy_since = None;
+        self.restart_at = None;
+        self.message = None;
+        Ok(())
+    }
+
+    async fn healthy(&self) -> bool {
+        let probe = async {
+            match &self.spec.health {
+                None => true,
+                Some(Health::Tcp(a)) => tokio::net::TcpStream::connect(a.as_str()).await.is_ok(),
+                Some(Health::Http(u)) => http_ok(u).await,
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(500), probe)
+            .await
+            .unwrap_or(false)
+    }
+
+    fn kill_group(&self, sig: Signal) {
+        if let Some(pid) = self.pid {
+            let _ = killpg(Pid::from_raw(pid as i32), sig);
+        }
+    }
+
+    fn schedule_restart(&mut self, why: String) {
+        // Leftovers of the group (nginx workers of a killed master) would
+        // hold the port: clear the group before starting again.
+        self.kill_group(Signal::SIGKILL);
+        self.child = None;
+        let wait = shoal_core::lease::backoff_ms(self.attempt, 200, 10_000, rand::random());
+        self.attempt = self.attempt.saturating_add(1);
+        self.state = AppState::Backoff;
+        self.message = Some(format!("{why}; restarting in {wait} ms"));
+        self.restart_at = Some(Instant::now() + Duration::from_millis(wait));
+    }
+}
+
+async fn http_ok(url: &str) -> bool {
+    let Ok(c) = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+    else {
+        return false;
+    };
+    matches!(c.get(url).send().await, Ok(r) if r.status().is_success())
+}
+
+/// The start time (clock ticks since boot) of `pid`, which tells a process
+/// from a later one that reused its pid.
+fn start_time(pid: u32) -> Option<u64> {
+    procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()
+        .map(|s| s.starttime)
+}
+
+/// Stops application processes a previous agent run left behind, found by
+/// their pid files. The agent restarts apps rather than adopting them: a
+/// process that is not our child cannot be waited for, so its exit would be
+/// noticed late and its exit status never; a clean restart gives every
+/// supervised app the same guarantees. Returns how many were stopped.
+pub fn reap_orphans(apps_dir: &Path) -> usize {
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir(apps_dir) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let pf = e.path().join("pid");
+        let Ok(text) = std::fs::read_to_string(&pf) else {
+            continue;
+        };
+        let mut it = text.split_whitespace();
+        let (Some(Ok(pid)), Some(Ok(st))) = (
+            it.next().map(str::parse::<u32>),
+            it.next().map(str::parse::<u64>),
+        ) else {
+            let _ = std::fs::remove_file(&pf);
+            continue;
+        };
+        if start_time(pid) == Some(st) {
+            let pg = Pid::from_raw(pid as i32);
+            let _ = killpg(pg, Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_GRACE;
+            while start_time(pid) == Some(st) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = killpg(pg, Signal::SIGKILL);
+            n += 1;
+        }
+        let _ = std::fs::remove_file(&pf);
+    }
+    n
+}
+
+#[async_trait::async_trait]
+impl Adaptor for ProcessApp {
+    fn kind(&self) -> &'static str {
+        self.flavor.name()
+    }
+
+    async fn status(&mut self) -> AppStatus {
+        if let Some(child) = self.child.as_mut() {
+            match child.try_wait() {
+                Ok(Some(st)) => self.schedule_restart(format!("exited ({st})")),
+                Ok(None) => {}
+                Err(e) => self.schedule_restart(format!("lost track of the process: {e}")),
+            }
+        }
+        if self.state == AppState::Backoff && self.restart_at.is_some_and(|t| Instant::now() >= t) {
+            self.restarts += 1;
+            if let Err(e) = self.spawn() {
+                self.schedule_restart(e.to_string());
+            }
+        }
+        if self.child.is_some() {
+            if self.healthy().await {
+                let since = *self.healthy_since.get_or_insert_with(Instant::now);
+                self.state = AppState::Running;
+                self.message = None;
+                if since.elapsed() >= STABLE_AFTER {
+                    self.attempt = 0;
+                }
+            } else {
+                self.healthy_since = None;
+                let young = self.started_at.is_some_and(|t| t.elapsed() < STARTUP_GRACE);
+                self.state = if young {
+                    AppState::Starting
+                } else {
+                    AppState::Unhealthy
+                };
+                if !young {
+                    self.message = Some("failing its health check".into());
+                }
+            }
+        }
+        AppStatus {
+            id: self.id.clone(),
+            adaptor: self.flavor.name().to_string(),
+            state: self.state,
+            pid: self.child.as_ref().and(self.pid),
+            restarts: self.restarts,
+            endpoint: self.spec.endpoint.clone(),
+            message: self.message.clone(),
+        }
+    }
+
+    async fn start(&mut self) -> Result<(), AdaptorError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        match self.spawn() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.state = AppState::Failed;
+                self.message = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn stop(&mut self) -> Result<(), AdaptorError> {
+        if let Some(mut child) = self.child.take() {
+            self.kill_group(Signal::SIGTERM);
+            if tokio::time::timeout(STOP_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                self.kill_group(Signal::SIGKILL);
+                let _ = child.wait().await;
+            }
+            // Children of the app that ignored SIGTERM go too.
+            self.kill_group(Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_file(self.pid_file());
+        self.pid = None;
+        self.state = AppState::Stopped;
+        self.restart_at = None;
+        Ok(())
+    }
+
+    async fn set(&mut self, params: Params) -> Result<(), AdaptorError> {
+        let new = spec(self.flavor, &params, &self.dir, &self.id, &self.node)?;
+        self.params = params;
+        let running = self.child.is_some();
+        if self.flavor == Flavor::Nginx && running {
+            // nginx reloads in place: write the new config, check it, HUP.
+            self.spec = new;
+            self.write_files()?;
+            let out = Command::new(&self.spec.program)
+                .args(&self.spec.args)
+                .arg("-t")
+                .output()
+                .await
+                .map_err(|e| AdaptorError::Spawn(format!("nginx -t: {e}")))?;
+            if !out.status.success() {
+                return Err(AdaptorError::Params(format!(
+                    "nginx refused the new configuration: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            if let Some(pid) = self.pid {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+            }
+            return Ok(());
+        }
+        self.stop().await?;
+        self.spec = new;
+        self.attempt = 0;
+        self.start().await
+    }
+}

@@ -1,0 +1,258 @@
+//! `shoal www`: the built-in static file server, the embedded default app for
+//! demos and benchmarks. HTTP/1.1 with keep-alive on hyper; file contents are
+//! memory-mapped once and served as shared `Bytes`, so a hit costs a stat and
+//! a reference count, not a read and a copy.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+/// `shoal www` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example:\n  shoal www --listen 127.0.0.1:8081 --root /srv/www")]
+pub struct WwwArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Directory to serve.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    mtime: SystemTime,
+    len: u64,
+    body: Bytes,
+    ctype: HeaderValue,
+}
+
+struct Files {
+    root: PathBuf,
+    cache: RwLock<HashMap<PathBuf, Cached>>,
+}
+
+fn content_type(p: &Path) -> &'static str {
+    match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css",
+        "js" => "application/javascript",
+        "json" => "application/json",
+        "txt" => "text/plain; charset=utf-8",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "svg" => "image/svg+xml",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Maps a request path to a file under `root`, refusing anything that
+/// would leave it. The query string is not part of `path`.
+fn resolve(root: &Path, path: &str) -> Option<PathBuf> {
+    let decoded = percent_decode(path)?;
+    let mut out = root.to_path_buf();
+    for c in Path::new(&decoded).components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    (!s.contains('\0')).then_some(s)
+}
+
+impl Files {
+    fn load(&self, path: &Path) -> std::io::Result<Option<Cached>> {
+        let mut path = path.to_path_buf();
+        let mut md = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if md.is_dir() {
+            path.push("index.html");
+            md = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => m,
+                _ => return Ok(None),
+            };
+        }
+        let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        if let Some(c) = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&path)
+            && c.mtime == mtime
+            && c.len == md.len()
+        {
+            return Ok(Some(c.clone()));
+        }
+        let f = std::fs::File::open(&path)?;
+        let body = if md.len() == 0 {
+            Bytes::new()
+        } else {
+            // SAFETY: the map is read-only; a file truncated underneath
+            // would fault, which is the documented hazard of serving a file
+            // that is being rewritten in place. Deploys replace files (new
+            // inode), which leaves the old mapping intact.
+            let map = unsafe { memmap2::Mmap::map(&f)? };
+            Bytes::from_owner(map)
+        };
+        let c = Cached {
+            mtime,
+            len: md.len(),
+            body,
+            ctype: HeaderValue::from_static(content_type(&path)),
+        };
+        let mut w = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a crawler of many files must not pin them all forever.
+        if w.len() > 100_000 {
+            w.clear();
+        }
+        w.insert(path, c.clone());
+        Ok(Some(c))
+    }
+
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let head = req.method() == Method::HEAD;
+        if req.method() != Method::GET && !head {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+        }
+        let Some(p) = resolve(&self.root, req.uri().path()) else {
+            return text(StatusCode::BAD_REQUEST, "bad path\n");
+        };
+        match self.load(&p) {
+            Ok(Some(c)) => {
+                let mut r =
+                    Response::new(Full::new(if head { Bytes::new() } else { c.body.clone() }));
+                r.headers_mut().insert(CONTENT_TYPE, c.ctype);
+                if head {
+                    r.headers_mut()
+                        .insert(CONTENT_LENGTH, HeaderValue::from(c.len));
+                }
+                r
+            }
+            Ok(None) => text(StatusCode::NOT_FOUND, "not found\n"),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                text(StatusCode::FORBIDDEN, "forbidden\n")
+            }
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot read file\n"),
+        }
+    }
+}
+
+fn text(code: StatusCode, s: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(s.as_bytes())));
+    *r.status_mut() = code;
+    r
+}
+
+/// Serves `root` on an already bound listener until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, root: PathBuf) {
+    let files = Arc::new(Files {
+        root,
+        cache: RwLock::new(HashMap::new()),
+    });
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let files = files.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = files.respond(&req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
+            let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+/// Runs `shoal www` until interrupted.
+pub fn run(args: WwwArgs) -> anyhow::Result<()> {
+    if !args.root.is_dir() {
+        anyhow::bail!(
+            "--root {}: not a directory; create it or point --root at the files to serve",
+            args.root.display()
+        );
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(t) = args.threads {
+        rt.worker_threads(t.max(1));
+    }
+    rt.enable_all().build()?.block_on(async move {
+        let l = shoal_net::server::bind(&args.listen).await?;
+        eprintln!(
+            "shoal www serving {} on http://{}",
+            args.root.display(),
+            l.local_addr()?
+        );
+        tokio::select! {
+            _ = serve(l, args.root) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => { s.recv().await; }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_cannot_escape_the_root() {
+        let r = Path::new("/srv");
+        assert_eq!(
+            resolve(r, "/a/b.html"),
+            Some(PathBuf::from("/srv/a/b.html"))
+        );
+        assert_eq!(resolve(r, "/a/../../etc/passwd"), None);
+        assert_eq!(resolve(r, "/%2e%2e/etc/passwd"), None);
+        assert_eq!(resolve(r, "/a%20b"), Some(PathBuf::from("/srv/a b")));
+        assert_eq!(resolve(r, "/bad%zz"), None);
+        assert_eq!(resolve(r, "/nul%00"), None);
+    }
+}

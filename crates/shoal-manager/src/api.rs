@@ -1,0 +1,331 @@
+//! The manager's HTTPS API.
+
+use crate::state::{Lookup, Registry, RegistryError};
+use axum::Router;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use futures_util::Stream;
+use shoal_net::identity::{CertAuthority, Token, validate_node_name};
+use shoal_net::server::Peer;
+use shoal_net::wire::*;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+/// Shared state of the API handlers.
+pub struct Ctx {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// The CA that signs node certificates.
+    pub ca: CertAuthority,
+    /// The join token.
+    pub token: Token,
+}
+
+/// An API error: an HTTP status and a message that names the fix.
+#[derive(Debug)]
+pub struct ApiErr(pub StatusCode, pub String);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiErr {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotRegistered(_) => ApiErr(StatusCode::NOT_FOUND, e.to_string()),
+            RegistryError::Store(_) => ApiErr(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; nothing was changed, retry later"),
+            ),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiErr>;
+
+fn bad(msg: impl Into<String>) -> ApiErr {
+    ApiErr(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// Decodes a JSON body, naming the offending field on a type error.
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            bad(format!("malformed JSON request body: {inner}"))
+        } else {
+            bad(format!("malformed JSON request body at `{path}`: {inner}"))
+        }
+    })
+}
+
+fn need_any(peer: &Peer) -> ApiResult<()> {
+    if peer.cn.is_some() {
+        Ok(())
+    } else {
+        Err(ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "a client certificate of this cluster is required: nodes get one by joining, administrators use admin.pem from the cluster directory (--dir or SHOAL_DIR)".into(),
+        ))
+    }
+}
+
+fn need_admin(peer: &Peer) -> ApiResult<()> {
+    need_any(peer)?;
+    if peer.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            "this call needs the administrator certificate (admin.pem in the cluster directory)"
+                .into(),
+        ))
+    }
+}
+
+fn need_node(peer: &Peer, name: &str) -> ApiResult<()> {
+    need_any(peer)?;
+    match peer.node() {
+        Some(n) if n == name => Ok(()),
+        Some(n) => Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("node {n:?} may only change its own registration, not {name:?}"),
+        )),
+        None => Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            "only the node itself may do this".into(),
+        )),
+    }
+}
+
+/// Builds the API router.
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/v1/ca", get(ca))
+        .route("/v1/join", post(join))
+        .route("/v1/nodes/{name}", put(register).delete(cancel))
+        .route("/v1/nodes/{name}/renew", post(renew))
+        .route("/v1/nodes/{name}/apps", put(assign))
+        .route("/v1/lookup", get(lookup))
+        .route("/v1/status", get(status))
+        .route("/v1/events", get(events))
+        .route("/v1/watch", get(watch))
+        .fallback(|| async {
+            ApiErr(
+                StatusCode::NOT_FOUND,
+                "no such API endpoint; see `shoal --help`".into(),
+            )
+        })
+        .with_state(ctx)
+}
+
+async fn ca(State(ctx): State<Arc<Ctx>>) -> String {
+    ctx.ca.pem.clone()
+}
+
+async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<JoinResponse>> {
+    let req: JoinRequest = decode(&body)?;
+    let token =
+        Token::parse(&req.token).map_err(|e| ApiErr(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if !token.secret_matches(&ctx.token) {
+        return Err(ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "wrong join token: it is not this cluster's; print the right one with `shoal token --dir DIR` on the manager's machine".into(),
+        ));
+    }
+    validate_node_name(&req.name).map_err(bad)?;
+    let cert_pem = ctx
+        .ca
+        .issue_node(&req.name, &req.csr_pem)
+        .map_err(|e| bad(format!("cannot sign the certificate request: {e}")))?;
+    ctx.registry
+        .event("joined", Some(&req.name), "node certificate issued".into());
+    Ok(axum::Json(JoinResponse { cert_pem }))
+}
+
+async fn register(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<LeaseGrant>> {
+    need_node(&peer, &name)?;
+    let reg: Registration = decode(&body)?;
+    if reg.name != name {
+        return Err(bad(format!(
+            "the body names node {:?} but the URL names {name:?}",
+            reg.name
+        )));
+    }
+    if reg.address.trim().is_empty() {
+        return Err(bad(
+            "address must not be empty: give the host at which the node's apps are reachable",
+        ));
+    }
+    for (k, v) in &reg.capacities {
+        if !v.is_finite() || *v < 0.0 {
+            return Err(bad(format!(
+                "capacity {k} must be a finite number >= 0, got {v}"
+            )));
+        }
+    }
+    let lease_ttl_ms = ctx.registry.register(reg)?;
+    Ok(axum::Json(LeaseGrant { lease_ttl_ms }))
+}
+
+async fn cancel(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    if !peer.is_admin() {
+        need_node(&peer, &name)?;
+    }
+    ctx.registry.cancel(&name)?;
+    Ok(axum::Json(serde_json::json!({"cancelled": name})))
+}
+
+async fn renew(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<RenewResponse>> {
+    need_node(&peer, &name)?;
+    let req: RenewRequest = decode(&body)?;
+    Ok(axum::Json(ctx.registry.renew(&name, req)?))
+}
+
+async fn assign(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    need_admin(&peer)?;
+    let req: AssignRequest = decode(&body)?;
+    let mut seen = std::collections::HashSet::new();
+    for a in &req.apps {
+        if !seen.insert(&a.id) {
+            return Err(bad(format!(
+                "app id {:?} appears twice; ids must be unique on a node",
+                a.id
+            )));
+        }
+        validate_node_name(&a.id).map_err(|e| bad(format!("app id: {e}")))?;
+        check_params(&a.adaptor, &a.params).map_err(|e| bad(format!("app {:?}: {e}", a.id)))?;
+    }
+    let generation = ctx.registry.assign(&name, req.apps)?;
+    Ok(axum::Json(
+        serde_json::json!({"node": name, "generation": generation}),
+    ))
+}
+
+async fn lookup(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> ApiResult<axum::Json<Vec<NodeStatus>>> {
+    need_any(&peer)?;
+    let mut l = Lookup::default();
+    for (k, v) in q {
+        match k.as_str() {
+            "role" => l
+                .roles
+                .extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string)),
+            "name" => l.name = Some(v),
+            "alive" => {
+                l.alive_only = v
+                    .parse::<bool>()
+                    .map_err(|_| bad(format!("attribute alive must be true or false, got {v:?}")))?
+            }
+            k if k.starts_with("cap.") => {
+                let n: f64 = v.parse().map_err(|_| {
+                    bad(format!(
+                        "attribute {k} must be a number (a minimum capacity), got {v:?}"
+                    ))
+                })?;
+                l.min_capacities.insert(k[4..].to_string(), n);
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown lookup attribute {other:?}; use role=, name=, alive=, cap.<name>=<minimum>"
+                )));
+            }
+        }
+    }
+    Ok(axum::Json(
+        ctx.registry
+            .nodes()
+            .into_iter()
+            .filter(|n| l.matches(n))
+            .collect(),
+    ))
+}
+
+async fn status(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<axum::Json<StatusResponse>> {
+    need_any(&peer)?;
+    Ok(axum::Json(StatusResponse {
+        nodes: ctx.registry.nodes(),
+        services: Vec::new(),
+        events: ctx.registry.recent_events(50),
+    }))
+}
+
+async fn events(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<axum::Json<Vec<Event>>> {
+    need_any(&peer)?;
+    Ok(axum::Json(ctx.registry.recent_events(1000)))
+}
+
+/// Server-sent events: first the recent log, then every new event. A
+/// watcher that falls behind is told how many events it lost.
+async fn watch(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    need_any(&peer)?;
+    Ok(Sse::new(event_stream(&ctx.registry)).keep_alive(KeepAlive::default()))
+}
+
+/// The event stream shared by the API and the dashboard: the recent log,
+/// then live events. Subscribing and snapshotting the log happen under one
+/// lock, so nothing falls between them.
+pub fn event_stream(
+    registry: &Registry,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + use<> {
+    use futures_util::StreamExt;
+    use tokio_stream::wrappers::BroadcastStream;
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+    let (backlog, rx) = registry.subscribe();
+    let head = futures_util::stream::iter(backlog.into_iter().map(|e| Ok(to_sse(&e))));
+    let tail = BroadcastStream::new(rx).map(|r| {
+        Ok(match r {
+            Ok(e) => to_sse(&e),
+            Err(BroadcastStreamRecvError::Lagged(n)) => SseEvent::default()
+                .event("lagged")
+                .data(format!("{{\"lost\":{n}}}")),
+        })
+    });
+    head.chain(tail)
+}
+
+fn to_sse(e: &Event) -> SseEvent {
+    SseEvent::default()
+        .event(e.kind.clone())
+        .id(e.seq.to_string())
+        .data(serde_json::to_string(e).unwrap_or_default())
+}

@@ -1,0 +1,518 @@
+//! Cluster identity: the CA, the manager's and administrator's certificates,
+//! the join token, and the node certificates issued at join.
+//!
+//! The token carries a random secret (256 bits) and the SHA-256 fingerprint
+//! of the CA certificate, so a joining node can pin the manager before it
+//! trusts anything it says, as kubeadm's discovery-token-ca-cert-hash does.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Errors about cluster identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `init` would overwrite an existing identity.
+    #[error(
+        "{0} already holds a cluster identity; refusing to overwrite it (pass --force to replace it: every node will have to join again)"
+    )]
+    Exists(PathBuf),
+    /// The directory holds no identity.
+    #[error(
+        "{0} holds no cluster identity (missing {1}); create one with `shoal init --dir {0}` or point --dir / SHOAL_DIR at an existing cluster directory"
+    )]
+    Missing(PathBuf, &'static str),
+    /// The token is malformed.
+    #[error(
+        "malformed join token: {0}; a token looks like shoal1.<64 hex>.<64 hex>; print the right one with `shoal token --dir DIR` on the manager's machine"
+    )]
+    BadToken(String),
+    /// Certificate machinery failed.
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// A configuration file is invalid.
+    #[error("{path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, IdentityError>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads a file, naming it in the error.
+pub fn read_file(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// Writes a file; private keys get mode 0600.
+pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// The join token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// 32 random bytes.
+    pub secret: [u8; 32],
+    /// SHA-256 of the CA certificate (DER).
+    pub ca_fingerprint: [u8; 32],
+}
+
+impl Token {
+    /// A fresh token for the CA with this fingerprint.
+    pub fn generate(ca_fingerprint: [u8; 32]) -> Self {
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+        Self {
+            secret,
+            ca_fingerprint,
+        }
+    }
+
+    /// Parses `shoal1.<secret hex>.<fingerprint hex>`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let mut parts = s.split('.');
+        let (Some(v), Some(sec), Some(fp), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(IdentityError::BadToken(
+                "expected three dot-separated parts".into(),
+            ));
+        };
+        if v != "shoal1" {
+            return Err(IdentityError::BadToken(format!(
+                "unknown version prefix {v:?}"
+            )));
+        }
+        let dec = |h: &str, what: &str| -> Result<[u8; 32]> {
+            let bytes = hex::decode(h)
+                .map_err(|_| IdentityError::BadToken(format!("the {what} is not hex")))?;
+            bytes
+                .try_into()
+                .map_err(|_| IdentityError::BadToken(format!("the {what} must be 64 hex digits")))
+        };
+        Ok(Self {
+            secret: dec(sec, "secret")?,
+            ca_fingerprint: dec(fp, "CA fingerprint")?,
+        })
+    }
+
+    /// Constant-time comparison of the secret part.
+    pub fn secret_matches(&self, other: &Token) -> bool {
+        let mut diff = 0u8;
+        for (a, b) in self.secret.iter().zip(other.secret.iter()) {
+            diff |= a ^ b;
+        }
+        diff == 0 && self.ca_fingerprint == other.ca_fingerprint
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "shoal1.{}.{}",
+            hex::encode(self.secret),
+            hex::encode(self.ca_fingerprint)
+        )
+    }
+}
+
+/// SHA-256 of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
+/// SHA-256 fingerprint of the first certificate in a PEM text.
+pub fn pem_fingerprint(pem: &str) -> Result<[u8; 32]> {
+    let der = first_cert_der(pem)?;
+    Ok(fingerprint(&der))
+}
+
+/// The DER bytes of the first certificate in a PEM text.
+pub fn first_cert_der(pem: &str) -> Result<Vec<u8>> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let cert = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or_else(|| rcgen::Error::CouldNotParseCertificate)?
+        .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+    Ok(cert.to_vec())
+}
+
+/// The manager's settings in a cluster directory (`config.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Address the manager listens on.
+    pub listen: String,
+    /// URL administrators and agents use to reach the manager.
+    pub manager_url: String,
+    /// Lease duration, seconds.
+    pub lease_ttl_secs: f64,
+    /// UDP port for multicast discovery.
+    pub discovery_port: u16,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7400".into(),
+            manager_url: "https://127.0.0.1:7400".into(),
+            lease_ttl_secs: 6.0,
+            discovery_port: crate::discovery::DEFAULT_PORT,
+        }
+    }
+}
+
+/// A cluster directory as written by `shoal init`.
+#[derive(Debug, Clone)]
+pub struct ClusterDir {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+/// File names inside a cluster directory.
+pub mod files {
+    /// CA certificate.
+    pub const CA_CERT: &str = "ca.pem";
+    /// CA private key.
+    pub const CA_KEY: &str = "ca.key";
+    /// Administrator certificate.
+    pub const ADMIN_CERT: &str = "admin.pem";
+    /// Administrator key.
+    pub const ADMIN_KEY: &str = "admin.key";
+    /// The join token.
+    pub const TOKEN: &str = "token";
+    /// Manager settings.
+    pub const CONFIG: &str = "config.toml";
+    /// The registry database.
+    pub const DB: &str = "registry.db";
+}
+
+/// What `init` produced.
+#[derive(Debug)]
+pub struct InitOutput {
+    /// The join token.
+    pub token: Token,
+    /// The configuration written.
+    pub config: ClusterConfig,
+}
+
+/// Common name of the administrator identity.
+pub const ADMIN_CN: &str = "shoal-admin";
+/// Prefix of node identities' common names.
+pub const NODE_CN_PREFIX: &str = "node:";
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut d = DistinguishedName::new();
+    d.push(DnType::OrganizationName, "shoal");
+    d.push(DnType::CommonName, cn);
+    d
+}
+
+impl ClusterDir {
+    /// A handle on `path` (nothing is read yet).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Path of the registry database.
+    pub fn db_path(&self) -> PathBuf {
+        self.file(files::DB)
+    }
+
+    /// Creates a new cluster identity.
+    pub fn init(&self, config: ClusterConfig, force: bool) -> Result<InitOutput> {
+        if self.file(files::CA_KEY).exists() && !force {
+            return Err(IdentityError::Exists(self.path.clone()));
+        }
+        std::fs::create_dir_all(&self.path).map_err(io_err(&self.path))?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name = dn("shoal cluster CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut ca, 3650);
+        let ca_cert = ca.self_signed(&ca_key)?;
+
+        let admin_key = KeyPair::generate()?;
+        let mut admin = CertificateParams::default();
+        admin.distinguished_name = dn(ADMIN_CN);
+        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut admin, 825);
+        let admin_cert = admin.signed_by(&admin_key, &ca_cert, &ca_key)?;
+
+        let token = Token::generate(fingerprint(ca_cert.der()));
+        write_file(&self.file(files::CA_CERT), &ca_cert.pem(), false)?;
+        write_file(&self.file(files::CA_KEY), &ca_key.serialize_pem(), true)?;
+        write_file(&self.file(files::ADMIN_CERT), &admin_cert.pem(), false)?;
+        write_file(
+            &self.file(files::ADMIN_KEY),
+            &admin_key.serialize_pem(),
+            true,
+        )?;
+        write_file(&self.file(files::TOKEN), &format!("{token}\n"), true)?;
+        self.write_config(&config)?;
+        if force {
+            // A new CA invalidates every node certificate, and the registry
+            // of the old cluster would only hold nodes that cannot renew.
+            let _ = std::fs::remove_file(self.db_path());
+        }
+        Ok(InitOutput { token, config })
+    }
+
+    /// Writes `config.toml`.
+    pub fn write_config(&self, config: &ClusterConfig) -> Result<()> {
+        let text = toml::to_string_pretty(config).map_err(|e| IdentityError::Config {
+            path: self.file(files::CONFIG),
+            message: e.to_string(),
+        })?;
+        write_file(&self.file(files::CONFIG), &text, false)
+    }
+
+    /// Reads `config.toml`, refusing keys that do not exist.
+    pub fn config(&self) -> Result<ClusterConfig> {
+        let path = self.file(files::CONFIG);
+        if !path.exists() {
+            return Err(IdentityError::Missing(self.path.clone(), files::CONFIG));
+        }
+        let text = read_file(&path)?;
+        toml::from_str(&text).map_err(|e| IdentityError::Config {
+            path,
+            message: format!(
+                "{}; valid keys are listen, manager_url, lease_ttl_secs, discovery_port",
+                e.message()
+            ),
+        })
+    }
+
+    fn need(&self, name: &'static str) -> Result<String> {
+        let p = self.file(name);
+        if !p.exists() {
+            return Err(IdentityError::Missing(self.path.clone(), name));
+        }
+        read_file(&p)
+    }
+
+    /// The join token.
+    pub fn token(&self) -> Result<Token> {
+        Token::parse(&self.need(files::TOKEN)?)
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> Result<String> {
+        self.need(files::CA_CERT)
+    }
+
+    /// The administrator certificate and key, PEM.
+    pub fn admin_identity(&self) -> Result<(String, String)> {
+        Ok((self.need(files::ADMIN_CERT)?, self.need(files::ADMIN_KEY)?))
+    }
+
+    /// Loads the CA for signing.
+    pub fn ca(&self) -> Result<CertAuthority> {
+        let cert_pem = self.need(files::CA_CERT)?;
+        let key_pem = self.need(files::CA_KEY)?;
+        CertAuthority::from_pem(&cert_pem, &key_pem)
+    }
+}
+
+/// The cluster CA, loaded for signing.
+pub struct CertAuthority {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    /// The CA certificate as written on disk (its fingerprint is in the token).
+    pub pem: String,
+}
+
+impl CertAuthority {
+    /// Loads a CA from its certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let params = CertificateParams::from_ca_cert_pem(cert_pem)?;
+        // Re-signing the same parameters with the same key yields a
+        // certificate with the same subject and key: what issuing needs.
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert,
+            key,
+            pem: cert_pem.to_string(),
+        })
+    }
+
+    /// A server certificate for the manager, valid for these names/IPs.
+    /// Generated at every start so it covers the addresses the manager
+    /// actually listens on. Returns (cert PEM, key PEM).
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = dn("shoal-manager");
+        p.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName(n.as_str().try_into()?)),
+            })
+            .collect::<std::result::Result<_, rcgen::Error>>()?;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut p, 825);
+        let cert = p.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Signs a node's CSR. The request's own subject and extensions are
+    /// ignored: the certificate names exactly `node:<name>` and is good for
+    /// client authentication only, so a node can never pose as the manager.
+    pub fn issue_node(&self, name: &str, csr_pem: &str) -> Result<String> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = dn(&format!("{NODE_CN_PREFIX}{name}"));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut p, 825);
+        let cert = p.signed_by(&csr.public_key, &self.cert, &self.key)?;
+        Ok(cert.pem())
+    }
+}
+
+/// A fresh key and a CSR for it. Returns (key PEM, CSR PEM).
+pub fn node_key_and_csr(name: &str) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(&format!("{NODE_CN_PREFIX}{name}"));
+    let csr = p.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// Checks a node name: what goes into certificates, paths and URLs.
+pub fn validate_node_name(name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid node name {name:?}: use 1-63 characters from a-z, A-Z, 0-9, '-', '_', '.' (not starting with '.')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trips_and_rejects_garbage() {
+        let t = Token::generate([7; 32]);
+        let s = t.to_string();
+        assert!(s.starts_with("shoal1."));
+        assert_eq!(Token::parse(&s).unwrap(), t);
+        assert!(Token::parse("shoal1.zz.zz").is_err());
+        assert!(Token::parse("nope").is_err());
+        assert!(Token::parse(&s.replace("shoal1", "shoal2")).is_err());
+        let other = Token::generate([7; 32]);
+        assert!(!t.secret_matches(&other));
+        assert!(t.secret_matches(&t.clone()));
+    }
+
+    #[test]
+    fn init_refuses_overwrite_and_issues_node_certs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cd = ClusterDir::new(dir.path().join("c"));
+        let out = cd.init(ClusterConfig::default(), false).unwrap();
+        assert!(matches!(
+            cd.init(ClusterConfig::default(), false),
+            Err(IdentityError::Exists(_))
+        ));
+        assert_eq!(cd.token().unwrap(), out.token);
+        let ca = cd.ca().unwrap();
+        assert_eq!(
+            pem_fingerprint(&ca.pem).unwrap(),
+            out.token.ca_fingerprint,
+            "the token pins the CA on disk"
+        );
+        let (_key, csr) = node_key_and_csr("n1").unwrap();
+        let cert = ca.issue_node("n1", &csr).unwrap();
+        let der = first_cert_der(&cert).unwrap();
+        let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cn = x.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "node:n1");
+        // A forced re-init makes a different CA and token.
+        let again = cd.init(ClusterConfig::default(), true).unwrap();
+        assert_ne!(again.token, out.token);
+    }
+
+    #[test]
+    fn config_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let cd = ClusterDir::new(dir.path());
+        cd.init(ClusterConfig::default(), false).unwrap();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            "listen = \"x\"\nbogus = 1\n",
+        )
+        .unwrap();
+        let err = cd.config().unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn node_names_are_checked() {
+        assert!(validate_node_name("node-1.a").is_ok());
+        assert!(validate_node_name("").is_err());
+        assert!(validate_node_name("a/b").is_err());
+        assert!(validate_node_name(".x").is_err());
+    }
+}

@@ -1,0 +1,308 @@
+//! Wire types of the manager's HTTPS + JSON API. Unknown fields are refused
+//! so a typo in a request is an error, not a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub use shoal_core::lease::LeaseState;
+
+/// Control parameters of an application (LAMA's server control parameters,
+/// such as DocRoot or RelayFrom): string keys and values.
+pub type Params = BTreeMap<String, String>;
+
+/// The node's load L(t), sampled by its agent every 2 s.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSample {
+    /// Agent-side wall clock when sampled, unix milliseconds.
+    pub at_ms: u64,
+    /// CPU utilization over the last period, 0..1 of all cores.
+    pub cpu: f64,
+    /// Number of CPUs the node has.
+    pub cpus: u32,
+    /// Network receive rate, bytes per second, over all non-loopback
+    /// interfaces (all interfaces when only loopback exists).
+    pub net_rx_bps: f64,
+    /// Network transmit rate, bytes per second.
+    pub net_tx_bps: f64,
+    /// Disk read rate, bytes per second.
+    pub disk_read_bps: f64,
+    /// Disk write rate, bytes per second.
+    pub disk_write_bps: f64,
+    /// Memory in use, bytes (total minus available).
+    pub mem_used_bytes: u64,
+    /// Memory installed, bytes.
+    pub mem_total_bytes: u64,
+}
+
+/// A one-time join: the node proves it holds the cluster token and gets a
+/// certificate for its own key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The full join token as printed by `shoal init`.
+    pub token: String,
+    /// The node's name (unique in the cluster).
+    pub name: String,
+    /// A PKCS#10 certificate signing request for the node's key, PEM.
+    pub csr_pem: String,
+}
+
+/// The answer to a join.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinResponse {
+    /// The node certificate, PEM, signed by the cluster CA.
+    pub cert_pem: String,
+}
+
+/// A service item in the lookup service: one node and its attributes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Node name; must match the identity in the node's certificate.
+    pub name: String,
+    /// The host (IP or name) at which the node's applications are reachable.
+    pub address: String,
+    /// Roles, such as `web` or `dispatcher`.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Capacities, such as `net_mbps` or `cpus`.
+    #[serde(default)]
+    pub capacities: BTreeMap<String, f64>,
+}
+
+/// The lease granted by a registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseGrant {
+    /// Lease duration, milliseconds.
+    pub lease_ttl_ms: u64,
+}
+
+/// A renewal; it carries the latest load sample and the actual state of the
+/// node's applications.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The latest L(t), if one has been sampled.
+    #[serde(default)]
+    pub load: Option<LoadSample>,
+    /// Actual state of every application the agent runs.
+    #[serde(default)]
+    pub apps: Vec<AppStatus>,
+}
+
+/// The answer to a renewal: the lease and the node's desired state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewResponse {
+    /// Lease duration, milliseconds.
+    pub lease_ttl_ms: u64,
+    /// What should run on this node.
+    pub desired: Vec<AppAssignment>,
+    /// Increases whenever `desired` changes.
+    pub generation: u64,
+}
+
+/// One application the manager wants on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppAssignment {
+    /// Unique on the node; names the app's directory and pid file.
+    pub id: String,
+    /// Which adaptor controls it: `process`, `nginx` or `www`.
+    pub adaptor: String,
+    /// Control parameters.
+    #[serde(default)]
+    pub params: Params,
+}
+
+/// The life-cycle state of an application on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    /// Started, health not yet confirmed.
+    Starting,
+    /// Running and passing its health check.
+    Running,
+    /// Running but failing its health check.
+    Unhealthy,
+    /// Exited; waiting for its restart back-off.
+    Backoff,
+    /// Cannot be started (bad parameters, missing program).
+    Failed,
+    /// Not running, as desired.
+    Stopped,
+}
+
+/// The actual state of an application, reported by its adaptor's `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppStatus {
+    /// The assignment id.
+    pub id: String,
+    /// The adaptor controlling it.
+    pub adaptor: String,
+    /// Its state.
+    pub state: AppState,
+    /// Process id of the app's main process, when running.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Restarts since the assignment began.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The address it serves on, when it has one.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Why it is in this state, when not plainly running.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// A node as `shoal status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub name: String,
+    /// Where its applications are reachable.
+    pub address: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Capacities.
+    pub capacities: BTreeMap<String, f64>,
+    /// `alive` or `failed`.
+    pub state: LeaseState,
+    /// Milliseconds before the lease runs out (0 when failed).
+    pub lease_remaining_ms: u64,
+    /// The last L(t) received.
+    pub load: Option<LoadSample>,
+    /// Actual applications as last reported.
+    pub apps: Vec<AppStatus>,
+    /// Desired applications.
+    pub desired: Vec<AppAssignment>,
+}
+
+/// A service as `shoal status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// Nodes currently allocated to it.
+    pub nodes: Vec<String>,
+}
+
+/// The whole pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// Every registered node.
+    pub nodes: Vec<NodeStatus>,
+    /// Every service (hosted site).
+    pub services: Vec<ServiceStatus>,
+    /// The most recent events, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// A registry change or a decision, with its reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Strictly increasing per manager run.
+    pub seq: u64,
+    /// Wall clock, unix milliseconds.
+    pub at_ms: u64,
+    /// `registered`, `updated`, `failed`, `revived`, `cancelled`, `assigned`, `app`.
+    pub kind: String,
+    /// The node concerned, if any.
+    pub node: Option<String>,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong and how to fix it.
+    pub error: String,
+}
+
+/// Desired applications of a node, set by an administrator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignRequest {
+    /// The complete desired list for the node (level-triggered: this
+    /// replaces what was there).
+    pub apps: Vec<AppAssignment>,
+}
+
+/// Wall clock in unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Adaptors every agent has built in.
+pub const ADAPTORS: &[&str] = &["process", "nginx", "www"];
+
+/// Checks an assignment's control parameters without touching any node:
+/// the adaptor exists, every key is one it understands, required keys are
+/// present and addresses parse. The manager runs this before it
+/// acknowledges an assignment; the agent runs it again before it starts
+/// anything (and then checks what only the node can, such as paths).
+pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
+    let need = |k: &str| -> Result<&str, String> {
+        params
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                format!("the {adaptor} adaptor needs the parameter {k} (--param {k}=...)")
+            })
+    };
+    match adaptor {
+        "process" => {
+            let known = |k: &str| {
+                matches!(k, "command" | "args" | "health" | "endpoint")
+                    || k.starts_with("env.")
+                    || k.starts_with("file.")
+            };
+            if let Some(k) = params.keys().find(|k| !known(k)) {
+                return Err(format!(
+                    "unknown parameter {k:?} for the process adaptor; use command, args, env.NAME, file.NAME, health, endpoint"
+                ));
+            }
+            need("command")?;
+            for k in params.keys() {
+                if let Some(name) = k.strip_prefix("file.")
+                    && (name.is_empty() || name.contains('/') || name.starts_with('.'))
+                {
+                    return Err(format!(
+                        "{k}: config file names must be plain names inside the app directory"
+                    ));
+                }
+            }
+            Ok(())
+        }
+        "nginx" | "www" => {
+            if let Some(k) = params
+                .keys()
+                .find(|k| !matches!(k.as_str(), "listen" | "root"))
+            {
+                return Err(format!(
+                    "unknown parameter {k:?} for the {adaptor} adaptor; use listen and root"
+                ));
+            }
+            let listen = need("listen")?;
+            listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("listen must be IP:PORT, got {listen:?}"))?;
+            need("root")?;
+            Ok(())
+        }
+        other => Err(format!(
+            "unknown adaptor {other:?}; use one of: {}",
+            ADAPTORS.join(", ")
+        )),
+    }
+}

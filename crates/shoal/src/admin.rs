@@ -1,0 +1,262 @@
+//! Administrator commands: init, token, status, node assign.
+
+use anyhow::Context;
+use shoal_net::client::ApiClient;
+use shoal_net::identity::{ClusterConfig, ClusterDir};
+use shoal_net::wire::*;
+use std::path::PathBuf;
+
+/// Where the administrator's cluster directory is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminTarget {
+    /// The cluster directory (holds admin.pem and the manager's address).
+    #[arg(long, env = "SHOAL_DIR")]
+    pub dir: PathBuf,
+    /// The manager's URL, overriding the one recorded in the directory.
+    #[arg(long)]
+    pub manager: Option<String>,
+}
+
+impl AdminTarget {
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::admin(
+            &ClusterDir::new(&self.dir),
+            self.manager.as_deref(),
+        )?)
+    }
+}
+
+/// `shoal init` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example:\n  shoal init --dir /var/lib/shoal\n  shoal init --dir ./c --listen 0.0.0.0:7400 --url https://10.0.0.1:7400"
+)]
+pub struct InitArgs {
+    /// Where to write the cluster identity.
+    #[arg(long, env = "SHOAL_DIR")]
+    pub dir: PathBuf,
+    /// Replace an existing identity (every node must join again).
+    #[arg(long)]
+    pub force: bool,
+    /// Address the manager will listen on.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub listen: String,
+    /// URL agents and administrators use to reach the manager (default:
+    /// https://<listen>).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Lease TTL, seconds.
+    #[arg(long, default_value_t = 6.0)]
+    pub lease_ttl: f64,
+}
+
+pub fn init(a: InitArgs) -> anyhow::Result<()> {
+    let sa: std::net::SocketAddr = a
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} must be IP:PORT", a.listen))?;
+    let url = a.url.clone().unwrap_or_else(|| {
+        let host = if sa.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            sa.ip().to_string()
+        };
+        format!("https://{host}:{}", sa.port())
+    });
+    let cfg = ClusterConfig {
+        listen: a.listen.clone(),
+        manager_url: url.clone(),
+        lease_ttl_secs: a.lease_ttl,
+        ..Default::default()
+    };
+    let out = ClusterDir::new(&a.dir).init(cfg, a.force)?;
+    println!("cluster identity written to {}", a.dir.display());
+    println!("join token: {}", out.token);
+    println!();
+    println!("start the manager:");
+    println!("  shoal manager --dir {}", a.dir.display());
+    println!("join a node:");
+    println!(
+        "  shoal agent --join {url} --token {} --name NODE --dir ./agent-NODE",
+        out.token
+    );
+    Ok(())
+}
+
+/// `shoal token` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example:\n  shoal agent --join URL --token $(shoal token --dir /var/lib/shoal) --name n1"
+)]
+pub struct TokenArgs {
+    /// The cluster directory.
+    #[arg(long, env = "SHOAL_DIR")]
+    pub dir: PathBuf,
+}
+
+pub fn token(a: TokenArgs) -> anyhow::Result<()> {
+    println!("{}", ClusterDir::new(&a.dir).token()?);
+    Ok(())
+}
+
+/// `shoal status` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example:\n  shoal status --dir /var/lib/shoal --json | jq '.nodes[].name'")]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Print JSON: {"nodes": [...], "services": [...], "events": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn fmt_rate(bps: f64) -> String {
+    let mbit = bps * 8.0 / 1e6;
+    if mbit >= 10.0 {
+        format!("{mbit:.0}Mb/s")
+    } else {
+        format!("{mbit:.2}Mb/s")
+    }
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let s = a.target.client()?.status().await?;
+    let text = if a.json {
+        serde_json::to_string_pretty(&s)? + "\n"
+    } else {
+        render_status(&s)
+    };
+    write_stdout(&text)
+}
+
+/// Writes to stdout; a closed pipe (`shoal status | head`) is not an error.
+pub fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+/// The status table (also used by `shoal up`'s live view).
+pub fn render_status(s: &StatusResponse) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<14} {:<7} {:<14} {:>8} {:>6} {:>9} {:>9} {:>7}  APPS",
+        "NODE", "STATE", "ROLES", "LEASE", "CPU", "NET-RX", "NET-TX", "MEM"
+    );
+    for n in &s.nodes {
+        let (cpu, rx, tx, mem) = match &n.load {
+            Some(l) => (
+                format!("{:.0}%", l.cpu * 100.0),
+                fmt_rate(l.net_rx_bps),
+                fmt_rate(l.net_tx_bps),
+                format!(
+                    "{:.0}%",
+                    100.0 * l.mem_used_bytes as f64 / l.mem_total_bytes.max(1) as f64
+                ),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let apps: Vec<String> = n
+            .apps
+            .iter()
+            .map(|a| format!("{}:{}:{:?}", a.id, a.adaptor, a.state).to_lowercase())
+            .collect();
+        let state = match n.state {
+            LeaseState::Alive => "alive",
+            LeaseState::Failed => "FAILED",
+        };
+        let _ = writeln!(
+            o,
+            "{:<14} {:<7} {:<14} {:>7.1}s {:>6} {:>9} {:>9} {:>7}  {}",
+            n.name,
+            state,
+            if n.roles.is_empty() {
+                "-".to_string()
+            } else {
+                n.roles.join(",")
+            },
+            n.lease_remaining_ms as f64 / 1000.0,
+            cpu,
+            rx,
+            tx,
+            mem,
+            if apps.is_empty() {
+                "-".to_string()
+            } else {
+                apps.join(" ")
+            }
+        );
+    }
+    if s.nodes.is_empty() {
+        let _ = writeln!(o, "(no nodes registered)");
+    }
+    for svc in &s.services {
+        let _ = writeln!(o, "service {}: {}", svc.name, svc.nodes.join(", "));
+    }
+    o
+}
+
+/// `shoal node assign` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example:\n  shoal node assign n1 --adaptor www --param listen=127.0.0.1:8081 --param root=/srv/www"
+)]
+pub struct AssignArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// The node.
+    pub node: String,
+    /// The adaptor: process, nginx or www.
+    #[arg(long)]
+    pub adaptor: String,
+    /// The app id on the node (default: the adaptor's name).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Control parameters, KEY=VALUE (repeatable).
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// Remove this app from the node instead of assigning it.
+    #[arg(long)]
+    pub remove: bool,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("parameter {s:?} must be KEY=VALUE"))
+}
+
+pub async fn assign(a: AssignArgs) -> anyhow::Result<()> {
+    let c = a.target.client()?;
+    let nodes: Vec<NodeStatus> = c.get(&format!("/v1/lookup?name={}", a.node)).await?;
+    let Some(n) = nodes.into_iter().next() else {
+        anyhow::bail!("node {:?} is not registered; see `shoal status`", a.node);
+    };
+    let id = a.id.clone().unwrap_or_else(|| a.adaptor.clone());
+    let mut apps: Vec<AppAssignment> = n.desired.into_iter().filter(|x| x.id != id).collect();
+    if !a.remove {
+        apps.push(AppAssignment {
+            id: id.clone(),
+            adaptor: a.adaptor.clone(),
+            params: a.params.iter().cloned().collect(),
+        });
+    }
+    let r: serde_json::Value = c
+        .send(
+            reqwest::Method::PUT,
+            &format!("/v1/nodes/{}/apps", a.node),
+            &AssignRequest { apps },
+        )
+        .await?;
+    println!(
+        "{} {id} on {} (generation {})",
+        if a.remove { "removed" } else { "assigned" },
+        a.node,
+        r["generation"]
+    );
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! `shoal bench agents`: many virtual agents in one process against a real
+//! manager process. Each virtual agent joins with its own key and
+//! certificate, holds its own TLS connection, and renews at TTL/3 with a
+//! synthetic load sample, exactly as a real agent does.
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use shoal_net::client::ApiClient;
+use shoal_net::identity::{ClusterConfig, ClusterDir};
+use shoal_net::wire::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// `shoal bench agents` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example:\n  shoal bench agents --count 10000 --ttl 6 --duration 60")]
+pub struct BenchAgentsArgs {
+    /// Number of virtual agents.
+    #[arg(long, default_value_t = 1000)]
+    pub count: usize,
+    /// Lease TTL of the manager the bench starts, seconds.
+    #[arg(long, default_value_t = 6.0)]
+    pub ttl: f64,
+    /// How long to hold all agents after they registered, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Manager {
+    child: std::process::Child,
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
+    crate::raise_nofile();
+    let tmp = tempfile::tempdir()?;
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let cd = ClusterDir::new(tmp.path());
+    cd.init(
+        ClusterConfig {
+            listen: listen.clone(),
+            manager_url: format!("https://{listen}"),
+            lease_ttl_secs: a.ttl,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let exe = std::env::current_exe()?;
+    let mgr = Manager {
+        child: std::process::Command::new(&exe)
+            .args(["manager", "--dir"])
+            .arg(tmp.path())
+            .arg("--no-discovery")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting the manager")?,
+    };
+    let pid = mgr.child.id();
+    let admin = ApiClient::admin(&cd, None)?;
+    let t0 = Instant::now();
+    while admin.status().await.is_err() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            anyhow::bail!("the manager did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Count failure events: every agent is alive, so each one is false.
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut watch = admin.watch().await?.bytes_stream();
+    let f2 = failures.clone();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = watch.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(i) = buf.find('\n') {
+                let line: String = buf.drain(..=i).collect();
+                if line.trim() == "event: failed" {
+                    f2.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+
+    let token = cd.token()?;
+    let url = format!("https://{listen}");
+    eprintln!("joining {} virtual agents...", a.count);
+    let join_start = Instant::now();
+    let clients: Vec<(String, ApiClient)> = futures_util::stream::iter(0..a.count)
+        .map(|i| {
+            let token = token.clone();
+            let url = url.clone();
+            async move {
+                let name = format!("v{i:05}");
+                let (ca, key, cert) = shoal_net::client::join(&url, &token, &name).await?;
+                let c = ApiClient::new(&url, &ca, Some((&cert, &key)))?;
+                let reg = Registration {
+                    name: name.clone(),
+                    address: "127.0.0.1".into(),
+                    roles: vec!["bench".into()],
+                    capacities: [("net_mbps".to_string(), 100.0)].into(),
+                };
+                let _: LeaseGrant = c
+                    .send(reqwest::Method::PUT, &format!("/v1/nodes/{name}"), &reg)
+                    .await?;
+                Ok::<_, anyhow::Error>((name, c))
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let join_secs = join_start.elapsed().as_secs_f64();
+    eprintln!(
+        "{} agents joined and registered in {join_secs:.1} s; holding for {} s",
+        clients.len(),
+        a.duration
+    );
+
+    let ttl_ms = (a.ttl * 1000.0) as u64;
+    let lat = Arc::new(std::sync::Mutex::new(Vec::<u32>::with_capacity(1 << 20)));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop_at = tokio::time::Instant::now() + Duration::from_secs_f64(a.duration);
+    let hold_start = Instant::now();
+    let mut tasks = Vec::new();
+    for (name, c) in clients {
+        let lat = lat.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let path = format!("/v1/nodes/{name}/renew");
+            // Spread the first renewals over one interval.
+            let first = rand::random::<u64>() % shoal_core::lease::renew_interval_ms(ttl_ms, 0.0);
+            tokio::time::sleep(Duration::from_millis(first)).await;
+            while tokio::time::Instant::now() < stop_at {
+                let req = RenewRequest {
+                    load: Some(LoadSample {
+                        at_ms: unix_ms(),
+                        cpu: rand::random::<f64>(),
+                        cpus: 4,
+                        net_rx_bps: rand::random::<f64>() * 1e7,
+                        net_tx_bps: rand::random::<f64>() * 1e7,
+                        ..Default::default()
+                    }),
+                    apps: Vec::new(),
+                };
+                let t = Instant::now();
+                match c.post::<_, RenewResponse>(&path, &req).await {
+                    Ok(_) => {
+                        let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        lat.lock().unwrap_or_else(|p| p.into_inner()).push(us);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let wait = shoal_core::lease::renew_interval_ms(ttl_ms, rand::random());
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+        }));
+    }
+    let mut peak_rss = 0;
+    while tokio::time::Instant::now() < stop_at {
+        peak_rss = peak_rss.max(rss_kb(pid).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let held = hold_start.elapsed().as_secs_f64();
+    let status = admin.status().await?;
+    let failed_now = status
+        .nodes
+        .iter()
+        .filter(|n| n.state == LeaseState::Failed)
+        .count();
+    let mut l = std::mem::take(&mut *lat.lock().unwrap_or_else(|p| p.into_inner()));
+    l.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if l.is_empty() {
+            return f64::NAN;
+        }
+        l[((l.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+    };
+    let out = serde_json::json!({
+        "agents": status.nodes.len(),
+        "ttl_s": a.ttl,
+        "held_s": held,
+        "join_s": join_secs,
+        "renewals": l.len(),
+        "renewals_per_s": l.len() as f64 / held,
+        "renew_errors": errors.load(Ordering::Relaxed),
+        "latency_p50_ms": pct(0.5),
+        "latency_p99_ms": pct(0.99),
+        "latency_max_ms": pct(1.0),
+        "false_expiries": failures.load(Ordering::Relaxed),
+        "failed_at_end": failed_now,
+        "manager_rss_mb": rss_kb(pid).unwrap_or(0) as f64 / 1024.0,
+        "manager_peak_rss_mb": peak_rss as f64 / 1024.0,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("agents held            {}", out["agents"]);
+        println!("lease TTL              {} s", a.ttl);
+        println!(
+            "renewals/s             {:.0}",
+            out["renewals_per_s"].as_f64().unwrap_or(0.0)
+        );
+        println!("renewal latency p50    {:.2} ms", pct(0.5));
+        println!("renewal latency p99    {:.2} ms", pct(0.99));
+        println!("renewal errors         {}", out["renew_errors"]);
+        println!("false expiries         {}", out["false_expiries"]);
+        println!("manager RSS (peak)     {:.1} MB", peak_rss as f64 / 1024.0);
+    }
+    drop(mgr);
+    Ok(())
+}
