@@ -145,11 +145,7 @@ fn samples_for(secs: f64, step: f64) -> usize {
 type Brain = (Box<dyn Policy>, Option<Box<dyn Forecaster>>);
 
 /// The policy and forecaster a kind stands for, configured for `w`.
-fn build(
-    kind: PolicyKind,
-    w: &Workload,
-    cfg: &SimConfig,
-) -> anyhow::Result<Brain> {
+fn build(kind: PolicyKind, w: &Workload, cfg: &SimConfig) -> anyhow::Result<Brain> {
     // LAMA's AR(1): 40 s of history.
     let lama_ar = ArConfig {
         order: 1,
