@@ -1,24 +1,401 @@
-//! shoal-dispatch: the L7 dispatcher (placeholder until built).
+//! shoal-dispatch: the L7 dispatcher of a service.
+//!
+//! An HTTP/1.1 reverse proxy on hyper and tokio that chooses a backend for
+//! every request with one of shoal-core's selectors, over a backend list that
+//! can be swapped live ([`Backends::apply`]).
+
+pub mod backends;
+mod bench;
+pub mod clock;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+
+pub use backends::{ApplyError, BackendStatus, Backends, HealthOpts};
+
+use anyhow::Context as _;
+use clock::Clock;
+use config::{parse_backends, parse_duration};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use metrics::Metrics;
+use serde::Serialize;
+use shoal_core::select::{
+    self, Algo, BackendSet, Failover, HashFn, LardParams, Pool, RequestKey, SelectorConfig,
+};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use bench::BenchDispatchArgs;
+
+/// How requests are matched to backends (shared by `dispatch` and `route`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SelectArgs {
+    /// Selection algorithm: rr, wrr, lc, wlc, lard, lard-r, url-hash, bounded-ch.
+    #[arg(long, default_value = "url-hash")]
+    pub algo: Algo,
+    /// Replication factor R for url-hash: backends serving each sub-namespace.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Hash function for url-hash and bounded-ch: charsum, md5, sha1, xxh3.
+    #[arg(long, default_value = "xxh3")]
+    pub hash: HashFn,
+    /// url-hash on failure: skip (keep locality, thesis 4.3.3) or naive (rehash over the rest).
+    #[arg(long, default_value = "skip")]
+    pub failover: Failover,
+    /// bounded-ch balance factor in percent (>= 100): a backend takes a request
+    /// only while its load stays within ceil(factor * (total + 1) / n).
+    #[arg(long, default_value_t = 125)]
+    pub balance_factor: u32,
+    /// LARD T_low (active connections).
+    #[arg(long, default_value_t = 25)]
+    pub lard_low: u32,
+    /// LARD T_high (active connections).
+    #[arg(long, default_value_t = 65)]
+    pub lard_high: u32,
+    /// LARD: most objects remembered.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub lard_objects: usize,
+}
+
+impl SelectArgs {
+    fn config(&self) -> SelectorConfig {
+        SelectorConfig {
+            algo: self.algo,
+            replicas: self.replicas,
+            hash: self.hash,
+            failover: self.failover,
+            balance_factor_pct: self.balance_factor,
+            lard: LardParams {
+                t_low: self.lard_low,
+                t_high: self.lard_high,
+                max_objects: self.lard_objects,
+                ..LardParams::default()
+            },
+        }
+    }
+}
 
 /// `shoal dispatch` arguments.
 #[derive(Debug, clap::Args)]
-pub struct DispatchArgs {}
-/// `shoal route` arguments.
-#[derive(Debug, clap::Args)]
-pub struct RouteArgs {}
-/// `shoal bench dispatch` arguments.
-#[derive(Debug, clap::Args)]
-pub struct BenchDispatchArgs {}
+#[command(
+    after_help = "Example:\n  shoal dispatch --listen 127.0.0.1:8080 --admin 127.0.0.1:9090 \\\n    --backends 127.0.0.1:8081,127.0.0.1:8082=2 --algo url-hash --replicas 2 --hash xxh3\n\nThe admin listener serves GET /metrics (Prometheus), GET /backends and\nPUT /backends (a JSON list of {\"addr\",\"weight\",\"draining\"}) to swap the list live."
+)]
+pub struct DispatchArgs {
+    /// Address to accept clients on (port 0 picks one; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Backends, HOST:PORT[=WEIGHT], comma-separated.
+    #[arg(long)]
+    pub backends: Vec<String>,
+    /// Manager to watch for the service's backends (not yet supported).
+    #[arg(long)]
+    pub manager: Option<String>,
+    /// Service whose backends to watch in the manager (not yet supported).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Selection.
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Worker threads (default: the number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Admin listener (metrics, backend list); off unless given.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Backend connect timeout.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Time for a client to send request headers, also the keep-alive idle limit between requests.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Close a client connection that moves no bytes for this long (while no request waits on a backend).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Longest wait for a backend's response headers (504 after).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+    /// Idle pooled backend connections are closed after this long.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+    /// Most idle pooled connections kept per backend.
+    #[arg(long, default_value_t = 1024)]
+    pub pool_max_idle: usize,
+    /// Largest request head in bytes; larger gets 431.
+    #[arg(long, default_value_t = 65536)]
+    pub max_header_bytes: usize,
+    /// First ejection period of a failing backend (doubles while it keeps failing, up to 30 s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub eject_for: Duration,
+    /// Consecutive 5xx responses that eject a backend (0: never).
+    #[arg(long, default_value_t = 5)]
+    pub eject_after_5xx: u32,
+    /// Active TCP health checks of every backend at this interval (off unless given).
+    #[arg(long, value_parser = parse_duration)]
+    pub health_interval: Option<Duration>,
+    /// A draining backend leaves the list when its requests finish or after this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
 
 /// Runs the dispatcher until interrupted.
-pub async fn run(_args: DispatchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the dispatcher is not built yet")
+pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
+    if args.manager.is_some() || args.service.is_some() {
+        anyhow::bail!(
+            "--manager/--service are not yet supported by the dispatcher; use --backends HOST:PORT[=WEIGHT],..."
+        );
+    }
+    let specs = parse_backends(&args.backends)?;
+    if specs.is_empty() {
+        anyhow::bail!(
+            "no backends: give --backends HOST:PORT[=WEIGHT],... (e.g. --backends 127.0.0.1:8081,127.0.0.1:8082)"
+        );
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    if threads == 0 {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    if args.max_header_bytes < 1024 {
+        anyhow::bail!("--max-header-bytes must be at least 1024");
+    }
+    // The dispatcher gets its own runtime so that --threads is exact.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("shoal-dispatch".into())
+        .spawn(move || {
+            let r = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("dispatch-worker")
+                .enable_all()
+                .build()
+                .context("starting the dispatcher runtime")
+                .and_then(|rt| rt.block_on(serve(args, specs)));
+            let _ = tx.send(r);
+        })
+        .context("starting the dispatcher thread")?;
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the dispatcher thread stopped unexpectedly"))?
 }
+
+async fn serve(args: DispatchArgs, specs: Vec<select::BackendSpec>) -> anyhow::Result<()> {
+    let selector = select::build(&args.select.config())?;
+    let clock = Clock::new();
+    let backends = Backends::new(
+        &specs,
+        selector,
+        HealthOpts {
+            eject_base: args.eject_for,
+            eject_max: Duration::from_secs(30).max(args.eject_for),
+            eject_after_5xx: args.eject_after_5xx,
+            drain_timeout: args.drain_timeout,
+        },
+        clock.clone(),
+    )?;
+    let metrics = Arc::new(Metrics::default());
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(args.connect_timeout));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(args.pool_idle_timeout)
+        .pool_max_idle_per_host(args.pool_max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector);
+    let shared = Arc::new(proxy::Shared {
+        backends: backends.clone(),
+        client,
+        metrics: metrics.clone(),
+        backend_timeout: args.backend_timeout,
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let admin = match args.admin {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("admin listener on {a}"))?;
+            let addr = l.local_addr()?;
+            tokio::spawn(server::serve_admin(l, backends.clone(), metrics.clone()));
+            Some(addr)
+        }
+        None => None,
+    };
+    tokio::spawn(clock.clone().run());
+    tokio::spawn(server::health_task(
+        backends.clone(),
+        args.connect_timeout,
+        args.health_interval,
+    ));
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = match admin {
+            Some(a) => writeln!(
+                out,
+                "shoal dispatch listening on http://{local} admin http://{a} algo {}",
+                args.select.algo
+            ),
+            None => writeln!(
+                out,
+                "shoal dispatch listening on http://{local} algo {}",
+                args.select.algo
+            ),
+        };
+        let _ = out.flush();
+    }
+    let opts = server::ConnOpts {
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+        max_header_bytes: args.max_header_bytes,
+    };
+    tokio::select! {
+        _ = server::serve_proxy(listener, shared, opts, clock) => {}
+        _ = shutdown_signal() => {}
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `shoal route` arguments.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  shoal route --backends a:1,b:1,c:1,d:1 --algo url-hash --hash charsum \\\n    /english/prog.htm /english/stat.htm /french/prog.htm /french/stat.htm"
+)]
+pub struct RouteArgs {
+    /// Backends, HOST:PORT[=WEIGHT], comma-separated (nothing is contacted).
+    #[arg(long, required = true)]
+    pub backends: Vec<String>,
+    /// Selection.
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Backends to treat as failed, HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub down: Vec<String>,
+    /// Print JSON, one object per URL in a list.
+    #[arg(long)]
+    pub json: bool,
+    /// URLs or paths to route.
+    #[arg(required = true)]
+    pub urls: Vec<String>,
+}
+
+/// One routing decision as `shoal route --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Route {
+    /// The URL as given.
+    pub url: String,
+    /// The object name hashed (no query).
+    pub object: String,
+    /// The algorithm.
+    pub algo: &'static str,
+    /// Hash function, for hashing algorithms.
+    pub hash_fn: Option<&'static str>,
+    /// Hash value.
+    pub hash: Option<u64>,
+    /// Sub-namespace, for url-hash.
+    pub sub_namespace: Option<usize>,
+    /// Candidate backends in order (the subset, for url-hash).
+    pub subset: Vec<String>,
+    /// Their active connections (0 here: nothing runs).
+    pub loads: Vec<u32>,
+    /// The chosen backend.
+    pub chosen: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+/// Explains where each URL goes; pure computation, no network.
+pub fn explain_routes(args: &RouteArgs) -> anyhow::Result<Vec<Route>> {
+    let specs = parse_backends(&args.backends)?;
+    if specs.is_empty() {
+        anyhow::bail!("no backends: give --backends HOST:PORT[=WEIGHT],...");
+    }
+    let set: BackendSet = Pool::new().update(&specs)?;
+    for d in &args.down {
+        let i = set.index_of_addr(d.trim()).with_context(|| {
+            format!("--down {d}: not one of the backends; give a HOST:PORT from --backends")
+        })?;
+        set.get(i).set_healthy(false);
+    }
+    let selector = select::build(&args.select.config())?;
+    let name = |i: usize| set.get(i).addr().to_string();
+    Ok(args
+        .urls
+        .iter()
+        .map(|u| {
+            let key = RequestKey::new(u);
+            let e = selector.explain(&key, &set);
+            // Stateful algorithms (rr, wrr, LARD) see the earlier URLs.
+            let _ = selector.select(&key, &set);
+            Route {
+                url: u.clone(),
+                object: e.object,
+                algo: e.algo,
+                hash_fn: e.hash_fn,
+                hash: e.hash,
+                sub_namespace: e.sub_namespace,
+                subset: e.candidates.iter().map(|&i| name(i)).collect(),
+                loads: e.loads,
+                chosen: e.chosen.map(name),
+                reason: e.reason,
+            }
+        })
+        .collect())
+}
+
 /// Explains routing decisions.
-pub async fn route(_args: RouteArgs) -> anyhow::Result<()> {
-    anyhow::bail!("shoal route is not built yet")
+pub async fn route(args: RouteArgs) -> anyhow::Result<()> {
+    let routes = explain_routes(&args)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &routes)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    for r in &routes {
+        writeln!(out, "{}", r.url)?;
+        writeln!(out, "  object        {}", r.object)?;
+        if let (Some(f), Some(h)) = (r.hash_fn, r.hash) {
+            writeln!(out, "  hash          {f} = {h}")?;
+        }
+        if let Some(s) = r.sub_namespace {
+            writeln!(out, "  sub-namespace {s}")?;
+        }
+        if !r.subset.is_empty() {
+            writeln!(out, "  candidates    {}", r.subset.join(", "))?;
+        }
+        writeln!(
+            out,
+            "  chosen        {}",
+            r.chosen.as_deref().unwrap_or("(none)")
+        )?;
+        writeln!(out, "  why           {}", r.reason)?;
+    }
+    Ok(())
 }
+
 /// Runs the dispatch benchmark.
-pub async fn bench(_args: BenchDispatchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("shoal bench dispatch is not built yet")
+pub async fn bench(args: BenchDispatchArgs) -> anyhow::Result<()> {
+    bench::run(args).await
 }

@@ -20,7 +20,7 @@ pub mod locality;
 mod rr;
 mod urlhash;
 
-pub use backend::{Backend, BackendId, BackendSet, BackendSpec, Lease, Pool};
+pub use backend::{Backend, BackendId, BackendSet, BackendSpec, Lease, Pool, PoolError};
 pub use chash::BoundedCh;
 pub use hash::HashFn;
 pub use lard::{Lard, LardParams};

@@ -1,0 +1,456 @@
+//! The reverse proxy: one hyper HTTP/1.1 connection per client, every request
+//! dispatched on its own (thesis 3.4.3), bodies streamed both ways.
+
+use crate::backends::{Backends, Table};
+use crate::clock::Clock;
+use crate::metrics::{ErrorKind, Metrics};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use shoal_core::select::{Lease, RequestKey};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Body sent to a backend: the client's, streamed, or empty.
+pub type ReqBody = Either<Metered<Incoming>, Empty<Bytes>>;
+/// Body sent to a client: the backend's, streamed, or a local error page.
+pub type RespBody = Either<Metered<Incoming>, Full<Bytes>>;
+/// The pooled keep-alive client to backends.
+pub type BackendClient = Client<HttpConnector, ReqBody>;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The live backend list and selector.
+    pub backends: Arc<Backends>,
+    /// Pooled connections to backends.
+    pub client: BackendClient,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Longest wait for a backend's response headers.
+    pub backend_timeout: Duration,
+}
+
+/// Per-client-connection state seen by the idle watchdog.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Last read or write, on the coarse clock.
+    pub last_io_ms: AtomicU64,
+    /// Requests of this connection waiting for a backend's headers (the
+    /// backend timeout covers them, not the idle timeout).
+    pub waiting: AtomicU32,
+}
+
+struct Waiting<'a>(&'a AtomicU32);
+impl<'a> Waiting<'a> {
+    fn new(a: &'a AtomicU32) -> Self {
+        a.fetch_add(1, Relaxed);
+        Self(a)
+    }
+}
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A body that counts its bytes and, for responses, holds the backend lease
+/// and records the latency when it ends or is dropped.
+#[derive(Debug)]
+pub struct Metered<B> {
+    inner: B,
+    metrics: Arc<Metrics>,
+    outbound: bool,
+    done: Option<Done>,
+}
+
+#[derive(Debug)]
+struct Done {
+    _lease: Lease,
+    start: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.metrics.latency(self.start.elapsed());
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &r {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    let c = if self.outbound {
+                        &self.metrics.bytes_out
+                    } else {
+                        &self.metrics.bytes_in
+                    };
+                    c.fetch_add(d.len() as u64, Relaxed);
+                }
+            }
+            Some(Err(_)) => {
+                if self.outbound {
+                    // The backend reset mid-response: only this client's
+                    // connection is cut (hyper aborts it).
+                    self.metrics.error(ErrorKind::BackendReset);
+                } else {
+                    self.metrics.error(ErrorKind::ClientIo);
+                }
+                self.done = None;
+            }
+            None => self.done = None,
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Headers that concern one connection only (RFC 9110 7.6.1), plus the
+/// classic ones proxies drop.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Removes hop-by-hop headers, including those the Connection header names
+/// (except framing and identity headers a client must not make us drop).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(header::CONNECTION) {
+        if let Ok(s) = v.to_str() {
+            for t in s.split(',') {
+                if let Ok(n) = HeaderName::from_bytes(t.trim().as_bytes())
+                    && n != header::HOST
+                    && n != header::CONTENT_LENGTH
+                    && n != header::CONTENT_TYPE
+                {
+                    listed.push(n);
+                }
+            }
+        }
+    }
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let mut prior: Vec<&str> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    prior.push(&ip);
+    let joined = prior.join(", ");
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        h.insert("x-forwarded-for", v);
+    }
+}
+
+fn local(code: StatusCode, msg: &'static str) -> Response<RespBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(msg.as_bytes()))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Handles one request from a client.
+pub async fn handle(
+    sh: Arc<Shared>,
+    conn: Arc<ConnState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    sh.metrics.requests.fetch_add(1, Relaxed);
+    let (resp, proxied) = proxy(&sh, &conn, peer, req, start).await;
+    sh.metrics.status(resp.status().as_u16());
+    if !proxied {
+        sh.metrics.latency(start.elapsed());
+    }
+    Ok(resp)
+}
+
+async fn proxy(
+    sh: &Shared,
+    conn: &ConnState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    start: Instant,
+) -> (Response<RespBody>, bool) {
+    let (mut parts, body) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        return (
+            local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
+            false,
+        );
+    }
+    let pq = match parts.uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        Some(pq) if pq.as_str() == "*" => pq.clone(), // OPTIONS *
+        Some(_) | None => PathAndQuery::from_static("/"),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    // hyper already answered any 100-continue to the client.
+    parts.headers.remove(header::EXPECT);
+    append_forwarded_for(&mut parts.headers, peer);
+
+    let table: Arc<Table> = sh.backends.load_full();
+    let selector = sh.backends.selector();
+    let key = RequestKey {
+        target: pq.as_str(),
+        now_ms: sh.backends.clock().now_ms(),
+    };
+    // A request without a body can be replayed on another backend when the
+    // first could not be connected to: nothing was sent.
+    let bodiless = body.is_end_stream();
+    let attempts = if bodiless { 3 } else { 1 };
+    let mut body = Some(body);
+    for attempt in 0..attempts {
+        let Some(lease) = selector.acquire(&key, &table.set) else {
+            sh.metrics.error(ErrorKind::NoBackend);
+            return (
+                local(StatusCode::SERVICE_UNAVAILABLE, "no backend is available\n"),
+                false,
+            );
+        };
+        let i = lease.index();
+        let mut up = http::uri::Parts::default();
+        up.scheme = Some(Scheme::HTTP);
+        up.authority = Some(table.slots[i].authority.clone());
+        up.path_and_query = Some(pq.clone());
+        let Ok(uri) = Uri::from_parts(up) else {
+            return (
+                local(StatusCode::BAD_REQUEST, "bad request target\n"),
+                false,
+            );
+        };
+        let b: ReqBody = match body.take() {
+            Some(inc) if !bodiless => Either::Left(Metered {
+                inner: inc,
+                metrics: sh.metrics.clone(),
+                outbound: false,
+                done: None,
+            }),
+            _ => Either::Right(Empty::new()),
+        };
+        let mut breq = Request::new(b);
+        *breq.method_mut() = parts.method.clone();
+        *breq.uri_mut() = uri;
+        *breq.version_mut() = Version::HTTP_11;
+        *breq.headers_mut() = if attempt + 1 < attempts {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let res = {
+            let _w = Waiting::new(&conn.waiting);
+            tokio::time::timeout(sh.backend_timeout, sh.client.request(breq)).await
+        };
+        match res {
+            Ok(Ok(resp)) => {
+                sh.backends.on_status(&table, i, resp.status().as_u16());
+                let (mut rp, rb) = resp.into_parts();
+                strip_hop_by_hop(&mut rp.headers);
+                rp.version = Version::HTTP_11;
+                let body = Metered {
+                    inner: rb,
+                    metrics: sh.metrics.clone(),
+                    outbound: true,
+                    done: Some(Done {
+                        _lease: lease,
+                        start,
+                        metrics: sh.metrics.clone(),
+                    }),
+                };
+                return (Response::from_parts(rp, Either::Left(body)), true);
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                sh.metrics.error(ErrorKind::Connect);
+                sh.backends.eject(&table, i);
+                drop(lease);
+                if attempt + 1 < attempts {
+                    sh.metrics.retries.fetch_add(1, Relaxed);
+                    continue;
+                }
+                return (
+                    local(StatusCode::BAD_GATEWAY, "could not connect to a backend\n"),
+                    false,
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("backend {}: {e:?}", table.set.get(i).addr());
+                sh.metrics.error(ErrorKind::BackendReset);
+                sh.backends.on_status(&table, i, 502);
+                return (
+                    local(StatusCode::BAD_GATEWAY, "the backend failed to respond\n"),
+                    false,
+                );
+            }
+            Err(_) => {
+                sh.metrics.error(ErrorKind::Timeout);
+                sh.backends.on_status(&table, i, 504);
+                return (
+                    local(StatusCode::GATEWAY_TIMEOUT, "the backend timed out\n"),
+                    false,
+                );
+            }
+        }
+    }
+    // Unreachable in practice: the last attempt always returns.
+    (
+        local(StatusCode::BAD_GATEWAY, "no backend could be reached\n"),
+        false,
+    )
+}
+
+/// A TCP stream that records when it last moved bytes.
+#[derive(Debug)]
+pub struct Tracked<S> {
+    inner: S,
+    state: Arc<ConnState>,
+    clock: Clock,
+}
+
+impl<S> Tracked<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, state: Arc<ConnState>, clock: Clock) -> Self {
+        state.last_io_ms.store(clock.now_ms(), Relaxed);
+        Self {
+            inner,
+            state,
+            clock,
+        }
+    }
+    fn touch(&self) {
+        self.state.last_io_ms.store(self.clock.now_ms(), Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret, host"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("host", HeaderValue::from_static("example"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["host", "x-keep"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        let peer: SocketAddr = "127.0.0.9:5000".parse().unwrap();
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        h.append("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9, 10.1.1.1, 127.0.0.9");
+    }
+}

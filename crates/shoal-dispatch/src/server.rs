@@ -1,0 +1,258 @@
+//! Listeners: the proxy, the admin endpoint, and the health task.
+
+use crate::backends::Backends;
+use crate::clock::Clock;
+use crate::config::parse_backend;
+use crate::metrics::{ErrorKind, Metrics};
+use crate::proxy::{ConnState, Shared, Tracked, handle};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use shoal_core::select::BackendSpec;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Client-side connection limits.
+#[derive(Debug, Clone)]
+pub struct ConnOpts {
+    /// Time allowed to receive a request's headers, including waiting for
+    /// the next request on an idle keep-alive connection.
+    pub header_timeout: Duration,
+    /// A connection that moves no bytes this long while no request of it
+    /// waits on a backend is closed.
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_header_bytes: usize,
+}
+
+/// Accepts clients forever.
+pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts, clock: Clock) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(opts.header_timeout)
+        .max_header_size(opts.max_header_bytes)
+        .max_buf_size(opts.max_header_bytes.max(8192) + 8192);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let sh = sh.clone();
+        let builder = builder.clone();
+        let clock = clock.clone();
+        let idle = opts.idle_timeout;
+        tokio::spawn(async move {
+            let m = sh.metrics.clone();
+            m.connections.fetch_add(1, Relaxed);
+            m.connections_open.fetch_add(1, Relaxed);
+            let state = Arc::new(ConnState::default());
+            let io = TokioIo::new(Tracked::new(stream, state.clone(), clock.clone()));
+            let st = state.clone();
+            let svc = service_fn(move |req| handle(sh.clone(), st.clone(), peer, req));
+            let conn = builder.serve_connection(io, svc);
+            tokio::pin!(conn);
+            let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            classify(&m, &e);
+                        }
+                        break;
+                    }
+                    _ = tick.tick() => {
+                        let quiet = clock.now_ms().saturating_sub(state.last_io_ms.load(Relaxed));
+                        if state.waiting.load(Relaxed) == 0 && quiet > idle.as_millis() as u64 {
+                            m.error(ErrorKind::IdleTimeout);
+                            break; // dropping the connection closes it
+                        }
+                    }
+                }
+            }
+            m.connections_open.fetch_sub(1, Relaxed);
+        });
+    }
+}
+
+fn classify(m: &Metrics, e: &hyper::Error) {
+    if e.is_parse_too_large() {
+        m.error(ErrorKind::HeaderTooLarge);
+    } else if e.is_parse() || e.is_parse_status() {
+        m.error(ErrorKind::ClientParse);
+    } else if e.is_user() || e.is_body_write_aborted() {
+        // a body error already counted where it happened
+    } else {
+        m.error(ErrorKind::ClientIo);
+    }
+}
+
+/// A backend as given to `PUT /backends` on the admin listener.
+#[derive(Debug, Deserialize)]
+struct BackendDoc {
+    addr: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    draining: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The admin listener: `/metrics`, `GET|PUT /backends`, `/healthz`.
+pub async fn serve_admin(listener: TcpListener, backends: Arc<Backends>, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let backends = backends.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| admin(backends.clone(), metrics.clone(), req));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(code: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+async fn admin(
+    backends: Arc<Backends>,
+    metrics: Arc<Metrics>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let plain = "text/plain; charset=utf-8";
+    let json = "application/json";
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(&backends),
+        ),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, plain, "ok\n".into()),
+        (&Method::GET, "/backends") => text(
+            StatusCode::OK,
+            json,
+            serde_json::to_string(&backends.status()).unwrap_or_default(),
+        ),
+        (&Method::PUT, "/backends") | (&Method::POST, "/backends") => {
+            let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return Ok(text(
+                        StatusCode::BAD_REQUEST,
+                        plain,
+                        format!("reading the body: {e}\n"),
+                    ));
+                }
+            };
+            match parse_backend_docs(&body) {
+                Ok(specs) => match backends.apply(&specs) {
+                    Ok(()) => text(
+                        StatusCode::OK,
+                        json,
+                        serde_json::to_string(&backends.status()).unwrap_or_default(),
+                    ),
+                    Err(e) => text(StatusCode::BAD_REQUEST, plain, format!("{e}\n")),
+                },
+                Err(e) => text(StatusCode::BAD_REQUEST, plain, format!("{e}\n")),
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            plain,
+            "try GET /metrics, GET /backends, PUT /backends, GET /healthz\n".into(),
+        ),
+    })
+}
+
+/// Parses `[{"addr": "h:p", "weight": 1, "draining": false}, ...]`.
+fn parse_backend_docs(body: &[u8]) -> Result<Vec<BackendSpec>, String> {
+    let docs: Vec<BackendDoc> = serde_json::from_slice(body).map_err(|e| {
+        format!("expected a JSON list like [{{\"addr\":\"127.0.0.1:8081\",\"weight\":1,\"draining\":false}}]: {e}")
+    })?;
+    docs.into_iter()
+        .map(|d| {
+            let mut s = parse_backend(&d.addr).map_err(|e| e.to_string())?;
+            if d.weight == 0 {
+                return Err(format!("backend {}: weight must be at least 1", d.addr));
+            }
+            s.weight = d.weight;
+            s.draining = d.draining;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// Readmits ejected backends whose back-off is over once a TCP connect
+/// succeeds, and (when `interval` is set) ejects backends that refuse one.
+pub async fn health_task(
+    backends: Arc<Backends>,
+    connect_timeout: Duration,
+    interval: Option<Duration>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        for (_, addr) in backends.due_for_readmission() {
+            if probe(&addr, connect_timeout).await {
+                backends.readmit(&addr);
+            } else {
+                backends.eject_again(&addr);
+            }
+        }
+        if let Some(every) = interval
+            && last_sweep.elapsed() >= every
+        {
+            last_sweep = tokio::time::Instant::now();
+            let t = backends.load_full();
+            for i in 0..t.set.len() {
+                let b = t.set.get(i);
+                if b.healthy() && !probe(b.addr(), connect_timeout).await {
+                    backends.eject(&t, i);
+                }
+            }
+        }
+    }
+}
+
+async fn probe(addr: &str, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
