@@ -72,7 +72,7 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Client connections open.
     pub connections_open: AtomicU64,
-    /// Retries on another backend after a connect error.
+    /// Requests replayed after a failed attempt.
     pub retries: AtomicU64,
     errors: [AtomicU64; 8],
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -160,7 +160,7 @@ impl Metrics {
         );
         let _ = writeln!(
             o,
-            "# HELP {p}_retries_total Requests retried on another backend after a connect error."
+            "# HELP {p}_retries_total Requests replayed after a failed attempt (connect error, or a safe bodiless request whose backend died)."
         );
         let _ = writeln!(o, "# TYPE {p}_retries_total counter");
         let _ = writeln!(o, "{p}_retries_total {}", self.retries.load(Relaxed));

@@ -326,6 +326,14 @@ async fn proxy(
                 tracing::debug!("backend {}: {e:?}", table.set.get(i).addr());
                 sh.metrics.error(ErrorKind::BackendReset);
                 sh.backends.on_status(&table, i, 502);
+                drop(lease);
+                // A safe method without a body may be replayed (as nginx's
+                // proxy_next_upstream does): the backend died before answering.
+                let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+                if safe && attempt + 1 < attempts {
+                    sh.metrics.retries.fetch_add(1, Relaxed);
+                    continue;
+                }
                 return (
                     local(StatusCode::BAD_GATEWAY, "the backend failed to respond\n"),
                     false,

@@ -1,0 +1,393 @@
+//! The dispatcher under change and under bad input, through the real binary:
+//! backends added, removed and killed while load runs; malformed requests,
+//! oversized headers, backend resets; header handling and streaming; and
+//! `shoal route` / `shoal sim locality` output.
+
+mod dispatch_common;
+
+use bytes::Bytes;
+use dispatch_common::*;
+use http_body_util::Full;
+use hyper::Request;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_change_under_load_without_failed_requests() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let k = TestBackend::start("k").await; // will be killed
+    let n = TestBackend::start("n").await; // will be added
+    let d = Dispatcher::start(&[&a, &b, &k], &["--algo", "url-hash", "--replicas", "2"]);
+    let c = Client::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut load = Vec::new();
+    for w in 0..6 {
+        let (c, stop, ok, failed, base) = (
+            c.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            d.url.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            let end = Instant::now() + Duration::from_secs(20);
+            while !stop.load(SeqCst) && Instant::now() < end {
+                i += 1;
+                match c.get(&format!("{base}/sleep/3/w{w}/{}", i % 50)).await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, SeqCst);
+                    }
+                    Ok(r) => failed.lock().unwrap().push(format!("status {}", r.status)),
+                    Err(e) => failed.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+    let phase = |min: u64| {
+        let ok = ok.clone();
+        async move {
+            let target = ok.load(SeqCst) + min;
+            wait_until("load progresses", Duration::from_secs(20), || {
+                ok.load(SeqCst) >= target
+            })
+            .await;
+        }
+    };
+    phase(200).await;
+    // Add n.
+    c.put_backends(
+        &d.admin,
+        serde_json::json!([{"addr": a.spec()}, {"addr": b.spec()}, {"addr": k.spec()}, {"addr": n.spec()}]),
+    )
+    .await;
+    phase(200).await;
+    assert!(
+        n.stats.served.load(SeqCst) > 0,
+        "added backend got no requests"
+    );
+    // Remove a (gracefully: its in-flight requests finish).
+    c.put_backends(
+        &d.admin,
+        serde_json::json!([{"addr": b.spec()}, {"addr": k.spec()}, {"addr": n.spec()}]),
+    )
+    .await;
+    let a_after_removal = a.stats.served.load(SeqCst);
+    phase(200).await;
+    // Kill k abruptly.
+    let in_flight_on_k = k.kill();
+    phase(300).await;
+    stop.store(true, SeqCst);
+    for h in load {
+        h.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.len() as u64 <= in_flight_on_k,
+        "{} failed requests, only {in_flight_on_k} were in flight on the killed backend: {failed:?}",
+        failed.len()
+    );
+    // a got nothing new after removal (in-flight ones may have completed).
+    assert!(a.stats.served.load(SeqCst) <= a_after_removal + 6);
+    eprintln!(
+        "ok {} failed {} (in flight on killed: {in_flight_on_k})",
+        ok.load(SeqCst),
+        failed.len()
+    );
+}
+
+fn raw_exchange(addr: &str, bytes: &[u8]) -> (String, bool) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the server closes (the proof that it closed).
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_400_or_431_and_close() {
+    let a = TestBackend::start("a").await;
+    let d = Dispatcher::start(&[&a], &[]);
+    let hp = d.host_port();
+    let (resp, closed) = raw_exchange(&hp, b"GARBAGE\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(closed);
+    let (resp, closed) = raw_exchange(&hp, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(closed);
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 100_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    let (resp, closed) = raw_exchange(&hp, &big);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert!(closed);
+    // Binary noise does not bring it down.
+    let noise: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let _ = raw_exchange(&hp, &noise);
+    let c = Client::new();
+    assert_eq!(c.get(&format!("{}/ok", d.url)).await.unwrap().status, 200);
+    let m = c.get(&format!("{}/metrics", d.admin)).await.unwrap();
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.contains("shoal_dispatch_errors_total{kind=\"header_too_large\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_is_502_for_that_client_only() {
+    let a = TestBackend::start("a").await;
+    let d = Dispatcher::start(&[&a], &["--eject-after-5xx", "0"]);
+    let c = Client::new();
+    // Others keep being served while one client's backend resets.
+    let bg = {
+        let (c, u) = (c.clone(), format!("{}/sleep/5/fine", d.url));
+        tokio::spawn(async move {
+            let mut n = 0;
+            for _ in 0..40 {
+                assert_eq!(c.get(&u).await.unwrap().status, 200);
+                n += 1;
+            }
+            n
+        })
+    };
+    let r = c.get(&format!("{}/reset", d.url)).await.unwrap();
+    assert_eq!(r.status, 502);
+    // POST with a body is not replayed: one 502.
+    let post = Request::post(format!("{}/reset", d.url))
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    assert_eq!(c.send(post).await.unwrap().status, 502);
+    // Reset mid-body: the client sees a broken body, not a silent truncation.
+    assert!(c.get(&format!("{}/cut", d.url)).await.is_err());
+    assert_eq!(bg.await.unwrap(), 40);
+    assert_eq!(
+        c.get(&format!("{}/after", d.url)).await.unwrap().status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_forwarded_and_hop_by_hop_removed() {
+    let a = TestBackend::start("a").await;
+    let d = Dispatcher::start(&[&a], &[]);
+    let c = Client::new();
+    let req = Request::get(format!("{}/h", d.url))
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-end-to-end", "kept")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    let h = a.stats.last_headers.lock().unwrap().clone();
+    assert_eq!(
+        h.get("x-forwarded-for").map(String::as_str),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(h.get("x-end-to-end").map(String::as_str), Some("kept"));
+    for gone in ["x-private", "keep-alive", "te"] {
+        assert!(!h.contains_key(gone), "{gone} reached the backend: {h:?}");
+    }
+    assert!(h.get("connection").is_none_or(|v| !v.contains("x-private")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways() {
+    let a = TestBackend::start("a").await;
+    let d = Dispatcher::start(&[&a], &[]);
+    let c = Client::new();
+    // 3 MB up and back.
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let req = Request::post(format!("{}/echo", d.url))
+        .body(Full::new(Bytes::from(payload.clone())))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), payload.len());
+    assert!(r.body == payload);
+    // 1 MB download with Content-Length.
+    let r = c.get(&format!("{}/big/1048576", d.url)).await.unwrap();
+    assert_eq!(r.body.len(), 1_048_576);
+    // The first chunk reaches the client while the backend has not finished:
+    // nothing is buffered whole.
+    let mut s = std::net::TcpStream::connect(d.host_port()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /gate HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("first-") {
+        let n = s
+            .read(&mut buf)
+            .expect("first chunk did not arrive before the backend finished");
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&got).contains("second"));
+    a.open_gate();
+    while !String::from_utf8_lossy(&got).contains("second") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn route_shows_the_charsum_collisions_of_section_3_5_1() {
+    let urls = [
+        "/english/prog.htm",
+        "/english/stat.htm",
+        "/french/prog.htm",
+        "/french/stat.htm",
+    ];
+    let run = |hash: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args([
+                "route",
+                "--backends",
+                "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80,10.0.0.4:80",
+                "--algo",
+                "url-hash",
+                "--hash",
+                hash,
+                "--json",
+            ])
+            .args(urls)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = run("charsum");
+    let subs: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["sub_namespace"].as_u64().unwrap())
+        .collect();
+    // prog/stat and english/french collide: one sub-namespace for all four.
+    assert!(subs.iter().all(|&s| s == subs[0]), "{v}");
+    let chosen: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["chosen"].as_str().unwrap())
+        .collect();
+    assert!(chosen.iter().all(|c| *c == chosen[0]));
+    assert!(v[0]["reason"].as_str().unwrap().contains("sub-namespace"));
+    let v = run("md5");
+    let subs: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["sub_namespace"].as_u64().unwrap())
+        .collect();
+    assert!(
+        subs.iter().any(|&s| s != subs[0]),
+        "md5 separates them: {v}"
+    );
+    // The human-readable form names the subset and the reason.
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "route",
+            "--backends",
+            "a:1,b:1,c:1,d:1",
+            "--algo",
+            "url-hash",
+            "--replicas",
+            "2",
+            "--hash",
+            "charsum",
+            "--down",
+            "b:1",
+            "/english/prog.htm",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("sub-namespace") && text.contains("why"),
+        "{text}"
+    );
+}
+
+#[test]
+fn sim_locality_reproduces_the_thesis() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "sim",
+            "locality",
+            "--nodes",
+            "10",
+            "--replicas",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        (v["naive_worst"].as_f64().unwrap() - 0.5).abs() < 1e-9,
+        "{v}"
+    );
+    assert!(
+        (v["naive_avg"].as_f64().unwrap() - 0.37).abs() < 0.005,
+        "{v}"
+    );
+    assert!(
+        (v["optimal_avg"].as_f64().unwrap() - 0.1).abs() < 1e-9,
+        "{v}"
+    );
+    assert!(
+        (v["optimal_worst"].as_f64().unwrap() - 0.1).abs() < 1e-9,
+        "{v}"
+    );
+}
+
+#[test]
+fn manager_mode_says_it_is_not_supported_yet() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "dispatch",
+            "--manager",
+            "https://127.0.0.1:7400",
+            "--service",
+            "web",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use --backends"));
+}
