@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs what the tests need, then
+# builds once in the optimized test-fast profile and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if ((${#need[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "the tests need: ${need[*]}; run as root or install them (apt-get install -y ${need[*]})" >&2
+    exit 1
+  fi
+  echo "installing ${need[*]} ..."
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian starts nginx on port 80 after installing it; the tests run their
+  # own private instances and need nothing listening.
+  systemctl stop nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || pkill -x nginx || true
+fi
+
+if command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --cargo-profile test-fast --no-fail-fast "$@"
+else
+  cargo test --workspace --profile test-fast --no-fail-fast "$@"
+fi
