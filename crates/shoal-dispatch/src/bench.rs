@@ -65,6 +65,17 @@ pub struct Measured {
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
+        // SIGTERM first: an nginx master killed outright leaves its workers
+        // behind.
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
