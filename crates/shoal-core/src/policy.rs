@@ -781,6 +781,50 @@ pub fn arbitrate(services: &[PoolService], free: u32) -> Vec<PoolMove> {
     moves
 }
 
+/// Why a draining node may be released now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Drained {
+    /// Every live dispatcher runs a list in which the node drains, and has
+    /// no request in flight to it.
+    Idle,
+    /// No dispatcher follows the service: nothing routes to the node.
+    NoDispatcher,
+    /// The drain timeout passed; requests still in flight are cut off.
+    Timeout,
+}
+
+/// Whether a node draining for `elapsed` seconds may be released (LAMA:
+/// release gradually, so that no client's open connection is cut). `views`
+/// has one entry per live dispatcher of the service: the backend-list
+/// version it runs and its requests in flight to the node (0 if it no
+/// longer lists it). A dispatcher still on a version older than
+/// `drain_version` may still send new requests, so it blocks the release
+/// until the timeout.
+pub fn drain_done(
+    elapsed: f64,
+    timeout: f64,
+    drain_version: u64,
+    views: impl IntoIterator<Item = (u64, u32)>,
+) -> Option<Drained> {
+    let mut any = false;
+    let mut idle = true;
+    for (version, in_flight) in views {
+        any = true;
+        idle &= version >= drain_version && in_flight == 0;
+    }
+    if !any {
+        Some(Drained::NoDispatcher)
+    } else if idle {
+        Some(Drained::Idle)
+    } else if elapsed.is_nan() || elapsed >= timeout {
+        // NaN counts as timed out: a broken clock must not pin a node.
+        Some(Drained::Timeout)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1001,6 +1045,27 @@ mod tests {
         assert_eq!(choose_victim([("b", 0.1), ("a", 0.1)]), Some("a"));
         assert_eq!(choose_victim([("a", f64::NAN), ("b", 0.99)]), Some("b"));
         assert_eq!(choose_victim(Vec::<(u32, f64)>::new()), None);
+    }
+
+    #[test]
+    fn drain_waits_for_every_dispatcher_to_catch_up_and_go_idle() {
+        // Nobody routes to it: release at once.
+        assert_eq!(drain_done(0.0, 30.0, 5, []), Some(Drained::NoDispatcher));
+        // One dispatcher still on the list before the drain: wait.
+        assert_eq!(drain_done(1.0, 30.0, 5, [(5, 0), (4, 0)]), None);
+        // Caught up but requests in flight: wait.
+        assert_eq!(drain_done(1.0, 30.0, 5, [(5, 0), (6, 2)]), None);
+        // All caught up and idle.
+        assert_eq!(
+            drain_done(1.0, 30.0, 5, [(5, 0), (6, 0)]),
+            Some(Drained::Idle)
+        );
+        // Timeout wins over busy dispatchers.
+        assert_eq!(drain_done(30.0, 30.0, 5, [(5, 3)]), Some(Drained::Timeout));
+        assert_eq!(
+            drain_done(f64::NAN, 30.0, 5, [(5, 3)]),
+            Some(Drained::Timeout)
+        );
     }
 
     fn svc(name: &str, priority: u32, desired: u32, utils: &[f64]) -> PoolService {

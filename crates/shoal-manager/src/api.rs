@@ -23,6 +23,8 @@ pub struct Ctx {
     pub ca: CertAuthority,
     /// The join token.
     pub token: Token,
+    /// Services on the shared pool.
+    pub services: Arc<crate::services::Services>,
 }
 
 /// An API error: an HTTP status and a message that names the fix.
@@ -67,7 +69,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     })
 }
 
-fn need_any(peer: &Peer) -> ApiResult<()> {
+pub(crate) fn need_any(peer: &Peer) -> ApiResult<()> {
     if peer.cn.is_some() {
         Ok(())
     } else {
@@ -78,7 +80,7 @@ fn need_any(peer: &Peer) -> ApiResult<()> {
     }
 }
 
-fn need_admin(peer: &Peer) -> ApiResult<()> {
+pub(crate) fn need_admin(peer: &Peer) -> ApiResult<()> {
     need_any(peer)?;
     if peer.is_admin() {
         Ok(())
@@ -118,6 +120,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
         .route("/v1/watch", get(watch))
+        .merge(crate::service_api::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,
@@ -278,7 +281,7 @@ async fn status(
     need_any(&peer)?;
     Ok(axum::Json(StatusResponse {
         nodes: ctx.registry.nodes(),
-        services: Vec::new(),
+        services: ctx.services.statuses(),
         events: ctx.registry.recent_events(50),
     }))
 }

@@ -2,6 +2,10 @@
 //! and leases), the monitor of every node's load, and the HTTPS API.
 
 pub mod api;
+pub mod engine;
+pub mod monitor;
+pub mod service_api;
+pub mod services;
 pub mod state;
 
 use shoal_net::identity::ClusterDir;
@@ -86,7 +90,8 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     // Twice the TTL plus slack: an agent retrying with capped back-off
     // reaches a restarted manager well within it.
     let grace_ms = ttl_ms * 2 + 2000;
-    let registry = Arc::new(state::Registry::open(store, ttl_ms, grace_ms)?);
+    let registry = Arc::new(state::Registry::open(store.clone(), ttl_ms, grace_ms)?);
+    let services = Arc::new(services::Services::open(store)?);
 
     let listener = shoal_net::server::bind(&listen).await?;
     let local = listener.local_addr()?;
@@ -97,6 +102,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         registry: registry.clone(),
         ca,
         token: token.clone(),
+        services: services.clone(),
     });
     let router = api::router(ctx);
 
@@ -111,6 +117,8 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             }
         }
     });
+
+    tokio::spawn(engine::run(registry.clone(), services));
 
     if !args.no_discovery {
         let port = args.discovery_port.unwrap_or(cfg.discovery_port);

@@ -184,12 +184,36 @@ pub struct NodeStatus {
 }
 
 /// A service as `shoal status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ServiceStatus {
     /// Service name.
     pub name: String,
-    /// Nodes currently allocated to it.
+    /// Nodes currently allocated to it (starting, serving or draining).
     pub nodes: Vec<String>,
+    /// Nodes serving (listed as live backends).
+    #[serde(default)]
+    pub serving: Vec<String>,
+    /// Nodes allocated whose app is not yet running.
+    #[serde(default)]
+    pub starting: Vec<String>,
+    /// Nodes being drained before release.
+    #[serde(default)]
+    pub draining: Vec<String>,
+    /// The allocation policy.
+    #[serde(default)]
+    pub policy: String,
+    /// Last observed summed load, in the service's metric unit.
+    #[serde(default)]
+    pub usage: Option<f64>,
+    /// Last forecast of the summed load.
+    #[serde(default)]
+    pub forecast: Option<f64>,
+    /// The last decision's reason.
+    #[serde(default)]
+    pub last_decision: Option<String>,
+    /// Being deleted (draining out).
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 /// The whole pool.
@@ -305,4 +329,304 @@ pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
             ADAPTORS.join(", ")
         )),
     }
+}
+
+/// Which load drives a service's sizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricKind {
+    /// Node transmit rate in Mbit/s, from the agents' L(t).
+    Net,
+    /// CPU cores busy (cpu x cpus), from the agents' L(t).
+    Cpu,
+    /// Requests in flight per backend, reported by the service's dispatchers
+    /// (LAMA's concurrent streams per node).
+    DispatchActive,
+    /// Requests per second per backend, reported by the dispatchers.
+    DispatchRps,
+}
+
+/// Allocation policies a service may use (shoal-core's policies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// LAMA Algorithm 1 on the observed sum.
+    Threshold,
+    /// LAMA Algorithm 1 on the AR(1) forecast 20 s ahead.
+    Ar,
+    /// The Kubernetes HPA rule (target = the SLA's upper threshold).
+    Hpa,
+    /// shoal's predictive policy (forecast at the lead time + 2 sigma).
+    Predictive,
+}
+
+/// The application a service runs on each of its nodes. Parameter values
+/// are minijinja templates rendered per node at assignment time, with
+/// `node_name`, `node_address`, `port`, `service`, `app_id` and
+/// `first_server` (the backend address of the service's first serving node:
+/// LAMA's RelayFrom).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceApp {
+    /// The adaptor: `process`, `nginx` or `www`.
+    pub adaptor: String,
+    /// The port the app serves on (`{{ port }}` in templates).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The address dispatchers send requests to, a template.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Control parameters (templates).
+    #[serde(default)]
+    pub params: Params,
+}
+
+fn default_backend() -> String {
+    "{{ node_address }}:{{ port }}".into()
+}
+
+/// How a service's dispatchers choose backends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchSettings {
+    /// rr, wrr, lc, wlc, lard, lard-r, url-hash, bounded-ch.
+    #[serde(default = "default_algo")]
+    pub algo: String,
+    /// Replication factor for url-hash.
+    #[serde(default = "default_one_usize")]
+    pub replicas: usize,
+    /// Hash function: charsum, md5, sha1, xxh3.
+    #[serde(default = "default_hash")]
+    pub hash: String,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            algo: default_algo(),
+            replicas: 1,
+            hash: default_hash(),
+        }
+    }
+}
+
+fn default_algo() -> String {
+    "url-hash".into()
+}
+fn default_hash() -> String {
+    "xxh3".into()
+}
+fn default_one_usize() -> usize {
+    1
+}
+
+/// The resource metric that sizes a service, and one node's capacity C in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSpec {
+    /// Which load.
+    pub kind: MetricKind,
+    /// Capacity C of one node in that metric's unit (e.g. 100 Mbit/s).
+    pub capacity: f64,
+}
+
+/// SLA utilization thresholds (LAMA: 0.9 and 0.8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sla {
+    /// Add a node above this utilization.
+    #[serde(default = "default_upper")]
+    pub upper: f64,
+    /// Release a node while the rest would stay under this utilization.
+    #[serde(default = "default_lower")]
+    pub lower: f64,
+}
+
+impl Default for Sla {
+    fn default() -> Self {
+        Self {
+            upper: default_upper(),
+            lower: default_lower(),
+        }
+    }
+}
+
+fn default_upper() -> f64 {
+    0.9
+}
+fn default_lower() -> f64 {
+    0.8
+}
+fn default_min_nodes() -> u32 {
+    1
+}
+fn default_policy() -> PolicyKind {
+    PolicyKind::Threshold
+}
+fn default_lead_time() -> f64 {
+    20.0
+}
+fn default_drain_timeout() -> f64 {
+    30.0
+}
+fn default_period() -> f64 {
+    2.0
+}
+
+/// A service (hosted site) on the shared pool, as `shoal service apply`
+/// reads it from TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// The app each node runs.
+    pub app: ServiceApp,
+    /// Dispatcher settings.
+    #[serde(default)]
+    pub dispatch: DispatchSettings,
+    /// What drives sizing.
+    pub metric: MetricSpec,
+    /// Floor.
+    #[serde(default = "default_min_nodes")]
+    pub min_nodes: u32,
+    /// Ceiling.
+    pub max_nodes: u32,
+    /// Higher wins nodes of the shared pool.
+    #[serde(default)]
+    pub priority: u32,
+    /// Utilization thresholds.
+    #[serde(default)]
+    pub sla: Sla,
+    /// Allocation policy.
+    #[serde(default = "default_policy")]
+    pub policy: PolicyKind,
+    /// Expected seconds from allocating a node to it serving.
+    #[serde(default = "default_lead_time")]
+    pub lead_time_secs: f64,
+    /// Longest wait for a released node's requests to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: f64,
+    /// Monitor sampling period p, seconds (LAMA: 2).
+    #[serde(default = "default_period")]
+    pub period_secs: f64,
+    /// Only nodes holding this role may serve it.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// Where a node stands in a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocPhase {
+    /// Assigned; waiting for the agent to report the app running.
+    Starting,
+    /// Listed as a backend.
+    Serving,
+    /// Listed as draining; released once drained.
+    Draining,
+}
+
+/// One node allocated to a service (durable).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// The node.
+    pub node: String,
+    /// Backend address (rendered `app.backend`).
+    pub address: String,
+    /// Phase.
+    pub phase: AllocPhase,
+    /// When the phase began, unix ms.
+    pub since_ms: u64,
+    /// Backend-list version at which draining began.
+    #[serde(default)]
+    pub drain_version: Option<u64>,
+    /// Service that gets the node once drained (pool arbitration).
+    #[serde(default)]
+    pub handoff_to: Option<String>,
+}
+
+/// One backend in a service's list, as dispatchers follow it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendEntry {
+    /// `host:port`.
+    pub address: String,
+    /// Relative weight.
+    pub weight: u32,
+    /// No new requests.
+    pub draining: bool,
+    /// The node serving it.
+    #[serde(default)]
+    pub node: String,
+}
+
+/// A service's backend list (LAMA's dispatcher control parameters, D-CP).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendList {
+    /// Service name.
+    pub service: String,
+    /// Increases with every change of the list.
+    pub version: u64,
+    /// The backends.
+    pub backends: Vec<BackendEntry>,
+    /// How dispatchers should choose among them.
+    pub dispatch: DispatchSettings,
+}
+
+/// Per-backend load seen by a dispatcher over its last report period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendLoad {
+    /// `host:port`.
+    pub address: String,
+    /// Mean requests in flight over the period.
+    pub active: f64,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Requests per second over the period.
+    pub rps: f64,
+}
+
+/// A dispatcher's report to the manager (every second).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchReport {
+    /// The dispatcher's identity (its listen address).
+    pub dispatcher: String,
+    /// The backend-list version it runs.
+    pub version: u64,
+    /// Its backends.
+    pub backends: Vec<BackendLoad>,
+}
+
+/// One monitor sample of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    /// Unix ms.
+    pub at_ms: u64,
+    /// Observed summed load.
+    pub observed: f64,
+    /// Forecast made at this time for the policy's horizon (or the lead time).
+    pub forecast: Option<f64>,
+    /// Horizon of `forecast`, seconds.
+    pub horizon_secs: f64,
+    /// Nodes allocated (starting + serving).
+    pub allocated: u32,
+    /// Nodes serving.
+    pub serving: u32,
+}
+
+/// `GET /v1/services/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceDetail {
+    /// The definition (absent while a deleted service drains out).
+    pub spec: Option<ServiceSpec>,
+    /// Summary.
+    pub status: ServiceStatus,
+    /// Allocations.
+    pub allocations: Vec<Allocation>,
+    /// Backend list.
+    pub backends: BackendList,
+    /// Monitor time series, oldest first.
+    pub series: Vec<SeriesPoint>,
 }

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench_agents;
+mod service;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "A self-managing cluster manager")]
@@ -27,6 +28,9 @@ enum Cmd {
     /// Node administration.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Services on the shared pool: apply, list, show, delete.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
     /// The built-in static file server (the default demo app).
     Www(shoal_agent::www::WwwArgs),
     /// Run an L7 dispatcher for a service.
@@ -99,6 +103,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Agent(a) => shoal_agent::run(a).await,
                     Cmd::Status(a) => admin::status(a).await,
                     Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
+                    Cmd::Service(c) => service::run(c).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Sim(_) | Cmd::Init(_) | Cmd::Token(_) | Cmd::Www(_) => {
                         unreachable!("handled above")
