@@ -301,23 +301,25 @@ async fn watch(
     Extension(peer): Extension<Peer>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     need_any(&peer)?;
-    Ok(Sse::new(event_stream(&ctx.registry)).keep_alive(KeepAlive::default()))
+    Ok(Sse::new(event_stream(&ctx.registry, None)).keep_alive(KeepAlive::default()))
 }
 
 /// The event stream shared by the API and the dashboard: the recent log,
 /// then live events. Subscribing and snapshotting the log happen under one
 /// lock, so nothing falls between them.
+/// Each SSE event is named after the event's kind, or `name` when given.
 pub fn event_stream(
     registry: &Registry,
+    name: Option<&'static str>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + use<> {
     use futures_util::StreamExt;
     use tokio_stream::wrappers::BroadcastStream;
     use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
     let (backlog, rx) = registry.subscribe();
-    let head = futures_util::stream::iter(backlog.into_iter().map(|e| Ok(to_sse(&e))));
-    let tail = BroadcastStream::new(rx).map(|r| {
+    let head = futures_util::stream::iter(backlog.into_iter().map(move |e| Ok(to_sse(&e, name))));
+    let tail = BroadcastStream::new(rx).map(move |r| {
         Ok(match r {
-            Ok(e) => to_sse(&e),
+            Ok(e) => to_sse(&e, name),
             Err(BroadcastStreamRecvError::Lagged(n)) => SseEvent::default()
                 .event("lagged")
                 .data(format!("{{\"lost\":{n}}}")),
@@ -326,9 +328,9 @@ pub fn event_stream(
     head.chain(tail)
 }
 
-fn to_sse(e: &Event) -> SseEvent {
+fn to_sse(e: &Event, name: Option<&'static str>) -> SseEvent {
     SseEvent::default()
-        .event(e.kind.clone())
+        .event(name.map(str::to_string).unwrap_or_else(|| e.kind.clone()))
         .id(e.seq.to_string())
         .data(serde_json::to_string(e).unwrap_or_default())
 }

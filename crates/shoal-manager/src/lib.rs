@@ -2,6 +2,7 @@
 //! and leases), the monitor of every node's load, and the HTTPS API.
 
 pub mod api;
+pub mod dashboard;
 pub mod engine;
 pub mod monitor;
 pub mod service_api;
@@ -36,6 +37,44 @@ pub struct ManagerArgs {
     /// UDP port for discovery (default: config.toml's `discovery_port`).
     #[arg(long)]
     pub discovery_port: Option<u16>,
+    /// Where to serve the read-only dashboard over plain HTTP (keep it on
+    /// loopback); `off` disables it. Default 127.0.0.1:7480, skipped with a
+    /// warning when that port is taken.
+    #[arg(long)]
+    pub dashboard: Option<String>,
+}
+
+/// The dashboard's view of every service: details, series, backends and the
+/// per-backend load dispatchers reported in the last few seconds.
+fn services_view(services: Arc<services::Services>) -> dashboard::ServicesView {
+    Arc::new(move || {
+        let names: Vec<String> = services.lock().keys().cloned().collect();
+        names
+            .iter()
+            .filter_map(|n| {
+                let d = services.detail(n).ok()?;
+                let mut v = serde_json::to_value(&d).ok()?;
+                let mut loads = serde_json::Map::new();
+                if let Some(s) = services.lock().get(n) {
+                    for r in s.reports.values() {
+                        if r.at.elapsed() > Duration::from_secs(5) {
+                            continue;
+                        }
+                        for b in &r.report.backends {
+                            let e = loads
+                                .entry(b.address.clone())
+                                .or_insert_with(|| serde_json::json!({"rps": 0.0, "in_flight": 0}));
+                            e["rps"] = (e["rps"].as_f64().unwrap_or(0.0) + b.rps).into();
+                            e["in_flight"] =
+                                (e["in_flight"].as_u64().unwrap_or(0) + b.in_flight as u64).into();
+                        }
+                    }
+                }
+                v["loads"] = serde_json::Value::Object(loads);
+                Some(v)
+            })
+            .collect()
+    })
 }
 
 /// Addresses the manager's certificate must name.
@@ -118,6 +157,24 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         }
     });
 
+    let dash_addr = match args.dashboard.as_deref() {
+        Some("off") => None,
+        Some(a) => Some((a.to_string(), true)),
+        None => Some(("127.0.0.1:7480".to_string(), false)),
+    };
+    let mut dashboard_url = None;
+    if let Some((addr, explicit)) = dash_addr {
+        match shoal_net::server::bind(&addr).await {
+            Ok(l) => {
+                dashboard_url = Some(format!("http://{}/", l.local_addr()?));
+                let r = dashboard::router(registry.clone(), services_view(services.clone()));
+                tokio::spawn(shoal_net::server::serve_plain(l, r));
+            }
+            Err(e) if explicit => return Err(e.context("--dashboard")),
+            Err(e) => eprintln!("dashboard disabled: {e:#} (pass --dashboard ADDR)"),
+        }
+    }
+
     tokio::spawn(engine::run(registry.clone(), services));
 
     if !args.no_discovery {
@@ -142,6 +199,9 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         "shoal manager listening on https://{local} (lease TTL {ttl_secs} s, {} registrations restored)",
         registry.len()
     );
+    if let Some(u) = &dashboard_url {
+        println!("dashboard (read-only) at {u}");
+    }
     tokio::select! {
         _ = shoal_net::server::serve_tls(listener, tls, router) => {}
         _ = shutdown_signal() => {

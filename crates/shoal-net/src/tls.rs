@@ -106,7 +106,10 @@ pub fn client_config(
         }
         None => b.with_no_client_auth(),
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 keep-alive: an agent sends one small request every TTL/3,
+    // and an idle HTTP/1.1 connection costs the manager far less memory
+    // than an HTTP/2 one (no per-connection stream and flow-control state).
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
 

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod bench_agents;
 mod service;
+mod up;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "A self-managing cluster manager")]
@@ -15,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// A whole local cluster with a demo service, load and the live dashboard.
+    ///
+    /// Example: shoal up --nodes 4 --workload ramp --duration 60s --speed 10
+    Up(up::UpArgs),
     /// Create a cluster identity: CA, manager and administrator certificates, join token.
     Init(admin::InitArgs),
     /// Print the join token alone, for scripts.
@@ -104,6 +109,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Status(a) => admin::status(a).await,
                     Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
                     Cmd::Service(c) => service::run(c).await,
+                    Cmd::Up(a) => up::run(a).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Sim(_) | Cmd::Init(_) | Cmd::Token(_) | Cmd::Www(_) => {
                         unreachable!("handled above")

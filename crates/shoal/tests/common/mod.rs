@@ -220,6 +220,8 @@ impl Cluster {
                 "--listen",
                 listen,
                 "--no-discovery",
+                "--dashboard",
+                "127.0.0.1:0",
             ],
         );
         let out = m.wait_output("listening on https://", Duration::from_secs(20));

@@ -1,0 +1,612 @@
+//! `shoal up`: the whole system on one machine in one command. A throwaway
+//! cluster (manager, N agents as separate processes with their own
+//! directories and loopback addresses, a dispatcher), a demo web service on
+//! the built-in `shoal www`, and a load generator that follows a workload
+//! compressed in time. Ends on Ctrl-C or after --duration, stops every
+//! process, and prints a summary.
+
+use anyhow::Context;
+use shoal_net::client::ApiClient;
+use shoal_net::identity::{ClusterConfig, ClusterDir};
+use shoal_net::wire::*;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Demo workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpWorkload {
+    /// A day of web traffic with a time-of-day effect and bursts.
+    Diurnal,
+    /// LAMA's audio streaming ramp: up, a 3-minute peak, down.
+    LamaAudio,
+    /// Up in a straight line, hold, down again.
+    Ramp,
+}
+
+/// Which app serves the demo site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpApp {
+    /// The built-in `shoal www` (nothing to install).
+    Www,
+    /// nginx (apt-get install nginx).
+    Nginx,
+}
+
+/// `shoal up` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Examples:\n  shoal up\n  shoal up --nodes 4 --workload ramp --duration 60s --speed 10\n  shoal up --workload lama-audio --app nginx"
+)]
+pub struct UpArgs {
+    /// Number of nodes (agents) in the pool.
+    #[arg(long, default_value_t = 6)]
+    pub nodes: usize,
+    /// The demand the load generator follows.
+    #[arg(long, value_enum, default_value_t = UpWorkload::Ramp)]
+    pub workload: UpWorkload,
+    /// Stop after this long (e.g. 90s, 5m); default: the workload's length.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Time compression: workload seconds per real second.
+    #[arg(long, default_value_t = 10.0)]
+    pub speed: f64,
+    /// The demo site's app.
+    #[arg(long, value_enum, default_value_t = UpApp::Www)]
+    pub app: UpApp,
+    /// Peak request rate of the load generator, requests per second.
+    #[arg(long, default_value_t = 400.0)]
+    pub peak_rps: f64,
+    /// Requests per second one node is sized for (the service's capacity C).
+    #[arg(long, default_value_t = 100.0)]
+    pub node_rps: f64,
+    /// Allocation policy: threshold, ar, hpa or predictive.
+    #[arg(long, default_value = "predictive")]
+    pub policy: String,
+    /// Dashboard address (plain HTTP, read-only; keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub dashboard: String,
+    /// Keep the cluster directory instead of deleting it at exit.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?}: use e.g. 90s, 5m, 1h"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+/// A child process in its own process group, with its output in a log file
+/// and (optionally) the lines it prints mirrored into a buffer.
+struct Child2 {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Child2> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let errlog = std::fs::File::create(log)?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(errlog)
+        .process_group(0)
+        .env(
+            "SHOAL_LOG",
+            std::env::var("SHOAL_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    if let Some(out) = child.stdout.take() {
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+    }
+    Ok(Child2 {
+        name: name.to_string(),
+        child,
+        lines,
+    })
+}
+
+impl Child2 {
+    fn wait_line(&self, prefix: &str, within: Duration) -> anyhow::Result<String> {
+        let t = Instant::now();
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|l| l.contains(prefix))
+            {
+                return Ok(l.clone());
+            }
+            if t.elapsed() > within {
+                anyhow::bail!("{} did not print {prefix:?} within {within:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+}
+
+/// Stops children in order (dispatcher, agents, manager): SIGTERM, wait,
+/// then SIGKILL to the whole group, so no process outlives `up`.
+fn stop_all(children: &mut Vec<Child2>) {
+    use nix::sys::signal::Signal;
+    for c in children.iter() {
+        c.signal(Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for c in children.iter_mut() {
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(c.child.id() as i32),
+            Signal::SIGKILL,
+        );
+        let _ = c.child.wait();
+    }
+    children.clear();
+}
+
+/// The demand curve, normalized to a peak of 1, sampled every `step`
+/// workload-seconds.
+fn curve(w: UpWorkload) -> anyhow::Result<(Vec<f64>, f64)> {
+    let step = 2.0;
+    let demand: Vec<f64> = match w {
+        UpWorkload::Ramp => {
+            // 2 minutes up, 2 at the peak, 2 down, then a minute of quiet:
+            // long enough for a node to be added and, later, released.
+            let n = (420.0 / step) as usize;
+            (0..n)
+                .map(|i| {
+                    let t = i as f64 * step;
+                    if t < 120.0 {
+                        0.1 + 0.9 * t / 120.0
+                    } else if t < 240.0 {
+                        1.0
+                    } else if t < 360.0 {
+                        1.0 - 0.9 * (t - 240.0) / 120.0
+                    } else {
+                        0.1
+                    }
+                })
+                .collect()
+        }
+        UpWorkload::Diurnal => {
+            shoal_sim::autoscale::WorkloadSpec::Diurnal
+                .build(step, 1)?
+                .demand
+        }
+        UpWorkload::LamaAudio => {
+            shoal_sim::autoscale::WorkloadSpec::LamaAudio
+                .build(step, 1)?
+                .demand
+        }
+    };
+    let peak = demand.iter().cloned().fold(0.0, f64::max).max(1e-9);
+    Ok((
+        demand.into_iter().map(|d| (d / peak).max(0.0)).collect(),
+        step,
+    ))
+}
+
+fn rate_at(curve: &[f64], step: f64, t: f64) -> f64 {
+    let i = t / step;
+    let i0 = i.floor() as usize;
+    if i0 + 1 >= curve.len() {
+        return curve.last().copied().unwrap_or(0.0);
+    }
+    let f = i - i0 as f64;
+    curve[i0] * (1.0 - f) + curve[i0 + 1] * f
+}
+
+/// Generated content: an index and a few hundred objects of mixed sizes, so
+/// URL-hash locality and per-backend traffic have something to show.
+fn make_site(root: &Path) -> anyhow::Result<usize> {
+    std::fs::create_dir_all(root.join("obj"))?;
+    let objects = 400;
+    for i in 0..objects {
+        let size = 1024 * (1 + (i * 37) % 32);
+        let body: String = std::iter::repeat_n(format!("object {i} "), size / 10 + 1)
+            .collect::<String>()
+            .chars()
+            .take(size)
+            .collect();
+        std::fs::write(root.join("obj").join(format!("{i}.html")), body)?;
+    }
+    std::fs::write(
+        root.join("index.html"),
+        "<!doctype html><title>shoal demo</title><h1>Served by shoal www</h1>\n",
+    )?;
+    Ok(objects)
+}
+
+#[derive(Default)]
+struct LoadStats {
+    sent: AtomicU64,
+    ok: AtomicU64,
+    errors: AtomicU64,
+    latencies_us: Mutex<Vec<u32>>,
+    last_error: Mutex<Option<String>>,
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    if a.nodes == 0 || a.nodes > 200 {
+        anyhow::bail!("--nodes must be between 1 and 200, got {}", a.nodes);
+    }
+    if !(a.speed.is_finite() && a.speed > 0.0) {
+        anyhow::bail!("--speed must be a positive number, got {}", a.speed);
+    }
+    if a.app == UpApp::Nginx && !Path::new("/usr/sbin/nginx").exists() {
+        anyhow::bail!(
+            "--app nginx needs nginx installed (apt-get install -y nginx), or use --app www"
+        );
+    }
+    crate::raise_nofile();
+    let tmp = tempfile::Builder::new().prefix("shoal-up-").tempdir()?;
+    let base: PathBuf = tmp.path().to_path_buf();
+    let (curve, step) = curve(a.workload)?;
+    let natural = Duration::from_secs_f64(curve.len() as f64 * step / a.speed);
+    let duration = a.duration.unwrap_or(natural);
+
+    // The cluster.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let cd = ClusterDir::new(base.join("cluster"));
+    cd.init(
+        ClusterConfig {
+            listen: listen.clone(),
+            manager_url: format!("https://{listen}"),
+            lease_ttl_secs: 3.0,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let dir = cd.path.display().to_string();
+    let mut children: Vec<Child2> = Vec::new();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let result = async {
+        let dash = match std::net::TcpListener::bind(&a.dashboard) {
+            Ok(l) => {
+                drop(l);
+                a.dashboard.clone()
+            }
+            Err(_) => "127.0.0.1:0".to_string(),
+        };
+        let mgr = spawn(
+            "manager",
+            &[
+                "manager".into(),
+                "--dir".into(),
+                dir.clone(),
+                "--no-discovery".into(),
+                "--dashboard".into(),
+                dash,
+            ],
+            &base.join("manager.log"),
+        )?;
+        let dash_line = mgr.wait_line("dashboard (read-only) at", Duration::from_secs(20));
+        children.push(mgr);
+        let dash_url = dash_line?
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let admin = ApiClient::admin(&cd, None)?;
+        wait_until("the manager", Duration::from_secs(20), || async {
+            admin.status().await.is_ok()
+        })
+        .await?;
+        let token = cd.token()?.to_string();
+        let site = base.join("site");
+        let objects = make_site(&site)?;
+        // Each node gets its own loopback address, as separate hosts would.
+        for i in 0..a.nodes {
+            let name = format!("node{}", i + 1);
+            children.push(spawn(
+                &name,
+                &[
+                    "agent".into(),
+                    "--join".into(),
+                    format!("https://{listen}"),
+                    "--token".into(),
+                    token.clone(),
+                    "--name".into(),
+                    name.clone(),
+                    "--roles".into(),
+                    "web".into(),
+                    "--address".into(),
+                    format!("127.0.0.{}", 10 + i),
+                    "--dir".into(),
+                    base.join(&name).display().to_string(),
+                ],
+                &base.join(format!("{name}.log")),
+            )?);
+        }
+        wait_until("the agents to register", Duration::from_secs(30), || async {
+            admin
+                .status()
+                .await
+                .map(|s| s.nodes.iter().filter(|n| n.state == LeaseState::Alive).count() == a.nodes)
+                .unwrap_or(false)
+        })
+        .await?;
+
+        // The demo service.
+        let adaptor = match a.app {
+            UpApp::Www => "www",
+            UpApp::Nginx => "nginx",
+        };
+        let spec_toml = format!(
+            r#"name = "demo"
+max_nodes = {max}
+min_nodes = 1
+policy = "{policy}"
+lead_time_secs = 6
+drain_timeout_secs = 10
+period_secs = 1
+role = "web"
+
+[app]
+adaptor = "{adaptor}"
+port = 18080
+params = {{ listen = "{{{{ node_address }}}}:{{{{ port }}}}", root = "{root}" }}
+
+[dispatch]
+algo = "url-hash"
+replicas = 2
+
+[metric]
+kind = "dispatch_rps"
+capacity = {cap}
+"#,
+            max = a.nodes,
+            policy = a.policy,
+            root = site.display(),
+            cap = a.node_rps,
+        );
+        std::fs::write(base.join("demo.toml"), &spec_toml)?;
+        let spec: ServiceSpec = toml::from_str(&spec_toml).context("the demo service")?;
+        let _: serde_json::Value = admin
+            .send(reqwest::Method::PUT, "/v1/services/demo", &spec)
+            .await?;
+        let dport = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dlisten = format!("127.0.0.1:{dport}");
+        children.push(spawn(
+            "dispatcher",
+            &[
+                "dispatch".into(),
+                "--manager".into(),
+                format!("https://{listen}"),
+                "--dir".into(),
+                dir.clone(),
+                "--service".into(),
+                "demo".into(),
+                "--listen".into(),
+                dlisten.clone(),
+            ],
+            &base.join("dispatcher.log"),
+        )?);
+        wait_until("the first backend to serve", Duration::from_secs(60), || async {
+            reqwest::get(format!("http://{dlisten}/index.html"))
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        })
+        .await?;
+
+        println!("shoal up: {} nodes, workload {:?} at {}x for {:.0} s", a.nodes, a.workload, a.speed, duration.as_secs_f64());
+        println!("  dashboard   {dash_url}");
+        println!("  site        http://{dlisten}/ (through the dispatcher)");
+        println!("  status      shoal status --dir {dir}");
+        println!("  Ctrl-C stops everything");
+
+        let stats = Arc::new(LoadStats::default());
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let start = Instant::now();
+        let mut node_seconds = 0.0;
+        let mut last_tick = Instant::now();
+        let mut next_print = Instant::now();
+        let mut debt = 0.0f64;
+        let inflight = Arc::new(tokio::sync::Semaphore::new(512));
+        let interrupted = {
+            let s = stopping.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                s.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut last_alloc = 0usize;
+        let mut pacer = tokio::time::interval(Duration::from_millis(10));
+        while start.elapsed() < duration && !stopping.load(Ordering::SeqCst) {
+            pacer.tick().await;
+            let now = Instant::now();
+            let dt = now.duration_since(last_tick).as_secs_f64();
+            last_tick = now;
+            let wt = start.elapsed().as_secs_f64() * a.speed;
+            let rps = a.peak_rps * rate_at(&curve, step, wt);
+            debt += rps * dt;
+            node_seconds += last_alloc as f64 * dt;
+            while debt >= 1.0 {
+                debt -= 1.0;
+                // Objects follow a skewed popularity, as web objects do.
+                let r: f64 = rand::random();
+                let obj = ((r * r) * objects as f64) as usize;
+                let url = format!("http://{dlisten}/obj/{obj}.html");
+                let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                    // Open loop: a request the generator cannot even send
+                    // counts as failed.
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let (c, st) = (client.clone(), stats.clone());
+                st.sent.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let r = c.get(&url).send().await;
+                    let ok = match r {
+                        Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
+                        Ok(resp) => {
+                            *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(format!("HTTP {}", resp.status()));
+                            false
+                        }
+                        Err(e) => {
+                            *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                            false
+                        }
+                    };
+                    if ok {
+                        st.ok.fetch_add(1, Ordering::Relaxed);
+                        let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        st.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(us);
+                    } else {
+                        st.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                });
+            }
+            if now >= next_print {
+                next_print = now + Duration::from_secs(2);
+                if let Ok(s) = admin.status().await {
+                    let svc = s.services.iter().find(|x| x.name == "demo");
+                    last_alloc = svc.map(|x| x.nodes.len()).unwrap_or(0);
+                    let alive = s.nodes.iter().filter(|n| n.state == LeaseState::Alive).count();
+                    let line = format!(
+                        "t={:>5.0}s  target {:>5.0} req/s  sent {:>7}  errors {:>3}  demo nodes {:>2}/{} [{}]",
+                        start.elapsed().as_secs_f64(),
+                        rps,
+                        stats.sent.load(Ordering::Relaxed),
+                        stats.errors.load(Ordering::Relaxed),
+                        last_alloc,
+                        alive,
+                        svc.map(|x| x.nodes.join(",")).unwrap_or_default()
+                    );
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                }
+            }
+        }
+        interrupted.abort();
+        // Let requests in flight finish.
+        let _ = tokio::time::timeout(Duration::from_secs(10), inflight.acquire_many(512)).await;
+        let events: Vec<Event> = admin.get("/v1/events").await.unwrap_or_default();
+        let reallocs = events
+            .iter()
+            .filter(|e| e.kind == "decision")
+            .count();
+        let mut l = std::mem::take(&mut *stats.latencies_us.lock().unwrap_or_else(|p| p.into_inner()));
+        l.sort_unstable();
+        let summary = serde_json::json!({
+            "seconds": start.elapsed().as_secs_f64(),
+            "requests": stats.sent.load(Ordering::Relaxed),
+            "ok": stats.ok.load(Ordering::Relaxed),
+            "errors": stats.errors.load(Ordering::Relaxed),
+            "last_error": *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+            "latency_p50_ms": pct(&l, 0.5),
+            "latency_p99_ms": pct(&l, 0.99),
+            "node_seconds": node_seconds,
+            "reallocations": reallocs,
+            "interrupted": stopping.load(Ordering::SeqCst),
+        });
+        Ok::<_, anyhow::Error>(summary)
+    }
+    .await;
+    println!("stopping the cluster...");
+    stop_all(&mut children);
+    if a.keep {
+        let kept = tmp.keep();
+        println!("cluster directory kept at {}", kept.display());
+    }
+    let summary = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("summary:");
+        println!("  requests        {}", summary["requests"]);
+        println!("  errors          {}", summary["errors"]);
+        println!(
+            "  latency p50     {:.2} ms",
+            summary["latency_p50_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  latency p99     {:.2} ms",
+            summary["latency_p99_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  node-seconds    {:.0}",
+            summary["node_seconds"].as_f64().unwrap_or(0.0)
+        );
+        println!("  reallocations   {}", summary["reallocations"]);
+    }
+    Ok(())
+}
+
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut f: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while !f().await {
+        if t.elapsed() > within {
+            anyhow::bail!(
+                "timed out after {within:?} waiting for {what}; logs are in the cluster directory (rerun with --keep)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
