@@ -169,7 +169,7 @@ pub fn first_cert_der(pem: &str) -> Result<Vec<u8>> {
     use rustls_pki_types::{CertificateDer, pem::PemObject};
     let cert = CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
-        .ok_or_else(|| rcgen::Error::CouldNotParseCertificate)?
+        .ok_or(rcgen::Error::CouldNotParseCertificate)?
         .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
     Ok(cert.to_vec())
 }

@@ -90,14 +90,14 @@ fn watch_events(c: &Cluster) -> std::sync::mpsc::Receiver<(String, String, Insta
                 buf.push_str(&String::from_utf8_lossy(&chunk));
                 while let Some(i) = buf.find("\n\n") {
                     let ev: String = buf.drain(..i + 2).collect();
-                    if let Some(data) = ev.lines().find_map(|l| l.strip_prefix("data: ")) {
-                        if let Ok(v) = serde_json::from_str::<Value>(data) {
-                            let _ = tx.send((
-                                v["kind"].as_str().unwrap_or("").to_string(),
-                                v["node"].as_str().unwrap_or("").to_string(),
-                                Instant::now(),
-                            ));
-                        }
+                    if let Some(data) = ev.lines().find_map(|l| l.strip_prefix("data: "))
+                        && let Ok(v) = serde_json::from_str::<Value>(data)
+                    {
+                        let _ = tx.send((
+                            v["kind"].as_str().unwrap_or("").to_string(),
+                            v["node"].as_str().unwrap_or("").to_string(),
+                            Instant::now(),
+                        ));
                     }
                 }
             }

@@ -114,10 +114,10 @@ impl Supervisor {
             .cloned()
             .collect();
         for id in gone {
-            if let Some((_, mut app)) = self.apps.remove(&id) {
-                if let Err(e) = app.stop().await {
-                    tracing::warn!(app = %id, "stop: {e}");
-                }
+            if let Some((_, mut app)) = self.apps.remove(&id)
+                && let Err(e) = app.stop().await
+            {
+                tracing::warn!(app = %id, "stop: {e}");
             }
         }
         self.rejected
