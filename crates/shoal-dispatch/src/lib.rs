@@ -8,6 +8,7 @@ pub mod backends;
 mod bench;
 pub mod clock;
 pub mod config;
+pub mod follow;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -92,12 +93,16 @@ pub struct DispatchArgs {
     /// Backends, HOST:PORT[=WEIGHT], comma-separated.
     #[arg(long)]
     pub backends: Vec<String>,
-    /// Manager to watch for the service's backends (not yet supported).
+    /// Manager to follow the service's backend list from (with --service and --dir).
     #[arg(long)]
     pub manager: Option<String>,
-    /// Service whose backends to watch in the manager (not yet supported).
+    /// Service whose backend list to follow; its dispatch settings (algo,
+    /// replicas, hash) replace --algo, --replicas and --hash.
     #[arg(long)]
     pub service: Option<String>,
+    /// Cluster directory whose admin certificate authenticates the dispatcher to the manager.
+    #[arg(long, env = "SHOAL_DIR")]
+    pub dir: Option<std::path::PathBuf>,
     /// Selection.
     #[command(flatten)]
     pub select: SelectArgs,
@@ -144,13 +149,31 @@ pub struct DispatchArgs {
 
 /// Runs the dispatcher until interrupted.
 pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
-    if args.manager.is_some() || args.service.is_some() {
-        anyhow::bail!(
-            "--manager/--service are not yet supported by the dispatcher; use --backends HOST:PORT[=WEIGHT],..."
-        );
-    }
-    let specs = parse_backends(&args.backends)?;
-    if specs.is_empty() {
+    let mut args = args;
+    let mut specs = parse_backends(&args.backends)?;
+    let follow = match (&args.manager, &args.service, &args.dir) {
+        (None, None, _) => None,
+        (Some(m), Some(s), Some(d)) => {
+            if !specs.is_empty() {
+                anyhow::bail!("--backends and --service exclude each other: the service's list is followed");
+            }
+            let target = follow::Target {
+                manager: m.clone(),
+                service: s.clone(),
+                dir: d.clone(),
+            };
+            let list = target.fetch().await?;
+            args.select.algo = list.dispatch.algo.parse()?;
+            args.select.hash = list.dispatch.hash.parse()?;
+            args.select.replicas = list.dispatch.replicas;
+            specs = follow::specs(&list);
+            Some((target, list.version))
+        }
+        _ => anyhow::bail!(
+            "following a service needs --manager URL, --service NAME and --dir CLUSTER_DIR together"
+        ),
+    };
+    if specs.is_empty() && follow.is_none() {
         anyhow::bail!(
             "no backends: give --backends HOST:PORT[=WEIGHT],... (e.g. --backends 127.0.0.1:8081,127.0.0.1:8082)"
         );
@@ -175,7 +198,7 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the dispatcher runtime")
-                .and_then(|rt| rt.block_on(serve(args, specs)));
+                .and_then(|rt| rt.block_on(serve(args, specs, follow)));
             let _ = tx.send(r);
         })
         .context("starting the dispatcher thread")?;
@@ -183,7 +206,11 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the dispatcher thread stopped unexpectedly"))?
 }
 
-async fn serve(args: DispatchArgs, specs: Vec<select::BackendSpec>) -> anyhow::Result<()> {
+async fn serve(
+    args: DispatchArgs,
+    specs: Vec<select::BackendSpec>,
+    follow: Option<(follow::Target, u64)>,
+) -> anyhow::Result<()> {
     let selector = select::build(&args.select.config())?;
     let clock = Clock::new();
     let backends = Backends::new(
@@ -234,6 +261,14 @@ async fn serve(args: DispatchArgs, specs: Vec<select::BackendSpec>) -> anyhow::R
         args.connect_timeout,
         args.health_interval,
     ));
+    if let Some((target, version)) = follow {
+        tokio::spawn(follow::run(
+            target,
+            backends.clone(),
+            local.to_string(),
+            version,
+        ));
+    }
     {
         let mut out = std::io::stdout().lock();
         let _ = match admin {
