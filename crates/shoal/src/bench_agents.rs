@@ -57,8 +57,16 @@ impl Drop for Manager {
     }
 }
 
-pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
-    crate::raise_nofile();
+/// A manager process on a throwaway cluster directory, for benchmarks.
+struct BenchCluster {
+    tmp: tempfile::TempDir,
+    cd: ClusterDir,
+    mgr: Manager,
+    admin: ApiClient,
+    listen: String,
+}
+
+async fn start_cluster(ttl: f64) -> anyhow::Result<BenchCluster> {
     let tmp = tempfile::tempdir()?;
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
@@ -67,7 +75,7 @@ pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
         ClusterConfig {
             listen: listen.clone(),
             manager_url: format!("https://{listen}"),
-            lease_ttl_secs: a.ttl,
+            lease_ttl_secs: ttl,
             ..Default::default()
         },
         false,
@@ -77,12 +85,11 @@ pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
         child: std::process::Command::new(&exe)
             .args(["manager", "--dir"])
             .arg(tmp.path())
-            .arg("--no-discovery")
+            .args(["--no-discovery", "--dashboard", "off"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .context("starting the manager")?,
     };
-    let pid = mgr.child.id();
     let admin = ApiClient::admin(&cd, None)?;
     let t0 = Instant::now();
     while admin.status().await.is_err() {
@@ -91,22 +98,63 @@ pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Count failure events: every agent is alive, so each one is false.
-    let failures = Arc::new(AtomicU64::new(0));
-    let mut watch = admin.watch().await?.bytes_stream();
-    let f2 = failures.clone();
-    tokio::spawn(async move {
-        let mut buf = String::new();
-        while let Some(Ok(chunk)) = watch.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(i) = buf.find('\n') {
-                let line: String = buf.drain(..=i).collect();
-                if line.trim() == "event: failed" {
-                    f2.fetch_add(1, Ordering::Relaxed);
+    Ok(BenchCluster {
+        tmp,
+        cd,
+        mgr,
+        admin,
+        listen,
+    })
+}
+
+/// Calls `f(kind, node)` for every event on the manager's watch stream.
+fn on_events(
+    admin: &ApiClient,
+    f: impl Fn(&str, &str) + Send + 'static,
+) -> impl std::future::Future<Output = anyhow::Result<()>> {
+    let admin = admin.clone();
+    async move {
+        let mut watch = admin.watch().await?.bytes_stream();
+        tokio::spawn(async move {
+            let mut buf = String::new();
+            while let Some(Ok(chunk)) = watch.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(i) = buf.find("\n\n") {
+                    let ev: String = buf.drain(..i + 2).collect();
+                    if let Some(data) = ev.lines().find_map(|l| l.strip_prefix("data: "))
+                        && let Ok(v) = serde_json::from_str::<serde_json::Value>(data)
+                    {
+                        f(
+                            v["kind"].as_str().unwrap_or(""),
+                            v["node"].as_str().unwrap_or(""),
+                        );
+                    }
                 }
             }
+        });
+        Ok(())
+    }
+}
+
+pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
+    crate::raise_nofile();
+    let BenchCluster {
+        tmp: _tmp,
+        cd,
+        mgr,
+        admin,
+        listen,
+    } = start_cluster(a.ttl).await?;
+    let pid = mgr.child.id();
+    // Count failure events: every agent is alive, so each one is false.
+    let failures = Arc::new(AtomicU64::new(0));
+    let f2 = failures.clone();
+    on_events(&admin, move |kind, _| {
+        if kind == "failed" {
+            f2.fetch_add(1, Ordering::Relaxed);
         }
-    });
+    })
+    .await?;
 
     let token = cd.token()?;
     let url = format!("https://{listen}");
@@ -261,5 +309,103 @@ pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
         println!("manager RSS (peak)     {:.1} MB", peak_rss as f64 / 1024.0);
     }
     drop(mgr);
+    Ok(())
+}
+
+/// `shoal bench detection` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example:\n  shoal bench detection --kills 20 --ttl 6")]
+pub struct BenchDetectionArgs {
+    /// How many agents to kill, one after another.
+    #[arg(long, default_value_t = 20)]
+    pub kills: usize,
+    /// Lease TTL, seconds.
+    #[arg(long, default_value_t = 6.0)]
+    pub ttl: f64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Failure-detection time: real agent processes are killed with SIGKILL at a
+/// random point of their renewal cycle; the time from the kill to the
+/// `failed` event on the watch stream is measured.
+pub async fn detection(a: BenchDetectionArgs) -> anyhow::Result<()> {
+    let c = start_cluster(a.ttl).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    on_events(&c.admin, move |kind, node| {
+        if kind == "failed" {
+            let _ = tx.send(node.to_string());
+        }
+    })
+    .await?;
+    let token = c.cd.token()?.to_string();
+    let exe = std::env::current_exe()?;
+    let mut times = Vec::new();
+    for i in 0..a.kills {
+        let name = format!("d{i}");
+        let dir = c.tmp.path().join(&name);
+        let mut child = std::process::Command::new(&exe)
+            .args(["agent", "--join", &format!("https://{}", c.listen), "--token", &token])
+            .args(["--name", &name, "--dir"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        // Alive and renewing (a load sample arrives with the first renewal).
+        let t0 = Instant::now();
+        loop {
+            let s = c.admin.status().await?;
+            if s.nodes.iter().any(|n| n.name == name && n.load.is_some()) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                anyhow::bail!("agent {name} did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A random phase of the renewal cycle.
+        let phase = rand::random::<f64>() * a.ttl / 3.0;
+        tokio::time::sleep(Duration::from_secs_f64(phase)).await;
+        let killed = Instant::now();
+        let _ = child.kill();
+        let _ = child.wait();
+        let deadline = killed + Duration::from_secs_f64(a.ttl * 3.0);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some(n)) if n == name => break,
+                Ok(Some(_)) => continue,
+                _ => anyhow::bail!("agent {name} was never declared failed"),
+            }
+        }
+        let t = killed.elapsed().as_secs_f64();
+        eprintln!("kill {}: detected after {t:.2} s", i + 1);
+        times.push(t);
+    }
+    times.sort_by(f64::total_cmp);
+    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    let out = serde_json::json!({
+        "kills": times.len(),
+        "ttl_s": a.ttl,
+        "min_s": q(0.0),
+        "p50_s": q(0.5),
+        "p90_s": q(0.9),
+        "max_s": q(1.0),
+        "all_s": times,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "failure detection over {} kills (TTL {} s): min {:.2} s, p50 {:.2} s, p90 {:.2} s, max {:.2} s",
+            times.len(),
+            a.ttl,
+            q(0.0),
+            q(0.5),
+            q(0.9),
+            q(1.0)
+        );
+    }
     Ok(())
 }

@@ -76,6 +76,8 @@ enum SimCmd {
 enum BenchCmd {
     /// Many virtual agents renewing leases against a real manager.
     Agents(bench_agents::BenchAgentsArgs),
+    /// Failure-detection time over repeated kill -9 of real agents.
+    Detection(bench_agents::BenchDetectionArgs),
     /// shoal's dispatcher vs HAProxy vs nginx, driven by wrk.
     Dispatch(shoal_dispatch::BenchDispatchArgs),
 }
@@ -111,6 +113,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
+                    Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
                     Cmd::Sim(_) | Cmd::Init(_) | Cmd::Token(_) | Cmd::Www(_) => {
                         unreachable!("handled above")
                     }
