@@ -9,6 +9,7 @@ command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "the tests need: ${need[*]}; run as root or install them (apt-get install -y ${need[*]})" >&2
@@ -21,6 +22,12 @@ if ((${#need[@]})); then
   # Debian starts nginx on port 80 after installing it; the tests run their
   # own private instances and need nothing listening.
   systemctl stop nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || pkill -x nginx || true
+fi
+
+# The dashboard's browser test drives Debian's chromium with playwright-core
+# (no browser download), pinned by tests/browser/package-lock.json.
+if [[ ! -d tests/browser/node_modules/playwright-core ]]; then
+  (cd tests/browser && npm ci --silent --no-audit --no-fund)
 fi
 
 if command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1; then

@@ -194,9 +194,9 @@ fn curve(w: UpWorkload) -> anyhow::Result<(Vec<f64>, f64)> {
     let step = 2.0;
     let demand: Vec<f64> = match w {
         UpWorkload::Ramp => {
-            // 2 minutes up, 2 at the peak, 2 down, then a minute of quiet:
-            // long enough for a node to be added and, later, released.
-            let n = (420.0 / step) as usize;
+            // 2 minutes up, 2 at the peak, 2 down, then 4 minutes of quiet:
+            // long enough for nodes to be added and, later, released.
+            let n = (600.0 / step) as usize;
             (0..n)
                 .map(|i| {
                     let t = i as f64 * step;
@@ -469,6 +469,7 @@ capacity = {cap}
             })
         };
         let mut last_alloc = 0usize;
+        let mut max_alloc = 0usize;
         let mut pacer = tokio::time::interval(Duration::from_millis(10));
         while start.elapsed() < duration && !stopping.load(Ordering::SeqCst) {
             pacer.tick().await;
@@ -523,6 +524,7 @@ capacity = {cap}
                 if let Ok(s) = admin.status().await {
                     let svc = s.services.iter().find(|x| x.name == "demo");
                     last_alloc = svc.map(|x| x.nodes.len()).unwrap_or(0);
+                    max_alloc = max_alloc.max(last_alloc);
                     let alive = s.nodes.iter().filter(|n| n.state == LeaseState::Alive).count();
                     let line = format!(
                         "t={:>5.0}s  target {:>5.0} req/s  sent {:>7}  errors {:>3}  demo nodes {:>2}/{} [{}]",
@@ -558,6 +560,8 @@ capacity = {cap}
             "latency_p50_ms": pct(&l, 0.5),
             "latency_p99_ms": pct(&l, 0.99),
             "node_seconds": node_seconds,
+            "nodes_max": max_alloc,
+            "nodes_end": last_alloc,
             "reallocations": reallocs,
             "interrupted": stopping.load(Ordering::SeqCst),
         });
@@ -590,6 +594,10 @@ capacity = {cap}
             summary["node_seconds"].as_f64().unwrap_or(0.0)
         );
         println!("  reallocations   {}", summary["reallocations"]);
+        println!(
+            "  demo nodes      max {}, at the end {}",
+            summary["nodes_max"], summary["nodes_end"]
+        );
     }
     Ok(())
 }

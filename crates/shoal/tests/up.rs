@@ -1,0 +1,136 @@
+//! Issue 5's must-show: `shoal up` end to end, and the dashboard in a real
+//! headless browser.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn line_after<'a>(out: &'a str, prefix: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.trim_start().strip_prefix(prefix))
+        .map(str::trim)
+}
+
+/// The processes whose command line mentions `needle` (orphans).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                v.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
+    let up = Proc::spawn(
+        "up",
+        &[
+            "up",
+            "--nodes",
+            "4",
+            "--workload",
+            "ramp",
+            "--duration",
+            "75s",
+            "--speed",
+            "10",
+            "--json",
+            "--dashboard",
+            "127.0.0.1:0",
+        ],
+    );
+    let out = up.wait_output("Ctrl-C stops everything", Duration::from_secs(120));
+    let dashboard = line_after(&out, "dashboard").unwrap().to_string();
+    let status_cmd = line_after(&out, "status").unwrap().to_string();
+    let dir = status_cmd
+        .split("--dir ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let tmp_root = PathBuf::from(&dir).parent().unwrap().display().to_string();
+
+    // The browser test runs against the live system.
+    let shot_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&shot_dir).unwrap();
+    let shot = shot_dir.join("dashboard.png");
+    let browser_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is missing: scripts/test.sh installs it (npm ci in tests/browser)"
+    );
+    let browser = std::process::Command::new("node")
+        .arg(browser_dir.join("dashboard.mjs"))
+        .arg(&dashboard)
+        .arg(&shot)
+        .output()
+        .expect("node");
+    let bout = String::from_utf8_lossy(&browser.stdout);
+    let berr = String::from_utf8_lossy(&browser.stderr);
+    assert!(
+        browser.status.success(),
+        "browser test failed: {bout}{berr}"
+    );
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    println!("dashboard screenshot: {} ({bout})", shot.display());
+
+    // From `shoal status --json` in another process: the demo service grows
+    // and later shrinks.
+    let mut max_nodes = 0;
+    let mut shrank = false;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(100)
+        && up.output().lines().all(|l| l != "stopping the cluster...")
+    {
+        let o = std::process::Command::new(BIN)
+            .args(["status", "--dir", &dir, "--json"])
+            .output()
+            .unwrap();
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            && let Some(svc) = v["services"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "demo"))
+        {
+            let n = svc["nodes"].as_array().map(|a| a.len()).unwrap_or(0);
+            if n < max_nodes {
+                shrank = true;
+            }
+            max_nodes = max_nodes.max(n);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut up = up;
+    let st = up.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "shoal up failed:\n{}", up.output());
+    let out = up.output();
+    let json_start = out.find("\n{").expect("summary JSON");
+    let summary: serde_json::Value =
+        serde_json::from_str(&out[json_start..]).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(max_nodes > 1, "status never showed the service grow: {out}");
+    assert!(
+        shrank,
+        "status never showed the service shrink (max {max_nodes}): {out}"
+    );
+    assert_eq!(summary["errors"], 0, "{summary}");
+    assert!(summary["requests"].as_u64().unwrap() > 5000, "{summary}");
+    assert!(summary["nodes_max"].as_u64().unwrap() > 1, "{summary}");
+    assert!(
+        summary["nodes_end"].as_u64().unwrap() < summary["nodes_max"].as_u64().unwrap(),
+        "{summary}"
+    );
+    assert!(summary["reallocations"].as_u64().unwrap() >= 2, "{summary}");
+    // Nothing outlives it.
+    wait_for("no orphans", Duration::from_secs(10), || {
+        processes_mentioning(&tmp_root).is_empty().then_some(())
+    });
+    assert!(
+        !PathBuf::from(&dir).exists(),
+        "the throwaway cluster directory is removed"
+    );
+}
