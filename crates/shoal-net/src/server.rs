@@ -77,8 +77,13 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ro
                 .1
                 .peer_certificates()
                 .and_then(crate::tls::peer_common_name);
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let peer = Peer { cn, addr };
-            serve_conn(TokioIo::new(tls), router, peer).await;
+            if h2 {
+                serve_conn(TokioIo::new(tls), router, peer).await;
+            } else {
+                serve_h1(TokioIo::new(tls), router, peer).await;
+            }
         });
     }
 }
@@ -110,4 +115,22 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     let _ = b.serve_connection_with_upgrades(io, svc).await;
+}
+
+/// HTTP/1.1 only, for connections that negotiated it: agents hold one such
+/// connection each, so its idle footprint is what 10,000 agents cost.
+async fn serve_h1<I>(io: TokioIo<I>, router: Router, peer: Peer)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        router.clone().oneshot(req)
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(io, svc)
+        .with_upgrades()
+        .await;
 }
