@@ -186,10 +186,7 @@ async fn report_loop(target: Target, backends: Arc<Backends>, id: String, applie
             version,
             backends: loads,
         };
-        if let Err(e) = client
-            .post::<_, serde_json::Value>(&path, &report)
-            .await
-        {
+        if let Err(e) = client.post::<_, serde_json::Value>(&path, &report).await {
             tracing::debug!("report: {e}");
         }
     }
