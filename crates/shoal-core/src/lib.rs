@@ -4,11 +4,11 @@
 //! pass observations and the current time, and get decisions back. The live
 //! services and the simulator drive the same code.
 
-/// Request selection (dispatch) algorithms and locality analysis.
-pub mod select;
 /// Demand forecasting (AR(p), EMA, seasonal).
 pub mod forecast;
-/// Allocation policies (LAMA Algorithm 1, HPA baseline, predictive).
-pub mod policy;
 /// Leases: TTL bookkeeping, expiry, grace after a restart.
 pub mod lease;
+/// Allocation policies (LAMA Algorithm 1, HPA baseline, predictive).
+pub mod policy;
+/// Request selection (dispatch) algorithms and locality analysis.
+pub mod select;
