@@ -273,29 +273,26 @@ impl Cluster {
         Proc::spawn(&format!("agent-{name}"), &a)
     }
 
-    /// `shoal status --json` against this cluster.
-    pub fn status(&self) -> Value {
-        let (ok, out, err) = run(&[
+    fn status_cmd(&self) -> (bool, String, String) {
+        run(&[
             "status",
             "--dir",
             &self.dir_str(),
             "--manager",
             &self.url,
             "--json",
-        ]);
+        ])
+    }
+
+    /// `shoal status --json` against this cluster.
+    pub fn status(&self) -> Value {
+        let (ok, out, err) = self.status_cmd();
         assert!(ok, "status failed: {err}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"))
     }
 
     pub fn try_status(&self) -> Option<Value> {
-        let (ok, out, _) = run(&[
-            "status",
-            "--dir",
-            &self.dir_str(),
-            "--manager",
-            &self.url,
-            "--json",
-        ]);
+        let (ok, out, _) = self.status_cmd();
         if !ok {
             return None;
         }
