@@ -69,6 +69,16 @@ pub struct UpArgs {
     /// Dashboard address (plain HTTP, read-only; keep it on loopback).
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub dashboard: String,
+    /// Make every node a real host: its own network namespace, a veth pair on
+    /// a private bridge, and a tc bandwidth cap, so each node's network load
+    /// is measured on its own interface and the service is sized on it.
+    /// Needs root.
+    #[arg(long)]
+    pub netns: bool,
+    /// With --netns: each node's bandwidth cap (tc), Mbit/s; also the
+    /// service's per-node capacity C.
+    #[arg(long, default_value_t = 20.0)]
+    pub node_mbit: f64,
     /// Keep the cluster directory instead of deleting it at exit.
     #[arg(long)]
     pub keep: bool,
@@ -108,10 +118,29 @@ struct Child2 {
 }
 
 fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Child2> {
+    spawn_in(None, name, args, log)
+}
+
+/// Spawns `shoal ARGS`, inside network namespace `netns` when given
+/// (`ip netns exec` execs the program, so the pid is shoal's own).
+fn spawn_in(
+    netns: Option<&str>,
+    name: &str,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<Child2> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     let errlog = std::fs::File::create(log)?;
-    let mut child = Command::new(exe)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -186,6 +215,104 @@ fn stop_all(children: &mut Vec<Child2>) {
         let _ = c.child.wait();
     }
     children.clear();
+}
+
+/// Real hosts on one machine: a bridge in the root namespace and one network
+/// namespace per node behind a veth pair, with a tc token-bucket cap on the
+/// node's interface. Everything is removed on drop.
+struct Lab {
+    tag: String,
+    nodes: usize,
+    subnet: String,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (apt-get install iproute2)")?;
+    if !o.status.success() {
+        anyhow::bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Lab {
+    fn create(nodes: usize, mbit: f64) -> anyhow::Result<Lab> {
+        if !nix::unistd::geteuid().is_root() {
+            anyhow::bail!(
+                "--netns needs root (it creates network namespaces, veth pairs and tc qdiscs); run as root or drop --netns"
+            );
+        }
+        let pid = std::process::id();
+        let lab = Lab {
+            tag: format!("{:x}", pid & 0xfffff),
+            nodes,
+            subnet: format!("10.214.{}", pid % 250 + 1),
+        };
+        let br = lab.bridge();
+        ip(&["link", "add", &br, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{}/24", lab.host_ip()), "dev", &br])?;
+        ip(&["link", "set", &br, "up"])?;
+        for i in 0..nodes {
+            let ns = lab.ns(i);
+            let veth = format!("shu{}n{i}", lab.tag);
+            ip(&["netns", "add", &ns])?;
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
+            ip(&["link", "set", &veth, "master", &br])?;
+            ip(&["link", "set", &veth, "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", lab.node_ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            let rate = format!("{}kbit", (mbit * 1000.0).round() as u64);
+            let o = Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
+                ])
+                .args(["rate", &rate, "burst", "64kb", "latency", "100ms"])
+                .output()
+                .context("running tc (apt-get install iproute2)")?;
+            if !o.status.success() {
+                anyhow::bail!("tc on {ns}: {}", String::from_utf8_lossy(&o.stderr).trim());
+            }
+        }
+        Ok(lab)
+    }
+    fn bridge(&self) -> String {
+        format!("shup{}", self.tag)
+    }
+    fn ns(&self, i: usize) -> String {
+        format!("shoal-up-{}-{i}", self.tag)
+    }
+    fn host_ip(&self) -> String {
+        format!("{}.1", self.subnet)
+    }
+    fn node_ip(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, 10 + i)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.nodes {
+            let _ = ip(&["netns", "del", &self.ns(i)]);
+        }
+        let _ = ip(&["link", "del", &self.bridge()]);
+    }
 }
 
 /// The demand curve, normalized to a peak of 1, sampled every `step`
@@ -296,11 +423,21 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let natural = Duration::from_secs_f64(curve.len() as f64 * step / a.speed);
     let duration = a.duration.unwrap_or(natural);
 
+    // The hosts: loopback addresses, or real namespaces with --netns.
+    let lab = if a.netns {
+        Some(Lab::create(a.nodes, a.node_mbit)?)
+    } else {
+        None
+    };
+    let host = lab
+        .as_ref()
+        .map(|l| l.host_ip())
+        .unwrap_or_else(|| "127.0.0.1".into());
     // The cluster.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+    let port = std::net::TcpListener::bind((host.as_str(), 0))?
         .local_addr()?
         .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("{host}:{port}");
     let cd = ClusterDir::new(base.join("cluster"));
     cd.init(
         ClusterConfig {
@@ -349,28 +486,33 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         let token = cd.token()?.to_string();
         let site = base.join("site");
         let objects = make_site(&site)?;
-        // Each node gets its own loopback address, as separate hosts would.
+        // Each node gets its own address, as separate hosts would: its own
+        // namespace with --netns (the agent finds its address on its own),
+        // else its own loopback address.
         for i in 0..a.nodes {
             let name = format!("node{}", i + 1);
-            children.push(spawn(
-                &name,
-                &[
-                    "agent".into(),
-                    "--join".into(),
-                    format!("https://{listen}"),
-                    "--token".into(),
-                    token.clone(),
-                    "--name".into(),
-                    name.clone(),
-                    "--roles".into(),
-                    "web".into(),
-                    "--address".into(),
-                    format!("127.0.0.{}", 10 + i),
-                    "--dir".into(),
-                    base.join(&name).display().to_string(),
-                ],
-                &base.join(format!("{name}.log")),
-            )?);
+            let mut args: Vec<String> = vec![
+                "agent".into(),
+                "--join".into(),
+                format!("https://{listen}"),
+                "--token".into(),
+                token.clone(),
+                "--name".into(),
+                name.clone(),
+                "--roles".into(),
+                "web".into(),
+                "--dir".into(),
+                base.join(&name).display().to_string(),
+            ];
+            if lab.is_none() {
+                args.push("--address".into());
+                args.push(format!("127.0.0.{}", 10 + i));
+            } else {
+                args.push("--capacity".into());
+                args.push(format!("net_mbps={}", a.node_mbit));
+            }
+            let ns = lab.as_ref().map(|l| l.ns(i));
+            children.push(spawn_in(ns.as_deref(), &name, &args, &base.join(format!("{name}.log")))?);
         }
         wait_until("the agents to register", Duration::from_secs(30), || async {
             admin
@@ -406,13 +548,17 @@ algo = "url-hash"
 replicas = 2
 
 [metric]
-kind = "dispatch_rps"
+kind = "{metric}"
 capacity = {cap}
 "#,
             max = a.nodes,
             policy = a.policy,
             root = site.display(),
-            cap = a.node_rps,
+            // With real hosts, each node's own interface is measured; on
+            // loopback all agents would see the same counters, so the
+            // dispatcher's per-backend request rate is the honest measure.
+            metric = if lab.is_some() { "net" } else { "dispatch_rps" },
+            cap = if lab.is_some() { a.node_mbit } else { a.node_rps },
         );
         std::fs::write(base.join("demo.toml"), &spec_toml)?;
         let spec: ServiceSpec = toml::from_str(&spec_toml).context("the demo service")?;
@@ -574,6 +720,7 @@ capacity = {cap}
         let kept = tmp.keep();
         println!("cluster directory kept at {}", kept.display());
     }
+    drop(lab);
     let summary = result?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

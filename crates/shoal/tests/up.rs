@@ -134,3 +134,80 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
         "the throwaway cluster directory is removed"
     );
 }
+
+#[test]
+fn up_with_netns_makes_real_hosts_sized_on_their_own_interfaces_and_cleans_up() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces)"
+    );
+    let mut up = Proc::spawn(
+        "up-netns",
+        &[
+            "up",
+            "--netns",
+            "--nodes",
+            "3",
+            "--workload",
+            "ramp",
+            "--duration",
+            "45s",
+            "--speed",
+            "10",
+            "--json",
+            "--dashboard",
+            "127.0.0.1:0",
+        ],
+    );
+    let out = up.wait_output("Ctrl-C stops everything", Duration::from_secs(120));
+    let status_cmd = line_after(&out, "status").unwrap().to_string();
+    let dir = status_cmd
+        .split("--dir ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let prefix = format!("shoal-up-{:x}-", up.pid() as u32 & 0xfffff);
+    let tag_ns = || -> Vec<String> {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(tag_ns().len(), 3, "one namespace per node");
+    // Every node sits on its own address, and the nodes serving the demo
+    // report transmit traffic on their own interface.
+    let (addrs, busy) = wait_for("per-node network load", Duration::from_secs(60), || {
+        let o = std::process::Command::new(BIN)
+            .args(["status", "--dir", &dir, "--json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let nodes = v["nodes"].as_array()?;
+        let addrs: std::collections::BTreeSet<String> = nodes
+            .iter()
+            .filter_map(|n| n["address"].as_str().map(str::to_string))
+            .collect();
+        let busy = nodes
+            .iter()
+            .filter(|n| n["load"]["net_tx_bps"].as_f64().unwrap_or(0.0) > 100_000.0)
+            .count();
+        (busy >= 2).then_some((addrs, busy))
+    });
+    assert_eq!(addrs.len(), 3, "{addrs:?}");
+    assert!(addrs.iter().all(|a| a.starts_with("10.214.")), "{addrs:?}");
+    assert!(busy >= 2);
+    let st = up.wait_exit(Duration::from_secs(120));
+    assert!(st.success(), "{}", up.output());
+    let out = up.output();
+    let summary: serde_json::Value =
+        serde_json::from_str(&out[out.find("\n{").unwrap()..]).unwrap();
+    assert_eq!(summary["errors"], 0, "{summary}");
+    assert!(summary["nodes_max"].as_u64().unwrap() >= 2, "{summary}");
+    assert!(tag_ns().is_empty(), "namespaces left behind");
+}
