@@ -375,19 +375,26 @@ fn sim_locality_reproduces_the_thesis() {
 }
 
 #[test]
-fn manager_mode_says_it_is_not_supported_yet() {
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args([
-            "dispatch",
-            "--manager",
-            "https://127.0.0.1:7400",
-            "--service",
-            "web",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("use --backends"));
+fn manager_mode_names_what_is_missing() {
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args([
+                "dispatch",
+                "--manager",
+                "https://127.0.0.1:7400",
+                "--service",
+                "web",
+            ])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("SHOAL_DIR")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[]);
+    assert!(err.contains("--dir"), "{err}");
+    let err = run(&["--dir", "/nonexistent/shoal"]);
+    assert!(err.contains("shoal init"), "{err}");
 }
