@@ -1,6 +1,6 @@
 //! shoal-sim: the simulator. It drives shoal-core's policies on a virtual clock.
 
-/// `shoal sim locality`: locality loss of subset rebuilding on backend failure.
-pub mod locality;
 /// `shoal sim autoscale`: allocation policies over demand workloads.
 pub mod autoscale;
+/// `shoal sim locality`: locality loss of subset rebuilding on backend failure.
+pub mod locality;

@@ -346,7 +346,13 @@ pub async fn detection(a: BenchDetectionArgs) -> anyhow::Result<()> {
         let name = format!("d{i}");
         let dir = c.tmp.path().join(&name);
         let mut child = std::process::Command::new(&exe)
-            .args(["agent", "--join", &format!("https://{}", c.listen), "--token", &token])
+            .args([
+                "agent",
+                "--join",
+                &format!("https://{}", c.listen),
+                "--token",
+                &token,
+            ])
             .args(["--name", &name, "--dir"])
             .arg(&dir)
             .stdout(std::process::Stdio::null())
