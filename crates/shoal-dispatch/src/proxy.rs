@@ -50,6 +50,9 @@ pub struct ConnState {
     /// Requests of this connection waiting for a backend's headers (the
     /// backend timeout covers them, not the idle timeout).
     pub waiting: AtomicU32,
+    /// The client's address as an X-Forwarded-For item (see
+    /// [`forwarded_for_value`]); computed per request when unset.
+    pub forwarded_for: Option<HeaderValue>,
 }
 
 struct Waiting<'a>(&'a AtomicU32);
@@ -149,14 +152,54 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authorization",
 ];
 
+/// Whether `n` is one of [`HOP_BY_HOP`]. Most of them are standard names,
+/// which compare as an enum tag; the two others compare as short strings.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    *n == header::CONNECTION
+        || *n == header::TE
+        || *n == header::TRAILER
+        || *n == header::TRANSFER_ENCODING
+        || *n == header::UPGRADE
+        || *n == header::PROXY_AUTHENTICATE
+        || *n == header::PROXY_AUTHORIZATION
+        || n.as_str() == "keep-alive"
+        || n.as_str() == "proxy-connection"
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Removes hop-by-hop headers, including those the Connection header names
 /// (except framing and identity headers a client must not make us drop).
+///
+/// One pass over the names first: a typical request has none of them and
+/// then costs no hashing at all; a typical response has only
+/// `Connection: keep-alive`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Distinct keys, each matching at most one of the names: at most 9.
+    let mut hop: [Option<HeaderName>; HOP_BY_HOP.len()] = Default::default();
+    let mut found = 0;
+    for k in h.keys() {
+        if found < hop.len() && is_hop_by_hop(k) {
+            hop[found] = Some(k.clone());
+            found += 1;
+        }
+    }
+    if found == 0 {
+        return;
+    }
     let mut listed: Vec<HeaderName> = Vec::new();
     for v in h.get_all(header::CONNECTION) {
         if let Ok(s) = v.to_str() {
             for t in s.split(',') {
-                if let Ok(n) = HeaderName::from_bytes(t.trim().as_bytes())
+                let t = t.trim();
+                // "close", "keep-alive" and the like: nothing more to remove.
+                if t.is_empty()
+                    || t.eq_ignore_ascii_case("close")
+                    || HOP_BY_HOP.iter().any(|n| t.eq_ignore_ascii_case(n))
+                {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(t.as_bytes())
                     && n != header::HOST
                     && n != header::CONTENT_LENGTH
                     && n != header::CONTENT_TYPE
@@ -169,22 +212,37 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in listed {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
+    for n in hop.into_iter().flatten() {
         h.remove(n);
     }
 }
 
+/// The value a request from `peer` adds to X-Forwarded-For (computed once
+/// per client connection).
+pub fn forwarded_for_value(peer: SocketAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&peer.ip().to_string()).ok()
+}
+
 fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let mut prior: Vec<&str> = h
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    prior.push(&ip);
-    let joined = prior.join(", ");
+    if let Some(v) = forwarded_for_value(peer) {
+        append_forwarded_for_value(h, v);
+    }
+}
+
+/// Appends `ip` (from [`forwarded_for_value`]) to X-Forwarded-For.
+fn append_forwarded_for_value(h: &mut HeaderMap, ip: HeaderValue) {
+    let mut prior = h.get_all(X_FORWARDED_FOR).iter().peekable();
+    if prior.peek().is_none() {
+        // The usual case: no proxy before us; no string building.
+        h.insert(X_FORWARDED_FOR, ip);
+        return;
+    }
+    let mut joined: Vec<&str> = prior.filter_map(|v| v.to_str().ok()).collect();
+    let ip_str = ip.to_str().unwrap_or_default();
+    joined.push(ip_str);
+    let joined = joined.join(", ");
     if let Ok(v) = HeaderValue::from_str(&joined) {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR, v);
     }
 }
 
@@ -237,7 +295,10 @@ async fn proxy(
     strip_hop_by_hop(&mut parts.headers);
     // hyper already answered any 100-continue to the client.
     parts.headers.remove(header::EXPECT);
-    append_forwarded_for(&mut parts.headers, peer);
+    match &conn.forwarded_for {
+        Some(v) => append_forwarded_for_value(&mut parts.headers, v.clone()),
+        None => append_forwarded_for(&mut parts.headers, peer),
+    }
 
     let table: Arc<Table> = sh.backends.load_full();
     let selector = sh.backends.selector();

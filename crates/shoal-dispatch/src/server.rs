@@ -4,7 +4,7 @@ use crate::backends::Backends;
 use crate::clock::Clock;
 use crate::config::parse_backend;
 use crate::metrics::{ErrorKind, Metrics};
-use crate::proxy::{ConnState, Shared, Tracked, handle};
+use crate::proxy::{ConnState, Shared, Tracked, forwarded_for_value, handle};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -62,7 +62,10 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
             let m = sh.metrics.clone();
             m.connections.fetch_add(1, Relaxed);
             m.connections_open.fetch_add(1, Relaxed);
-            let state = Arc::new(ConnState::default());
+            let state = Arc::new(ConnState {
+                forwarded_for: forwarded_for_value(peer),
+                ..ConnState::default()
+            });
             let io = TokioIo::new(Tracked::new(stream, state.clone(), clock.clone()));
             let st = state.clone();
             let svc = service_fn(move |req| handle(sh.clone(), st.clone(), peer, req));

@@ -57,14 +57,22 @@ impl<'a> RequestKey<'a> {
 /// The object name of a request target; see [`RequestKey::object`].
 pub fn object_of(target: &str) -> &str {
     let mut t = target;
-    if let Some(rest) = t.split_once("://").map(|(_, r)| r) {
+    // Origin form (`/a/b?q`), what nearly every request carries, cannot have
+    // an authority: only the other forms need the (costlier) "://" search.
+    if !t.starts_with('/')
+        && let Some(rest) = t.split_once("://").map(|(_, r)| r)
+    {
         // absolute form: drop the authority
         t = match rest.find('/') {
             Some(i) => &rest[i..],
             None => "/",
         };
     }
-    let end = t.find(['?', '#']).unwrap_or(t.len());
+    // A byte scan: '?' and '#' are ASCII, so the cut is on a char boundary.
+    let end = t
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(t.len());
     &t[..end]
 }
 

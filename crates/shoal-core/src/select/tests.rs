@@ -37,6 +37,9 @@ fn object_strips_query_and_authority() {
     assert_eq!(object_of("http://h:80/a?q"), "/a");
     assert_eq!(object_of("http://h:80"), "/");
     assert_eq!(object_of(""), "");
+    // An origin-form target with a URL in its query keeps its own path.
+    assert_eq!(object_of("/r?u=http://h/x"), "/r");
+    assert_eq!(object_of("/a#f?x"), "/a");
 }
 
 #[test]
