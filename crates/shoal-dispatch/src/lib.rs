@@ -155,7 +155,9 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
         (None, None, _) => None,
         (Some(m), Some(s), Some(d)) => {
             if !specs.is_empty() {
-                anyhow::bail!("--backends and --service exclude each other: the service's list is followed");
+                anyhow::bail!(
+                    "--backends and --service exclude each other: the service's list is followed"
+                );
             }
             let target = follow::Target {
                 manager: m.clone(),
