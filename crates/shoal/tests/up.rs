@@ -26,34 +26,42 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     v
 }
 
-#[test]
-fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
-    let up = Proc::spawn(
+/// Starts `shoal up` with `extra` arguments after the common ones; waits
+/// until it is ready and returns it with its printed lines.
+fn start_up(name: &str, extra: &[&str]) -> (Proc, String, String) {
+    let mut args = vec![
         "up",
-        &[
-            "up",
-            "--nodes",
-            "4",
-            "--workload",
-            "ramp",
-            "--duration",
-            "75s",
-            "--speed",
-            "10",
-            "--json",
-            "--dashboard",
-            "127.0.0.1:0",
-        ],
-    );
+        "--workload",
+        "ramp",
+        "--speed",
+        "10",
+        "--json",
+        "--dashboard",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let up = Proc::spawn(name, &args);
     let out = up.wait_output("Ctrl-C stops everything", Duration::from_secs(120));
-    let dashboard = line_after(&out, "dashboard").unwrap().to_string();
-    let status_cmd = line_after(&out, "status").unwrap().to_string();
+    let status_cmd = line_after(&out, "status").unwrap();
     let dir = status_cmd
         .split("--dir ")
         .nth(1)
         .unwrap()
         .trim()
         .to_string();
+    (up, out, dir)
+}
+
+/// The summary JSON `shoal up --json` prints last.
+fn summary_of(out: &str) -> serde_json::Value {
+    let start = out.find("\n{").expect("summary JSON");
+    serde_json::from_str(&out[start..]).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
+    let (up, out, dir) = start_up("up", &["--nodes", "4", "--duration", "75s"]);
+    let dashboard = line_after(&out, "dashboard").unwrap().to_string();
     let tmp_root = PathBuf::from(&dir).parent().unwrap().display().to_string();
 
     // The browser test runs against the live system.
@@ -109,9 +117,7 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
     let st = up.wait_exit(Duration::from_secs(60));
     assert!(st.success(), "shoal up failed:\n{}", up.output());
     let out = up.output();
-    let json_start = out.find("\n{").expect("summary JSON");
-    let summary: serde_json::Value =
-        serde_json::from_str(&out[json_start..]).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let summary = summary_of(&out);
     assert!(max_nodes > 1, "status never showed the service grow: {out}");
     assert!(
         shrank,
@@ -141,32 +147,10 @@ fn up_with_netns_makes_real_hosts_sized_on_their_own_interfaces_and_cleans_up() 
         nix::unistd::geteuid().is_root(),
         "this test needs root (network namespaces)"
     );
-    let mut up = Proc::spawn(
+    let (mut up, _, dir) = start_up(
         "up-netns",
-        &[
-            "up",
-            "--netns",
-            "--nodes",
-            "3",
-            "--workload",
-            "ramp",
-            "--duration",
-            "45s",
-            "--speed",
-            "10",
-            "--json",
-            "--dashboard",
-            "127.0.0.1:0",
-        ],
+        &["--netns", "--nodes", "3", "--duration", "45s"],
     );
-    let out = up.wait_output("Ctrl-C stops everything", Duration::from_secs(120));
-    let status_cmd = line_after(&out, "status").unwrap().to_string();
-    let dir = status_cmd
-        .split("--dir ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_string();
     let prefix = format!("shoal-up-{:x}-", up.pid() as u32 & 0xfffff);
     let tag_ns = || -> Vec<String> {
         let o = std::process::Command::new("ip")
@@ -205,8 +189,7 @@ fn up_with_netns_makes_real_hosts_sized_on_their_own_interfaces_and_cleans_up() 
     let st = up.wait_exit(Duration::from_secs(120));
     assert!(st.success(), "{}", up.output());
     let out = up.output();
-    let summary: serde_json::Value =
-        serde_json::from_str(&out[out.find("\n{").unwrap()..]).unwrap();
+    let summary = summary_of(&out);
     assert_eq!(summary["errors"], 0, "{summary}");
     assert!(summary["nodes_max"].as_u64().unwrap() >= 2, "{summary}");
     assert!(tag_ns().is_empty(), "namespaces left behind");
