@@ -691,10 +691,17 @@ capacity = {cap}
         // Let requests in flight finish.
         let _ = tokio::time::timeout(Duration::from_secs(10), inflight.acquire_many(512)).await;
         let events: Vec<Event> = admin.get("/v1/events").await.unwrap_or_default();
-        let reallocs = events
+        // Nodes added plus nodes released, as the simulator counts them:
+        // each decision reads "...: add(k): reason" or "...: release(k): ...".
+        let reallocs: u64 = events
             .iter()
             .filter(|e| e.kind == "decision")
-            .count();
+            .filter_map(|e| {
+                let m = &e.message;
+                let i = m.find("add(").map(|i| i + 4).or_else(|| m.find("release(").map(|i| i + 8))?;
+                m[i..].split(')').next()?.parse::<u64>().ok()
+            })
+            .sum();
         let mut l = std::mem::take(&mut *stats.latencies_us.lock().unwrap_or_else(|p| p.into_inner()));
         l.sort_unstable();
         let summary = serde_json::json!({
