@@ -56,6 +56,8 @@ pub struct HealthCell {
     ejected_until_ms: AtomicU64,
     /// Ejections so far (for metrics).
     pub ejected_total: AtomicU64,
+    /// Idle keep-alive connections to this backend.
+    pub idle: crate::pool::Idle,
 }
 
 /// What the proxy needs per backend besides the core state.

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod follow;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 
@@ -18,9 +19,6 @@ pub use backends::{ApplyError, BackendStatus, Backends, HealthOpts};
 use anyhow::Context as _;
 use clock::Clock;
 use config::{parse_backends, parse_duration};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use metrics::Metrics;
 use serde::Serialize;
 use shoal_core::select::{
@@ -227,18 +225,15 @@ async fn serve(
         clock.clone(),
     )?;
     let metrics = Arc::new(Metrics::default());
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(args.connect_timeout));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(args.pool_idle_timeout)
-        .pool_max_idle_per_host(args.pool_max_idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector);
+    let pool_opts = pool::PoolOpts {
+        connect_timeout: args.connect_timeout,
+        idle_ms: args.pool_idle_timeout.as_millis() as u64,
+        max_idle: args.pool_max_idle,
+    };
+    tokio::spawn(pool::sweep_task(backends.clone(), pool_opts.idle_ms));
     let shared = Arc::new(proxy::Shared {
         backends: backends.clone(),
-        client,
+        pool: pool_opts,
         metrics: metrics.clone(),
         backend_timeout: args.backend_timeout,
     });

@@ -1,17 +1,16 @@
 //! The reverse proxy: one hyper HTTP/1.1 connection per client, every request
 //! dispatched on its own (thesis 3.4.3), bodies streamed both ways.
 
-use crate::backends::{Backends, Table};
+use crate::backends::{Backends, HealthCell, Table};
 use crate::clock::Clock;
 use crate::metrics::{ErrorKind, Metrics};
+use crate::pool::{self, Conn, PoolOpts};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use shoal_core::select::{Lease, RequestKey};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,16 +25,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub type ReqBody = Either<Metered<Incoming>, Empty<Bytes>>;
 /// Body sent to a client: the backend's, streamed, or a local error page.
 pub type RespBody = Either<Metered<Incoming>, Full<Bytes>>;
-/// The pooled keep-alive client to backends.
-pub type BackendClient = Client<HttpConnector, ReqBody>;
 
 /// What every request handler shares.
 #[derive(Debug)]
 pub struct Shared {
     /// The live backend list and selector.
     pub backends: Arc<Backends>,
-    /// Pooled connections to backends.
-    pub client: BackendClient,
+    /// Backend connection settings (the idle connections live in each
+    /// backend's [`HealthCell`]).
+    pub pool: PoolOpts,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Longest wait for a backend's response headers.
@@ -83,6 +81,31 @@ struct Done {
     _lease: Lease,
     start: Instant,
     metrics: Arc<Metrics>,
+    /// The backend connection, returned to its idle stack once the
+    /// response is complete (closed when it is dropped earlier).
+    back: Option<Back>,
+}
+
+#[derive(Debug)]
+struct Back {
+    conn: Conn,
+    cell: Arc<HealthCell>,
+    sh: Arc<Shared>,
+}
+
+impl Back {
+    fn release(self) {
+        let now = self.sh.backends.clock().now_ms();
+        self.cell.idle.push(self.conn, now, self.sh.pool.max_idle);
+    }
+}
+
+impl Done {
+    fn finish(mut self) {
+        if let Some(b) = self.back.take() {
+            b.release();
+        }
+    }
 }
 
 impl Drop for Done {
@@ -124,7 +147,18 @@ where
                 }
                 self.done = None;
             }
-            None => self.done = None,
+            None => {
+                if let Some(d) = self.done.take() {
+                    d.finish();
+                }
+            }
+        }
+        // hyper stops polling a body that reports its end after a frame.
+        if self.done.is_some()
+            && self.inner.is_end_stream()
+            && let Some(d) = self.done.take()
+        {
+            d.finish();
         }
         Poll::Ready(r)
     }
@@ -273,8 +307,28 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// How one attempt on a backend ended.
+enum Sent {
+    Ok(Response<Incoming>, Conn),
+    Connect,
+    Reset(hyper::Error),
+}
+
+/// An idle connection to the backend, or a new one; `None` when it cannot
+/// be connected to.
+async fn checkout(sh: &Shared, cell: &HealthCell, addr: &str) -> Option<Conn> {
+    let now = sh.backends.clock().now_ms();
+    while let Some(mut c) = cell.idle.pop(now, sh.pool.idle_ms) {
+        // Ready at once unless the last response was just finished.
+        if c.ready().await.is_ok() {
+            return Some(c);
+        }
+    }
+    pool::connect(addr, sh.pool.connect_timeout).await
+}
+
 async fn proxy(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     conn: &ConnState,
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -310,6 +364,11 @@ async fn proxy(
     // first could not be connected to: nothing was sent.
     let bodiless = body.is_end_stream();
     let attempts = if bodiless { 3 } else { 1 };
+    // A safe method without a body may be replayed (as nginx's
+    // proxy_next_upstream does) when the backend died before answering:
+    // only then are the headers kept for another attempt.
+    let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let uri = Uri::from(pq.clone());
     let mut body = Some(body);
     for attempt in 0..attempts {
         let Some(lease) = selector.acquire(&key, &table.set) else {
@@ -320,44 +379,88 @@ async fn proxy(
             );
         };
         let i = lease.index();
-        let mut up = http::uri::Parts::default();
-        up.scheme = Some(Scheme::HTTP);
-        up.authority = Some(table.slots[i].authority.clone());
-        up.path_and_query = Some(pq.clone());
-        let Ok(uri) = Uri::from_parts(up) else {
-            return (
-                local(StatusCode::BAD_REQUEST, "bad request target\n"),
-                false,
-            );
-        };
-        let b: ReqBody = match body.take() {
-            Some(inc) if !bodiless => Either::Left(Metered {
-                inner: inc,
-                metrics: sh.metrics.clone(),
-                outbound: false,
-                done: None,
-            }),
-            _ => Either::Right(Empty::new()),
-        };
-        let mut breq = Request::new(b);
-        *breq.method_mut() = parts.method.clone();
-        *breq.uri_mut() = uri;
-        *breq.version_mut() = Version::HTTP_11;
-        *breq.headers_mut() = if attempt + 1 < attempts {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
+        let cell = &table.slots[i].health;
+        let addr = table.set.get(i).addr();
+        let last = attempt + 1 == attempts;
         let res = {
             let _w = Waiting::new(&conn.waiting);
-            tokio::time::timeout(sh.backend_timeout, sh.client.request(breq)).await
+            tokio::time::timeout(sh.backend_timeout, async {
+                let Some(mut tx) = checkout(sh, cell, addr).await else {
+                    return Sent::Connect;
+                };
+                let b: ReqBody = match body.take() {
+                    Some(inc) if !bodiless => Either::Left(Metered {
+                        inner: inc,
+                        metrics: sh.metrics.clone(),
+                        outbound: false,
+                        done: None,
+                    }),
+                    _ => Either::Right(Empty::new()),
+                };
+                let mut breq = Request::new(b);
+                *breq.method_mut() = parts.method.clone();
+                *breq.uri_mut() = uri.clone();
+                *breq.version_mut() = Version::HTTP_11;
+                *breq.headers_mut() = if safe && bodiless && !last {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+                if !breq.headers().contains_key(header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(table.slots[i].authority.as_str())
+                {
+                    breq.headers_mut().insert(header::HOST, v);
+                }
+                // A pooled connection the backend closed hands the request
+                // back unsent: it goes on another connection.
+                let mut reused_tries = 0;
+                loop {
+                    match tx.try_send_request(breq).await {
+                        Ok(resp) => return Sent::Ok(resp, tx),
+                        Err(mut e) => {
+                            let Some(r) = e.take_message() else {
+                                return Sent::Reset(e.into_error());
+                            };
+                            reused_tries += 1;
+                            if reused_tries > 3 {
+                                parts.headers = r.into_parts().0.headers;
+                                return Sent::Reset(e.into_error());
+                            }
+                            match checkout(sh, cell, addr).await {
+                                Some(t) => {
+                                    tx = t;
+                                    breq = r;
+                                }
+                                None => {
+                                    // Nothing was sent: the headers are
+                                    // still good for another backend.
+                                    parts.headers = r.into_parts().0.headers;
+                                    return Sent::Connect;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .await
         };
         match res {
-            Ok(Ok(resp)) => {
+            Ok(Sent::Ok(resp, tx)) => {
                 sh.backends.on_status(&table, i, resp.status().as_u16());
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
                 rp.version = Version::HTTP_11;
+                let back = Back {
+                    conn: tx,
+                    cell: cell.clone(),
+                    sh: sh.clone(),
+                };
+                let back = if rb.is_end_stream() {
+                    back.release();
+                    None
+                } else {
+                    Some(back)
+                };
                 let body = Metered {
                     inner: rb,
                     metrics: sh.metrics.clone(),
@@ -366,15 +469,16 @@ async fn proxy(
                         _lease: lease,
                         start,
                         metrics: sh.metrics.clone(),
+                        back,
                     }),
                 };
                 return (Response::from_parts(rp, Either::Left(body)), true);
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Sent::Connect) => {
                 sh.metrics.error(ErrorKind::Connect);
                 sh.backends.eject(&table, i);
                 drop(lease);
-                if attempt + 1 < attempts {
+                if !last {
                     sh.metrics.retries.fetch_add(1, Relaxed);
                     continue;
                 }
@@ -383,15 +487,12 @@ async fn proxy(
                     false,
                 );
             }
-            Ok(Err(e)) => {
+            Ok(Sent::Reset(e)) => {
                 tracing::debug!("backend {}: {e:?}", table.set.get(i).addr());
                 sh.metrics.error(ErrorKind::BackendReset);
                 sh.backends.on_status(&table, i, 502);
                 drop(lease);
-                // A safe method without a body may be replayed (as nginx's
-                // proxy_next_upstream does): the backend died before answering.
-                let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-                if safe && attempt + 1 < attempts {
+                if safe && bodiless && !last {
                     sh.metrics.retries.fetch_add(1, Relaxed);
                     continue;
                 }
