@@ -227,13 +227,9 @@ impl Backends {
         }
     }
 
-    /// Ejects backend `i` of `table` for its back-off period.
-    pub fn eject(&self, table: &Table, i: usize) {
-        let b = table.set.get(i);
-        let cell = &table.slots[i].health;
-        if !b.healthy() {
-            return;
-        }
+    /// Counts one more ejection of a backend and sets when it may be tried
+    /// again: the back-off doubles with each ejection, up to the maximum.
+    fn extend_ejection(&self, cell: &HealthCell) -> Duration {
         let k = cell.ejections.fetch_add(1, Relaxed).min(16);
         let period = self
             .opts
@@ -242,6 +238,17 @@ impl Backends {
             .min(self.opts.eject_max);
         cell.ejected_until_ms
             .store(self.clock.now_ms() + period.as_millis() as u64, Relaxed);
+        period
+    }
+
+    /// Ejects backend `i` of `table` for its back-off period.
+    pub fn eject(&self, table: &Table, i: usize) {
+        let b = table.set.get(i);
+        let cell = &table.slots[i].health;
+        if !b.healthy() {
+            return;
+        }
+        let period = self.extend_ejection(cell);
         cell.consecutive_5xx.store(0, Relaxed);
         cell.ejected_total.fetch_add(1, Relaxed);
         b.set_healthy(false);
@@ -274,15 +281,7 @@ impl Backends {
         let t = self.load();
         if let Some(i) = t.set.index_of_addr(addr) {
             let b = t.set.get(i);
-            let cell = &t.slots[i].health;
-            let k = cell.ejections.fetch_add(1, Relaxed).min(16);
-            let period = self
-                .opts
-                .eject_base
-                .saturating_mul(1 << k)
-                .min(self.opts.eject_max);
-            cell.ejected_until_ms
-                .store(self.clock.now_ms() + period.as_millis() as u64, Relaxed);
+            self.extend_ejection(&t.slots[i].health);
             b.set_healthy(false);
         }
     }
