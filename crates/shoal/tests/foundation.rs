@@ -411,16 +411,22 @@ fn nginx_adaptor_serves_reloads_docroot_and_restarts_after_kill() {
     write(&r2.join("page.html"), "from root two\n");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let site_on = |root: &std::path::Path| {
+        assign(
+            &c,
+            "web1",
+            "nginx",
+            "site",
+            &[
+                format!("listen={listen}"),
+                format!("root={}", root.display()),
+            ],
+        )
+    };
     // Bad parameters are refused by the manager, before any node sees them.
     let (ok, out) = assign(&c, "web1", "nginx", "site", &[format!("listen={listen}")]);
     assert!(!ok && out.contains("needs the parameter root"), "{out}");
-    let (ok, out) = assign(
-        &c,
-        "web1",
-        "nginx",
-        "site",
-        &[format!("listen={listen}"), format!("root={}", r1.display())],
-    );
+    let (ok, out) = site_on(&r1);
     assert!(ok, "{out}");
     wait_for("nginx serves root one", Duration::from_secs(20), || {
         http_get(&listen, "/page.html").filter(|(c, b)| *c == 200 && b.contains("root one"))
@@ -431,13 +437,7 @@ fn nginx_adaptor_serves_reloads_docroot_and_restarts_after_kill() {
             .and_then(|a| a["pid"].as_i64())
     });
     // set: a new DocRoot takes effect (nginx reloads in place: same master).
-    let (ok, out) = assign(
-        &c,
-        "web1",
-        "nginx",
-        "site",
-        &[format!("listen={listen}"), format!("root={}", r2.display())],
-    );
+    let (ok, out) = site_on(&r2);
     assert!(ok, "{out}");
     wait_for("nginx serves root two", Duration::from_secs(20), || {
         http_get(&listen, "/page.html").filter(|(c, b)| *c == 200 && b.contains("root two"))
