@@ -125,7 +125,7 @@ pub struct DispatchArgs {
     /// Idle pooled backend connections are closed after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
-    /// Most idle pooled connections kept per backend.
+    /// Most idle pooled connections kept per backend and dispatcher thread.
     #[arg(long, default_value_t = 1024)]
     pub pool_max_idle: usize,
     /// Largest request head in bytes; larger gets 431.
@@ -187,29 +187,51 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
     if args.max_header_bytes < 1024 {
         anyhow::bail!("--max-header-bytes must be at least 1024");
     }
-    // The dispatcher gets its own runtime so that --threads is exact.
+    // The dispatcher runs on threads of its own so that --threads is exact:
+    // one event loop per thread (as HAProxy's nbthread and nginx's workers),
+    // each accepting from the same listening socket and serving its
+    // connections start to end, with no hand-off between threads.
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("shoal-dispatch".into())
+        .name("dispatch-0".into())
         .spawn(move || {
-            let r = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .thread_name("dispatch-worker")
-                .enable_all()
-                .build()
-                .context("starting the dispatcher runtime")
-                .and_then(|rt| rt.block_on(serve(args, specs, follow)));
-            let _ = tx.send(r);
+            pool::set_worker(0);
+            let _ = tx.send(serve(args, specs, follow, threads));
         })
         .context("starting the dispatcher thread")?;
     rx.await
         .map_err(|_| anyhow::anyhow!("the dispatcher thread stopped unexpectedly"))?
 }
 
-async fn serve(
+/// Pending connections each listening socket queues.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A socket bound to `addr` with SO_REUSEADDR and SO_REUSEPORT (listening
+/// starts inside a thread's event loop).
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr)?;
+    Ok(s)
+}
+
+fn event_loop() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a dispatcher event loop")
+}
+
+fn serve(
     args: DispatchArgs,
     specs: Vec<select::BackendSpec>,
     follow: Option<(follow::Target, u64)>,
+    threads: usize,
 ) -> anyhow::Result<()> {
     let selector = select::build(&args.select.config())?;
     let clock = Clock::new();
@@ -230,68 +252,107 @@ async fn serve(
         idle_ms: args.pool_idle_timeout.as_millis() as u64,
         max_idle: args.pool_max_idle,
     };
-    tokio::spawn(pool::sweep_task(backends.clone(), pool_opts.idle_ms));
     let shared = Arc::new(proxy::Shared {
         backends: backends.clone(),
-        pool: pool_opts,
+        pool: pool_opts.clone(),
         metrics: metrics.clone(),
         backend_timeout: args.backend_timeout,
     });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    // One listening socket per thread on the same port (SO_REUSEPORT, as
+    // nginx's `reuseport`): the kernel spreads new connections evenly over
+    // the threads, where a shared socket lets whichever thread wakes first
+    // take most of them.
+    let listener =
+        reuseport_socket(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
+    let mut more = Vec::with_capacity(threads - 1);
+    for _ in 1..threads {
+        more.push(
+            reuseport_socket(local)
+                .with_context(|| format!("listening on {local} for another thread"))?,
+        );
+    }
     let admin = match args.admin {
         Some(a) => {
-            let l = tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("admin listener on {a}"))?;
-            let addr = l.local_addr()?;
-            tokio::spawn(server::serve_admin(l, backends.clone(), metrics.clone()));
-            Some(addr)
+            let l =
+                std::net::TcpListener::bind(a).with_context(|| format!("admin listener on {a}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
         }
         None => None,
     };
-    tokio::spawn(clock.clone().run());
-    tokio::spawn(server::health_task(
-        backends.clone(),
-        args.connect_timeout,
-        args.health_interval,
-    ));
-    if let Some((target, version)) = follow {
-        tokio::spawn(follow::run(
-            target,
-            backends.clone(),
-            local.to_string(),
-            version,
-        ));
-    }
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = match admin {
-            Some(a) => writeln!(
-                out,
-                "shoal dispatch listening on http://{local} admin http://{a} algo {}",
-                args.select.algo
-            ),
-            None => writeln!(
-                out,
-                "shoal dispatch listening on http://{local} algo {}",
-                args.select.algo
-            ),
-        };
-        let _ = out.flush();
-    }
     let opts = server::ConnOpts {
         header_timeout: args.header_timeout,
         idle_timeout: args.idle_timeout,
         max_header_bytes: args.max_header_bytes,
     };
-    tokio::select! {
-        _ = server::serve_proxy(listener, shared, opts, clock) => {}
-        _ = shutdown_signal() => {}
+    // Every event loop is built before any serves, so that a failure is
+    // reported here rather than from a thread.
+    let main_loop = event_loop()?;
+    for (w, l) in (1..threads).zip(more) {
+        let rt = event_loop()?;
+        let (sh, opts, clock) = (shared.clone(), opts.clone(), clock.clone());
+        std::thread::Builder::new()
+            .name(format!("dispatch-{w}"))
+            .spawn(move || {
+                pool::set_worker(w);
+                rt.block_on(async move {
+                    match l.listen(LISTEN_BACKLOG) {
+                        Ok(l) => server::serve_proxy(l, sh, opts, clock).await,
+                        Err(e) => tracing::error!("dispatcher thread {w}: {e}"),
+                    }
+                })
+            })
+            .context("starting a dispatcher thread")?;
     }
-    Ok(())
+    main_loop.block_on(async move {
+        let listener = listener.listen(LISTEN_BACKLOG)?;
+        tokio::spawn(pool::sweep_task(backends.clone(), pool_opts.idle_ms));
+        let admin = match admin {
+            Some(l) => {
+                let l = tokio::net::TcpListener::from_std(l)?;
+                let addr = l.local_addr()?;
+                tokio::spawn(server::serve_admin(l, backends.clone(), metrics.clone()));
+                Some(addr)
+            }
+            None => None,
+        };
+        tokio::spawn(clock.clone().run());
+        tokio::spawn(server::health_task(
+            backends.clone(),
+            args.connect_timeout,
+            args.health_interval,
+        ));
+        if let Some((target, version)) = follow {
+            tokio::spawn(follow::run(
+                target,
+                backends.clone(),
+                local.to_string(),
+                version,
+            ));
+        }
+        {
+            let mut out = std::io::stdout().lock();
+            let _ = match admin {
+                Some(a) => writeln!(
+                    out,
+                    "shoal dispatch listening on http://{local} admin http://{a} algo {}",
+                    args.select.algo
+                ),
+                None => writeln!(
+                    out,
+                    "shoal dispatch listening on http://{local} algo {}",
+                    args.select.algo
+                ),
+            };
+            let _ = out.flush();
+        }
+        tokio::select! {
+            _ = server::serve_proxy(listener, shared, opts, clock) => {}
+            _ = shutdown_signal() => {}
+        }
+        Ok(())
+    })
 }
 
 async fn shutdown_signal() {

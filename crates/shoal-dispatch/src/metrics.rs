@@ -30,10 +30,12 @@ pub enum ErrorKind {
     ClientIo,
     /// Client connection idle past the idle timeout.
     IdleTimeout,
+    /// Client sent no complete request head within the header timeout.
+    HeaderTimeout,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 8] = [
+    const ALL: [ErrorKind; 9] = [
         ErrorKind::Connect,
         ErrorKind::Timeout,
         ErrorKind::BackendReset,
@@ -42,6 +44,7 @@ impl ErrorKind {
         ErrorKind::HeaderTooLarge,
         ErrorKind::ClientIo,
         ErrorKind::IdleTimeout,
+        ErrorKind::HeaderTimeout,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -53,6 +56,7 @@ impl ErrorKind {
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::ClientIo => "client_io",
             ErrorKind::IdleTimeout => "idle_timeout",
+            ErrorKind::HeaderTimeout => "header_timeout",
         }
     }
 }
@@ -74,7 +78,7 @@ pub struct Metrics {
     pub connections_open: AtomicU64,
     /// Requests replayed after a failed attempt.
     pub retries: AtomicU64,
-    errors: [AtomicU64; 8],
+    errors: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,

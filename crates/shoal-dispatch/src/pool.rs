@@ -16,10 +16,29 @@ use std::time::Duration;
 /// A ready-to-use connection to a backend.
 pub type Conn = SendRequest<ReqBody>;
 
-/// Idle connections to one backend, most recently used last.
+/// Shards of idle connections per backend: one per dispatcher thread (up
+/// to this many), so that a thread reuses the connections whose I/O its own
+/// event loop drives instead of waking another thread's on every request.
+const SHARDS: usize = 16;
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as dispatcher thread `w` (its idle shard).
+pub fn set_worker(w: usize) {
+    WORKER.with(|c| c.set(w % SHARDS));
+}
+
+fn shard() -> usize {
+    WORKER.with(|c| c.get())
+}
+
+/// Idle connections to one backend, most recently used last, sharded by
+/// dispatcher thread.
 #[derive(Debug, Default)]
 pub struct Idle {
-    conns: Mutex<Vec<(Conn, u64)>>,
+    shards: [Mutex<Vec<(Conn, u64)>>; SHARDS],
 }
 
 /// Pool settings.
@@ -29,14 +48,19 @@ pub struct PoolOpts {
     pub connect_timeout: Duration,
     /// Idle connections are closed after this long, in milliseconds.
     pub idle_ms: u64,
-    /// Most idle connections kept per backend.
+    /// Most idle connections kept per backend and dispatcher thread.
     pub max_idle: usize,
 }
 
+fn lock(m: &Mutex<Vec<(Conn, u64)>>) -> std::sync::MutexGuard<'_, Vec<(Conn, u64)>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Idle {
-    /// The most recently returned connection still open and not idle too long.
+    /// The calling thread's most recently returned connection still open
+    /// and not idle too long.
     pub fn pop(&self, now_ms: u64, idle_ms: u64) -> Option<Conn> {
-        let mut g = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.shards[shard()]);
         while let Some((c, t)) = g.pop() {
             if !c.is_closed() && now_ms.saturating_sub(t) <= idle_ms {
                 return Some(c);
@@ -45,12 +69,14 @@ impl Idle {
         None
     }
 
-    /// Returns a connection whose last response is complete.
+    /// Returns a connection whose last response is complete (to the calling
+    /// thread's shard: the thread whose request it just served, whose event
+    /// loop drives it).
     pub fn push(&self, c: Conn, now_ms: u64, max: usize) {
         if c.is_closed() {
             return;
         }
-        let mut g = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.shards[shard()]);
         if g.len() < max {
             g.push((c, now_ms));
         }
@@ -58,13 +84,14 @@ impl Idle {
 
     /// Closes connections idle too long or closed by the backend.
     pub fn sweep(&self, now_ms: u64, idle_ms: u64) {
-        let mut g = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        g.retain(|(c, t)| !c.is_closed() && now_ms.saturating_sub(*t) <= idle_ms);
+        for s in &self.shards {
+            lock(s).retain(|(c, t)| !c.is_closed() && now_ms.saturating_sub(*t) <= idle_ms);
+        }
     }
 
     /// Idle connections held.
     pub fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
     /// Whether none is held.

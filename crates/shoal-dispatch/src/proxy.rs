@@ -40,11 +40,19 @@ pub struct Shared {
     pub backend_timeout: Duration,
 }
 
-/// Per-client-connection state seen by the idle watchdog.
+/// Per-client-connection state seen by the connection's watchdog, which
+/// enforces the header and idle timeouts (a check every so often per
+/// connection instead of a timer armed and disarmed on every request).
 #[derive(Debug, Default)]
 pub struct ConnState {
-    /// Last read or write, on the coarse clock.
-    pub last_io_ms: AtomicU64,
+    /// Last read, on the coarse clock.
+    pub last_read_ms: AtomicU64,
+    /// Last write (or the connection's start), on the coarse clock.
+    pub last_write_ms: AtomicU64,
+    /// Requests of this connection being handled: from a complete head
+    /// until the response body ended. While none is, the connection waits
+    /// for a head and the header timeout runs from the last write.
+    pub open: AtomicU32,
     /// Requests of this connection waiting for a backend's headers (the
     /// backend timeout covers them, not the idle timeout).
     pub waiting: AtomicU32,
@@ -79,6 +87,8 @@ pub struct Metered<B> {
 #[derive(Debug)]
 struct Done {
     _lease: Lease,
+    /// The client connection, whose open request this is.
+    conn: Arc<ConnState>,
     start: Instant,
     metrics: Arc<Metrics>,
     /// The backend connection, returned to its idle stack once the
@@ -111,6 +121,7 @@ impl Done {
 impl Drop for Done {
     fn drop(&mut self) {
         self.metrics.latency(self.start.elapsed());
+        self.conn.open.fetch_sub(1, Relaxed);
     }
 }
 
@@ -299,11 +310,9 @@ pub async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
     sh.metrics.requests.fetch_add(1, Relaxed);
-    let (resp, proxied) = proxy(&sh, &conn, peer, req, start).await;
+    conn.open.fetch_add(1, Relaxed);
+    let resp = proxy(&sh, conn, peer, req, start).await;
     sh.metrics.status(resp.status().as_u16());
-    if !proxied {
-        sh.metrics.latency(start.elapsed());
-    }
     Ok(resp)
 }
 
@@ -327,19 +336,57 @@ async fn checkout(sh: &Shared, cell: &HealthCell, addr: &str) -> Option<Conn> {
     pool::connect(addr, sh.pool.connect_timeout).await
 }
 
+/// Proxies one request; the response is either the backend's (whose body
+/// closes the request when it ends) or a local one (the request is closed
+/// here).
 async fn proxy(
+    sh: &Arc<Shared>,
+    conn: Arc<ConnState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Response<RespBody> {
+    match forward(sh, &conn, peer, req).await {
+        Ok((resp, lease, back)) => {
+            let body = Metered {
+                inner: resp.1,
+                metrics: sh.metrics.clone(),
+                outbound: true,
+                done: Some(Done {
+                    _lease: lease,
+                    conn,
+                    start,
+                    metrics: sh.metrics.clone(),
+                    back,
+                }),
+            };
+            Response::from_parts(resp.0, Either::Left(body))
+        }
+        Err(local) => {
+            sh.metrics.latency(start.elapsed());
+            conn.open.fetch_sub(1, Relaxed);
+            local
+        }
+    }
+}
+
+/// The backend's response head and body, the lease on that backend, and the
+/// connection to return to the pool when the body ends (`None` when it was
+/// returned already); or a local error response.
+type Forwarded = ((http::response::Parts, Incoming), Lease, Option<Back>);
+
+async fn forward(
     sh: &Arc<Shared>,
     conn: &ConnState,
     peer: SocketAddr,
     req: Request<Incoming>,
-    start: Instant,
-) -> (Response<RespBody>, bool) {
+) -> Result<Forwarded, Response<RespBody>> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
-        return (
-            local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"),
-            false,
-        );
+        return Err(local(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported\n",
+        ));
     }
     let pq = match parts.uri.path_and_query() {
         Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
@@ -373,10 +420,10 @@ async fn proxy(
     for attempt in 0..attempts {
         let Some(lease) = selector.acquire(&key, &table.set) else {
             sh.metrics.error(ErrorKind::NoBackend);
-            return (
-                local(StatusCode::SERVICE_UNAVAILABLE, "no backend is available\n"),
-                false,
-            );
+            return Err(local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no backend is available\n",
+            ));
         };
         let i = lease.index();
         let cell = &table.slots[i].health;
@@ -384,7 +431,11 @@ async fn proxy(
         let last = attempt + 1 == attempts;
         let res = {
             let _w = Waiting::new(&conn.waiting);
-            tokio::time::timeout(sh.backend_timeout, async {
+            // The deadline from the coarse clock: no clock read per request.
+            let deadline = sh.backends.clock().start()
+                + Duration::from_millis(key.now_ms)
+                + sh.backend_timeout;
+            tokio::time::timeout_at(deadline.into(), async {
                 let Some(mut tx) = checkout(sh, cell, addr).await else {
                     return Sent::Connect;
                 };
@@ -461,18 +512,7 @@ async fn proxy(
                 } else {
                     Some(back)
                 };
-                let body = Metered {
-                    inner: rb,
-                    metrics: sh.metrics.clone(),
-                    outbound: true,
-                    done: Some(Done {
-                        _lease: lease,
-                        start,
-                        metrics: sh.metrics.clone(),
-                        back,
-                    }),
-                };
-                return (Response::from_parts(rp, Either::Left(body)), true);
+                return Ok(((rp, rb), lease, back));
             }
             Ok(Sent::Connect) => {
                 sh.metrics.error(ErrorKind::Connect);
@@ -482,10 +522,10 @@ async fn proxy(
                     sh.metrics.retries.fetch_add(1, Relaxed);
                     continue;
                 }
-                return (
-                    local(StatusCode::BAD_GATEWAY, "could not connect to a backend\n"),
-                    false,
-                );
+                return Err(local(
+                    StatusCode::BAD_GATEWAY,
+                    "could not connect to a backend\n",
+                ));
             }
             Ok(Sent::Reset(e)) => {
                 tracing::debug!("backend {}: {e:?}", table.set.get(i).addr());
@@ -496,26 +536,26 @@ async fn proxy(
                     sh.metrics.retries.fetch_add(1, Relaxed);
                     continue;
                 }
-                return (
-                    local(StatusCode::BAD_GATEWAY, "the backend failed to respond\n"),
-                    false,
-                );
+                return Err(local(
+                    StatusCode::BAD_GATEWAY,
+                    "the backend failed to respond\n",
+                ));
             }
             Err(_) => {
                 sh.metrics.error(ErrorKind::Timeout);
                 sh.backends.on_status(&table, i, 504);
-                return (
-                    local(StatusCode::GATEWAY_TIMEOUT, "the backend timed out\n"),
-                    false,
-                );
+                return Err(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the backend timed out\n",
+                ));
             }
         }
     }
     // Unreachable in practice: the last attempt always returns.
-    (
-        local(StatusCode::BAD_GATEWAY, "no backend could be reached\n"),
-        false,
-    )
+    Err(local(
+        StatusCode::BAD_GATEWAY,
+        "no backend could be reached\n",
+    ))
 }
 
 /// A TCP stream that records when it last moved bytes.
@@ -529,15 +569,26 @@ pub struct Tracked<S> {
 impl<S> Tracked<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, state: Arc<ConnState>, clock: Clock) -> Self {
-        state.last_io_ms.store(clock.now_ms(), Relaxed);
+        let now = clock.now_ms();
+        state.last_read_ms.store(now, Relaxed);
+        state.last_write_ms.store(now, Relaxed);
         Self {
             inner,
             state,
             clock,
         }
     }
-    fn touch(&self) {
-        self.state.last_io_ms.store(self.clock.now_ms(), Relaxed);
+    fn touch(&self, at: &AtomicU64) {
+        let now = self.clock.now_ms();
+        if at.load(Relaxed) != now {
+            at.store(now, Relaxed);
+        }
+    }
+    fn touch_read(&self) {
+        self.touch(&self.state.last_read_ms);
+    }
+    fn touch_write(&self) {
+        self.touch(&self.state.last_write_ms);
     }
 }
 
@@ -550,7 +601,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
+            self.touch_read();
         }
         r
     }
@@ -564,7 +615,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.touch_write();
         }
         r
     }
@@ -575,7 +626,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.touch_write();
         }
         r
     }

@@ -39,7 +39,6 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
     builder
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(opts.header_timeout)
         .max_header_size(opts.max_header_bytes)
         .max_buf_size(opts.max_header_bytes.max(8192) + 8192);
     let builder = Arc::new(builder);
@@ -57,7 +56,7 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
         let sh = sh.clone();
         let builder = builder.clone();
         let clock = clock.clone();
-        let idle = opts.idle_timeout;
+        let limits = Limits::of(&opts);
         tokio::spawn(async move {
             let m = sh.metrics.clone();
             m.connections.fetch_add(1, Relaxed);
@@ -71,10 +70,11 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
             let svc = service_fn(move |req| handle(sh.clone(), st.clone(), peer, req));
             let conn = builder.serve_connection(io, svc);
             tokio::pin!(conn);
-            let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(50)));
+            let mut tick = tokio::time::interval(limits.check_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
+                    biased;
                     r = conn.as_mut() => {
                         if let Err(e) = r {
                             classify(&m, &e);
@@ -82,9 +82,8 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
                         break;
                     }
                     _ = tick.tick() => {
-                        let quiet = clock.now_ms().saturating_sub(state.last_io_ms.load(Relaxed));
-                        if state.waiting.load(Relaxed) == 0 && quiet > idle.as_millis() as u64 {
-                            m.error(ErrorKind::IdleTimeout);
+                        if let Some(kind) = limits.overdue(clock.now_ms(), &state) {
+                            m.error(kind);
                             break; // dropping the connection closes it
                         }
                     }
@@ -92,6 +91,79 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
             }
             m.connections_open.fetch_sub(1, Relaxed);
         });
+    }
+}
+
+/// The header and idle timeouts of a client connection, checked by its
+/// watchdog every `check_every` (a quarter of the shorter timeout, between
+/// 50 ms and 1 s) rather than by a timer armed for every request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    header_ms: u64,
+    idle_ms: u64,
+    check_every: Duration,
+}
+
+impl Limits {
+    fn of(o: &ConnOpts) -> Self {
+        Self {
+            header_ms: o.header_timeout.as_millis() as u64,
+            idle_ms: o.idle_timeout.as_millis() as u64,
+            check_every: (o.header_timeout.min(o.idle_timeout) / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        }
+    }
+
+    /// Why the connection must be closed at `now_ms`, if it must:
+    /// - no request is open and no complete head has come within the header
+    ///   timeout of the last byte written (or of the connection's start):
+    ///   a slow or silent client, however many bytes it trickles;
+    /// - no request waits on a backend and nothing moved either way within
+    ///   the idle timeout (a stalled stream).
+    pub(crate) fn overdue(&self, now_ms: u64, st: &ConnState) -> Option<ErrorKind> {
+        let since = |at: &std::sync::atomic::AtomicU64| now_ms.saturating_sub(at.load(Relaxed));
+        let wrote = since(&st.last_write_ms);
+        if st.open.load(Relaxed) == 0 && wrote > self.header_ms {
+            return Some(ErrorKind::HeaderTimeout);
+        }
+        if st.waiting.load(Relaxed) == 0 && wrote.min(since(&st.last_read_ms)) > self.idle_ms {
+            return Some(ErrorKind::IdleTimeout);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_closes_slow_heads_and_idle_streams_only() {
+        let l = Limits::of(&ConnOpts {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 65536,
+        });
+        assert_eq!(l.check_every, Duration::from_secs(1));
+        let st = ConnState::default();
+        // A fresh connection that sends nothing: header timeout after 10 s.
+        assert_eq!(l.overdue(10_000, &st), None);
+        assert_eq!(l.overdue(10_001, &st), Some(ErrorKind::HeaderTimeout));
+        // Trickled bytes do not reset the header clock...
+        st.last_read_ms.store(10_000, Relaxed);
+        assert_eq!(l.overdue(10_001, &st), Some(ErrorKind::HeaderTimeout));
+        // ...a response written does (keep-alive: the next head is due
+        // 10 s after it).
+        st.last_write_ms.store(10_000, Relaxed);
+        assert_eq!(l.overdue(20_000, &st), None);
+        assert_eq!(l.overdue(20_001, &st), Some(ErrorKind::HeaderTimeout));
+        // An open request is not a slow head; it may stall until idle.
+        st.open.store(1, Relaxed);
+        assert_eq!(l.overdue(70_000, &st), None);
+        assert_eq!(l.overdue(70_001, &st), Some(ErrorKind::IdleTimeout));
+        // Unless it waits on a backend: the backend timeout covers that.
+        st.waiting.store(1, Relaxed);
+        assert_eq!(l.overdue(500_000, &st), None);
     }
 }
 

@@ -398,3 +398,106 @@ fn manager_mode_names_what_is_missing() {
     let err = run(&["--dir", "/nonexistent/shoal"]);
     assert!(err.contains("shoal init"), "{err}");
 }
+
+/// Reads from `s` until the peer closes; `true` if it did before `limit`.
+fn closed_within(s: &mut std::net::TcpStream, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true, // reset
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_timeout_closes_slow_heads_but_not_slow_responses() {
+    let a = TestBackend::start("a").await;
+    let d = Dispatcher::start(&[&a], &["--header-timeout", "1s", "--idle-timeout", "4s"]);
+    let hp = d.host_port();
+
+    // A client trickling its head, a line every 200 ms: the bytes keep
+    // coming, but the head is not complete within 1 s, so it is closed.
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect(&hp).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let closed = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if s.write_all(b"X-Slow: 1\r\n").is_err() {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(4) {
+            break closed_within(&mut s, Duration::from_millis(10));
+        }
+    };
+    let took = start.elapsed();
+    assert!(closed, "a trickled head was not cut off");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2600),
+        "cut after {took:?}; expected the 1 s header timeout (checked every 250 ms)"
+    );
+
+    // Keep-alive: after a response, the next head is due within 1 s.
+    let mut s = std::net::TcpStream::connect(&hp).unwrap();
+    s.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let t = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(3)));
+    let idle = t.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_millis(2600),
+        "idle keep-alive connection closed after {idle:?}"
+    );
+
+    // A response whose body stalls for 2 s (longer than the header timeout,
+    // shorter than the idle timeout) is not cut: the request is open.
+    let mut s = std::net::TcpStream::connect(&hp).unwrap();
+    s.write_all(b"GET /gate HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.open_gate();
+    let mut rest = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                rest.extend_from_slice(&buf[..n]);
+                // chunked: the last chunk ends the body
+                if rest.ends_with(b"0\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) => panic!("the stalled response was cut: {e}"),
+        }
+    }
+    assert!(
+        rest.ends_with(b"0\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    let c = Client::new();
+    let m = c.get(&format!("{}/metrics", d.admin)).await.unwrap();
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.contains("shoal_dispatch_errors_total{kind=\"header_timeout\"} 2"),
+        "{text}"
+    );
+}
