@@ -81,6 +81,12 @@ pub struct Table {
     pub specs: Vec<BackendSpec>,
 }
 
+impl AsRef<BackendSet> for Table {
+    fn as_ref(&self) -> &BackendSet {
+        &self.set
+    }
+}
+
 /// A backend as shown on the admin listener and in `shoal route`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendStatus {

@@ -11,7 +11,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use shoal_core::select::{Lease, RequestKey};
+use shoal_core::select::{OwnedLease, RequestKey};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -86,7 +86,7 @@ pub struct Metered<B> {
 
 #[derive(Debug)]
 struct Done {
-    _lease: Lease,
+    _lease: OwnedLease<Table>,
     /// The client connection, whose open request this is.
     conn: Arc<ConnState>,
     start: Instant,
@@ -373,7 +373,11 @@ async fn proxy(
 /// The backend's response head and body, the lease on that backend, and the
 /// connection to return to the pool when the body ends (`None` when it was
 /// returned already); or a local error response.
-type Forwarded = ((http::response::Parts, Incoming), Lease, Option<Back>);
+type Forwarded = (
+    (http::response::Parts, Incoming),
+    OwnedLease<Table>,
+    Option<Back>,
+);
 
 async fn forward(
     sh: &Arc<Shared>,
@@ -512,7 +516,7 @@ async fn forward(
                 } else {
                     Some(back)
                 };
-                return Ok(((rp, rb), lease, back));
+                return Ok(((rp, rb), lease.into_owned(table.clone()), back));
             }
             Ok(Sent::Connect) => {
                 sh.metrics.error(ErrorKind::Connect);

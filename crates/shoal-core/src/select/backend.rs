@@ -90,10 +90,12 @@ impl Backend {
         }
     }
 
-    fn begin(&self) {
+    fn begin(&self, total: bool) {
         self.active.fetch_add(1, Relaxed);
-        self.total_active.fetch_add(1, Relaxed);
         self.selections.fetch_add(1, Relaxed);
+        if total {
+            self.total_active.fetch_add(1, Relaxed);
+        }
     }
 
     /// Counts a connection only if the backend then has at most `cap` (the
@@ -110,33 +112,90 @@ impl Backend {
         ok
     }
 
-    fn end(&self) {
+    fn end(&self, total: bool) {
         self.active.fetch_sub(1, Relaxed);
-        self.total_active.fetch_sub(1, Relaxed);
+        if total {
+            self.total_active.fetch_sub(1, Relaxed);
+        }
     }
 }
 
-/// A counted connection on a backend; uncounts it when dropped.
+/// A counted connection on a backend of a set it borrows; uncounts it when
+/// dropped. Taking and dropping one costs two or three uncontended atomic
+/// increments (no reference count: the set outlives it). To keep one past
+/// the borrow, as across a request's await points, turn it into an
+/// [`OwnedLease`] with the `Arc` that owns the set.
 #[derive(Debug)]
-pub struct Lease {
-    backend: Arc<Backend>,
+pub struct Lease<'a> {
+    backend: &'a Backend,
     index: usize,
+    total: bool,
 }
 
-impl Lease {
+impl<'a> Lease<'a> {
     /// The backend.
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
+    pub fn backend(&self) -> &'a Backend {
+        self.backend
     }
     /// Its index in the set it was chosen from.
     pub fn index(&self) -> usize {
         self.index
     }
+    /// The same lease, holding `owner` (which must hold the set this lease
+    /// was taken from: `owner.as_ref()` is that set) so that it is `'static`.
+    ///
+    /// # Panics
+    /// If the lease's backend is not at its index in `owner`'s set.
+    pub fn into_owned<O: AsRef<BackendSet>>(self, owner: std::sync::Arc<O>) -> OwnedLease<O> {
+        let set = (*owner).as_ref();
+        assert!(
+            self.index < set.len() && std::ptr::eq(&*set.backends[self.index], self.backend),
+            "a lease can only be owned with the set it was taken from"
+        );
+        let l = OwnedLease {
+            owner,
+            index: self.index,
+            total: self.total,
+        };
+        std::mem::forget(self);
+        l
+    }
 }
 
-impl Drop for Lease {
+impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        self.backend.end();
+        self.backend.end(self.total);
+    }
+}
+
+/// A [`Lease`] that owns (an `Arc` of) what holds its set.
+#[derive(Debug)]
+pub struct OwnedLease<O: AsRef<BackendSet>> {
+    owner: std::sync::Arc<O>,
+    index: usize,
+    total: bool,
+}
+
+impl<O: AsRef<BackendSet>> OwnedLease<O> {
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        (*self.owner).as_ref().get(self.index)
+    }
+    /// Its index in the set.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl<O: AsRef<BackendSet>> Drop for OwnedLease<O> {
+    fn drop(&mut self) {
+        self.backend().end(self.total);
+    }
+}
+
+impl AsRef<BackendSet> for BackendSet {
+    fn as_ref(&self) -> &BackendSet {
+        self
     }
 }
 
@@ -183,7 +242,10 @@ impl BackendSet {
     pub fn generation(&self) -> u64 {
         self.generation
     }
-    /// Requests in flight over all backends of the pool.
+    /// Requests in flight over all backends of the pool, as counted by
+    /// leases that count it ([`BackendSet::lease_counted`] and bounded-ch's,
+    /// the one algorithm that needs the pool-wide figure; the others skip
+    /// this shared counter to stay cheap).
     pub fn total_active(&self) -> u64 {
         self.total_active.load(Relaxed)
     }
@@ -206,19 +268,32 @@ impl BackendSet {
         w
     }
     /// Counts a connection on backend `i`.
-    pub fn lease(&self, i: usize) -> Lease {
-        let b = &self.backends[i];
-        b.begin();
+    pub fn lease(&self, i: usize) -> Lease<'_> {
+        let b = &*self.backends[i];
+        b.begin(false);
         Lease {
-            backend: b.clone(),
+            backend: b,
             index: i,
+            total: false,
         }
     }
-    pub(crate) fn try_lease(&self, i: usize, cap: u32) -> Option<Lease> {
-        let b = &self.backends[i];
-        b.try_begin(cap).then(|| Lease {
-            backend: b.clone(),
+    /// Counts a connection on backend `i`, also in [`BackendSet::total_active`].
+    pub fn lease_counted(&self, i: usize) -> Lease<'_> {
+        let b = &*self.backends[i];
+        b.begin(true);
+        Lease {
+            backend: b,
             index: i,
+            total: true,
+        }
+    }
+    pub(crate) fn try_lease(&self, i: usize, cap: u32) -> Option<Lease<'_>> {
+        let b = &*self.backends[i];
+        // `then`, not `then_some`: a lease built and dropped would uncount.
+        b.try_begin(cap).then(|| Lease {
+            backend: b,
+            index: i,
+            total: true,
         })
     }
     /// The consistent-hash ring (built on first use): sorted (point, index).

@@ -120,14 +120,14 @@ impl Selector for BoundedCh {
         .or_else(|| least_loaded(set, 0, true))
     }
 
-    fn acquire(&self, req: &RequestKey<'_>, set: &BackendSet) -> Option<Lease> {
+    fn acquire<'s>(&self, req: &RequestKey<'_>, set: &'s BackendSet) -> Option<Lease<'s>> {
         let (_, point) = self.key(req);
         let total = set.total_active();
         let wsum = set.available_weight();
         self.walk(set, point, |i| {
             set.try_lease(i, self.cap(total, set.get(i).weight(), wsum))
         })
-        .or_else(|| least_loaded(set, 0, true).map(|i| set.lease(i)))
+        .or_else(|| least_loaded(set, 0, true).map(|i| set.lease_counted(i)))
     }
 
     fn explain(&self, req: &RequestKey<'_>, set: &BackendSet) -> Explanation {

@@ -20,7 +20,9 @@ pub mod locality;
 mod rr;
 mod urlhash;
 
-pub use backend::{Backend, BackendId, BackendSet, BackendSpec, Lease, Pool, PoolError};
+pub use backend::{
+    Backend, BackendId, BackendSet, BackendSpec, Lease, OwnedLease, Pool, PoolError,
+};
 pub use chash::BoundedCh;
 pub use hash::HashFn;
 pub use lard::{Lard, LardParams};
@@ -127,7 +129,7 @@ pub trait Selector: Send + Sync + fmt::Debug {
     /// Chooses a backend, or `None` when no backend is available.
     fn select(&self, req: &RequestKey<'_>, set: &BackendSet) -> Option<usize>;
     /// Chooses a backend and counts the connection on it.
-    fn acquire(&self, req: &RequestKey<'_>, set: &BackendSet) -> Option<Lease> {
+    fn acquire<'s>(&self, req: &RequestKey<'_>, set: &'s BackendSet) -> Option<Lease<'s>> {
         let i = self.select(req, set)?;
         Some(set.lease(i))
     }

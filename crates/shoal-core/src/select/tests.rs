@@ -179,7 +179,7 @@ fn wlc_spreads_held_connections_by_weight() {
     assert_eq!(set.get(0).active(), 30);
     assert_eq!(set.get(1).active(), 10);
     drop(leases);
-    assert_eq!(set.total_active(), 0);
+    assert_eq!(set.iter().map(|b| b.active()).sum::<u32>(), 0);
 }
 
 #[test]
@@ -261,12 +261,35 @@ fn lard_invalidates_a_removed_backend() {
 }
 
 #[test]
+fn owned_leases_count_until_dropped_and_only_with_their_own_set() {
+    let set = std::sync::Arc::new(set_of(3));
+    let l = set.lease(2);
+    assert_eq!((set.get(2).active(), set.get(2).selections()), (1, 1));
+    assert_eq!(set.total_active(), 0, "a plain lease skips the pool total");
+    let owned = l.into_owned(set.clone());
+    assert_eq!(owned.index(), 2);
+    assert_eq!(owned.backend().active(), 1);
+    drop(owned);
+    assert_eq!(set.get(2).active(), 0);
+    let counted = set.lease_counted(1).into_owned(set.clone());
+    assert_eq!(set.total_active(), 1);
+    drop(counted);
+    assert_eq!(set.total_active(), 0);
+    // A lease cannot be owned by another set (its count would go astray).
+    let other = std::sync::Arc::new(set_of(3));
+    let stray = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(set.lease(0).into_owned(other.clone()));
+    }));
+    assert!(stray.is_err());
+}
+
+#[test]
 fn pool_keeps_counters_across_updates_and_rejects_bad_lists() {
     let mut pool = Pool::new();
     let a = pool
         .update(&[BackendSpec::new("a:1"), BackendSpec::new("b:1")])
         .unwrap();
-    let lease = a.lease(1);
+    let lease = a.lease_counted(1);
     let b = pool
         .update(&[BackendSpec::new("b:1"), BackendSpec::new("c:1")])
         .unwrap();
@@ -274,6 +297,7 @@ fn pool_keeps_counters_across_updates_and_rejects_bad_lists() {
     assert_eq!(b.total_active(), 1);
     drop(lease);
     assert_eq!(b.get(0).active(), 0);
+    assert_eq!(b.total_active(), 0);
     assert_ne!(a.generation(), b.generation());
     let dup = pool.update(&[BackendSpec::new("x:1"), BackendSpec::new("x:1")]);
     assert_eq!(
