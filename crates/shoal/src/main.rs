@@ -82,9 +82,6 @@ enum BenchCmd {
     Dispatch(shoal_dispatch::BenchDispatchArgs),
 }
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
