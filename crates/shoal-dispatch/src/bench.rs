@@ -40,6 +40,11 @@ pub struct BenchDispatchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Pin each proxy's worker threads, one per CPU in order, in every peer
+    /// alike (shoal --cpu-affinity auto, HAProxy cpu-map, nginx
+    /// worker_cpu_affinity auto).
+    #[arg(long)]
+    pub pin: bool,
     /// Peers to run (shoal, haproxy, nginx).
     #[arg(long, value_delimiter = ',', default_value = "shoal,haproxy,nginx")]
     pub peers: Vec<String>,
@@ -239,7 +244,15 @@ fn run_blocking(args: BenchDispatchArgs) -> anyhow::Result<()> {
             )?;
             for peer in &args.peers {
                 let port = free_port()?;
-                let _proxy = start_peer(peer, port, &backend_list, &dir, args.threads, &shoal)?;
+                let _proxy = start_peer(
+                    peer,
+                    port,
+                    &backend_list,
+                    &dir,
+                    args.threads,
+                    args.pin,
+                    &shoal,
+                )?;
                 wait_port(port, peer)?;
                 // Warm up pools and caches briefly, then measure.
                 let _ = wrk(&args, port, &lua, Duration::from_secs(1));
@@ -285,8 +298,20 @@ fn start_peer(
     backends: &[String],
     dir: &Path,
     threads: usize,
+    pin: bool,
     shoal: &Path,
 ) -> anyhow::Result<Proc> {
+    let cpus = if pin {
+        crate::allowed_cpus()?
+    } else {
+        Vec::new()
+    };
+    if pin && threads > cpus.len() {
+        bail!(
+            "--pin gives each proxy thread a CPU of its own: --threads {threads} is more than the {} CPUs this process may use",
+            cpus.len()
+        );
+    }
     let child = match peer {
         "shoal" => Command::new(shoal)
             .args([
@@ -299,6 +324,8 @@ fn start_peer(
                 "url-hash",
                 "--threads",
                 &threads.to_string(),
+                "--cpu-affinity",
+                if pin { "auto" } else { "none" },
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -309,11 +336,19 @@ fn start_peer(
             for (i, b) in backends.iter().enumerate() {
                 let _ = writeln!(servers, "  server s{i} {b}");
             }
+            // Thread i on the i-th allowed CPU, as shoal's auto (HAProxy
+            // 2.6 maps threads one by one only with the auto: form).
+            let cpu_map = if pin {
+                let list: Vec<String> = cpus.iter().take(threads).map(|c| c.to_string()).collect();
+                format!("  cpu-map auto:1/1-{threads} {}\n", list.join(","))
+            } else {
+                String::new()
+            };
             let conf = dir.join("haproxy.cfg");
             std::fs::write(
                 &conf,
                 format!(
-                    "global\n  nbthread {threads}\n  maxconn 4000\n\
+                    "global\n  nbthread {threads}\n  maxconn 4000\n{cpu_map}\
                      defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n\
                      frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
                      backend be\n  balance uri\n  hash-type consistent\n{servers}"
@@ -335,13 +370,18 @@ fn start_peer(
             std::fs::write(
                 &conf,
                 format!(
-                    "daemon off; worker_processes {threads}; pid {d}/proxy.pid;\n\
+                    "daemon off; worker_processes {threads};{affinity} pid {d}/proxy.pid;\n\
                      error_log {d}/proxy.err warn;\n\
                      events {{ worker_connections 8192; }}\n\
                      http {{ access_log off;\n  upstream be {{\n    hash $request_uri consistent;\n{servers}    keepalive 256;\n  }}\n\
                        server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;\n\
                          location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering on; proxy_max_temp_file_size 0; }} }}\n}}\n",
-                    d = dir.display()
+                    d = dir.display(),
+                    affinity = if pin {
+                        " worker_cpu_affinity auto;"
+                    } else {
+                        ""
+                    },
                 ),
             )?;
             Command::new("nginx")
@@ -431,12 +471,13 @@ fn print_results(args: &BenchDispatchArgs, results: &[Measured]) -> anyhow::Resu
         return Ok(());
     }
     println!(
-        "wrk -t{} -c{} -d{}s keep-alive, {} backends (nginx), {} proxy thread(s), {} round(s), url hashing everywhere",
+        "wrk -t{} -c{} -d{}s keep-alive, {} backends (nginx), {} proxy thread(s){}, {} round(s), url hashing everywhere",
         args.wrk_threads,
         args.connections,
         args.duration.as_secs(),
         args.backends,
         args.threads,
+        if args.pin { " pinned one per CPU" } else { "" },
         args.rounds
     );
     println!(

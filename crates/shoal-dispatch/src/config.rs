@@ -19,6 +19,55 @@ pub enum ConfigError {
     /// A duration that does not parse.
     #[error("bad duration {0:?}; expected e.g. 500ms, 5s, 2m or a number of seconds")]
     Duration(String),
+    /// A CPU affinity that is not `none`, `auto` or a CPU list.
+    #[error(
+        "bad --cpu-affinity {0:?}; expected none, auto (one CPU per thread, in order) or a CPU list such as 0-3,6"
+    )]
+    CpuAffinity(String),
+}
+
+/// Where the dispatcher's event-loop threads run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CpuAffinity {
+    /// Wherever the kernel schedules them.
+    #[default]
+    None,
+    /// Thread i on the i-th CPU the process may use (round robin when
+    /// there are more threads than CPUs).
+    Auto,
+    /// Thread i on the i-th CPU of this list (round robin).
+    List(Vec<usize>),
+}
+
+/// Parses `none`, `auto` or a CPU list (`0-3,6`, as taskset -c).
+pub fn parse_cpu_affinity(s: &str) -> Result<CpuAffinity, ConfigError> {
+    let bad = || ConfigError::CpuAffinity(s.to_string());
+    let t = s.trim();
+    match t {
+        "none" => return Ok(CpuAffinity::None),
+        "auto" => return Ok(CpuAffinity::Auto),
+        _ => {}
+    }
+    let mut cpus = Vec::new();
+    for part in t.split(',') {
+        let part = part.trim();
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let lo: usize = lo.parse().map_err(|_| bad())?;
+        let hi: usize = hi.parse().map_err(|_| bad())?;
+        // CPU numbers beyond what a CPU set can hold are surely typos.
+        if lo > hi || hi >= 4096 {
+            return Err(bad());
+        }
+        for c in lo..=hi {
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    Ok(CpuAffinity::List(cpus))
 }
 
 /// Parses `HOST:PORT[=WEIGHT]`.
@@ -109,6 +158,20 @@ mod tests {
         ] {
             let e = parse_backend(bad).unwrap_err();
             assert!(e.to_string().contains("HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cpu_affinities() {
+        assert_eq!(parse_cpu_affinity("none").unwrap(), CpuAffinity::None);
+        assert_eq!(parse_cpu_affinity("auto").unwrap(), CpuAffinity::Auto);
+        assert_eq!(
+            parse_cpu_affinity("0-2, 6,1").unwrap(),
+            CpuAffinity::List(vec![0, 1, 2, 6])
+        );
+        for bad in ["", "fast", "3-1", "1,", "-1", "0-99999", "1.5"] {
+            let e = parse_cpu_affinity(bad).unwrap_err();
+            assert!(e.to_string().contains("0-3,6"), "{bad}: {e}");
         }
     }
 

@@ -18,7 +18,7 @@ pub use backends::{ApplyError, BackendStatus, Backends, HealthOpts};
 
 use anyhow::Context as _;
 use clock::Clock;
-use config::{parse_backends, parse_duration};
+use config::{CpuAffinity, parse_backends, parse_cpu_affinity, parse_duration};
 use metrics::Metrics;
 use serde::Serialize;
 use shoal_core::select::{
@@ -107,6 +107,13 @@ pub struct DispatchArgs {
     /// Worker threads (default: the number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Pin each worker thread to one CPU: none, auto (thread i on the i-th
+    /// CPU this process may use) or a list such as 0-3,6. Pinned threads
+    /// cannot be stacked on one core while another runs the load
+    /// generator or the backends; leave it off when several dispatchers
+    /// share a host, or give each its own CPUs.
+    #[arg(long, default_value = "none", value_parser = parse_cpu_affinity)]
+    pub cpu_affinity: CpuAffinity,
     /// Admin listener (metrics, backend list); off unless given.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
@@ -220,6 +227,47 @@ fn reuseport_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> 
     Ok(s)
 }
 
+/// The CPUs this process may run on.
+pub(crate) fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .context("reading the CPUs this process may run on")?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}
+
+/// The CPU of each worker thread in turn (empty: not pinned).
+fn thread_cpus(aff: &CpuAffinity) -> anyhow::Result<Vec<usize>> {
+    match aff {
+        CpuAffinity::None => Ok(Vec::new()),
+        CpuAffinity::Auto => allowed_cpus(),
+        CpuAffinity::List(list) => {
+            let allowed = allowed_cpus()?;
+            if let Some(c) = list.iter().find(|c| !allowed.contains(c)) {
+                anyhow::bail!(
+                    "--cpu-affinity: CPU {c} is not one this process may run on (it may use {allowed:?}); \
+                     give CPUs from that set, or --cpu-affinity auto"
+                );
+            }
+            Ok(list.clone())
+        }
+    }
+}
+
+/// Pins the calling thread, worker `w`, to its CPU from `cpus` (if any).
+fn pin_worker(cpus: &[usize], w: usize) -> anyhow::Result<()> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let cpu = cpus[w % cpus.len()];
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)
+        .with_context(|| format!("CPU {cpu} is out of range"))?;
+    // Pid 0: the calling thread.
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pinning dispatcher thread {w} to CPU {cpu}"))
+}
+
 fn event_loop() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -286,16 +334,22 @@ fn serve(
         idle_timeout: args.idle_timeout,
         max_header_bytes: args.max_header_bytes,
     };
-    // Every event loop is built before any serves, so that a failure is
-    // reported here rather than from a thread.
+    // Every event loop is built, and the CPUs checked, before any serves,
+    // so that a failure is reported here rather than from a thread.
+    let cpus = thread_cpus(&args.cpu_affinity)?;
+    pin_worker(&cpus, 0)?;
     let main_loop = event_loop()?;
     for (w, l) in (1..threads).zip(more) {
         let rt = event_loop()?;
         let (sh, opts, clock) = (shared.clone(), opts.clone(), clock.clone());
+        let cpus = cpus.clone();
         std::thread::Builder::new()
             .name(format!("dispatch-{w}"))
             .spawn(move || {
                 pool::set_worker(w);
+                if let Err(e) = pin_worker(&cpus, w) {
+                    tracing::warn!("{e:#}; thread {w} runs unpinned");
+                }
                 rt.block_on(async move {
                     match l.listen(LISTEN_BACKLOG) {
                         Ok(l) => server::serve_proxy(l, sh, opts, clock).await,

@@ -501,3 +501,85 @@ async fn header_timeout_closes_slow_heads_but_not_slow_responses() {
         "{text}"
     );
 }
+
+/// A `Cpus_allowed_list` value (`0-3,6`) as CPU numbers.
+fn cpu_list(s: &str) -> Vec<usize> {
+    s.trim()
+        .split(',')
+        .flat_map(|p| {
+            let (a, b) = p.split_once('-').unwrap_or((p, p));
+            a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
+/// The CPUs each thread of `pid` named `dispatch-*` may run on, by name.
+fn dispatch_threads_cpus(pid: u32) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let mut out = std::collections::BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap();
+        let name = name.trim();
+        if !name.starts_with("dispatch-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap();
+        out.insert(name.to_string(), cpu_list(line));
+    }
+    out
+}
+
+#[test]
+fn cpu_affinity_pins_each_event_loop_to_its_own_cpu() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = cpu_list(
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap(),
+    );
+    // The harness runs two threads: thread i on the i-th allowed CPU.
+    let d = Dispatcher::start_raw("127.0.0.1:9", &["--cpu-affinity", "auto"]);
+    let pinned = dispatch_threads_cpus(d.child.id());
+    assert_eq!(pinned.len(), 2, "{pinned:?}");
+    for w in 0..2 {
+        assert_eq!(
+            pinned[&format!("dispatch-{w}")],
+            vec![allowed[w % allowed.len()]],
+            "thread {w}: {pinned:?} (allowed {allowed:?})"
+        );
+    }
+    drop(d);
+
+    // A list shorter than the threads wraps round.
+    let last = *allowed.last().unwrap();
+    let d = Dispatcher::start_raw("127.0.0.1:9", &["--cpu-affinity", &last.to_string()]);
+    let pinned = dispatch_threads_cpus(d.child.id());
+    assert_eq!(pinned.len(), 2, "{pinned:?}");
+    assert!(pinned.values().all(|c| *c == vec![last]), "{pinned:?}");
+    drop(d);
+
+    // Unpinned by default: every thread may run on every allowed CPU.
+    let d = Dispatcher::start_raw("127.0.0.1:9", &[]);
+    let free = dispatch_threads_cpus(d.child.id());
+    assert_eq!(free.len(), 2, "{free:?}");
+    assert!(free.values().all(|c| *c == allowed), "{free:?}");
+    drop(d);
+
+    // A CPU the process may not use is refused by name.
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["dispatch", "--listen", "127.0.0.1:0"])
+        .args(["--backends", "127.0.0.1:9", "--cpu-affinity", "4000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CPU 4000") && err.contains("may run on"),
+        "{err}"
+    );
+}
