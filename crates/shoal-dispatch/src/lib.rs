@@ -336,8 +336,9 @@ fn serve(
     };
     // Every event loop is built, and the CPUs checked, before any serves,
     // so that a failure is reported here rather than from a thread.
+    // Thread 0 pins itself last: the others start from its affinity, so a
+    // thread that fails to pin itself stays unpinned, not on thread 0's CPU.
     let cpus = thread_cpus(&args.cpu_affinity)?;
-    pin_worker(&cpus, 0)?;
     let main_loop = event_loop()?;
     for (w, l) in (1..threads).zip(more) {
         let rt = event_loop()?;
@@ -359,6 +360,7 @@ fn serve(
             })
             .context("starting a dispatcher thread")?;
     }
+    pin_worker(&cpus, 0)?;
     main_loop.block_on(async move {
         let listener = listener.listen(LISTEN_BACKLOG)?;
         tokio::spawn(pool::sweep_task(backends.clone(), pool_opts.idle_ms));

@@ -502,15 +502,14 @@ async fn header_timeout_closes_slow_heads_but_not_slow_responses() {
     );
 }
 
-/// A `Cpus_allowed_list` value (`0-3,6`) as CPU numbers.
+/// A `Cpus_allowed_list` value (`0-3,6`) as CPU numbers, read with the
+/// dispatcher's own CPU-list parser.
 fn cpu_list(s: &str) -> Vec<usize> {
-    s.trim()
-        .split(',')
-        .flat_map(|p| {
-            let (a, b) = p.split_once('-').unwrap_or((p, p));
-            a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
-        })
-        .collect()
+    use shoal_dispatch::config::{CpuAffinity, parse_cpu_affinity};
+    match parse_cpu_affinity(s) {
+        Ok(CpuAffinity::List(l)) => l,
+        other => panic!("Cpus_allowed_list {s:?}: {other:?}"),
+    }
 }
 
 /// The CPUs each thread of `pid` named `dispatch-*` may run on, by name.
