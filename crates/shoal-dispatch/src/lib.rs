@@ -310,9 +310,20 @@ fn serve(
     // nginx's `reuseport`): the kernel spreads new connections evenly over
     // the threads, where a shared socket lets whichever thread wakes first
     // take most of them.
-    let listener =
-        reuseport_socket(args.listen).with_context(|| format!("listening on {}", args.listen))?;
-    let local = listener.local_addr()?;
+    //
+    // SO_REUSEPORT would also let a second dispatcher started on the same
+    // address share the port silently, taking part of the connections. A
+    // plain bind first finds any process already listening there.
+    let local = match std::net::TcpListener::bind(args.listen) {
+        Ok(probe) => probe.local_addr()?,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "{} is in use: another process (perhaps another shoal dispatch) listens there; \
+             stop it or give another --listen",
+            args.listen
+        ),
+        Err(e) => return Err(e).with_context(|| format!("listening on {}", args.listen)),
+    };
+    let listener = reuseport_socket(local).with_context(|| format!("listening on {local}"))?;
     let mut more = Vec::with_capacity(threads - 1);
     for _ in 1..threads {
         more.push(

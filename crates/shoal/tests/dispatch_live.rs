@@ -582,3 +582,31 @@ fn cpu_affinity_pins_each_event_loop_to_its_own_cpu() {
         "{err}"
     );
 }
+
+#[test]
+fn a_second_dispatcher_on_a_taken_address_is_refused() {
+    // SO_REUSEPORT must not let it share the port silently.
+    let first = Dispatcher::start_raw("127.0.0.1:9", &[]);
+    let mut second = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["dispatch", "--listen", &first.host_port()])
+        .args(["--backends", "127.0.0.1:9"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second dispatcher started on {}", first.host_port());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&first.host_port()) && err.contains("in use") && err.contains("--listen"),
+        "{err}"
+    );
+}
