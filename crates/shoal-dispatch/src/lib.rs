@@ -351,10 +351,14 @@ fn serve(
     // thread that fails to pin itself stays unpinned, not on thread 0's CPU.
     let cpus = thread_cpus(&args.cpu_affinity)?;
     let main_loop = event_loop()?;
+    // Each thread reports once it is pinned and listening, so that the
+    // "listening" line below means every thread accepts.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for (w, l) in (1..threads).zip(more) {
         let rt = event_loop()?;
         let (sh, opts, clock) = (shared.clone(), opts.clone(), clock.clone());
         let cpus = cpus.clone();
+        let ready = ready_tx.clone();
         std::thread::Builder::new()
             .name(format!("dispatch-{w}"))
             .spawn(move || {
@@ -364,12 +368,25 @@ fn serve(
                 }
                 rt.block_on(async move {
                     match l.listen(LISTEN_BACKLOG) {
-                        Ok(l) => server::serve_proxy(l, sh, opts, clock).await,
-                        Err(e) => tracing::error!("dispatcher thread {w}: {e}"),
+                        Ok(l) => {
+                            let _ = ready.send(Ok(()));
+                            server::serve_proxy(l, sh, opts, clock).await
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("dispatcher thread {w}: {e}")));
+                        }
                     }
                 })
             })
             .context("starting a dispatcher thread")?;
+    }
+    drop(ready_tx);
+    for _ in 1..threads {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => anyhow::bail!("{e}"),
+            Err(_) => anyhow::bail!("a dispatcher thread stopped while starting"),
+        }
     }
     pin_worker(&cpus, 0)?;
     main_loop.block_on(async move {
