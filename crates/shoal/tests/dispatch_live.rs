@@ -377,21 +377,17 @@ fn sim_locality_reproduces_the_thesis() {
 #[test]
 fn manager_mode_names_what_is_missing() {
     let run = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args([
-                "dispatch",
-                "--manager",
-                "https://127.0.0.1:7400",
-                "--service",
-                "web",
-            ])
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env_remove("SHOAL_DIR")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let mut args = vec![
+            "dispatch",
+            "--manager",
+            "https://127.0.0.1:7400",
+            "--service",
+            "web",
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        shoal_refuses(&args)
     };
     let err = run(&[]);
     assert!(err.contains("--dir"), "{err}");
@@ -570,13 +566,15 @@ fn cpu_affinity_pins_each_event_loop_to_its_own_cpu() {
     drop(d);
 
     // A CPU the process may not use is refused by name.
-    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["dispatch", "--listen", "127.0.0.1:0"])
-        .args(["--backends", "127.0.0.1:9", "--cpu-affinity", "4000"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = shoal_refuses(&[
+        "dispatch",
+        "--listen",
+        "127.0.0.1:0",
+        "--backends",
+        "127.0.0.1:9",
+        "--cpu-affinity",
+        "4000",
+    ]);
     assert!(
         err.contains("CPU 4000") && err.contains("may run on"),
         "{err}"
@@ -587,26 +585,34 @@ fn cpu_affinity_pins_each_event_loop_to_its_own_cpu() {
 fn a_second_dispatcher_on_a_taken_address_is_refused() {
     // SO_REUSEPORT must not let it share the port silently.
     let first = Dispatcher::start_raw("127.0.0.1:9", &[]);
-    let mut second = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["dispatch", "--listen", &first.host_port()])
-        .args(["--backends", "127.0.0.1:9"])
+    let addr = first.host_port();
+    let err = shoal_refuses(&["dispatch", "--listen", &addr, "--backends", "127.0.0.1:9"]);
+    assert!(
+        err.contains(&first.host_port()) && err.contains("in use") && err.contains("--listen"),
+        "{err}"
+    );
+}
+
+/// Runs `shoal ARGS` (without SHOAL_DIR), expects it to exit with an error
+/// within 10 s (a start that should have been refused would serve forever)
+/// and returns its stderr.
+fn shoal_refuses(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env_remove("SHOAL_DIR")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while second.try_wait().unwrap().is_none() {
+    while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("a second dispatcher started on {}", first.host_port());
+            let _ = child.kill();
+            panic!("shoal {args:?} was not refused: it still runs after 10 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = second.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&first.host_port()) && err.contains("in use") && err.contains("--listen"),
-        "{err}"
-    );
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "shoal {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
