@@ -9,6 +9,7 @@ mod bench;
 pub mod clock;
 pub mod config;
 pub mod follow;
+pub mod h1;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

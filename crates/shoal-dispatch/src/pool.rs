@@ -1,20 +1,11 @@
 //! Keep-alive connections to backends: one stack of idle HTTP/1.1
-//! connections per backend, on hyper's low-level client.
-//!
-//! Replaces hyper-util's pooled client on the proxy path, which keyed a
-//! global pool by authority and handed every request to a per-connection
-//! task over a channel and back; here a request goes straight to the
-//! connection's `SendRequest`, and a connection that never sent a request
-//! hands it back for another one.
+//! connections per backend, sharded by dispatcher thread.
 
-use crate::proxy::ReqBody;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// A ready-to-use connection to a backend.
-pub type Conn = SendRequest<ReqBody>;
+/// A connection to a backend (see [`crate::h1`]).
+pub type Conn = crate::h1::BackendConn;
 
 /// Shards of idle connections per backend: one per dispatcher thread (up
 /// to this many), so that a thread reuses the connections whose I/O its own
@@ -62,7 +53,7 @@ impl Idle {
     pub fn pop(&self, now_ms: u64, idle_ms: u64) -> Option<Conn> {
         let mut g = lock(&self.shards[shard()]);
         while let Some((c, t)) = g.pop() {
-            if !c.is_closed() && now_ms.saturating_sub(t) <= idle_ms {
+            if now_ms.saturating_sub(t) <= idle_ms && c.is_usable() {
                 return Some(c);
             }
         }
@@ -73,9 +64,6 @@ impl Idle {
     /// thread's shard: the thread whose request it just served, whose event
     /// loop drives it).
     pub fn push(&self, c: Conn, now_ms: u64, max: usize) {
-        if c.is_closed() {
-            return;
-        }
         let mut g = lock(&self.shards[shard()]);
         if g.len() < max {
             g.push((c, now_ms));
@@ -85,7 +73,7 @@ impl Idle {
     /// Closes connections idle too long or closed by the backend.
     pub fn sweep(&self, now_ms: u64, idle_ms: u64) {
         for s in &self.shards {
-            lock(s).retain(|(c, t)| !c.is_closed() && now_ms.saturating_sub(*t) <= idle_ms);
+            lock(s).retain(|(c, t)| now_ms.saturating_sub(*t) <= idle_ms && c.is_usable());
         }
     }
 
@@ -103,21 +91,7 @@ impl Idle {
 /// Opens a connection to `addr`; `None` when it cannot be connected to
 /// within the timeout.
 pub async fn connect(addr: &str, timeout: Duration) -> Option<Conn> {
-    let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let _ = s.set_nodelay(true);
-    let (tx, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(s))
-        .await
-        .ok()?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("backend connection: {e}");
-        }
-    });
-    Some(tx)
+    Conn::connect(addr, timeout).await
 }
 
 /// Closes idle connections past the idle timeout, every second or so.

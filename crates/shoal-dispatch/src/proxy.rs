@@ -3,13 +3,13 @@
 
 use crate::backends::{Backends, HealthCell, Table};
 use crate::clock::Clock;
+use crate::h1::{BackendError, Head, ReqBody, ReqHead, ResponseBody};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::pool::{self, Conn, PoolOpts};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Empty, Full};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use shoal_core::select::{OwnedLease, RequestKey};
 use std::convert::Infallible;
@@ -21,10 +21,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Body sent to a backend: the client's, streamed, or empty.
-pub type ReqBody = Either<Metered<Incoming>, Empty<Bytes>>;
 /// Body sent to a client: the backend's, streamed, or a local error page.
-pub type RespBody = Either<Metered<Incoming>, Full<Bytes>>;
+pub type RespBody = Either<Metered, Full<Bytes>>;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -74,13 +72,12 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A body that counts its bytes and, for responses, holds the backend lease
-/// and records the latency when it ends or is dropped.
+/// A backend's response body on its way to the client: counts its bytes,
+/// holds the backend lease, records the latency when it ends or is dropped,
+/// and returns the backend connection to its idle stack once complete.
 #[derive(Debug)]
-pub struct Metered<B> {
-    inner: B,
-    metrics: Arc<Metrics>,
-    outbound: bool,
+pub struct Metered {
+    inner: ResponseBody,
     done: Option<Done>,
 }
 
@@ -90,86 +87,64 @@ struct Done {
     /// The client connection, whose open request this is.
     conn: Arc<ConnState>,
     start: Instant,
-    metrics: Arc<Metrics>,
-    /// The backend connection, returned to its idle stack once the
-    /// response is complete (closed when it is dropped earlier).
-    back: Option<Back>,
-}
-
-#[derive(Debug)]
-struct Back {
-    conn: Conn,
-    cell: Arc<HealthCell>,
     sh: Arc<Shared>,
+    /// The backend's idle connections.
+    cell: Arc<HealthCell>,
 }
 
-impl Back {
-    fn release(self) {
-        let now = self.sh.backends.clock().now_ms();
-        self.cell.idle.push(self.conn, now, self.sh.pool.max_idle);
-    }
+/// Returns a backend connection whose response is complete to the idle
+/// stack of its backend.
+fn release(sh: &Shared, cell: &HealthCell, c: Conn) {
+    let now = sh.backends.clock().now_ms();
+    cell.idle.push(c, now, sh.pool.max_idle);
 }
 
 impl Done {
-    fn finish(mut self) {
-        if let Some(b) = self.back.take() {
-            b.release();
+    fn finish(self, back: Option<Conn>) {
+        if let Some(c) = back {
+            release(&self.sh, &self.cell, c);
         }
     }
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
-        self.metrics.latency(self.start.elapsed());
+        self.sh.metrics.latency(self.start.elapsed());
         self.conn.open.fetch_sub(1, Relaxed);
     }
 }
 
-impl<B> Body for Metered<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
+impl Body for Metered {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BackendError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+    ) -> Poll<Option<Result<Frame<Bytes>, BackendError>>> {
+        let this = &mut *self;
+        let r = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &r {
             Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    let c = if self.outbound {
-                        &self.metrics.bytes_out
-                    } else {
-                        &self.metrics.bytes_in
-                    };
-                    c.fetch_add(d.len() as u64, Relaxed);
+                if let (Some(d), Some(done)) = (f.data_ref(), &this.done) {
+                    done.sh.metrics.bytes_out.fetch_add(d.len() as u64, Relaxed);
                 }
             }
-            Some(Err(_)) => {
-                if self.outbound {
-                    // The backend reset mid-response: only this client's
-                    // connection is cut (hyper aborts it).
-                    self.metrics.error(ErrorKind::BackendReset);
-                } else {
-                    self.metrics.error(ErrorKind::ClientIo);
-                }
-                self.done = None;
-            }
-            None => {
-                if let Some(d) = self.done.take() {
-                    d.finish();
+            Some(Err(e)) => {
+                // The backend reset or broke the framing mid-response: only
+                // this client's connection is cut (hyper aborts it).
+                tracing::debug!("backend response body: {e}");
+                if let Some(d) = this.done.take() {
+                    d.sh.metrics.error(ErrorKind::BackendReset);
                 }
             }
+            None => {}
         }
         // hyper stops polling a body that reports its end after a frame.
-        if self.done.is_some()
-            && self.inner.is_end_stream()
-            && let Some(d) = self.done.take()
+        if this.inner.is_end_stream()
+            && let Some(d) = this.done.take()
         {
-            d.finish();
+            d.finish(this.inner.take_conn());
         }
         Poll::Ready(r)
     }
@@ -316,24 +291,26 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// How one attempt on a backend ended.
+/// How one attempt on a backend ended. Lives on the stack for one
+/// request; boxing the large variant would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Sent {
-    Ok(Response<Incoming>, Conn),
+    Ok(Head, Conn),
     Connect,
-    Reset(hyper::Error),
+    Reset(BackendError),
+    ClientBody(String),
 }
 
-/// An idle connection to the backend, or a new one; `None` when it cannot
-/// be connected to.
-async fn checkout(sh: &Shared, cell: &HealthCell, addr: &str) -> Option<Conn> {
+/// An idle connection to the backend (`true`: reused), or a new one;
+/// `None` when it cannot be connected to.
+async fn checkout(sh: &Shared, cell: &HealthCell, addr: &str) -> Option<(Conn, bool)> {
     let now = sh.backends.clock().now_ms();
-    while let Some(mut c) = cell.idle.pop(now, sh.pool.idle_ms) {
-        // Ready at once unless the last response was just finished.
-        if c.ready().await.is_ok() {
-            return Some(c);
-        }
+    if let Some(c) = cell.idle.pop(now, sh.pool.idle_ms) {
+        return Some((c, true));
     }
-    pool::connect(addr, sh.pool.connect_timeout).await
+    pool::connect(addr, sh.pool.connect_timeout)
+        .await
+        .map(|c| (c, false))
 }
 
 /// Proxies one request; the response is either the backend's (whose body
@@ -347,20 +324,18 @@ async fn proxy(
     start: Instant,
 ) -> Response<RespBody> {
     match forward(sh, &conn, peer, req).await {
-        Ok((resp, lease, back)) => {
+        Ok((parts, body, lease, cell)) => {
             let body = Metered {
-                inner: resp.1,
-                metrics: sh.metrics.clone(),
-                outbound: true,
+                inner: body,
                 done: Some(Done {
                     _lease: lease,
                     conn,
                     start,
-                    metrics: sh.metrics.clone(),
-                    back,
+                    sh: sh.clone(),
+                    cell,
                 }),
             };
-            Response::from_parts(resp.0, Either::Left(body))
+            Response::from_parts(parts, Either::Left(body))
         }
         Err(local) => {
             sh.metrics.latency(start.elapsed());
@@ -370,13 +345,13 @@ async fn proxy(
     }
 }
 
-/// The backend's response head and body, the lease on that backend, and the
-/// connection to return to the pool when the body ends (`None` when it was
-/// returned already); or a local error response.
+/// The backend's response head and body, the lease on that backend and its
+/// health cell (home of its idle connections); or a local error response.
 type Forwarded = (
-    (http::response::Parts, Incoming),
+    http::response::Parts,
+    ResponseBody,
     OwnedLease<Table>,
-    Option<Back>,
+    Arc<HealthCell>,
 );
 
 async fn forward(
@@ -393,9 +368,9 @@ async fn forward(
         ));
     }
     let pq = match parts.uri.path_and_query() {
-        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
-        Some(pq) if pq.as_str() == "*" => pq.clone(), // OPTIONS *
-        Some(_) | None => PathAndQuery::from_static("/"),
+        Some(pq) if pq.as_str().starts_with('/') => pq.as_str(),
+        Some(pq) if pq.as_str() == "*" => "*", // OPTIONS *
+        Some(_) | None => "/",
     };
     strip_hop_by_hop(&mut parts.headers);
     // hyper already answered any 100-continue to the client.
@@ -408,18 +383,22 @@ async fn forward(
     let table: Arc<Table> = sh.backends.load_full();
     let selector = sh.backends.selector();
     let key = RequestKey {
-        target: pq.as_str(),
+        target: pq,
         now_ms: sh.backends.clock().now_ms(),
     };
     // A request without a body can be replayed on another backend when the
     // first could not be connected to: nothing was sent.
     let bodiless = body.is_end_stream();
     let attempts = if bodiless { 3 } else { 1 };
-    // A safe method without a body may be replayed (as nginx's
-    // proxy_next_upstream does) when the backend died before answering:
-    // only then are the headers kept for another attempt.
+    // A safe method without a body may also be replayed (as nginx's
+    // proxy_next_upstream does) when the backend died before answering.
     let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let uri = Uri::from(pq.clone());
+    // An idempotent one (RFC 9110 9.2.2) may go again when a reused idle
+    // connection turns out to have been closed by the backend.
+    let idempotent = safe || matches!(parts.method, Method::PUT | Method::DELETE | Method::TRACE);
+    // Without a Content-Length the client's body goes on chunked (the
+    // client's own Transfer-Encoding was removed as hop-by-hop).
+    let chunked = !bodiless && !parts.headers.contains_key(header::CONTENT_LENGTH);
     let mut body = Some(body);
     for attempt in 0..attempts {
         let Some(lease) = selector.acquire(&key, &table.set) else {
@@ -433,6 +412,12 @@ async fn forward(
         let cell = &table.slots[i].health;
         let addr = table.set.get(i).addr();
         let last = attempt + 1 == attempts;
+        let head = ReqHead {
+            method: &parts.method,
+            target: pq,
+            headers: &parts.headers,
+            host: table.slots[i].authority.as_str(),
+        };
         let res = {
             let _w = Waiting::new(&conn.waiting);
             // The deadline from the coarse clock: no clock read per request.
@@ -440,83 +425,49 @@ async fn forward(
                 + Duration::from_millis(key.now_ms)
                 + sh.backend_timeout;
             tokio::time::timeout_at(deadline.into(), async {
-                let Some(mut tx) = checkout(sh, cell, addr).await else {
-                    return Sent::Connect;
-                };
-                let b: ReqBody = match body.take() {
-                    Some(inc) if !bodiless => Either::Left(Metered {
-                        inner: inc,
-                        metrics: sh.metrics.clone(),
-                        outbound: false,
-                        done: None,
-                    }),
-                    _ => Either::Right(Empty::new()),
-                };
-                let mut breq = Request::new(b);
-                *breq.method_mut() = parts.method.clone();
-                *breq.uri_mut() = uri.clone();
-                *breq.version_mut() = Version::HTTP_11;
-                *breq.headers_mut() = if safe && bodiless && !last {
-                    parts.headers.clone()
-                } else {
-                    std::mem::take(&mut parts.headers)
-                };
-                if !breq.headers().contains_key(header::HOST)
-                    && let Ok(v) = HeaderValue::from_str(table.slots[i].authority.as_str())
-                {
-                    breq.headers_mut().insert(header::HOST, v);
-                }
-                // A pooled connection the backend closed hands the request
-                // back unsent: it goes on another connection.
-                let mut reused_tries = 0;
+                // An idle connection the backend closed just as it was
+                // reused fails before a byte of response: a request without
+                // a body goes again on another connection.
+                let mut stale_tries = 0;
                 loop {
-                    match tx.try_send_request(breq).await {
-                        Ok(resp) => return Sent::Ok(resp, tx),
-                        Err(mut e) => {
-                            let Some(r) = e.take_message() else {
-                                return Sent::Reset(e.into_error());
-                            };
-                            reused_tries += 1;
-                            if reused_tries > 3 {
-                                parts.headers = r.into_parts().0.headers;
-                                return Sent::Reset(e.into_error());
-                            }
-                            match checkout(sh, cell, addr).await {
-                                Some(t) => {
-                                    tx = t;
-                                    breq = r;
-                                }
-                                None => {
-                                    // Nothing was sent: the headers are
-                                    // still good for another backend.
-                                    parts.headers = r.into_parts().0.headers;
-                                    return Sent::Connect;
-                                }
-                            }
+                    let Some((mut c, reused)) = checkout(sh, cell, addr).await else {
+                        return Sent::Connect;
+                    };
+                    let b = match body.take() {
+                        Some(inc) if !bodiless => ReqBody::Stream {
+                            body: inc,
+                            chunked,
+                            counter: &sh.metrics.bytes_in,
+                        },
+                        _ => ReqBody::Empty,
+                    };
+                    match c.exchange(&head, b).await {
+                        Ok(h) => return Sent::Ok(h, c),
+                        Err(BackendError::ClientBody(e)) => return Sent::ClientBody(e),
+                        Err(BackendError::ClosedEarly)
+                            if reused && idempotent && bodiless && stale_tries < 3 =>
+                        {
+                            stale_tries += 1;
                         }
+                        Err(e) => return Sent::Reset(e),
                     }
                 }
             })
             .await
         };
         match res {
-            Ok(Sent::Ok(resp, tx)) => {
-                sh.backends.on_status(&table, i, resp.status().as_u16());
-                let (mut rp, rb) = resp.into_parts();
+            Ok(Sent::Ok(h, c)) => {
+                sh.backends.on_status(&table, i, h.parts.status.as_u16());
+                let mut rp = h.parts;
                 strip_hop_by_hop(&mut rp.headers);
                 rp.version = Version::HTTP_11;
-                let back = Back {
-                    conn: tx,
-                    cell: cell.clone(),
-                    sh: sh.clone(),
-                };
-                let back = if rb.is_end_stream() {
-                    back.release();
-                    None
-                } else {
-                    Some(back)
-                };
-                return Ok(((rp, rb), lease.into_owned(table.clone()), back));
+                let mut rb = ResponseBody::new(c, h.framing, h.keep_alive);
+                if rb.is_end_stream()
+                    && let Some(c) = rb.take_conn()
+                {
+                    release(sh, cell, c);
+                }
+                return Ok((rp, rb, lease.into_owned(table.clone()), cell.clone()));
             }
             Ok(Sent::Connect) => {
                 sh.metrics.error(ErrorKind::Connect);
@@ -531,8 +482,16 @@ async fn forward(
                     "could not connect to a backend\n",
                 ));
             }
+            Ok(Sent::ClientBody(e)) => {
+                tracing::debug!("client request body: {e}");
+                sh.metrics.error(ErrorKind::ClientIo);
+                return Err(local(
+                    StatusCode::BAD_REQUEST,
+                    "the request body was cut short\n",
+                ));
+            }
             Ok(Sent::Reset(e)) => {
-                tracing::debug!("backend {}: {e:?}", table.set.get(i).addr());
+                tracing::debug!("backend {}: {e}", table.set.get(i).addr());
                 sh.metrics.error(ErrorKind::BackendReset);
                 sh.backends.on_status(&table, i, 502);
                 drop(lease);

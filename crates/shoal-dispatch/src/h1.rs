@@ -1,0 +1,856 @@
+//! The backend side of the proxy: HTTP/1.1 on one keep-alive connection,
+//! driven inside the task of the client request it serves.
+//!
+//! hyper stays on the client side (it parses what clients send). Towards
+//! backends, hyper's client ran every connection as a task of its own: a
+//! request went to it over a channel, the response head came back over a
+//! oneshot and the body over a third channel, each hop a wake-up. Here the
+//! request task writes the head itself and reads the response on the same
+//! socket, and the response body handed to hyper's server reads straight
+//! from the backend socket: one task per client connection, no channels.
+//!
+//! The parsing is httparse's (as in hyper); the framing rules are RFC 9112's
+//! and live in pure functions ([`parse_head`], [`Chunked`]) that the unit
+//! tests and the fuzz target drive without sockets.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Largest response head accepted from a backend (status line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a backend's response (hyper's default limit too).
+const MAX_HEADERS: usize = 100;
+/// Largest chunk-size line or trailer section.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64 * 1024;
+/// Read sizes: at least this much room per read...
+const READ_MIN: usize = 8 * 1024;
+/// ...and at most this much for long bodies.
+const READ_MAX: usize = 64 * 1024;
+
+/// Why a backend's response could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The connection closed before a byte of the response came.
+    #[error("the backend closed the connection before responding")]
+    ClosedEarly,
+    /// The backend broke the protocol.
+    #[error("malformed response from the backend: {0}")]
+    Malformed(&'static str),
+    /// The connection closed in the middle of a response.
+    #[error("the backend closed the connection mid-response")]
+    Truncated,
+    /// The socket failed.
+    #[error("backend I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client's request body failed while it was being forwarded.
+    #[error("the client's request body was cut short: {0}")]
+    ClientBody(String),
+}
+
+/// How a response body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: a response to HEAD, or 1xx, 204, 304.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the backend closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    /// Status, version, headers (as the backend sent them).
+    pub parts: http::response::Parts,
+    /// How the body that follows is delimited.
+    pub framing: Framing,
+    /// Whether the connection may carry another request afterwards.
+    pub keep_alive: bool,
+}
+
+/// Whether a comma-separated header `name` of `h` lists `token`.
+fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Parses a response head at the start of `buf`. `Ok(None)`: incomplete.
+/// On success the head's bytes are split off `buf` (header values share
+/// them, as hyper's do). Interim 1xx responses other than 101 are skipped.
+pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, BackendError> {
+    loop {
+        let mut slots =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+        {
+            Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+            Ok(httparse::Status::Complete(_)) => {
+                return Err(BackendError::Malformed("response head too large"));
+            }
+            Ok(httparse::Status::Partial) => {
+                if buf.len() >= MAX_HEAD {
+                    return Err(BackendError::Malformed("response head too large"));
+                }
+                return Ok(None);
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(BackendError::Malformed("too many response headers"));
+            }
+            Err(_) => return Err(BackendError::Malformed("invalid response head")),
+        };
+        let code = res.code.unwrap_or(0);
+        if (100..200).contains(&code) {
+            if code == 101 {
+                // Upgrade is not forwarded, so a switch cannot be either.
+                return Err(BackendError::Malformed("unrequested protocol switch (101)"));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| BackendError::Malformed("invalid status code"))?;
+        let version = if res.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Name and value positions within the head, so that the values can
+        // share the head's bytes once it is split off.
+        let base = buf.as_ptr() as usize;
+        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let n = res.headers.len();
+        for (slot, h) in at.iter_mut().zip(res.headers.iter()) {
+            let ns = (h.name.as_ptr() as usize - base) as u32;
+            let vs = (h.value.as_ptr() as usize - base) as u32;
+            *slot = (ns, ns + h.name.len() as u32, vs, vs + h.value.len() as u32);
+        }
+        let bytes = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(n);
+        for &(ns, ne, vs, ve) in &at[..n] {
+            let name = HeaderName::from_bytes(&bytes[ns as usize..ne as usize])
+                .map_err(|_| BackendError::Malformed("invalid header name"))?;
+            let v = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..ve as usize))
+                .map_err(|_| BackendError::Malformed("invalid header value"))?;
+            headers.append(name, v);
+        }
+        let (framing, keep_alive) = framing(status, version, &mut headers, head_request)?;
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some(Head {
+            parts,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// The body framing and connection persistence of a response (RFC 9112
+/// 6.3 and 9.3). A response with both Transfer-Encoding and Content-Length
+/// loses the latter and its connection is not reused.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    h: &mut HeaderMap,
+    head_request: bool,
+) -> Result<(Framing, bool), BackendError> {
+    let mut keep_alive = if version == Version::HTTP_10 {
+        has_token(h, &header::CONNECTION, "keep-alive")
+    } else {
+        !has_token(h, &header::CONNECTION, "close")
+    };
+    if head_request
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+    {
+        return Ok((Framing::Empty, keep_alive));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        if h.remove(header::CONTENT_LENGTH).is_some() {
+            keep_alive = false;
+        }
+        let last = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case("chunked") => (Framing::Chunked, keep_alive),
+            _ => (Framing::Close, false),
+        });
+    }
+    let mut len: Option<u64> = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        let s = v
+            .to_str()
+            .map_err(|_| BackendError::Malformed("invalid Content-Length"))?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(BackendError::Malformed("invalid Content-Length"));
+            }
+            let n: u64 = part
+                .parse()
+                .map_err(|_| BackendError::Malformed("invalid Content-Length"))?;
+            if len.is_some_and(|l| l != n) {
+                return Err(BackendError::Malformed("conflicting Content-Length values"));
+            }
+            len = Some(n);
+        }
+    }
+    Ok(match len {
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::Close, false),
+    })
+}
+
+/// One step of a body decoder over the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Body bytes.
+    Data(Bytes),
+    /// More input is needed.
+    More,
+    /// The body is complete.
+    Done,
+}
+
+/// A decoder of the chunked transfer coding (RFC 9112 section 7.1).
+/// Chunk extensions are ignored and trailer fields dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Chunked {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk: bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// Inside the trailer section: bytes seen so far.
+    Trailers(usize),
+    /// Done.
+    Done,
+}
+
+impl Chunked {
+    /// Decodes what it can from the front of `buf`, consuming it.
+    pub fn step(&mut self, buf: &mut BytesMut) -> Result<Step, BackendError> {
+        loop {
+            match *self {
+                Chunked::Size => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        *self = if size == 0 {
+                            Chunked::Trailers(0)
+                        } else {
+                            Chunked::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(BackendError::Malformed("chunk-size line too long"));
+                        }
+                        return Ok(Step::More);
+                    }
+                    Err(_) => return Err(BackendError::Malformed("invalid chunk size")),
+                },
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = (left.min(buf.len() as u64)) as usize;
+                    let left = left - take as u64;
+                    *self = if left == 0 {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left)
+                    };
+                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(BackendError::Malformed("chunk not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers(seen) => {
+                    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if seen + buf.len() > MAX_TRAILERS {
+                            return Err(BackendError::Malformed("trailer section too large"));
+                        }
+                        return Ok(Step::More);
+                    };
+                    buf.advance(eol + 2);
+                    if eol == 0 {
+                        *self = Chunked::Done;
+                    } else if seen + eol + 2 > MAX_TRAILERS {
+                        return Err(BackendError::Malformed("trailer section too large"));
+                    } else {
+                        *self = Chunked::Trailers(seen + eol + 2);
+                    }
+                }
+                Chunked::Done => return Ok(Step::Done),
+            }
+        }
+    }
+}
+
+/// A keep-alive connection to a backend.
+#[derive(Debug)]
+pub struct BackendConn {
+    io: TcpStream,
+    /// Bytes read and not yet consumed.
+    rbuf: BytesMut,
+    /// The request head being written (kept for its capacity).
+    wbuf: Vec<u8>,
+}
+
+/// What a request to a backend carries besides its head.
+pub enum ReqBody<'a, B> {
+    /// Nothing.
+    Empty,
+    /// A streamed body; `chunked` when the client gave no Content-Length.
+    Stream {
+        /// The client's body.
+        body: B,
+        /// Whether to send it with the chunked coding.
+        chunked: bool,
+        /// Bytes forwarded are added here.
+        counter: &'a std::sync::atomic::AtomicU64,
+    },
+}
+
+/// The request line and headers sent to a backend.
+#[derive(Debug)]
+pub struct ReqHead<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Origin-form target (`/path?query`) or `*`.
+    pub target: &'a str,
+    /// Headers, hop-by-hop ones already removed.
+    pub headers: &'a HeaderMap,
+    /// Host to send when `headers` has none.
+    pub host: &'a str,
+}
+
+impl BackendConn {
+    /// Connects to `addr`; `None` when it cannot be reached within `timeout`.
+    pub async fn connect(addr: &str, timeout: Duration) -> Option<BackendConn> {
+        let io = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        let _ = io.set_nodelay(true);
+        Some(BackendConn {
+            io,
+            rbuf: BytesMut::with_capacity(READ_MIN),
+            wbuf: Vec::with_capacity(1024),
+        })
+    }
+
+    /// Whether an idle connection is still usable: nothing arrived on it
+    /// since its last response (an idle connection the backend closed reads
+    /// as end of file). Costs no system call unless the socket is flagged
+    /// readable.
+    pub fn is_usable(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    fn encode_head(&mut self, req: &ReqHead<'_>, chunked: bool) {
+        let w = &mut self.wbuf;
+        w.clear();
+        w.extend_from_slice(req.method.as_str().as_bytes());
+        w.push(b' ');
+        w.extend_from_slice(req.target.as_bytes());
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut host = false;
+        for (k, v) in req.headers {
+            host |= *k == header::HOST;
+            w.extend_from_slice(k.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(v.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        if !host {
+            w.extend_from_slice(b"host: ");
+            w.extend_from_slice(req.host.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        if chunked {
+            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        w.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends a request and reads the response head. A connection whose
+    /// response head came is left positioned at the body.
+    pub async fn exchange<B>(
+        &mut self,
+        req: &ReqHead<'_>,
+        body: ReqBody<'_, B>,
+    ) -> Result<Head, BackendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let chunked = matches!(body, ReqBody::Stream { chunked: true, .. });
+        self.encode_head(req, chunked);
+        let head_written = self.io.write_all(&self.wbuf).await;
+        // A backend may answer before it has read the whole request (413,
+        // say) and close: a failed write still lets its response through.
+        let sent = match head_written {
+            Err(e) => Err(BackendError::Io(e)),
+            Ok(()) => match body {
+                ReqBody::Empty => Ok(()),
+                ReqBody::Stream {
+                    body,
+                    chunked,
+                    counter,
+                } => self.send_body(body, chunked, counter).await,
+            },
+        };
+        if let Err(BackendError::ClientBody(e)) = sent {
+            return Err(BackendError::ClientBody(e));
+        }
+        match self.read_head(*req.method == Method::HEAD).await {
+            Ok(mut h) => {
+                if sent.is_err() {
+                    h.keep_alive = false;
+                }
+                Ok(h)
+            }
+            Err(e) => match sent {
+                // Nothing came back: the write's error says more.
+                Err(w) if matches!(e, BackendError::ClosedEarly | BackendError::Io(_)) => Err(w),
+                _ => Err(e),
+            },
+        }
+    }
+
+    async fn send_body<B>(
+        &mut self,
+        mut body: B,
+        chunked: bool,
+        counter: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), BackendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        use http_body_util::BodyExt;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BackendError::ClientBody(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers are not forwarded
+            };
+            if data.is_empty() {
+                continue;
+            }
+            counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            if chunked {
+                let line = format!("{:x}\r\n", data.len());
+                self.io.write_all(line.as_bytes()).await?;
+                self.io.write_all(&data).await?;
+                self.io.write_all(b"\r\n").await?;
+            } else {
+                self.io.write_all(&data).await?;
+            }
+        }
+        if chunked {
+            self.io.write_all(b"0\r\n\r\n").await?;
+        }
+        Ok(())
+    }
+
+    /// Reads into the buffer, with room for at least `want` bytes (within
+    /// [READ_MIN, READ_MAX]). `Ok(0)` at end of file.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
+        let want = want.clamp(READ_MIN, READ_MAX);
+        if self.rbuf.capacity() - self.rbuf.len() < want {
+            self.rbuf.reserve(want);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+    }
+
+    async fn read_head(&mut self, head_request: bool) -> Result<Head, BackendError> {
+        let mut got_any = !self.rbuf.is_empty();
+        loop {
+            if !self.rbuf.is_empty()
+                && let Some(h) = parse_head(&mut self.rbuf, head_request)?
+            {
+                return Ok(h);
+            }
+            let n = std::future::poll_fn(|cx| self.poll_fill(cx, READ_MIN)).await?;
+            if n == 0 {
+                return Err(if got_any {
+                    BackendError::Truncated
+                } else {
+                    BackendError::ClosedEarly
+                });
+            }
+            got_any = true;
+        }
+    }
+}
+
+/// How much of a response body is left.
+#[derive(Debug)]
+enum Left {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+/// A response body read from the backend connection as the client's
+/// connection asks for it. Once complete, [`ResponseBody::take_conn`] gives
+/// the connection back for reuse if it may carry another request.
+#[derive(Debug)]
+pub struct ResponseBody {
+    conn: Option<BackendConn>,
+    left: Left,
+    keep_alive: bool,
+}
+
+impl ResponseBody {
+    /// The body of a response whose head `conn` just read.
+    pub fn new(conn: BackendConn, framing: Framing, keep_alive: bool) -> Self {
+        let left = match framing {
+            Framing::Empty | Framing::Length(0) => Left::Done,
+            Framing::Length(n) => Left::Length(n),
+            Framing::Chunked => Left::Chunked(Chunked::Size),
+            Framing::Close => Left::Close,
+        };
+        Self {
+            conn: Some(conn),
+            left,
+            keep_alive,
+        }
+    }
+
+    /// The connection, once the body is complete and the connection may be
+    /// reused (keep-alive, nothing extra received).
+    pub fn take_conn(&mut self) -> Option<BackendConn> {
+        if !matches!(self.left, Left::Done) || !self.keep_alive {
+            return None;
+        }
+        self.conn.take().filter(|c| c.rbuf.is_empty())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BackendError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BackendError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.left {
+                Left::Done => return Poll::Ready(None),
+                Left::Length(n) => {
+                    if !conn.rbuf.is_empty() {
+                        let take = (*n).min(conn.rbuf.len() as u64) as usize;
+                        *n -= take as u64;
+                        let data = conn.rbuf.split_to(take).freeze();
+                        if *n == 0 {
+                            this.left = Left::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let want = (*n).min(READ_MAX as u64) as usize;
+                    match std::task::ready!(conn.poll_fill(cx, want)) {
+                        Ok(0) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(BackendError::Truncated)));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
+                    }
+                }
+                Left::Chunked(dec) => {
+                    match dec.step(&mut conn.rbuf) {
+                        Ok(Step::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                        Ok(Step::Done) => {
+                            this.left = Left::Done;
+                            return Poll::Ready(None);
+                        }
+                        Ok(Step::More) => {}
+                        Err(e) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                    match std::task::ready!(conn.poll_fill(cx, READ_MIN)) {
+                        Ok(0) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(BackendError::Truncated)));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
+                    }
+                }
+                Left::Close => {
+                    if !conn.rbuf.is_empty() {
+                        let data = conn.rbuf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match std::task::ready!(conn.poll_fill(cx, READ_MAX)) {
+                        Ok(0) => {
+                            this.left = Left::Done;
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.left, Left::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Left::Done => SizeHint::with_exact(0),
+            Left::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, head_request: bool) -> Result<Option<Head>, BackendError> {
+        let mut b = BytesMut::from(text.as_bytes());
+        parse_head(&mut b, head_request)
+    }
+
+    fn framing_of(text: &str) -> (Framing, bool) {
+        let h = head(text, false).unwrap().unwrap();
+        (h.framing, h.keep_alive)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        // Repeated identical lengths are one length.
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+            (Framing::Chunked, true)
+        );
+        // Transfer-Encoding wins over Content-Length, which is dropped, and
+        // the connection is not reused.
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        assert!(!h.parts.headers.contains_key("content-length"));
+        // A final coding other than chunked: the body runs to the close.
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\n\r\n"),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            framing_of("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        // HTTP/1.0 keeps the connection only when asked to.
+        assert_eq!(
+            framing_of("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            framing_of("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n"),
+            (Framing::Length(1), true)
+        );
+        // No body whatever the headers say.
+        for s in [204, 304] {
+            assert_eq!(
+                framing_of(&format!(
+                    "HTTP/1.1 {s} X\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n"
+                ))
+                .0,
+                Framing::Empty
+            );
+        }
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        assert_eq!(h.parts.headers["content-length"], "9");
+    }
+
+    #[test]
+    fn bad_heads_are_refused_by_name() {
+        for (text, why) in [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+                "conflicting",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n",
+                "Content-Length",
+            ),
+            ("HTTP/1.1 101 Switching\r\n\r\n", "101"),
+            ("HTTP/9 200 OK\r\n\r\n", "invalid"),
+            ("garbage\r\n\r\n", "invalid"),
+        ] {
+            let e = head(text, false).unwrap_err().to_string();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+        let mut many = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..=MAX_HEADERS {
+            many.push_str(&format!("x-{i}: 1\r\n"));
+        }
+        many.push_str("\r\n");
+        assert!(
+            head(&many, false)
+                .unwrap_err()
+                .to_string()
+                .contains("too many")
+        );
+        // Too large, whether complete or still partial.
+        let mut big = format!("HTTP/1.1 200 OK\r\nx-filler: {}\r\n", "a".repeat(MAX_HEAD));
+        assert!(
+            head(&big, false)
+                .unwrap_err()
+                .to_string()
+                .contains("too large")
+        );
+        big.push_str("\r\n");
+        assert!(
+            head(&big, false)
+                .unwrap_err()
+                .to_string()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_partial_heads_wait() {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nlink: x\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: b\r\n\r\nhi"[..],
+        );
+        let h = parse_head(&mut b, false).unwrap().unwrap();
+        assert_eq!(h.parts.status, 200);
+        assert_eq!(h.parts.headers["x-a"], "b");
+        assert_eq!(&b[..], b"hi");
+        let mut p = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(parse_head(&mut p, false).unwrap().is_none());
+        assert_eq!(p.len(), 27, "a partial head is left in place");
+    }
+
+    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
+        let mut dec = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut rest = input;
+        loop {
+            match dec.step(&mut buf)? {
+                Step::Data(d) => out.extend_from_slice(&d),
+                Step::Done => return Ok((out, buf.to_vec())),
+                Step::More => {
+                    if rest.is_empty() {
+                        return Err(BackendError::Truncated);
+                    }
+                    let n = split.min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let wire =
+            b"5\r\nhello\r\n1;ext=1\r\n \r\nB\r\n0123456789a\r\n0\r\nx-trailer: t\r\n\r\nNEXT";
+        for split in 1..wire.len() {
+            let (body, left) = decode_all(wire, split).unwrap();
+            assert_eq!(body, b"hello 0123456789a", "split {split}");
+            // Nothing past the body is consumed: the next response's bytes.
+            assert!(b"NEXT".starts_with(&left), "split {split}: {left:?}");
+        }
+        assert!(decode_all(b"zz\r\n", 64).is_err());
+        assert!(decode_all(b"3\r\nabcX\r\n", 64).is_err());
+        assert!(matches!(
+            decode_all(b"5\r\nab", 64),
+            Err(BackendError::Truncated)
+        ));
+        let long = format!("1{}\r\n", " ".repeat(MAX_CHUNK_LINE + 10));
+        assert!(decode_all(long.as_bytes(), 8192).is_err());
+    }
+}
