@@ -521,12 +521,15 @@ async fn forward(
     ))
 }
 
-/// A TCP stream that records when it last moved bytes.
+/// A client's TCP stream: records when it last moved bytes, and sends
+/// behind the other ready tasks of the event loop.
 #[derive(Debug)]
 pub struct Tracked<S> {
     inner: S,
     state: Arc<ConnState>,
     clock: Clock,
+    /// Whether the pending write was already put off once.
+    deferred: bool,
 }
 
 impl<S> Tracked<S> {
@@ -539,7 +542,18 @@ impl<S> Tracked<S> {
             inner,
             state,
             clock,
+            deferred: false,
         }
+    }
+    /// Puts a write off once, to the back of the event loop's run queue
+    /// (why: [`crate::h1::to_the_back`]).
+    fn defer(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.deferred {
+            self.deferred = true;
+            cx.waker().wake_by_ref();
+            return true;
+        }
+        false
     }
     fn touch(&self, at: &AtomicU64) {
         let now = self.clock.now_ms();
@@ -576,7 +590,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.defer(cx) {
+            return Poll::Pending;
+        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.deferred = false;
+        }
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch_write();
         }
@@ -587,7 +607,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.defer(cx) {
+            return Poll::Pending;
+        }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            self.deferred = false;
+        }
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch_write();
         }
