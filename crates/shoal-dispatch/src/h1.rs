@@ -576,7 +576,8 @@ pub struct ResponseBody {
     conn: Option<BackendConn>,
     left: Left,
     keep_alive: bool,
-    /// Whether the next socket read first lets the other ready tasks run.
+    /// Whether the body tried a socket read since its last turn of the
+    /// run queue.
     read_since_turn: bool,
 }
 
@@ -610,8 +611,9 @@ impl ResponseBody {
         Some(c)
     }
 
-    /// Reads more of the body into the connection's buffer, after a turn
-    /// of the run queue if this body already read since its last one.
+    /// Reads more of the body into the connection's buffer. Every read
+    /// attempt after the body's first, including one that follows a
+    /// readiness wake-up, first lets the other ready tasks run.
     ///
     /// Without the turn a long body streamed in one go: hyper's server
     /// keeps polling a body that has data, so a thread served its 1 MB
@@ -626,12 +628,10 @@ impl ResponseBody {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(Err(BackendError::Truncated));
         };
+        self.read_since_turn = true;
         match std::task::ready!(conn.poll_fill(cx, want)) {
             Ok(0) => Poll::Ready(Err(BackendError::Truncated)),
-            Ok(_) => {
-                self.read_since_turn = true;
-                Poll::Ready(Ok(()))
-            }
+            Ok(_) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(e.into())),
         }
     }
