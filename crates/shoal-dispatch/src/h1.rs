@@ -729,19 +729,42 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
-            (Framing::Length(5), true)
-        );
-        // Repeated identical lengths are one length.
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n"),
-            (Framing::Length(5), true)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
-            (Framing::Chunked, true)
-        );
+        for (text, want) in [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                (Framing::Length(5), true),
+            ),
+            // Repeated identical lengths are one length.
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n",
+                (Framing::Length(5), true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                (Framing::Chunked, true),
+            ),
+            // A final coding other than chunked: the body runs to the close.
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                (Framing::Close, false),
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", (Framing::Close, false)),
+            (
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                (Framing::Length(1), false),
+            ),
+            // HTTP/1.0 keeps the connection only when asked to.
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                (Framing::Length(1), false),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n",
+                (Framing::Length(1), true),
+            ),
+        ] {
+            assert_eq!(framing_of(text), want, "{text:?}");
+        }
         // Transfer-Encoding wins over Content-Length, which is dropped, and
         // the connection is not reused.
         let h = head(
@@ -752,28 +775,6 @@ mod tests {
         .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
         assert!(!h.parts.headers.contains_key("content-length"));
-        // A final coding other than chunked: the body runs to the close.
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
-            (Framing::Close, false)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\n\r\n"),
-            (Framing::Close, false)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n"),
-            (Framing::Length(1), false)
-        );
-        // HTTP/1.0 keeps the connection only when asked to.
-        assert_eq!(
-            framing_of("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
-            (Framing::Length(1), false)
-        );
-        assert_eq!(
-            framing_of("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n"),
-            (Framing::Length(1), true)
-        );
         // No body whatever the headers say.
         for s in [204, 304] {
             assert_eq!(
