@@ -33,7 +33,7 @@ const MAX_TRAILERS: usize = 64 * 1024;
 /// Read sizes: at least this much room per read...
 const READ_MIN: usize = 8 * 1024;
 /// ...and at most this much for long bodies (as large as hyper's reads
-/// go: 64 KiB cost 4 % of the 1 MB rate at two threads). A connection
+/// go: 64 KiB cost about 6 % of the 1 MB rate at two threads). A connection
 /// goes back to the pool with a buffer no larger than `2 * READ_MIN`.
 const READ_MAX: usize = 256 * 1024;
 

@@ -6,7 +6,7 @@
 mod dispatch_common;
 
 use bytes::Bytes;
-use dispatch_common::Dispatcher;
+use dispatch_common::{Dispatcher, wait_until};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
@@ -32,6 +32,8 @@ struct Seen {
 struct RawBackend {
     addr: SocketAddr,
     connections: Arc<AtomicU64>,
+    /// "/bye" connections the dispatcher closed after the backend did.
+    released: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -119,15 +121,16 @@ async fn raw_backend() -> RawBackend {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let connections = Arc::new(AtomicU64::new(0));
+    let released = Arc::new(AtomicU64::new(0));
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let (c, sn) = (connections.clone(), seen.clone());
+    let (c, sn, rel) = (connections.clone(), seen.clone(), released.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
                 return;
             };
             c.fetch_add(1, SeqCst);
-            let sn = sn.clone();
+            let (sn, rel) = (sn.clone(), rel.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut on_this_connection = 0;
@@ -172,8 +175,18 @@ async fn raw_backend() -> RawBackend {
                         "/close" | "/bad-length" | "/garbage" | "/short" | "/bye"
                     ) {
                         // "/bye": a keep-alive response, then the backend
-                        // closes the idle connection.
+                        // closes the idle connection, and counts it
+                        // released once the dispatcher closes its side.
                         let _ = s.shutdown().await;
+                        if path == "/bye" {
+                            let mut rest = [0u8; 64];
+                            if let Ok(Ok(0)) =
+                                tokio::time::timeout(Duration::from_secs(20), s.read(&mut rest))
+                                    .await
+                            {
+                                rel.fetch_add(1, SeqCst);
+                            }
+                        }
                         return;
                     }
                 }
@@ -183,6 +196,7 @@ async fn raw_backend() -> RawBackend {
     RawBackend {
         addr,
         connections,
+        released,
         seen,
         task,
     }
@@ -324,12 +338,19 @@ async fn closed_idle_connections_are_skipped_and_only_idempotent_requests_replay
     let b = raw_backend().await;
     let d = Dispatcher::start_raw(&b.addr.to_string(), &["--eject-after-5xx", "0"]);
     let mut c = client(&d).await;
-    // The backend closes its connection after answering: the dispatcher
-    // sees the close before reusing it, so even a POST (never replayed)
-    // goes through on a new connection.
+    // The backend closes its connection after answering. The dispatcher
+    // notices on its own, without a request on it (the idle sweep and the
+    // check before reuse are the same test, `BackendConn::is_usable`), and
+    // closes its side; so even a POST, never replayed, then goes through
+    // on a new connection.
     let (st, _, _) = ask(&mut c, Method::GET, "/bye", empty()).await.unwrap();
     assert_eq!(st, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until(
+        "the dispatcher to drop the connection the backend closed",
+        Duration::from_secs(10),
+        || b.released.load(SeqCst) == 1,
+    )
+    .await;
     let (st, _, body) = ask(&mut c, Method::POST, "/plain", full(b"x"))
         .await
         .unwrap();
