@@ -3,7 +3,7 @@
 
 use crate::backends::{Backends, HealthCell, Table};
 use crate::clock::Clock;
-use crate::h1::{BackendError, Head, ReqBody, ReqHead, ResponseBody};
+use crate::h1::{BackendError, Head, ReqBody, ReqHead, ResponseBody, Turn};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::pool::{self, Conn, PoolOpts};
 use bytes::Bytes;
@@ -528,8 +528,8 @@ pub struct Tracked<S> {
     inner: S,
     state: Arc<ConnState>,
     clock: Clock,
-    /// Whether the pending write was already put off once.
-    deferred: bool,
+    /// Owed before each write.
+    turn: Turn,
 }
 
 impl<S> Tracked<S> {
@@ -542,18 +542,8 @@ impl<S> Tracked<S> {
             inner,
             state,
             clock,
-            deferred: false,
+            turn: Turn::default(),
         }
-    }
-    /// Puts a write off once, to the back of the event loop's run queue
-    /// (why: [`crate::h1::to_the_back`]).
-    fn defer(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.deferred {
-            self.deferred = true;
-            cx.waker().wake_by_ref();
-            return true;
-        }
-        false
     }
     fn touch(&self, at: &AtomicU64) {
         let now = self.clock.now_ms();
@@ -590,12 +580,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.defer(cx) {
-            return Poll::Pending;
-        }
+        ready!(self.turn.poll_take(cx));
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if r.is_ready() {
-            self.deferred = false;
+            self.turn.reset();
         }
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch_write();
@@ -607,12 +595,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if self.defer(cx) {
-            return Poll::Pending;
-        }
+        ready!(self.turn.poll_take(cx));
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if r.is_ready() {
-            self.deferred = false;
+            self.turn.reset();
         }
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch_write();
