@@ -38,6 +38,10 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
+        // The connection's watchdog enforces the header timeout; hyper's own
+        // (30 s unless disabled) would arm and drop a boxed timer on every
+        // request.
+        .header_read_timeout(None)
         .keep_alive(true)
         .max_header_size(opts.max_header_bytes)
         .max_buf_size(opts.max_header_bytes.max(8192) + 8192);
