@@ -30,8 +30,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Where to follow a service.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Manager URL (overrides the cluster directory's).
-    pub manager: String,
+    /// Manager URL, overriding the one the cluster directory records.
+    pub manager: Option<String>,
     /// Service name.
     pub service: String,
     /// Cluster directory holding admin.pem.
@@ -40,9 +40,9 @@ pub struct Target {
 
 impl Target {
     fn client(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::admin(&ClusterDir::new(&self.dir), Some(&self.manager)).with_context(|| {
+        ApiClient::admin(&ClusterDir::new(&self.dir), self.manager.as_deref()).with_context(|| {
             format!(
-                "--dir {}: the dispatcher needs the cluster directory's admin certificate to follow --service",
+                "--dir {}: reading a service's backend list needs the cluster directory's admin certificate",
                 self.dir.display()
             )
         })
@@ -61,6 +61,40 @@ impl Target {
     /// The service's current list (to start with).
     pub async fn fetch(&self) -> anyhow::Result<BackendList> {
         Ok(self.client()?.get(&self.path(None)).await?)
+    }
+
+    /// The target named by `--service`, `--manager` and `--dir` (`None`
+    /// without `--service`); the manager defaults to the one the cluster
+    /// directory records.
+    pub fn of(
+        service: Option<&str>,
+        manager: Option<&str>,
+        dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<Self>> {
+        match (service, dir) {
+            (None, _) if manager.is_some() => anyhow::bail!(
+                "--manager needs --service NAME: name the service whose backend list to use"
+            ),
+            (None, _) => Ok(None),
+            (Some(_), None) => anyhow::bail!(
+                "--service needs --dir CLUSTER_DIR (or SHOAL_DIR): the cluster directory's admin \
+                 certificate authenticates to the manager"
+            ),
+            (Some(s), Some(d)) => Ok(Some(Self {
+                manager: manager.map(str::to_string),
+                service: s.to_string(),
+                dir: d.to_path_buf(),
+            })),
+        }
+    }
+
+    /// Applies the service's dispatch settings (algorithm, hash, replicas)
+    /// to `select`, which they replace.
+    pub fn settings_into(list: &BackendList, select: &mut crate::SelectArgs) -> anyhow::Result<()> {
+        select.algo = list.dispatch.algo.parse()?;
+        select.hash = list.dispatch.hash.parse()?;
+        select.replicas = list.dispatch.replicas;
+        Ok(())
     }
 }
 

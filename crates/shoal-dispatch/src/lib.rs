@@ -92,7 +92,8 @@ pub struct DispatchArgs {
     /// Backends, HOST:PORT[=WEIGHT], comma-separated.
     #[arg(long)]
     pub backends: Vec<String>,
-    /// Manager to follow the service's backend list from (with --service and --dir).
+    /// Manager to follow the service's backend list from (default: the one
+    /// the cluster directory records).
     #[arg(long)]
     pub manager: Option<String>,
     /// Service whose backend list to follow; its dispatch settings (algo,
@@ -157,29 +158,24 @@ pub struct DispatchArgs {
 pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
     let mut args = args;
     let mut specs = parse_backends(&args.backends)?;
-    let follow = match (&args.manager, &args.service, &args.dir) {
-        (None, None, _) => None,
-        (Some(m), Some(s), Some(d)) => {
+    let target = follow::Target::of(
+        args.service.as_deref(),
+        args.manager.as_deref(),
+        args.dir.as_deref(),
+    )?;
+    let follow = match target {
+        None => None,
+        Some(target) => {
             if !specs.is_empty() {
                 anyhow::bail!(
                     "--backends and --service exclude each other: the service's list is followed"
                 );
             }
-            let target = follow::Target {
-                manager: m.clone(),
-                service: s.clone(),
-                dir: d.clone(),
-            };
             let list = target.fetch().await?;
-            args.select.algo = list.dispatch.algo.parse()?;
-            args.select.hash = list.dispatch.hash.parse()?;
-            args.select.replicas = list.dispatch.replicas;
+            follow::Target::settings_into(&list, &mut args.select)?;
             specs = follow::specs(&list);
             Some((target, list.version))
         }
-        _ => anyhow::bail!(
-            "following a service needs --manager URL, --service NAME and --dir CLUSTER_DIR together"
-        ),
     };
     if specs.is_empty() && follow.is_none() {
         anyhow::bail!(
@@ -457,13 +453,36 @@ async fn shutdown_signal() {
 
 /// `shoal route` arguments.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Example:\n  shoal route --backends a:1,b:1,c:1,d:1 --algo url-hash --hash charsum \\\n    /english/prog.htm /english/stat.htm /french/prog.htm /french/stat.htm"
-)]
+#[command(after_help = "Examples:
+  shoal route --backends a:1,b:1,c:1,d:1 --algo url-hash --hash charsum \\
+    /english/prog.htm /english/stat.htm /french/prog.htm /french/stat.htm
+  shoal route --service web --dir ./cluster /index.html      # the service's list and settings
+  shoal route --dispatcher 127.0.0.1:9090 /index.html         # a running dispatcher, live
+
+The first two forms contact no dispatcher: loads are 0 and the stateful
+algorithms (rr, wrr, LARD) start from scratch, seeing the earlier URLs of the
+same command. --dispatcher asks a dispatcher's admin listener (its --admin
+address) to explain with its own list, loads, ejections and LARD history,
+changing nothing.")]
 pub struct RouteArgs {
     /// Backends, HOST:PORT[=WEIGHT], comma-separated (nothing is contacted).
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub backends: Vec<String>,
+    /// Use this service's backend list and dispatch settings (algo,
+    /// replicas, hash), read from the manager; they replace --algo,
+    /// --replicas and --hash. Needs --dir.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Manager to read --service from (default: the one the cluster directory records).
+    #[arg(long)]
+    pub manager: Option<String>,
+    /// Cluster directory whose admin certificate authenticates to the manager.
+    #[arg(long, env = "SHOAL_DIR")]
+    pub dir: Option<std::path::PathBuf>,
+    /// Ask the dispatcher whose admin listener is at this address
+    /// (HOST:PORT or http://HOST:PORT) to explain with its live state.
+    #[arg(long)]
+    pub dispatcher: Option<String>,
     /// Selection.
     #[command(flatten)]
     pub select: SelectArgs,
@@ -479,89 +498,218 @@ pub struct RouteArgs {
 }
 
 /// One routing decision as `shoal route --json` prints it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Route {
     /// The URL as given.
     pub url: String,
     /// The object name hashed (no query).
     pub object: String,
     /// The algorithm.
-    pub algo: &'static str,
+    pub algo: String,
     /// Hash function, for hashing algorithms.
-    pub hash_fn: Option<&'static str>,
+    pub hash_fn: Option<String>,
     /// Hash value.
     pub hash: Option<u64>,
     /// Sub-namespace, for url-hash.
     pub sub_namespace: Option<usize>,
     /// Candidate backends in order (the subset, for url-hash).
     pub subset: Vec<String>,
-    /// Their active connections (0 here: nothing runs).
+    /// Their requests in flight (0 unless a dispatcher explained).
     pub loads: Vec<u32>,
+    /// Unavailable backends (ejected, failed or draining) passed over for
+    /// this decision (url-hash: on the walk to the subset).
+    #[serde(default)]
+    pub skipped: Vec<String>,
     /// The chosen backend.
     pub chosen: Option<String>,
     /// Why.
     pub reason: String,
 }
 
-/// Explains where each URL goes; pure computation, no network.
-pub fn explain_routes(args: &RouteArgs) -> anyhow::Result<Vec<Route>> {
-    let specs = parse_backends(&args.backends)?;
-    if specs.is_empty() {
-        anyhow::bail!("no backends: give --backends HOST:PORT[=WEIGHT],...");
+impl Route {
+    /// The decision `e` for `url` over `set`, with backend names.
+    fn new(url: &str, e: select::Explanation, set: &BackendSet) -> Self {
+        let name = |i: usize| set.get(i).addr().to_string();
+        Self {
+            url: url.to_string(),
+            object: e.object,
+            algo: e.algo.to_string(),
+            hash_fn: e.hash_fn.map(str::to_string),
+            hash: e.hash,
+            sub_namespace: e.sub_namespace,
+            skipped: e.skipped.iter().map(|&i| name(i)).collect(),
+            subset: e.candidates.iter().map(|&i| name(i)).collect(),
+            loads: e.loads,
+            chosen: e.chosen.map(name),
+            reason: e.reason,
+        }
     }
-    let set: BackendSet = Pool::new().update(&specs)?;
-    for d in &args.down {
+}
+
+/// Where each of `urls` goes in this dispatcher now, with its live loads,
+/// health and history; changes nothing (what the admin listener's
+/// `POST /route` answers).
+pub fn explain_live(backends: &Backends, urls: &[String]) -> Vec<Route> {
+    let t = backends.load();
+    let now_ms = backends.clock().now_ms();
+    urls.iter()
+        .map(|u| {
+            let key = RequestKey { target: u, now_ms };
+            Route::new(u, backends.selector().explain(&key, &t.set), &t.set)
+        })
+        .collect()
+}
+
+/// Explains where each URL goes over `specs` with `select`, in a fresh
+/// selector; pure computation, no network.
+pub fn explain_offline(
+    specs: &[select::BackendSpec],
+    select: &SelectArgs,
+    down: &[String],
+    urls: &[String],
+) -> anyhow::Result<Vec<Route>> {
+    if specs.is_empty() {
+        anyhow::bail!("no backends to route to: the list is empty");
+    }
+    let set: BackendSet = Pool::new().update(specs)?;
+    for d in down {
         let i = set.index_of_addr(d.trim()).with_context(|| {
-            format!("--down {d}: not one of the backends; give a HOST:PORT from --backends")
+            format!("--down {d}: not one of the backends; give a HOST:PORT from the list")
         })?;
         set.get(i).set_healthy(false);
     }
-    let selector = select::build(&args.select.config())?;
-    let name = |i: usize| set.get(i).addr().to_string();
-    Ok(args
-        .urls
+    let selector = select::build(&select.config())?;
+    Ok(urls
         .iter()
         .map(|u| {
             let key = RequestKey::new(u);
             let e = selector.explain(&key, &set);
             // Stateful algorithms (rr, wrr, LARD) see the earlier URLs.
             let _ = selector.select(&key, &set);
-            Route {
-                url: u.clone(),
-                object: e.object,
-                algo: e.algo,
-                hash_fn: e.hash_fn,
-                hash: e.hash,
-                sub_namespace: e.sub_namespace,
-                subset: e.candidates.iter().map(|&i| name(i)).collect(),
-                loads: e.loads,
-                chosen: e.chosen.map(name),
-                reason: e.reason,
-            }
+            Route::new(u, e, &set)
         })
         .collect())
 }
 
+/// The admin listener's base URL from `--dispatcher`.
+fn dispatcher_url(addr: &str) -> String {
+    let a = addr.trim().trim_end_matches('/');
+    if a.starts_with("http://") || a.starts_with("https://") {
+        a.to_string()
+    } else {
+        format!("http://{a}")
+    }
+}
+
+/// Explains where each URL goes, from the source the arguments name.
+pub async fn explain_routes(args: &RouteArgs) -> anyhow::Result<Vec<Route>> {
+    let target = follow::Target::of(
+        args.service.as_deref(),
+        args.manager.as_deref(),
+        args.dir.as_deref(),
+    )?;
+    let sources = usize::from(!args.backends.is_empty())
+        + usize::from(target.is_some())
+        + usize::from(args.dispatcher.is_some());
+    if sources != 1 {
+        anyhow::bail!(
+            "give exactly one of --backends HOST:PORT,... (a list), --service NAME (a service's \
+             list in the manager) or --dispatcher ADMIN_ADDR (a running dispatcher, live)"
+        );
+    }
+    if let Some(d) = &args.dispatcher {
+        if !args.down.is_empty() {
+            anyhow::bail!(
+                "--down does not apply to --dispatcher: the dispatcher's own health is used"
+            );
+        }
+        let base = dispatcher_url(d);
+        let url = format!("{base}/route");
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .json(&args.urls)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "--dispatcher {d}: no answer at {url}; give the dispatcher's --admin address"
+                )
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            anyhow::bail!(
+                "--dispatcher {d}: {url} answered {status}: {}; is this a shoal dispatch --admin address?",
+                body.trim()
+            );
+        }
+        return resp
+            .json()
+            .await
+            .with_context(|| format!("--dispatcher {d}: reading the answer of {url}"));
+    }
+    if let Some(t) = target {
+        let list = t.fetch().await?;
+        let mut select = args.select.clone();
+        follow::Target::settings_into(&list, &mut select)?;
+        let specs = follow::specs(&list);
+        if specs.is_empty() {
+            anyhow::bail!(
+                "service {}: its backend list (version {}) is empty; no node serves it yet \
+                 (see `shoal service show {}`)",
+                t.service,
+                list.version,
+                t.service
+            );
+        }
+        return explain_offline(&specs, &select, &args.down, &args.urls);
+    }
+    let specs = parse_backends(&args.backends)?;
+    explain_offline(&specs, &args.select, &args.down, &args.urls)
+}
+
 /// Explains routing decisions.
 pub async fn route(args: RouteArgs) -> anyhow::Result<()> {
-    let routes = explain_routes(&args)?;
+    let routes = explain_routes(&args).await?;
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &routes)?;
         writeln!(out)?;
         return Ok(());
     }
+    let live = args.dispatcher.is_some();
     for r in &routes {
         writeln!(out, "{}", r.url)?;
         writeln!(out, "  object        {}", r.object)?;
-        if let (Some(f), Some(h)) = (r.hash_fn, r.hash) {
+        writeln!(out, "  algo          {}", r.algo)?;
+        if let (Some(f), Some(h)) = (&r.hash_fn, r.hash) {
             writeln!(out, "  hash          {f} = {h}")?;
         }
         if let Some(s) = r.sub_namespace {
             writeln!(out, "  sub-namespace {s}")?;
         }
         if !r.subset.is_empty() {
-            writeln!(out, "  candidates    {}", r.subset.join(", "))?;
+            let shown: Vec<String> = r
+                .subset
+                .iter()
+                .zip(&r.loads)
+                .map(|(b, l)| {
+                    if live {
+                        format!("{b} ({l} in flight)")
+                    } else {
+                        b.clone()
+                    }
+                })
+                .collect();
+            writeln!(out, "  candidates    {}", shown.join(", "))?;
+        }
+        if !r.skipped.is_empty() {
+            writeln!(
+                out,
+                "  skipped       {} (unavailable)",
+                r.skipped.join(", ")
+            )?;
         }
         writeln!(
             out,

@@ -197,7 +197,8 @@ fn one() -> u32 {
     1
 }
 
-/// The admin listener: `/metrics`, `GET|PUT /backends`, `/healthz`.
+/// The admin listener: `/metrics`, `GET|PUT /backends`, `POST /route`
+/// (a JSON list of URLs, explained with the live state), `/healthz`.
 pub async fn serve_admin(listener: TcpListener, backends: Arc<Backends>, metrics: Arc<Metrics>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -246,16 +247,29 @@ async fn admin(
             json,
             serde_json::to_string(&backends.status()).unwrap_or_default(),
         ),
+        (&Method::POST, "/route") => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return Ok(r),
+            };
+            match serde_json::from_slice::<Vec<String>>(&body) {
+                Ok(urls) => text(
+                    StatusCode::OK,
+                    json,
+                    serde_json::to_string(&crate::explain_live(&backends, &urls))
+                        .unwrap_or_default(),
+                ),
+                Err(e) => text(
+                    StatusCode::BAD_REQUEST,
+                    plain,
+                    format!("expected a JSON list of URLs or paths, like [\"/index.html\"]: {e}\n"),
+                ),
+            }
+        }
         (&Method::PUT, "/backends") | (&Method::POST, "/backends") => {
-            let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return Ok(text(
-                        StatusCode::BAD_REQUEST,
-                        plain,
-                        format!("reading the body: {e}\n"),
-                    ));
-                }
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return Ok(r),
             };
             match parse_backend_docs(&body) {
                 Ok(specs) => match backends.apply(&specs) {
@@ -272,9 +286,21 @@ async fn admin(
         _ => text(
             StatusCode::NOT_FOUND,
             plain,
-            "try GET /metrics, GET /backends, PUT /backends, GET /healthz\n".into(),
+            "try GET /metrics, GET /backends, PUT /backends, POST /route, GET /healthz\n".into(),
         ),
     })
+}
+
+/// An admin request's body, up to 1 MiB (or the 400 to answer).
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    match Limited::new(req.into_body(), 1 << 20).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(text(
+            StatusCode::BAD_REQUEST,
+            "text/plain; charset=utf-8",
+            format!("reading the body (at most 1 MiB): {e}\n"),
+        )),
+    }
 }
 
 /// Parses `[{"addr": "h:p", "weight": 1, "draining": false}, ...]`.

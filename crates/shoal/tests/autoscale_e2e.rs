@@ -261,16 +261,55 @@ lower = 0.5
             &c.dir_str(),
             "--listen",
             &daddr,
+            "--admin",
+            "127.0.0.1:0",
             "--drain-timeout",
             "20s",
         ],
     );
-    dispatcher.wait_output("listening on", Duration::from_secs(20));
+    let banner = dispatcher.wait_output("listening on", Duration::from_secs(20));
+    let admin = banner
+        .split_whitespace()
+        .skip_while(|w| *w != "admin")
+        .nth(1)
+        .expect("the dispatcher prints its admin address")
+        .to_string();
     wait_for(
         "the dispatcher serves the site",
         Duration::from_secs(20),
         || http_get(&daddr, "/index.html").filter(|(code, _)| *code == 200),
     );
+
+    // `shoal route --service` explains with the service's list and its
+    // dispatch settings from the manager (lc, not the default url-hash);
+    // `--dispatcher` asks the running dispatcher, which agrees.
+    let route = |source: &[&str]| -> serde_json::Value {
+        let mut args = vec!["route", "--json"];
+        args.extend_from_slice(source);
+        args.push("/index.html");
+        let (ok, out, err) = run(&args);
+        assert!(ok, "shoal route {source:?}: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let offline = route(&[
+        "--service",
+        "web",
+        "--dir",
+        &c.dir_str(),
+        "--manager",
+        &c.url,
+    ]);
+    assert_eq!(offline[0]["algo"], "lc", "{offline}");
+    assert_eq!(
+        offline[0]["subset"].as_array().unwrap().len(),
+        1,
+        "{offline}"
+    );
+    let live = route(&["--dispatcher", &admin]);
+    assert_eq!(live[0]["algo"], "lc", "{live}");
+    assert_eq!(live[0]["chosen"], offline[0]["chosen"], "{live} {offline}");
+    let (ok, _, err) = run(&["route", "--service", "nope", "--dir", &c.dir_str(), "/x"]);
+    assert!(!ok && err.contains("nope"), "{err}");
 
     // Load rises: the service grows through the pool.
     let load = Load::start(daddr.clone());

@@ -343,3 +343,101 @@ async fn draining_backend_gets_no_new_requests() {
     }
     assert!(gone.load(SeqCst), "drained backend was not removed");
 }
+
+/// `shoal route --dispatcher ADMIN --json URL...`: the running dispatcher's
+/// own explanation (blocking call, off the test's event loop).
+async fn route_live(admin: &str, urls: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "route".to_string(),
+        "--dispatcher".into(),
+        admin.to_string(),
+        "--json".into(),
+    ];
+    args.extend(urls.iter().map(|u| u.to_string()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_asks_the_live_dispatcher_and_changes_nothing() {
+    let bs = backends(2).await;
+    let d = Dispatcher::start(
+        &refs(&bs),
+        &["--algo", "lard", "--lard-low", "2", "--lard-high", "4"],
+    );
+    let c = Client::new();
+    let addr_of = |name: &str| bs.iter().find(|b| b.name == name).unwrap().spec();
+    // LARD's history lives in the dispatcher: an offline `shoal route`
+    // cannot know where /hot went, the dispatcher can.
+    let home = c
+        .get(&format!("{}/sleep/0/hot", d.url))
+        .await
+        .unwrap()
+        .backend;
+    for _ in 0..3 {
+        let v = route_live(&d.admin, &["/sleep/0/hot"]).await;
+        assert_eq!(v[0]["algo"], "lard", "{v}");
+        assert_eq!(v[0]["chosen"], addr_of(&home), "{v}");
+    }
+    // Explaining changed nothing: the object is still at home.
+    assert_eq!(
+        c.get(&format!("{}/sleep/0/hot", d.url))
+            .await
+            .unwrap()
+            .backend,
+        home
+    );
+    // With five requests of the object held at home (load 5 > T_high = 4,
+    // the other server idle, below T_low = 2), the dispatcher explains the
+    // move with the live loads, and the next request does move.
+    let hot: Vec<String> = (0..5).map(|_| "/sleep/1500/hot".to_string()).collect();
+    let held = hold(&c, &d.url, &hot, &refs(&bs)).await;
+    let v = route_live(&d.admin, &["/sleep/0/hot"]).await;
+    let other = bs.iter().find(|b| b.name != home).unwrap();
+    assert_eq!(v[0]["chosen"], other.spec(), "{v}");
+    let at_home = v[0]["subset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|s| *s == addr_of(&home))
+        .expect("home is a candidate");
+    assert_eq!(v[0]["loads"][at_home], 5, "{v}");
+    let r = c.get(&format!("{}/sleep/0/hot", d.url)).await.unwrap();
+    assert_eq!(r.backend, other.name);
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status, 200);
+    }
+    // Round-robin shows that explaining moves no state: the same answer
+    // twice, and the next request goes where it said.
+    let rr = Dispatcher::start(&refs(&bs), &["--algo", "rr"]);
+    for _ in 0..3 {
+        let a = route_live(&rr.admin, &["/x"]).await;
+        let b = route_live(&rr.admin, &["/x"]).await;
+        assert_eq!(a[0]["chosen"], b[0]["chosen"], "{a} {b}");
+        let r = c.get(&format!("{}/x", rr.url)).await.unwrap();
+        assert_eq!(a[0]["chosen"], addr_of(&r.backend), "{a}");
+    }
+    // A bad request body to the admin endpoint names the expected shape.
+    let req = hyper::Request::post(format!("{}/route", d.admin))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("JSON list of URLs"),
+        "{:?}",
+        r.body
+    );
+}

@@ -59,7 +59,11 @@ pub struct Lard {
 
 struct Outcome {
     chosen: Option<usize>,
-    servers: Vec<usize>,
+    /// The object's server set as remembered before this decision (the
+    /// available members).
+    before: Vec<usize>,
+    /// Remembered members that are in the list but unavailable.
+    skipped: Vec<usize>,
     reason: String,
 }
 
@@ -110,10 +114,17 @@ impl Lard {
             servers: SmallVec::new(),
             last_mod: now,
         });
+        let skipped: Vec<usize> = entry
+            .servers
+            .iter()
+            .filter_map(|id| set.index_of(*id))
+            .filter(|&i| !set.get(i).available())
+            .collect();
         entry
             .servers
             .retain(|id| set.index_of(*id).is_some_and(|i| set.get(i).available()));
         let idx = |id: BackendId| set.index_of(id).unwrap_or(0);
+        let before: Vec<usize> = entry.servers.iter().map(|&id| idx(id)).collect();
         let load = |i: usize| set.get(i).active();
         let (chosen, reason) = if entry.servers.is_empty() {
             match least_loaded(set, tie, false) {
@@ -209,13 +220,13 @@ impl Lard {
             }
             (Some(chosen), why)
         };
-        let servers = entry.servers.iter().map(|&id| idx(id)).collect();
         if commit && chosen.is_some() {
             hist.put(key, entry);
         }
         Outcome {
             chosen,
-            servers,
+            before,
+            skipped,
             reason,
         }
     }
@@ -231,8 +242,16 @@ impl Selector for Lard {
     fn explain(&self, req: &RequestKey<'_>, set: &BackendSet) -> Explanation {
         let o = self.decide(req, set, false);
         let mut e = Explanation::new(self.name(), req);
-        e.loads = o.servers.iter().map(|&i| set.get(i).active()).collect();
-        e.candidates = o.servers;
+        // The remembered servers, then the one chosen if it is new to the
+        // set (a first assignment, a move or a replica added).
+        e.candidates = o.before;
+        if let Some(c) = o.chosen
+            && !e.candidates.contains(&c)
+        {
+            e.candidates.push(c);
+        }
+        e.loads = e.candidates.iter().map(|&i| set.get(i).active()).collect();
+        e.skipped = o.skipped;
         e.chosen = o.chosen;
         e.reason = o.reason;
         e

@@ -97,6 +97,9 @@ pub struct Explanation {
     pub loads: Vec<u32>,
     /// The chosen backend (index into the set), if any is available.
     pub chosen: Option<usize>,
+    /// Unavailable backends (ejected or draining) this decision passed
+    /// over, where the algorithm would otherwise have considered them.
+    pub skipped: Vec<usize>,
     /// A sentence saying why.
     pub reason: String,
 }
@@ -112,6 +115,7 @@ impl Explanation {
             candidates: Vec::new(),
             loads: Vec::new(),
             chosen: None,
+            skipped: Vec::new(),
             reason: String::new(),
         }
     }

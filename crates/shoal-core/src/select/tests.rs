@@ -120,6 +120,22 @@ fn url_hash_skips_a_failed_backend_in_the_selector() {
     assert_eq!(e.candidates, vec![1, 2]);
     assert_eq!(e.chosen, Some(1));
     assert_eq!(u.select(&RequestKey::new("/a"), &set), Some(1));
+    assert_eq!(e.skipped, vec![0], "the failed member of its subset");
+    // sub-namespace 1 ({1, 2}) walks past nothing unavailable: it says so.
+    let e = u.explain(&RequestKey::new("/b"), &set);
+    assert_eq!(
+        (e.sub_namespace, e.candidates.clone()),
+        (Some(1), vec![1, 2])
+    );
+    assert!(e.skipped.is_empty());
+    assert!(e.reason.contains("subset is intact"), "{}", e.reason);
+    // Two failed in a row: the walk from 0 skips both.
+    set.get(1).set_healthy(false);
+    let e = u.explain(&RequestKey::new("/a"), &set);
+    assert_eq!(
+        (e.candidates.clone(), e.skipped.clone()),
+        (vec![2, 3], vec![0, 1])
+    );
 }
 
 #[test]
@@ -201,9 +217,18 @@ fn lard_keeps_an_object_until_thresholds_move_it() {
     // the other drops to 24 < T_low: moves, and stays moved.
     drop(other_held);
     let _o: Vec<Lease> = (0..24).map(|_| set.lease(other)).collect();
+    // The explanation of the move, before it is made, names the remembered
+    // server with its load and the new one, and changes nothing.
+    let e = lard.explain(&k, &set);
+    assert_eq!(e.candidates, vec![first, other]);
+    assert_eq!(e.loads, vec![66, 24]);
+    assert_eq!(e.chosen, Some(other));
+    assert!(e.reason.contains("overloaded (66 active"), "{}", e.reason);
+    assert_eq!(lard.explain(&k, &set).candidates, vec![first, other]);
     assert_eq!(lard.select(&k, &set), Some(other));
     drop(held);
     assert_eq!(lard.select(&k, &set), Some(other));
+    assert_eq!(lard.explain(&k, &set).candidates, vec![other]);
 }
 
 #[test]

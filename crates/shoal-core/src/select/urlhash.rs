@@ -211,6 +211,21 @@ impl Selector for UrlHash {
             Failover::Skip => n,
             Failover::Naive => n - down,
         };
+        e.skipped = match self.failover {
+            // The walk from the sub-namespace to the subset's last member:
+            // the unavailable backends on the way are what locality lost.
+            Failover::Skip if !d.subset.is_empty() => {
+                let last = *d.subset.last().unwrap_or(&d.sub);
+                let span = (last + n - d.sub) % n + 1;
+                (0..span)
+                    .map(|k| (d.sub + k) % n)
+                    .filter(|&i| !set.get(i).available())
+                    .collect()
+            }
+            // Skip with nothing available, or naive: every unavailable
+            // backend changed the hashing.
+            _ => (0..n).filter(|&i| !set.get(i).available()).collect(),
+        };
         e.reason = match d.chosen {
             None => "no backend is available".into(),
             Some(c) => {
@@ -234,14 +249,20 @@ impl Selector for UrlHash {
                         r.push_str(&format!("least loaded ({a} active)"));
                     }
                 }
-                if down > 0 {
-                    r.push_str(&format!(
-                        "; {down} backend(s) unavailable, {}",
-                        match self.failover {
-                            Failover::Skip => "skipped in the subset (locality kept)",
-                            Failover::Naive => "rehashed over the rest (naive)",
-                        }
-                    ));
+                match self.failover {
+                    Failover::Skip if !e.skipped.is_empty() => r.push_str(&format!(
+                        "; unavailable {:?} skipped, the next in ring order taken instead \
+                         (locality kept: only their objects move)",
+                        e.skipped
+                    )),
+                    Failover::Skip if down > 0 => r.push_str(&format!(
+                        "; {down} backend(s) unavailable elsewhere, this subset is intact"
+                    )),
+                    Failover::Naive if down > 0 => r.push_str(&format!(
+                        "; {down} backend(s) unavailable, every object rehashed over the \
+                         other {ns} (naive)"
+                    )),
+                    _ => {}
                 }
                 r
             }
