@@ -13,11 +13,15 @@
 //! and live in pure functions ([`parse_head`], [`Chunked`]) that the unit
 //! tests and the fuzz target drive without sockets.
 
+use crate::metrics::Metrics;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -30,6 +34,8 @@ const MAX_HEADERS: usize = 100;
 /// Largest chunk-size line or trailer section.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64 * 1024;
+/// Most fields in a trailer section.
+const MAX_TRAILER_FIELDS: usize = 32;
 /// Read sizes: at least this much room per read...
 const READ_MIN: usize = 8 * 1024;
 /// ...and at most this much for long bodies (as large as hyper's reads
@@ -233,12 +239,15 @@ pub enum Step {
     Data(Bytes),
     /// More input is needed.
     More,
+    /// The trailer fields (RFC 9112 7.1.2); the body is complete after them.
+    Trailers(HeaderMap),
     /// The body is complete.
     Done,
 }
 
 /// A decoder of the chunked transfer coding (RFC 9112 section 7.1).
-/// Chunk extensions are ignored and trailer fields dropped.
+/// Chunk extensions are ignored; trailer fields come as one
+/// [`Step::Trailers`] before the end.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Chunked {
     /// Expecting a chunk-size line.
@@ -248,8 +257,8 @@ pub enum Chunked {
     Data(u64),
     /// Expecting the CRLF after a chunk's data.
     DataEnd,
-    /// Inside the trailer section: bytes seen so far.
-    Trailers(usize),
+    /// Expecting the trailer section (or the empty line that ends the body).
+    Trailers,
     /// Done.
     Done,
 }
@@ -263,7 +272,7 @@ impl Chunked {
                     Ok(httparse::Status::Complete((used, size))) => {
                         buf.advance(used);
                         *self = if size == 0 {
-                            Chunked::Trailers(0)
+                            Chunked::Trailers
                         } else {
                             Chunked::Data(size)
                         };
@@ -299,20 +308,36 @@ impl Chunked {
                     buf.advance(2);
                     *self = Chunked::Size;
                 }
-                Chunked::Trailers(seen) => {
-                    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
-                        if seen + buf.len() > MAX_TRAILERS {
-                            return Err(BackendError::Malformed("trailer section too large"));
+                Chunked::Trailers => {
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILER_FIELDS];
+                    match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((used, fields))) => {
+                            let mut map = HeaderMap::new();
+                            for f in fields {
+                                let (Ok(n), Ok(v)) = (
+                                    HeaderName::from_bytes(f.name.as_bytes()),
+                                    HeaderValue::from_bytes(f.value),
+                                ) else {
+                                    return Err(BackendError::Malformed("invalid trailer field"));
+                                };
+                                map.append(n, v);
+                            }
+                            buf.advance(used);
+                            *self = Chunked::Done;
+                            if !map.is_empty() {
+                                return Ok(Step::Trailers(map));
+                            }
                         }
-                        return Ok(Step::More);
-                    };
-                    buf.advance(eol + 2);
-                    if eol == 0 {
-                        *self = Chunked::Done;
-                    } else if seen + eol + 2 > MAX_TRAILERS {
-                        return Err(BackendError::Malformed("trailer section too large"));
-                    } else {
-                        *self = Chunked::Trailers(seen + eol + 2);
+                        Ok(httparse::Status::Partial) => {
+                            if buf.len() > MAX_TRAILERS {
+                                return Err(BackendError::Malformed("trailer section too large"));
+                            }
+                            return Ok(Step::More);
+                        }
+                        Err(httparse::Error::TooManyHeaders) => {
+                            return Err(BackendError::Malformed("too many trailer fields"));
+                        }
+                        Err(_) => return Err(BackendError::Malformed("invalid trailer section")),
                     }
                 }
                 Chunked::Done => return Ok(Step::Done),
@@ -379,19 +404,128 @@ pub struct BackendConn {
     wbuf: Vec<u8>,
 }
 
-/// What a request to a backend carries besides its head.
-pub enum ReqBody<'a, B> {
-    /// Nothing.
-    Empty,
-    /// A streamed body; `chunked` when the client gave no Content-Length.
-    Stream {
-        /// The client's body.
-        body: B,
-        /// Whether to send it with the chunked coding.
-        chunked: bool,
-        /// Bytes forwarded are added here.
-        counter: &'a std::sync::atomic::AtomicU64,
-    },
+/// A client's request body on its way to a backend: written as the
+/// backend's socket takes it, while the response is read, so that a
+/// backend may answer before it has read everything (a 413 up front, or an
+/// echo that streams back as it reads).
+///
+/// [`BackendConn::exchange`] drives it until the response head comes; the
+/// [`ResponseBody`] drives whatever is left alongside the response. When the
+/// response is complete first, the rest is not sent and the connection is
+/// not reused (the backend answered without it).
+pub struct Upload {
+    body: Incoming,
+    chunked: bool,
+    /// Bytes of the current frame (with its chunk framing) not yet written.
+    out: VecDeque<Bytes>,
+    /// Trailer fields, sent after the last chunk.
+    trailers: Option<HeaderMap>,
+    /// The client's body has ended (and its last chunk is queued).
+    ended: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("chunked", &self.chunked)
+            .field("queued", &self.out.len())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl Upload {
+    /// `body` as it comes (with its Content-Length) or, when `chunked`, in
+    /// the chunked coding; bytes forwarded count in `metrics.bytes_in`.
+    pub fn new(body: Incoming, chunked: bool, metrics: Arc<Metrics>) -> Self {
+        Self {
+            body,
+            chunked,
+            out: VecDeque::with_capacity(3),
+            trailers: None,
+            ended: false,
+            metrics,
+        }
+    }
+
+    /// Sends what it can. `Ready(Ok)` once the whole body is written.
+    pub fn poll_send<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), BackendError>> {
+        loop {
+            // Write what is queued, as one vectored write per attempt.
+            while !self.out.is_empty() {
+                let mut slices = [std::io::IoSlice::new(&[]); 3];
+                let n = self.out.len().min(slices.len());
+                for (s, b) in slices.iter_mut().zip(&self.out) {
+                    *s = std::io::IoSlice::new(b);
+                }
+                let mut wrote =
+                    std::task::ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+                if wrote == 0 {
+                    return Poll::Ready(Err(BackendError::Io(
+                        std::io::ErrorKind::WriteZero.into(),
+                    )));
+                }
+                while wrote > 0 {
+                    let front = &mut self.out[0];
+                    if wrote >= front.len() {
+                        wrote -= front.len();
+                        self.out.pop_front();
+                    } else {
+                        front.advance(wrote);
+                        wrote = 0;
+                    }
+                }
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.ended = true;
+                    if self.chunked {
+                        let mut end = b"0\r\n".to_vec();
+                        for (k, v) in self.trailers.iter().flatten() {
+                            end.extend_from_slice(k.as_str().as_bytes());
+                            end.extend_from_slice(b": ");
+                            end.extend_from_slice(v.as_bytes());
+                            end.extend_from_slice(b"\r\n");
+                        }
+                        end.extend_from_slice(b"\r\n");
+                        self.out.push_back(end.into());
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(BackendError::ClientBody(e.to_string()))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        self.metrics.bytes_in.fetch_add(data.len() as u64, Relaxed);
+                        if self.chunked {
+                            let mut line = [0u8; 20];
+                            self.out.push_back(Bytes::copy_from_slice(chunk_line(
+                                data.len(),
+                                &mut line,
+                            )));
+                            self.out.push_back(data);
+                            self.out.push_back(Bytes::from_static(b"\r\n"));
+                        } else {
+                            self.out.push_back(data);
+                        }
+                    }
+                    // Only the chunked coding can carry them on.
+                    Err(f) => {
+                        if let Ok(t) = f.into_trailers() {
+                            self.trailers.get_or_insert_default().extend(t);
+                        }
+                    }
+                },
+            }
+        }
+    }
 }
 
 /// The request line and headers sent to a backend.
@@ -468,44 +602,56 @@ impl BackendConn {
     }
 
     /// Sends a request and reads the response head. A connection whose
-    /// response head came is left positioned at the body.
-    pub async fn exchange<B>(
+    /// response head came is left positioned at the body; with it comes
+    /// what is left of the upload if the backend answered before it was
+    /// all sent (see [`Upload`]).
+    pub async fn exchange(
         &mut self,
         req: &ReqHead<'_>,
-        body: ReqBody<'_, B>,
-    ) -> Result<Head, BackendError>
-    where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
-    {
-        let chunked = matches!(body, ReqBody::Stream { chunked: true, .. });
+        upload: Option<Upload>,
+    ) -> Result<(Head, Option<Upload>), BackendError> {
+        let chunked = upload.as_ref().is_some_and(|u| u.chunked);
         self.encode_head(req, chunked);
+        let head_request = *req.method == Method::HEAD;
         // Sent once the other ready tasks have had their turn: see
         // [`Turn`].
         to_the_back().await;
-        let head_written = self.io.write_all(&self.wbuf).await;
-        // A backend may answer before it has read the whole request (413,
-        // say) and close: a failed write still lets its response through.
-        let sent = match head_written {
-            Err(e) => Err(BackendError::Io(e)),
-            Ok(()) => match body {
-                ReqBody::Empty => Ok(()),
-                ReqBody::Stream {
-                    body,
-                    chunked,
-                    counter,
-                } => self.send_body(body, chunked, counter).await,
-            },
-        };
-        if let Err(BackendError::ClientBody(e)) = sent {
+        let mut sent = self
+            .io
+            .write_all(&self.wbuf)
+            .await
+            .map_err(BackendError::Io);
+        let mut upload = upload.filter(|_| sent.is_ok());
+        let mut got_any = !self.rbuf.is_empty();
+        let answer = std::future::poll_fn(|cx| {
+            if let Some(u) = upload.as_mut() {
+                match u.poll_send(&mut self.io, cx) {
+                    Poll::Ready(Ok(())) => upload = None,
+                    Poll::Ready(Err(e @ BackendError::ClientBody(_))) => {
+                        return Poll::Ready(Err(e));
+                    }
+                    // The backend stopped reading; its answer may still come.
+                    Poll::Ready(Err(e)) => {
+                        sent = Err(e);
+                        upload = None;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            poll_read_head(&mut self.io, &mut self.rbuf, head_request, &mut got_any, cx)
+        })
+        .await;
+        if let Err(BackendError::ClientBody(e)) = answer {
             return Err(BackendError::ClientBody(e));
         }
-        match self.read_head(*req.method == Method::HEAD).await {
+        match answer {
             Ok(mut h) => {
-                if sent.is_err() {
+                // Answered before the request was all sent: the rest goes
+                // alongside the response, and the connection is done after.
+                if sent.is_err() || upload.is_some() {
                     h.keep_alive = false;
                 }
-                Ok(h)
+                Ok((h, upload))
             }
             Err(e) => match sent {
                 // Nothing came back: the write's error says more.
@@ -514,70 +660,65 @@ impl BackendConn {
             },
         }
     }
+}
 
-    async fn send_body<B>(
-        &mut self,
-        mut body: B,
-        chunked: bool,
-        counter: &std::sync::atomic::AtomicU64,
-    ) -> Result<(), BackendError>
-    where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
-    {
-        use http_body_util::BodyExt;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| BackendError::ClientBody(e.to_string()))?;
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers are not forwarded
-            };
-            if data.is_empty() {
-                continue;
-            }
-            counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            if chunked {
-                let line = format!("{:x}\r\n", data.len());
-                self.io.write_all(line.as_bytes()).await?;
-                self.io.write_all(&data).await?;
-                self.io.write_all(b"\r\n").await?;
+/// The chunk-size line of a chunk of `n` bytes, in `buf`.
+fn chunk_line(n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = buf.len() - 2;
+    buf[i..].copy_from_slice(b"\r\n");
+    let mut v = n;
+    loop {
+        i -= 1;
+        buf[i] = HEX[v & 15];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Reads into `rbuf` from `io`, with room for at least `want` bytes (within
+/// [READ_MIN, READ_MAX]). `Ok(0)` at end of file.
+fn poll_fill<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    rbuf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<std::io::Result<usize>> {
+    let want = want.clamp(READ_MIN, READ_MAX);
+    if rbuf.capacity() - rbuf.len() < want {
+        rbuf.reserve(want);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, rbuf)
+}
+
+/// Reads a response head from `io` into `rbuf`, skipping interim ones;
+/// `got_any` records whether a byte of it came (a close before any is
+/// [`BackendError::ClosedEarly`]).
+fn poll_read_head<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    rbuf: &mut BytesMut,
+    head_request: bool,
+    got_any: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, BackendError>> {
+    loop {
+        if !rbuf.is_empty()
+            && let Some(h) = parse_head(rbuf, head_request)?
+        {
+            return Poll::Ready(Ok(h));
+        }
+        let n = std::task::ready!(poll_fill(io, rbuf, cx, READ_MIN))?;
+        if n == 0 {
+            return Poll::Ready(Err(if *got_any {
+                BackendError::Truncated
             } else {
-                self.io.write_all(&data).await?;
-            }
+                BackendError::ClosedEarly
+            }));
         }
-        if chunked {
-            self.io.write_all(b"0\r\n\r\n").await?;
-        }
-        Ok(())
-    }
-
-    /// Reads into the buffer, with room for at least `want` bytes (within
-    /// [READ_MIN, READ_MAX]). `Ok(0)` at end of file.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
-        let want = want.clamp(READ_MIN, READ_MAX);
-        if self.rbuf.capacity() - self.rbuf.len() < want {
-            self.rbuf.reserve(want);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
-    }
-
-    async fn read_head(&mut self, head_request: bool) -> Result<Head, BackendError> {
-        let mut got_any = !self.rbuf.is_empty();
-        loop {
-            if !self.rbuf.is_empty()
-                && let Some(h) = parse_head(&mut self.rbuf, head_request)?
-            {
-                return Ok(h);
-            }
-            let n = std::future::poll_fn(|cx| self.poll_fill(cx, READ_MIN)).await?;
-            if n == 0 {
-                return Err(if got_any {
-                    BackendError::Truncated
-                } else {
-                    BackendError::ClosedEarly
-                });
-            }
-            got_any = true;
-        }
+        *got_any = true;
     }
 }
 
@@ -600,11 +741,19 @@ pub struct ResponseBody {
     keep_alive: bool,
     /// Owed before every socket read after the first.
     turn: Turn,
+    /// The rest of the request body, when the backend answered first.
+    upload: Option<Upload>,
 }
 
 impl ResponseBody {
-    /// The body of a response whose head `conn` just read.
-    pub fn new(conn: BackendConn, framing: Framing, keep_alive: bool) -> Self {
+    /// The body of a response whose head `conn` just read, with what is
+    /// left of the request body to send alongside.
+    pub fn new(
+        conn: BackendConn,
+        framing: Framing,
+        keep_alive: bool,
+        upload: Option<Upload>,
+    ) -> Self {
         let left = match framing {
             Framing::Empty | Framing::Length(0) => Left::Done,
             Framing::Length(n) => Left::Length(n),
@@ -614,14 +763,20 @@ impl ResponseBody {
         Self {
             conn: Some(conn),
             left,
-            keep_alive,
+            keep_alive: keep_alive && upload.is_none(),
             turn: Turn::taken(),
+            upload,
         }
     }
 
     /// The connection, once the body is complete and the connection may be
     /// reused (keep-alive, nothing extra received).
     pub fn take_conn(&mut self) -> Option<BackendConn> {
+        if matches!(self.left, Left::Done) {
+            // The response is complete: what the upload had left goes
+            // unsent (the connection is not reused then).
+            self.upload = None;
+        }
         if !matches!(self.left, Left::Done) || !self.keep_alive {
             return None;
         }
@@ -646,7 +801,7 @@ impl ResponseBody {
             return Poll::Ready(Err(BackendError::Truncated));
         };
         self.turn.reset();
-        match std::task::ready!(conn.poll_fill(cx, want)) {
+        match std::task::ready!(poll_fill(&mut conn.io, &mut conn.rbuf, cx, want)) {
             Ok(0) => Poll::Ready(Err(BackendError::Truncated)),
             Ok(_) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(e.into())),
@@ -667,8 +822,27 @@ impl Body for ResponseBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
+            if let Some(up) = this.upload.as_mut() {
+                match up.poll_send(&mut conn.io, cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => this.upload = None,
+                    // The client cut its upload: the backend would wait for
+                    // the rest, so the exchange ends here for both.
+                    Poll::Ready(Err(e @ BackendError::ClientBody(_))) => {
+                        this.conn = None;
+                        this.upload = None;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    // The backend stopped reading: its response goes on.
+                    Poll::Ready(Err(_)) => this.upload = None,
+                }
+            }
             let want = match &mut this.left {
-                Left::Done => return Poll::Ready(None),
+                Left::Done => {
+                    // Complete before the upload: the rest is not sent.
+                    this.upload = None;
+                    return Poll::Ready(None);
+                }
                 Left::Length(n) => {
                     if !conn.rbuf.is_empty() {
                         let take = (*n).min(conn.rbuf.len() as u64) as usize;
@@ -683,6 +857,13 @@ impl Body for ResponseBody {
                 }
                 Left::Chunked(dec) => match dec.step(&mut conn.rbuf) {
                     Ok(Step::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    // hyper's server passes them on to a client that sent
+                    // `TE: trailers` when the response's `Trailer` field
+                    // names them (RFC 9110 6.5).
+                    Ok(Step::Trailers(t)) => {
+                        this.left = Left::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
                     Ok(Step::Done) => {
                         this.left = Left::Done;
                         return Poll::Ready(None);
@@ -901,15 +1082,23 @@ mod tests {
         assert_eq!(woken(), 2);
     }
 
-    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
+    /// The body, the bytes left after it, and the trailer fields.
+    type Decoded = (Vec<u8>, Vec<u8>, HeaderMap);
+
+    fn decode_all(input: &[u8], split: usize) -> Result<Decoded, BackendError> {
         let mut dec = Chunked::default();
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
+        let mut trailers = HeaderMap::new();
         let mut rest = input;
         loop {
             match dec.step(&mut buf)? {
                 Step::Data(d) => out.extend_from_slice(&d),
-                Step::Done => return Ok((out, buf.to_vec())),
+                Step::Trailers(t) => {
+                    assert!(trailers.is_empty(), "trailers come once");
+                    trailers = t;
+                }
+                Step::Done => return Ok((out, buf.to_vec(), trailers)),
                 Step::More => {
                     if rest.is_empty() {
                         return Err(BackendError::Truncated);
@@ -923,15 +1112,48 @@ mod tests {
     }
 
     #[test]
+    fn chunk_lines_are_hex_sizes() {
+        let mut b = [0u8; 20];
+        assert_eq!(chunk_line(1, &mut b), b"1\r\n");
+        assert_eq!(chunk_line(255, &mut b), b"ff\r\n");
+        assert_eq!(chunk_line(1 << 20, &mut b), b"100000\r\n");
+        assert_eq!(chunk_line(usize::MAX, &mut b), b"ffffffffffffffff\r\n");
+        // What the decoder reads back.
+        let (body, _, _) =
+            decode_all(&[chunk_line(3, &mut b), b"abc\r\n0\r\n\r\n"].concat(), 2).unwrap();
+        assert_eq!(body, b"abc");
+    }
+
+    #[test]
     fn chunked_bodies_decode_whatever_the_read_boundaries() {
         let wire =
             b"5\r\nhello\r\n1;ext=1\r\n \r\nB\r\n0123456789a\r\n0\r\nx-trailer: t\r\n\r\nNEXT";
         for split in 1..wire.len() {
-            let (body, left) = decode_all(wire, split).unwrap();
+            let (body, left, trailers) = decode_all(wire, split).unwrap();
             assert_eq!(body, b"hello 0123456789a", "split {split}");
+            assert_eq!(trailers.len(), 1);
+            assert_eq!(trailers["x-trailer"], "t", "split {split}");
             // Nothing past the body is consumed: the next response's bytes.
             assert!(b"NEXT".starts_with(&left), "split {split}: {left:?}");
         }
+        // No trailer section: no trailers step.
+        let (body, left, trailers) = decode_all(b"2\r\nhi\r\n0\r\n\r\nX", 3).unwrap();
+        assert_eq!(body, b"hi");
+        assert!(b"X".starts_with(&left));
+        assert!(trailers.is_empty());
+        // Broken or oversized trailer sections are refused by name.
+        let bad = |wire: &[u8]| match decode_all(wire, 64) {
+            Err(BackendError::Malformed(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(bad(b"0\r\nno colon\r\n\r\n"), "invalid trailer section");
+        let many: String = (0..40).map(|i| format!("t{i}: v\r\n")).collect();
+        assert_eq!(
+            bad(format!("0\r\n{many}\r\n").as_bytes()),
+            "too many trailer fields"
+        );
+        let huge = format!("0\r\nx: {}", "v".repeat(MAX_TRAILERS + 1));
+        assert_eq!(bad(huge.as_bytes()), "trailer section too large");
         assert!(decode_all(b"zz\r\n", 64).is_err());
         assert!(decode_all(b"3\r\nabcX\r\n", 64).is_err());
         assert!(matches!(

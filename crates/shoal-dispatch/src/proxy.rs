@@ -3,7 +3,7 @@
 
 use crate::backends::{Backends, HealthCell, Table};
 use crate::clock::Clock;
-use crate::h1::{BackendError, Head, ReqBody, ReqHead, ResponseBody, Turn};
+use crate::h1::{BackendError, Head, ReqHead, ResponseBody, Turn, Upload};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::pool::{self, Conn, PoolOpts};
 use bytes::Bytes;
@@ -159,13 +159,13 @@ impl Body for Metered {
 }
 
 /// Headers that concern one connection only (RFC 9110 7.6.1), plus the
-/// classic ones proxies drop.
-const HOP_BY_HOP: [&str; 9] = [
+/// classic ones proxies drop. `Trailer` is not one: it is end to end
+/// (RFC 9110 6.6.2), and hyper needs it to pass trailer fields on.
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
     "proxy-authenticate",
@@ -177,7 +177,6 @@ const HOP_BY_HOP: [&str; 9] = [
 fn is_hop_by_hop(n: &HeaderName) -> bool {
     *n == header::CONNECTION
         || *n == header::TE
-        || *n == header::TRAILER
         || *n == header::TRANSFER_ENCODING
         || *n == header::UPGRADE
         || *n == header::PROXY_AUTHENTICATE
@@ -190,6 +189,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Removes hop-by-hop headers, including those the Connection header names
 /// (except framing and identity headers a client must not make us drop).
+/// `TE` keeps only its `trailers` token: trailer fields are passed on end
+/// to end, so a backend may send them to a client that accepts them.
 ///
 /// One pass over the names first: a typical request has none of them and
 /// then costs no hashing at all; a typical response has only
@@ -229,11 +230,25 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             }
         }
     }
+    let trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    });
     for n in listed {
         h.remove(n);
     }
     for n in hop.into_iter().flatten() {
         h.remove(n);
+    }
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -295,7 +310,7 @@ pub async fn handle(
 /// request; boxing the large variant would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Sent {
-    Ok(Head, Conn),
+    Ok(Head, Conn, Option<Upload>),
     Connect,
     Reset(BackendError),
     ClientBody(String),
@@ -433,16 +448,12 @@ async fn forward(
                     let Some((mut c, reused)) = checkout(sh, cell, addr).await else {
                         return Sent::Connect;
                     };
-                    let b = match body.take() {
-                        Some(inc) if !bodiless => ReqBody::Stream {
-                            body: inc,
-                            chunked,
-                            counter: &sh.metrics.bytes_in,
-                        },
-                        _ => ReqBody::Empty,
-                    };
-                    match c.exchange(&head, b).await {
-                        Ok(h) => return Sent::Ok(h, c),
+                    let up = body
+                        .take()
+                        .filter(|_| !bodiless)
+                        .map(|inc| Upload::new(inc, chunked, sh.metrics.clone()));
+                    match c.exchange(&head, up).await {
+                        Ok((h, up)) => return Sent::Ok(h, c, up),
                         Err(BackendError::ClientBody(e)) => return Sent::ClientBody(e),
                         Err(BackendError::ClosedEarly)
                             if reused && idempotent && bodiless && stale_tries < 3 =>
@@ -456,12 +467,12 @@ async fn forward(
             .await
         };
         match res {
-            Ok(Sent::Ok(h, c)) => {
+            Ok(Sent::Ok(h, c, up)) => {
                 sh.backends.on_status(&table, i, h.parts.status.as_u16());
                 let mut rp = h.parts;
                 strip_hop_by_hop(&mut rp.headers);
                 rp.version = Version::HTTP_11;
-                let mut rb = ResponseBody::new(c, h.framing, h.keep_alive);
+                let mut rb = ResponseBody::new(c, h.framing, h.keep_alive, up);
                 if rb.is_end_stream()
                     && let Some(c) = rb.take_conn()
                 {
@@ -631,12 +642,20 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
-        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("te", HeaderValue::from_static("gzip;q=0.5"));
+        h.insert("trailer", HeaderValue::from_static("x-checksum"));
         h.insert("host", HeaderValue::from_static("example"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["host", "x-keep"]);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["host", "trailer", "x-keep"]);
+        // TE keeps only `trailers`, which the proxy honours end to end.
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip, Trailers;q=1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h.len(), 1);
     }
 
     #[test]

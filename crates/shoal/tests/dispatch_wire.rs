@@ -26,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 struct Seen {
     head: String,
     body: Vec<u8>,
+    /// The trailer section of a chunked body, as sent.
+    trailers: String,
 }
 
 /// A backend that writes raw responses chosen by path.
@@ -81,7 +83,10 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Seen> {
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
     buf.drain(..end);
     let mut body = Vec::new();
-    if let Some(n) = header(&head, "content-length") {
+    let mut trailers = String::new();
+    if head.contains(" /early ") {
+        // Answered without reading the body (see the backend).
+    } else if let Some(n) = header(&head, "content-length") {
         let n: usize = n.parse().unwrap();
         if !fill(s, buf, n).await {
             return None;
@@ -102,19 +107,36 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Seen> {
             let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
                 .expect("chunk size");
             buf.drain(..line_end + 2);
+            if size == 0 {
+                // The trailer section, up to its empty line.
+                let end = loop {
+                    if buf.starts_with(b"\r\n") {
+                        break 2;
+                    }
+                    if let Some(p) = find(buf, b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    let want = buf.len() + 1;
+                    if !fill(s, buf, want).await {
+                        return None;
+                    }
+                };
+                trailers = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end);
+                break;
+            }
             if !fill(s, buf, size + 2).await {
                 return None;
             }
             body.extend(buf.drain(..size));
-            if size == 0 {
-                // The empty trailer section's CRLF was the "+ 2".
-                buf.drain(..2);
-                break;
-            }
             buf.drain(..2);
         }
     }
-    Some(Seen { head, body })
+    Some(Seen {
+        head,
+        body,
+        trailers,
+    })
 }
 
 async fn raw_backend() -> RawBackend {
@@ -148,6 +170,17 @@ async fn raw_backend() -> RawBackend {
                         "/bad-length" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd".to_vec(),
                         "/garbage" => b"NOT HTTP AT ALL\r\n\r\n".to_vec(),
                         "/short" => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
+                        "/trailers" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n2\r\nok\r\n0\r\nx-checksum: abc\r\n\r\n".to_vec(),
+                        // Refuses the upload from its head alone, then
+                        // neither reads the body nor closes (a backend
+                        // busy elsewhere, or a careless one).
+                        "/early" => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 3\r\n\r\nbig")
+                                .await;
+                            tokio::time::sleep(Duration::from_secs(120)).await;
+                            return;
+                        }
                         "/upload" => {
                             let framing = if header(&req.head, "transfer-encoding").is_some() {
                                 "chunked"
@@ -390,4 +423,99 @@ async fn closed_idle_connections_are_skipped_and_only_idempotent_requests_replay
         .filter(|s| s.head.starts_with("POST /flaky"))
         .count();
     assert_eq!(posts, 1, "the POST reached the backend exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_pass_both_ways_to_those_who_accept_them() {
+    let b = raw_backend().await;
+    let d = Dispatcher::start_raw(&b.addr.to_string(), &[]);
+    let mut c = client(&d).await;
+    // A client that accepts trailers (TE: trailers) gets the backend's.
+    let get = |te: bool| {
+        let mut r = Request::get("/trailers").header("host", "wire.test");
+        if te {
+            r = r.header("te", "trailers");
+        }
+        r.body(empty()).unwrap()
+    };
+    c.ready().await.unwrap();
+    let resp = c.send_request(get(true)).await.unwrap();
+    assert_eq!(resp.headers()["trailer"], "x-checksum");
+    let got = resp.into_body().collect().await.unwrap();
+    let t = got.trailers().cloned().expect("trailers reach the client");
+    assert_eq!(t["x-checksum"], "abc");
+    assert_eq!(&got.to_bytes()[..], b"ok");
+    // The backend was told the client accepts them.
+    let seen = b.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(header(&seen.head, "te"), Some("trailers"), "{}", seen.head);
+    // One that does not gets the body without them.
+    c.ready().await.unwrap();
+    let resp = c.send_request(get(false)).await.unwrap();
+    let got = resp.into_body().collect().await.unwrap();
+    assert!(got.trailers().is_none());
+    assert_eq!(&got.to_bytes()[..], b"ok");
+
+    // A chunked upload's trailer fields reach the backend after its last
+    // chunk.
+    let mut fields = HeaderMap::new();
+    fields.insert("x-upload-sum", "42".parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"part one,"))),
+        Ok(Frame::data(Bytes::from_static(b" part two"))),
+        Ok(Frame::trailers(fields)),
+    ];
+    let req = Request::put("/upload")
+        .header("host", "wire.test")
+        .header("trailer", "x-upload-sum")
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    c.ready().await.unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"part one, part two");
+    let seen = b.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen.trailers, "x-upload-sum: 42\r\n\r\n", "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_reaches_the_client_while_its_upload_is_unread() {
+    let b = raw_backend().await;
+    // The backend timeout is long: the answer must not wait for it.
+    let d = Dispatcher::start_raw(&b.addr.to_string(), &["--backend-timeout", "60s"]);
+    // A raw client: it keeps sending chunks of its upload (far more than
+    // the socket buffers hold) while it reads, as a browser would.
+    let s = TcpStream::connect(d.host_port()).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = b"POST /early HTTP/1.1\r\nhost: wire.test\r\ntransfer-encoding: chunked\r\n\r\n";
+        wr.write_all(head).await?;
+        let chunk = [&b"100000\r\n"[..], &vec![b'x'; 1 << 20], b"\r\n"].concat();
+        for _ in 0..256 {
+            wr.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut got = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        while !(got.starts_with(b"HTTP/1.1 413") && got.ends_with(b"\r\n\r\nbig")) {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok() && got.starts_with(b"HTTP/1.1 413") && got.ends_with(b"big"),
+        "no early answer within 20 s: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    writer.abort();
+    // That connection, its request half sent, is not reused.
+    let mut c = client(&d).await;
+    let (st, _, _) = ask(&mut c, Method::GET, "/plain", empty()).await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(b.connections.load(SeqCst), 2);
 }
