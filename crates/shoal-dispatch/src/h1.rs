@@ -539,7 +539,11 @@ pub struct ReqHead<'a> {
     pub headers: &'a HeaderMap,
     /// Host to send when `headers` has none.
     pub host: &'a str,
+    /// The client's address, appended to X-Forwarded-For.
+    pub forwarded_for: Option<&'a HeaderValue>,
 }
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 impl BackendConn {
     /// Connects to `addr`; `None` when it cannot be reached within `timeout`.
@@ -583,8 +587,18 @@ impl BackendConn {
         w.extend_from_slice(req.target.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
         let mut host = false;
+        let mut earlier_proxies = false;
         for (k, v) in req.headers {
             host |= *k == header::HOST;
+            // Joined with this hop's below, on one line.
+            if *k == X_FORWARDED_FOR && req.forwarded_for.is_some() {
+                earlier_proxies = true;
+                continue;
+            }
+            // hyper already answered any 100-continue to the client.
+            if *k == header::EXPECT {
+                continue;
+            }
             w.extend_from_slice(k.as_str().as_bytes());
             w.extend_from_slice(b": ");
             w.extend_from_slice(v.as_bytes());
@@ -593,6 +607,17 @@ impl BackendConn {
         if !host {
             w.extend_from_slice(b"host: ");
             w.extend_from_slice(req.host.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        if let Some(ip) = req.forwarded_for {
+            w.extend_from_slice(b"x-forwarded-for: ");
+            if earlier_proxies {
+                for v in req.headers.get_all(X_FORWARDED_FOR) {
+                    w.extend_from_slice(v.as_bytes());
+                    w.extend_from_slice(b", ");
+                }
+            }
+            w.extend_from_slice(ip.as_bytes());
             w.extend_from_slice(b"\r\n");
         }
         if chunked {
@@ -1109,6 +1134,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The head `encode_head` writes for `headers`, from client 10.0.0.9.
+    async fn encoded(headers: &[(&str, &str)]) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let mut c = BackendConn::connect(&addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let req = ReqHead {
+            method: &Method::GET,
+            target: "/a?b",
+            headers: &map,
+            host: "backend:80",
+            forwarded_for: Some(&ip),
+        };
+        c.encode_head(&req, false);
+        String::from_utf8(c.wbuf.clone()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn heads_carry_forwarded_for_on_one_line() {
+        // No earlier proxy: one line with the client; the Host the client
+        // gave; Expect (answered by hyper) dropped.
+        let h = encoded(&[("host", "site"), ("expect", "100-continue"), ("x-a", "1")]).await;
+        assert_eq!(
+            h,
+            "GET /a?b HTTP/1.1\r\nhost: site\r\nx-a: 1\r\nx-forwarded-for: 10.0.0.9\r\n\r\n"
+        );
+        // Earlier proxies, on one line or several: joined, this hop last.
+        let h = encoded(&[
+            ("x-forwarded-for", "203.0.113.7, 198.51.100.1"),
+            ("x-forwarded-for", "192.0.2.4"),
+        ])
+        .await;
+        assert!(h.contains("host: backend:80\r\n"), "{h}");
+        assert_eq!(h.matches("x-forwarded-for").count(), 1, "{h}");
+        assert!(
+            h.contains("x-forwarded-for: 203.0.113.7, 198.51.100.1, 192.0.2.4, 10.0.0.9\r\n"),
+            "{h}"
+        );
     }
 
     #[test]

@@ -185,8 +185,6 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
         || n.as_str() == "proxy-connection"
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
 /// Removes hop-by-hop headers, including those the Connection header names
 /// (except framing and identity headers a client must not make us drop).
 /// `TE` keeps only its `trailers` token: trailer fields are passed on end
@@ -256,29 +254,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// per client connection).
 pub fn forwarded_for_value(peer: SocketAddr) -> Option<HeaderValue> {
     HeaderValue::from_str(&peer.ip().to_string()).ok()
-}
-
-fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    if let Some(v) = forwarded_for_value(peer) {
-        append_forwarded_for_value(h, v);
-    }
-}
-
-/// Appends `ip` (from [`forwarded_for_value`]) to X-Forwarded-For.
-fn append_forwarded_for_value(h: &mut HeaderMap, ip: HeaderValue) {
-    let mut prior = h.get_all(X_FORWARDED_FOR).iter().peekable();
-    if prior.peek().is_none() {
-        // The usual case: no proxy before us; no string building.
-        h.insert(X_FORWARDED_FOR, ip);
-        return;
-    }
-    let mut joined: Vec<&str> = prior.filter_map(|v| v.to_str().ok()).collect();
-    let ip_str = ip.to_str().unwrap_or_default();
-    joined.push(ip_str);
-    let joined = joined.join(", ");
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        h.insert(X_FORWARDED_FOR, v);
-    }
 }
 
 fn local(code: StatusCode, msg: &'static str) -> Response<RespBody> {
@@ -388,12 +363,17 @@ async fn forward(
         Some(_) | None => "/",
     };
     strip_hop_by_hop(&mut parts.headers);
-    // hyper already answered any 100-continue to the client.
-    parts.headers.remove(header::EXPECT);
-    match &conn.forwarded_for {
-        Some(v) => append_forwarded_for_value(&mut parts.headers, v.clone()),
-        None => append_forwarded_for(&mut parts.headers, peer),
-    }
+    // X-Forwarded-For (and dropping Expect, which hyper already answered)
+    // happen as the backend's head is written, without touching the map:
+    // inserting into hyper's tightly sized map grew it on every request.
+    let per_request;
+    let forwarded_for = match &conn.forwarded_for {
+        Some(v) => Some(v),
+        None => {
+            per_request = forwarded_for_value(peer);
+            per_request.as_ref()
+        }
+    };
 
     let table: Arc<Table> = sh.backends.load_full();
     let selector = sh.backends.selector();
@@ -432,6 +412,7 @@ async fn forward(
             target: pq,
             headers: &parts.headers,
             host: table.slots[i].authority.as_str(),
+            forwarded_for,
         };
         let res = {
             let _w = Waiting::new(&conn.waiting);
@@ -656,16 +637,5 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h["te"], "trailers");
         assert_eq!(h.len(), 1);
-    }
-
-    #[test]
-    fn forwarded_for_appends() {
-        let mut h = HeaderMap::new();
-        let peer: SocketAddr = "127.0.0.9:5000".parse().unwrap();
-        append_forwarded_for(&mut h, peer);
-        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
-        h.append("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
-        append_forwarded_for(&mut h, peer);
-        assert_eq!(h["x-forwarded-for"], "127.0.0.9, 10.1.1.1, 127.0.0.9");
     }
 }

@@ -42,6 +42,13 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
         // (30 s unless disabled) would arm and drop a boxed timer on every
         // request.
         .header_read_timeout(None)
+        // A client may shut down its sending side once its request is out
+        // and still get the response (HAProxy's default too: no
+        // abortonclose). It also spares a read attempt while each request
+        // is in flight, whose buffer reservation cost an 8 KiB allocation
+        // per request: the head's bytes, still shared with the request,
+        // kept hyper from reusing its read buffer.
+        .half_close(true)
         .keep_alive(true)
         .max_header_size(opts.max_header_bytes)
         .max_buf_size(opts.max_header_bytes.max(8192) + 8192);
