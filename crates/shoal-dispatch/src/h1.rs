@@ -8,6 +8,9 @@
 //! request task writes the head itself and reads the response on the same
 //! socket, and the response body handed to hyper's server reads straight
 //! from the backend socket: one task per client connection, no channels.
+//! A request body ([`Upload`]) is written as the socket takes it while the
+//! response is read, so both directions stream at once; trailer fields pass
+//! both ways.
 //!
 //! The parsing is httparse's (as in hyper); the framing rules are RFC 9112's
 //! and live in pure functions ([`parse_head`], [`Chunked`]) that the unit
