@@ -354,20 +354,9 @@ async fn route_live(admin: &str, urls: &[&str]) -> serde_json::Value {
         "--json".into(),
     ];
     args.extend(urls.iter().map(|u| u.to_string()));
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    tokio::task::spawn_blocking(move || shoal_json(&args))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

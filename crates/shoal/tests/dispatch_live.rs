@@ -266,26 +266,18 @@ fn route_shows_the_charsum_collisions_of_section_3_5_1() {
         "/french/stat.htm",
     ];
     let run = |hash: &str| -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args([
-                "route",
-                "--backends",
-                "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80,10.0.0.4:80",
-                "--algo",
-                "url-hash",
-                "--hash",
-                hash,
-                "--json",
-            ])
-            .args(urls)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let mut args = vec![
+            "route",
+            "--backends",
+            "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80,10.0.0.4:80",
+            "--algo",
+            "url-hash",
+            "--hash",
+            hash,
+            "--json",
+        ];
+        args.extend(urls);
+        shoal_json(&args)
     };
     let v = run("charsum");
     let subs: Vec<u64> = v

@@ -359,3 +359,18 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, deadline: Duration, mut 
 pub fn in_flight(bs: &[&TestBackend]) -> u64 {
     bs.iter().map(|b| b.stats.in_flight.load(SeqCst)).sum()
 }
+
+/// Runs `shoal ARGS`, which must succeed, and parses what it prints as JSON.
+pub fn shoal_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shoal {:?}: {}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
