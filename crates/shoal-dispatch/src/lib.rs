@@ -152,6 +152,11 @@ pub struct DispatchArgs {
     /// A draining backend leaves the list when its requests finish or after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// On SIGTERM or Ctrl-C the dispatcher stops accepting, lets every
+    /// connection finish the request in flight, and exits once none is
+    /// left or after this long (a second signal exits at once).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 /// Runs the dispatcher until interrupted.
@@ -348,12 +353,14 @@ fn serve(
     // thread that fails to pin itself stays unpinned, not on thread 0's CPU.
     let cpus = thread_cpus(&args.cpu_affinity)?;
     let main_loop = event_loop()?;
+    let stop = tokio_util::sync::CancellationToken::new();
     // Each thread reports once it is pinned and listening, so that the
     // "listening" line below means every thread accepts.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for (w, l) in (1..threads).zip(more) {
         let rt = event_loop()?;
         let (sh, opts, clock) = (shared.clone(), opts.clone(), clock.clone());
+        let stop = stop.clone();
         let cpus = cpus.clone();
         let ready = ready_tx.clone();
         std::thread::Builder::new()
@@ -367,7 +374,10 @@ fn serve(
                     match l.listen(LISTEN_BACKLOG) {
                         Ok(l) => {
                             let _ = ready.send(Ok(()));
-                            server::serve_proxy(l, sh, opts, clock).await
+                            server::serve_proxy(l, sh, opts, clock, stop.clone()).await;
+                            // Serve the connections still finishing until
+                            // the process exits.
+                            std::future::pending::<()>().await
                         }
                         Err(e) => {
                             let _ = ready.send(Err(format!("dispatcher thread {w}: {e}")));
@@ -429,11 +439,45 @@ fn serve(
             let _ = out.flush();
         }
         tokio::select! {
-            _ = server::serve_proxy(listener, shared, opts, clock) => {}
+            _ = server::serve_proxy(listener, shared, opts, clock, stop.clone()) => {}
             _ = shutdown_signal() => {}
         }
+        drain(&stop, &metrics, args.shutdown_timeout).await;
         Ok(())
     })
+}
+
+/// Stops accepting on every thread and waits, up to `limit`, for the open
+/// client connections to finish the requests they serve (each closes after
+/// its response). A second signal ends the wait.
+async fn drain(stop: &tokio_util::sync::CancellationToken, metrics: &Metrics, limit: Duration) {
+    stop.cancel();
+    let open = || {
+        metrics
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    tracing::info!(
+        "stopping: no new connections; {} open, given up to {limit:?} to finish",
+        open()
+    );
+    let deadline = tokio::time::Instant::now() + limit;
+    let second = shutdown_signal();
+    tokio::pin!(second);
+    while open() > 0 {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = &mut second => {
+                tracing::warn!("second signal: stopping with {} connection(s) open", open());
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("shutdown timeout: stopping with {} connection(s) open", open());
+                return;
+            }
+        }
+    }
+    tracing::info!("stopped: every connection finished");
 }
 
 async fn shutdown_signal() {

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Client-side connection limits.
 #[derive(Debug, Clone)]
@@ -33,8 +34,15 @@ pub struct ConnOpts {
     pub max_header_bytes: usize,
 }
 
-/// Accepts clients forever.
-pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts, clock: Clock) {
+/// Accepts clients until `stop` is cancelled; then the listener closes, and
+/// every connection finishes the request it is serving (if any) and closes.
+pub async fn serve_proxy(
+    listener: TcpListener,
+    sh: Arc<Shared>,
+    opts: ConnOpts,
+    clock: Clock,
+    stop: CancellationToken,
+) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -54,7 +62,12 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
         .max_buf_size(opts.max_header_bytes.max(8192) + 8192);
     let builder = Arc::new(builder);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -68,6 +81,7 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
         let builder = builder.clone();
         let clock = clock.clone();
         let limits = Limits::of(&opts);
+        let stop = stop.clone();
         tokio::spawn(async move {
             let m = sh.metrics.clone();
             m.connections.fetch_add(1, Relaxed);
@@ -83,6 +97,7 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
             tokio::pin!(conn);
             let mut tick = tokio::time::interval(limits.check_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut draining = false;
             loop {
                 tokio::select! {
                     biased;
@@ -91,6 +106,12 @@ pub async fn serve_proxy(listener: TcpListener, sh: Arc<Shared>, opts: ConnOpts,
                             classify(&m, &e);
                         }
                         break;
+                    }
+                    // Stopping: an idle connection closes now, a busy one
+                    // after the response it is sending.
+                    _ = stop.cancelled(), if !draining => {
+                        conn.as_mut().graceful_shutdown();
+                        draining = true;
                     }
                     _ = tick.tick() => {
                         if let Some(kind) = limits.overdue(clock.now_ms(), &state) {

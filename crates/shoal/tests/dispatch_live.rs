@@ -612,3 +612,57 @@ fn shoal_refuses(args: &[&str]) -> String {
     assert!(!out.status.success(), "shoal {args:?} succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish_then_exits() {
+    let a = TestBackend::start("a").await;
+    let mut d = Dispatcher::start(&[&a], &["--shutdown-timeout", "20s"]);
+    let c = Client::new();
+    // An idle keep-alive connection, and a request held 1.5 s by the backend.
+    let mut idle = std::net::TcpStream::connect(d.host_port()).unwrap();
+    idle.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let url = format!("{}/sleep/1500/x", d.url);
+    let held = tokio::spawn({
+        let c = c.clone();
+        async move { c.get(&url).await }
+    });
+    wait_until(
+        "the request is at the backend",
+        Duration::from_secs(10),
+        || a.stats.in_flight.load(SeqCst) == 1,
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // New connections are refused at once; the idle one is closed.
+    let hp = d.host_port();
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&hp).is_err()
+    })
+    .await;
+    assert!(closed_within(&mut idle, Duration::from_secs(5)));
+    // The held request still gets its whole answer...
+    let r = held.await.unwrap().expect("the request in flight was cut");
+    assert_eq!(r.status, 200);
+    // ...and then the dispatcher exits on its own, successfully, long
+    // before the 20 s shutdown timeout.
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still running 10 s after its last request ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
