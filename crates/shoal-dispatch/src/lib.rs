@@ -307,6 +307,7 @@ fn serve(
         pool: pool_opts.clone(),
         metrics: metrics.clone(),
         backend_timeout: args.backend_timeout,
+        stopping: Default::default(),
     });
     // One listening socket per thread on the same port (SO_REUSEPORT, as
     // nginx's `reuseport`): the kernel spreads new connections evenly over
@@ -439,24 +440,23 @@ fn serve(
             let _ = out.flush();
         }
         tokio::select! {
-            _ = server::serve_proxy(listener, shared, opts, clock, stop.clone()) => {}
+            _ = server::serve_proxy(listener, shared.clone(), opts, clock, stop.clone()) => {}
             _ = shutdown_signal() => {}
         }
-        drain(&stop, &metrics, args.shutdown_timeout).await;
+        drain(&stop, &shared, args.shutdown_timeout).await;
         Ok(())
     })
 }
 
 /// Stops accepting on every thread and waits, up to `limit`, for the open
 /// client connections to finish the requests they serve (each closes after
-/// its response). A second signal ends the wait.
-async fn drain(stop: &tokio_util::sync::CancellationToken, metrics: &Metrics, limit: Duration) {
+/// its response, seen by its watchdog's next tick). A second signal ends
+/// the wait.
+async fn drain(stop: &tokio_util::sync::CancellationToken, sh: &proxy::Shared, limit: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    sh.stopping.store(true, Relaxed);
     stop.cancel();
-    let open = || {
-        metrics
-            .connections_open
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let open = || sh.metrics.connections_open.load(Relaxed);
     tracing::info!(
         "stopping: no new connections; {} open, given up to {limit:?} to finish",
         open()

@@ -36,6 +36,11 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Longest wait for a backend's response headers.
     pub backend_timeout: Duration,
+    /// Set when the dispatcher stops: each client connection's watchdog
+    /// then closes it after its response in flight (an atomic read per
+    /// watchdog tick, rather than a cancellation future polled, under a
+    /// process-wide lock, on every wake-up of every connection).
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Per-client-connection state seen by the connection's watchdog, which

@@ -81,9 +81,9 @@ pub async fn serve_proxy(
         let builder = builder.clone();
         let clock = clock.clone();
         let limits = Limits::of(&opts);
-        let stop = stop.clone();
         tokio::spawn(async move {
             let m = sh.metrics.clone();
+            let shared = sh.clone();
             m.connections.fetch_add(1, Relaxed);
             m.connections_open.fetch_add(1, Relaxed);
             let state = Arc::new(ConnState {
@@ -107,13 +107,13 @@ pub async fn serve_proxy(
                         }
                         break;
                     }
-                    // Stopping: an idle connection closes now, a busy one
-                    // after the response it is sending.
-                    _ = stop.cancelled(), if !draining => {
-                        conn.as_mut().graceful_shutdown();
-                        draining = true;
-                    }
                     _ = tick.tick() => {
+                        // Stopping: an idle connection closes now, a busy
+                        // one after the response it is sending.
+                        if !draining && shared.stopping.load(Relaxed) {
+                            conn.as_mut().graceful_shutdown();
+                            draining = true;
+                        }
                         if let Some(kind) = limits.overdue(clock.now_ms(), &state) {
                             m.error(kind);
                             break; // dropping the connection closes it
