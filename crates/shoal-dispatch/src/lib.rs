@@ -146,9 +146,15 @@ pub struct DispatchArgs {
     /// Consecutive 5xx responses that eject a backend (0: never).
     #[arg(long, default_value_t = 5)]
     pub eject_after_5xx: u32,
-    /// Active TCP health checks of every backend at this interval (off unless given).
+    /// Active health checks of every backend at this interval (off unless
+    /// given, or 2s with --health-path): a TCP connect, or the HTTP check.
     #[arg(long, value_parser = parse_duration)]
     pub health_interval: Option<Duration>,
+    /// Make the health checks (active ones, and those that readmit an
+    /// ejected backend) an HTTP GET of this path, which must answer 2xx or
+    /// 3xx within --connect-timeout, instead of a TCP connect.
+    #[arg(long)]
+    pub health_path: Option<String>,
     /// A draining backend leaves the list when its requests finish or after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -195,6 +201,13 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<()> {
     }
     if args.max_header_bytes < 1024 {
         anyhow::bail!("--max-header-bytes must be at least 1024");
+    }
+    if let Some(p) = &args.health_path
+        && (!p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f))
+    {
+        anyhow::bail!(
+            "--health-path {p:?}: give an origin-form path such as /healthz (a leading /, no spaces)"
+        );
     }
     // The dispatcher runs on threads of its own so that --threads is exact:
     // one event loop per thread (as HAProxy's nbthread and nginx's workers),
@@ -412,8 +425,12 @@ fn serve(
         tokio::spawn(clock.clone().run());
         tokio::spawn(server::health_task(
             backends.clone(),
-            args.connect_timeout,
-            args.health_interval,
+            server::HealthCheck {
+                timeout: args.connect_timeout,
+                path: args.health_path.clone(),
+            },
+            args.health_interval
+                .or(args.health_path.as_ref().map(|_| Duration::from_secs(2))),
         ));
         if let Some((target, version)) = follow {
             tokio::spawn(follow::run(

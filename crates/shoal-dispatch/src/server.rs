@@ -349,20 +349,26 @@ fn parse_backend_docs(body: &[u8]) -> Result<Vec<BackendSpec>, String> {
         .collect()
 }
 
-/// Readmits ejected backends whose back-off is over once a TCP connect
-/// succeeds, and (when `interval` is set) ejects backends that refuse one.
-pub async fn health_task(
-    backends: Arc<Backends>,
-    connect_timeout: Duration,
-    interval: Option<Duration>,
-) {
+/// How a backend's health is checked.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// For the connect and, with `path`, the whole answer.
+    pub timeout: Duration,
+    /// An HTTP GET of this path must answer 2xx or 3xx; without it, a TCP
+    /// connect must succeed.
+    pub path: Option<String>,
+}
+
+/// Readmits ejected backends whose back-off is over once a check passes,
+/// and (when `interval` is set) ejects backends that fail one.
+pub async fn health_task(backends: Arc<Backends>, check: HealthCheck, interval: Option<Duration>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         for (_, addr) in backends.due_for_readmission() {
-            if probe(&addr, connect_timeout).await {
+            if probe(&addr, &check).await {
                 backends.readmit(&addr);
             } else {
                 backends.eject_again(&addr);
@@ -375,7 +381,8 @@ pub async fn health_task(
             let t = backends.load_full();
             for i in 0..t.set.len() {
                 let b = t.set.get(i);
-                if b.healthy() && !probe(b.addr(), connect_timeout).await {
+                if b.healthy() && !probe(b.addr(), &check).await {
+                    tracing::info!("backend {}: health check failed, ejected", b.addr());
                     backends.eject(&t, i);
                 }
             }
@@ -383,9 +390,36 @@ pub async fn health_task(
     }
 }
 
-async fn probe(addr: &str, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+async fn probe(addr: &str, check: &HealthCheck) -> bool {
+    let Some(path) = &check.path else {
+        return matches!(
+            tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+    };
+    let ask = async {
+        let mut conn = crate::h1::BackendConn::connect(addr, check.timeout).await?;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        headers.insert(
+            header::USER_AGENT,
+            header::HeaderValue::from_static("shoal-health-check"),
+        );
+        let req = crate::h1::ReqHead {
+            method: &Method::GET,
+            target: path,
+            headers: &headers,
+            host: addr,
+            forwarded_for: None,
+        };
+        let (head, _) = conn.exchange(&req, None).await.ok()?;
+        Some(head.parts.status)
+    };
+    match tokio::time::timeout(check.timeout, ask).await {
+        Ok(Some(status)) => status.is_success() || status.is_redirection(),
+        _ => false,
+    }
 }

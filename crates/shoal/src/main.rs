@@ -41,7 +41,7 @@ enum Cmd {
     /// Run an L7 dispatcher for a service.
     ///
     /// Example: shoal dispatch --backends 127.0.0.1:8081,127.0.0.1:8082 --listen 127.0.0.1:8080 --algo url-hash
-    Dispatch(shoal_dispatch::DispatchArgs),
+    Dispatch(Box<shoal_dispatch::DispatchArgs>),
     /// Explain which backend each URL goes to, and why.
     ///
     /// Example: shoal route --backends a:1,b:2,c:3 --algo url-hash --replicas 2 /prog/x.html /stat/x.html
@@ -100,7 +100,7 @@ fn main() -> std::process::ExitCode {
         other => runtime().and_then(|rt| {
             rt.block_on(async move {
                 match other {
-                    Cmd::Dispatch(a) => shoal_dispatch::run(a).await,
+                    Cmd::Dispatch(a) => shoal_dispatch::run(*a).await,
                     Cmd::Route(a) => shoal_dispatch::route(a).await,
                     Cmd::Bench(BenchCmd::Dispatch(a)) => shoal_dispatch::bench(a).await,
                     Cmd::Manager(a) => {

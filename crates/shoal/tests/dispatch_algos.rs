@@ -430,3 +430,73 @@ async fn route_asks_the_live_dispatcher_and_changes_nothing() {
         r.body
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_health_checks_eject_and_readmit() {
+    let bs = backends(2).await;
+    let d = Dispatcher::start(
+        &refs(&bs),
+        &[
+            "--algo",
+            "rr",
+            "--health-path",
+            "/healthz",
+            "--health-interval",
+            "100ms",
+            "--eject-for",
+            "200ms",
+        ],
+    );
+    let c = Client::new();
+    let served_by = |n: usize| {
+        let c = c.clone();
+        let url = format!("{}/x", d.url);
+        async move {
+            let mut who = HashMap::new();
+            for _ in 0..n {
+                let r = c.get(&url).await.unwrap();
+                assert_eq!(r.status, 200);
+                *who.entry(r.backend).or_insert(0) += 1;
+            }
+            who
+        }
+    };
+    assert_eq!(served_by(4).await.len(), 2);
+    // b1 still accepts connections and serves, but its health check says
+    // 503: a TCP check would keep it, the HTTP check ejects it.
+    bs[1].stats.failing_health.store(true, SeqCst);
+    let c2 = c.clone();
+    let admin = d.admin.clone();
+    let ejected = move || {
+        let c = c2.clone();
+        let admin = admin.clone();
+        async move {
+            let r = c.get(&format!("{admin}/backends")).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            v.as_array().unwrap().iter().any(|b| b["healthy"] == false)
+        }
+    };
+    let t = std::time::Instant::now();
+    while !ejected().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "b1 was never ejected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let who = served_by(6).await;
+    assert_eq!(who.get("b0"), Some(&6), "{who:?}");
+    // Healthy again: readmitted after its back-off, and served again.
+    bs[1].stats.failing_health.store(false, SeqCst);
+    let t = std::time::Instant::now();
+    while ejected().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "b1 was never readmitted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served_by(4).await.len(), 2);
+    // The healthy backend was checked all along.
+    assert!(bs[0].stats.health_checks.load(SeqCst) > 2);
+}

@@ -389,6 +389,19 @@ fn manager_mode_names_what_is_missing() {
     assert!(err.contains("--dir"), "{err}");
     let err = run(&["--dir", "/nonexistent/shoal"]);
     assert!(err.contains("shoal init"), "{err}");
+    let err = shoal_refuses(&[
+        "dispatch",
+        "--listen",
+        "127.0.0.1:0",
+        "--backends",
+        "127.0.0.1:9",
+        "--health-path",
+        "healthz",
+    ]);
+    assert!(
+        err.contains("--health-path") && err.contains("/healthz"),
+        "{err}"
+    );
 }
 
 /// Reads from `s` until the peer closes; `true` if it did before `limit`.

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -32,13 +32,18 @@ pub struct Stats {
     pub max_in_flight: AtomicU64,
     /// Headers of the last request, lower-case names.
     pub last_headers: Mutex<HashMap<String, String>>,
+    /// `/healthz` answers 503 while set (200 otherwise).
+    pub failing_health: AtomicBool,
+    /// `/healthz` requests seen (not counted in the other figures).
+    pub health_checks: AtomicU64,
 }
 
 /// A backend that answers with its name. Paths:
 /// `/sleep/MS/...` waits MS ms first; `/big/N` sends N bytes in 64 KiB chunks;
 /// `/echo` streams the request body back; `/reset` closes without answering;
 /// `/cut` sends headers and half a body, then resets; `/gate` sends one
-/// chunk then waits for `open_gate`. Everything else: 200 with the name.
+/// chunk then waits for `open_gate`; `/healthz` answers 200, or 503 while
+/// `stats.failing_health` is set. Everything else: 200 with the name.
 pub struct TestBackend {
     pub name: String,
     pub addr: SocketAddr,
@@ -120,6 +125,22 @@ async fn serve(
     gate: Arc<tokio::sync::Notify>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::io::Error> {
+    if req.uri().path() == "/healthz" {
+        stats.health_checks.fetch_add(1, SeqCst);
+        let code = if stats.failing_health.load(SeqCst) {
+            503
+        } else {
+            200
+        };
+        return Ok(Response::builder()
+            .status(code)
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap());
+    }
     let now = stats.in_flight.fetch_add(1, SeqCst) + 1;
     stats.max_in_flight.fetch_max(now, SeqCst);
     let guard = InFlight(stats.clone());
