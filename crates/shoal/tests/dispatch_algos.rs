@@ -497,6 +497,6 @@ async fn http_health_checks_eject_and_readmit() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(served_by(4).await.len(), 2);
-    // The healthy backend was checked all along.
-    assert!(bs[0].stats.health_checks.load(SeqCst) > 2);
+    // The sweep that ejected b1 checked b0 first, and kept it.
+    assert!(bs[0].stats.health_checks.load(SeqCst) >= 1);
 }
