@@ -233,17 +233,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             }
         }
     }
-    let trailers = h.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',').any(|t| {
-                t.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case("trailers")
-            })
-        })
-    });
+    let trailers = crate::h1::has_token(h, &header::TE, "trailers");
     for n in listed {
         h.remove(n);
     }
