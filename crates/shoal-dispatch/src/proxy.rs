@@ -271,8 +271,14 @@ pub async fn handle(
     let start = Instant::now();
     sh.metrics.requests.fetch_add(1, Relaxed);
     conn.open.fetch_add(1, Relaxed);
-    let resp = proxy(&sh, conn, peer, req, start).await;
+    let mut resp = proxy(&sh, conn, peer, req, start).await;
     sh.metrics.status(resp.status().as_u16());
+    // Stopping: the client must not send another request on this
+    // connection (hyper closes it after this response).
+    if sh.stopping.load(Relaxed) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(resp)
 }
 

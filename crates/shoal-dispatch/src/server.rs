@@ -108,13 +108,21 @@ pub async fn serve_proxy(
                         break;
                     }
                     _ = tick.tick() => {
-                        // Stopping: an idle connection closes now, a busy
-                        // one after the response it is sending.
-                        if !draining && shared.stopping.load(Relaxed) {
+                        // Stopping: every response now says `Connection:
+                        // close` (see `handle`), so a client in use moves
+                        // on after its next one; a connection quiet for a
+                        // whole tick is closed here. Closing one that is
+                        // merely between two requests would race the
+                        // client's next request, which would then fail.
+                        let now = clock.now_ms();
+                        if !draining
+                            && shared.stopping.load(Relaxed)
+                            && limits.quiet(now, &state)
+                        {
                             conn.as_mut().graceful_shutdown();
                             draining = true;
                         }
-                        if let Some(kind) = limits.overdue(clock.now_ms(), &state) {
+                        if let Some(kind) = limits.overdue(now, &state) {
                             m.error(kind);
                             break; // dropping the connection closes it
                         }
@@ -163,6 +171,14 @@ impl Limits {
         }
         None
     }
+
+    /// No request is open and nothing was written for a whole check
+    /// period: a connection that can be closed without racing a request.
+    pub(crate) fn quiet(&self, now_ms: u64, st: &ConnState) -> bool {
+        st.open.load(Relaxed) == 0
+            && now_ms.saturating_sub(st.last_write_ms.load(Relaxed))
+                >= self.check_every.as_millis() as u64
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +212,24 @@ mod tests {
         // Unless it waits on a backend: the backend timeout covers that.
         st.waiting.store(1, Relaxed);
         assert_eq!(l.overdue(500_000, &st), None);
+    }
+
+    #[test]
+    fn only_a_connection_quiet_for_a_whole_tick_is_closed_on_stop() {
+        let l = Limits::of(&ConnOpts {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 65536,
+        });
+        let st = ConnState::default();
+        st.last_write_ms.store(5_000, Relaxed);
+        // Between two requests of a busy client: keep it (its next
+        // response says Connection: close).
+        assert!(!l.quiet(5_999, &st));
+        assert!(l.quiet(6_000, &st));
+        // A request open, however long ago the last write: keep it.
+        st.open.store(1, Relaxed);
+        assert!(!l.quiet(60_000, &st));
     }
 }
 
