@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod follow;
 pub mod h1;
+pub mod handover;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -163,6 +164,13 @@ pub struct DispatchArgs {
     /// left or after this long (a second signal exits at once).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Unix socket for zero-downtime upgrades. A dispatcher started with
+    /// the same --handover and --listen while another runs there takes over
+    /// its listening sockets (and its admin listener, if --admin is the
+    /// same); the old one then stops accepting, finishes its requests in
+    /// flight and exits. No connection is refused or reset in between.
+    #[arg(long)]
+    pub handover: Option<std::path::PathBuf>,
 }
 
 /// Runs the dispatcher until interrupted.
@@ -329,31 +337,50 @@ fn serve(
     //
     // SO_REUSEPORT would also let a second dispatcher started on the same
     // address share the port silently, taking part of the connections. A
-    // plain bind first finds any process already listening there.
-    let local = match std::net::TcpListener::bind(args.listen) {
-        Ok(probe) => probe.local_addr()?,
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
-            "{} is in use: another process (perhaps another shoal dispatch) listens there; \
-             stop it or give another --listen",
-            args.listen
-        ),
-        Err(e) => return Err(e).with_context(|| format!("listening on {}", args.listen)),
+    // plain bind first finds any process already listening there, unless
+    // this one takes that one's sockets over (--handover).
+    let mut taken = match &args.handover {
+        Some(path) => handover::take(path, args.listen)?,
+        None => None,
     };
-    let listener = reuseport_socket(local).with_context(|| format!("listening on {local}"))?;
-    let mut more = Vec::with_capacity(threads - 1);
-    for _ in 1..threads {
-        more.push(
-            reuseport_socket(local)
-                .with_context(|| format!("listening on {local} for another thread"))?,
-        );
-    }
+    let local = match &taken {
+        Some(_) => args.listen,
+        None => match std::net::TcpListener::bind(args.listen) {
+            Ok(probe) => probe.local_addr()?,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+                "{} is in use: another process (perhaps another shoal dispatch) listens there; \
+                 stop it, give another --listen, or take its place with the --handover path it was started with",
+                args.listen
+            ),
+            Err(e) => return Err(e).with_context(|| format!("listening on {}", args.listen)),
+        },
+    };
+    let inherited = taken
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.listeners))
+        .unwrap_or_default();
+    let mut per_thread = Bound::spread(inherited, threads, local)?;
+    let listener = per_thread.remove(0);
+    let more = per_thread;
+    // The sockets this dispatcher offers its own successor.
+    let offered: Vec<std::os::fd::OwnedFd> = match &args.handover {
+        Some(_) => listener
+            .iter()
+            .chain(more.iter().flatten())
+            .map(Bound::dup)
+            .collect::<std::io::Result<_>>()?,
+        None => Vec::new(),
+    };
     let admin = match args.admin {
-        Some(a) => {
-            let l =
-                std::net::TcpListener::bind(a).with_context(|| format!("admin listener on {a}"))?;
-            l.set_nonblocking(true)?;
-            Some(l)
-        }
+        Some(a) => match taken.as_mut().and_then(|t| t.admin.take()) {
+            Some((at, l)) if at == a => Some(l),
+            _ => {
+                let l = std::net::TcpListener::bind(a)
+                    .with_context(|| format!("admin listener on {a}"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+        },
         None => None,
     };
     let opts = server::ConnOpts {
@@ -385,10 +412,10 @@ fn serve(
                     tracing::warn!("{e:#}; thread {w} runs unpinned");
                 }
                 rt.block_on(async move {
-                    match l.listen(LISTEN_BACKLOG) {
+                    match Bound::listen_all(l) {
                         Ok(l) => {
                             let _ = ready.send(Ok(()));
-                            server::serve_proxy(l, sh, opts, clock, stop.clone()).await;
+                            serve_all(l, sh, opts, clock, stop).await;
                             // Serve the connections still finishing until
                             // the process exits.
                             std::future::pending::<()>().await
@@ -411,17 +438,34 @@ fn serve(
     }
     pin_worker(&cpus, 0)?;
     main_loop.block_on(async move {
-        let listener = listener.listen(LISTEN_BACKLOG)?;
+        let listener = Bound::listen_all(listener)?;
         tokio::spawn(pool::sweep_task(backends.clone(), pool_opts.idle_ms));
-        let admin = match admin {
+        let offered_admin = match (&admin, args.handover.is_some()) {
+            (Some(l), true) => Some((
+                l.local_addr()?,
+                std::os::fd::AsFd::as_fd(l).try_clone_to_owned()?,
+            )),
+            _ => None,
+        };
+        let (admin, admin_task) = match admin {
             Some(l) => {
                 let l = tokio::net::TcpListener::from_std(l)?;
                 let addr = l.local_addr()?;
-                tokio::spawn(server::serve_admin(l, backends.clone(), metrics.clone()));
-                Some(addr)
+                let task = tokio::spawn(server::serve_admin(l, backends.clone(), metrics.clone()));
+                (Some(addr), Some(task))
             }
+            None => (None, None),
+        };
+        // Every socket accepts now: take the handover path over (for the
+        // next upgrade), then let the old dispatcher go.
+        let handover = match &args.handover {
+            Some(p) => Some(handover::Server::bind(p)?),
             None => None,
         };
+        if let Some(t) = taken {
+            let pid = t.release()?;
+            tracing::info!("took over {local} from pid {pid}, which now drains");
+        }
         tokio::spawn(clock.clone().run());
         tokio::spawn(server::health_task(
             backends.clone(),
@@ -456,13 +500,110 @@ fn serve(
             };
             let _ = out.flush();
         }
+        let handed_over = async {
+            match &handover {
+                Some(h) => {
+                    h.offer(
+                        local,
+                        &offered,
+                        offered_admin.as_ref().map(|(a, fd)| (*a, fd)),
+                    )
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = server::serve_proxy(listener, shared.clone(), opts, clock, stop.clone()) => {}
+            _ = serve_all(listener, shared.clone(), opts, clock, stop.clone()) => {}
             _ = shutdown_signal() => {}
+            _ = handed_over => {
+                if let Some(t) = &admin_task {
+                    t.abort();
+                }
+            }
         }
+        // Close this process's last hold on the listening sockets so that,
+        // unless a successor holds them, new connections are refused.
+        drop(offered);
+        drop(offered_admin);
+        drop(handover);
         drain(&stop, &shared, args.shutdown_timeout).await;
         Ok(())
     })
+}
+
+/// A proxy listening socket before its thread's event loop listens on it.
+enum Bound {
+    /// Bound here (SO_REUSEPORT); listening starts in the thread.
+    Fresh(tokio::net::TcpSocket),
+    /// Taken over from a running dispatcher, already listening.
+    Taken(std::net::TcpListener),
+}
+
+impl Bound {
+    /// The sockets of each of `threads` threads: those taken over dealt out
+    /// in turn (a thread may get several when the old dispatcher ran more
+    /// threads: none may be left unserved, its backlog would strand), and
+    /// fresh ones in the same SO_REUSEPORT group for threads left without.
+    fn spread(
+        taken: Vec<std::net::TcpListener>,
+        threads: usize,
+        local: SocketAddr,
+    ) -> anyhow::Result<Vec<Vec<Bound>>> {
+        let mut out: Vec<Vec<Bound>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, l) in taken.into_iter().enumerate() {
+            out[i % threads].push(Bound::Taken(l));
+        }
+        for (w, socks) in out.iter_mut().enumerate() {
+            if socks.is_empty() {
+                socks.push(Bound::Fresh(reuseport_socket(local).with_context(
+                    || format!("listening on {local} for dispatcher thread {w}"),
+                )?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        match self {
+            Bound::Fresh(s) => s.as_fd().try_clone_to_owned(),
+            Bound::Taken(l) => l.as_fd().try_clone_to_owned(),
+        }
+    }
+
+    /// Listens on each (inside the thread's event loop).
+    fn listen_all(socks: Vec<Bound>) -> std::io::Result<Vec<tokio::net::TcpListener>> {
+        socks
+            .into_iter()
+            .map(|b| match b {
+                Bound::Fresh(s) => s.listen(LISTEN_BACKLOG),
+                Bound::Taken(l) => tokio::net::TcpListener::from_std(l),
+            })
+            .collect()
+    }
+}
+
+/// Serves a thread's listeners until `stop`.
+async fn serve_all(
+    mut listeners: Vec<tokio::net::TcpListener>,
+    sh: Arc<proxy::Shared>,
+    opts: server::ConnOpts,
+    clock: Clock,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let last = listeners.pop().expect("every thread has a listener");
+    let others: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let (sh, opts, clock, stop) = (sh.clone(), opts.clone(), clock.clone(), stop.clone());
+            tokio::spawn(server::serve_proxy(l, sh, opts, clock, stop))
+        })
+        .collect();
+    server::serve_proxy(last, sh, opts, clock, stop).await;
+    for t in others {
+        let _ = t.await;
+    }
 }
 
 /// Stops accepting on every thread and waits, up to `limit`, for the open

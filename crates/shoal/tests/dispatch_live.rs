@@ -679,3 +679,242 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// Waits (up to `limit`) for a dispatcher process to exit; its status.
+async fn exits_within(d: &mut Dispatcher, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "still running after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handover_upgrades_under_load_without_a_failed_request() {
+    let a = TestBackend::start("a").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("dispatch.sock");
+    let sock = sock.to_str().unwrap();
+    let mut d1 = Dispatcher::start(&[&a], &["--handover", sock]);
+    let (listen, admin) = (
+        d1.host_port(),
+        d1.admin.trim_start_matches("http://").to_string(),
+    );
+    let url = d1.url.clone();
+    // Load on keep-alive connections and on a new connection per request
+    // (those land in the listen backlog, which must never be closed).
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut load = Vec::new();
+    // And as a browser or wrk: the next request on the same connection soon
+    // after a response (2 ms here), unless told `Connection: close`.
+    // Closing such a connection between two requests fails the second
+    // (hyper's client would retry it, so it cannot show this).
+    for w in 0..8 {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), listen.clone());
+        load.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut conn: Option<tokio::net::TcpStream> = None;
+            let mut i = 0u64;
+            while !stop.load(SeqCst) {
+                i += 1;
+                let s = match conn.as_mut() {
+                    Some(s) => s,
+                    None => match tokio::net::TcpStream::connect(&addr).await {
+                        Ok(s) => conn.insert(s),
+                        Err(e) => {
+                            failed.lock().unwrap().push(format!("raw connect: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                let req = format!("GET /raw{w}/{i} HTTP/1.1\r\nHost: x\r\n\r\n");
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let sent = s.write_all(req.as_bytes()).await;
+                // The head, then Content-Length bytes of body.
+                let whole = loop {
+                    if sent.is_err() {
+                        break None;
+                    }
+                    if let Some(end) = buf.windows(4).position(|x| x == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break Some(head);
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                match whole {
+                    Some(head) if head.starts_with("http/1.1 200") => {
+                        ok.fetch_add(1, SeqCst);
+                        if head.contains("connection: close") {
+                            conn = None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Some(head) => {
+                        failed.lock().unwrap().push(format!("raw: {head}"));
+                        conn = None;
+                    }
+                    None => {
+                        failed
+                            .lock()
+                            .unwrap()
+                            .push(format!("raw: request {i} cut: {sent:?}"));
+                        conn = None;
+                    }
+                }
+            }
+        }));
+    }
+    for w in 0..4 {
+        let c = if w % 2 == 0 {
+            Client::new()
+        } else {
+            Client::fresh()
+        };
+        let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), url.clone());
+        load.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(SeqCst) {
+                i += 1;
+                match c.get(&format!("{url}/w{w}/{i}")).await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, SeqCst);
+                    }
+                    Ok(r) => failed.lock().unwrap().push(format!("status {}", r.status)),
+                    Err(e) => failed.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+    let served = |n: u64| {
+        let ok = ok.clone();
+        let target = ok.load(SeqCst) + n;
+        move || ok.load(SeqCst) >= target
+    };
+    wait_until("load through d1", Duration::from_secs(10), served(200)).await;
+    // A request held at the backend across the handover.
+    let held = tokio::spawn({
+        let (c, url) = (Client::new(), format!("{url}/sleep/1500/held"));
+        async move { c.get(&url).await }
+    });
+    wait_until(
+        "the held request at the backend",
+        Duration::from_secs(10),
+        || a.stats.in_flight.load(SeqCst) >= 1,
+    )
+    .await;
+
+    // d2 (one thread) takes over d1's two listeners and its admin listener.
+    let mut d2 = Dispatcher::start_at(
+        &listen,
+        &admin,
+        &a.spec(),
+        &["--handover", sock, "--threads", "1"],
+    );
+    assert_eq!(d2.admin, d1.admin, "the admin listener is taken over too");
+    let r = held
+        .await
+        .unwrap()
+        .expect("the request held across the handover was cut");
+    assert_eq!(r.status, 200);
+    assert!(
+        exits_within(&mut d1, Duration::from_secs(10))
+            .await
+            .success()
+    );
+    wait_until(
+        "load through d2 alone",
+        Duration::from_secs(10),
+        served(200),
+    )
+    .await;
+    let m = Client::new()
+        .get(&format!("{}/metrics", d2.admin))
+        .await
+        .unwrap();
+    assert_eq!(m.status, 200, "d2 serves the inherited admin listener");
+
+    // A connection that takes the offer and walks away changes nothing.
+    {
+        use std::io::BufRead;
+        let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(line.contains("\"listen\""), "{line}");
+    }
+    // A dispatcher asking for another address is refused and d2 keeps on.
+    let err = shoal_refuses(&[
+        "dispatch",
+        "--listen",
+        "127.0.0.1:1",
+        "--backends",
+        &a.spec(),
+        "--handover",
+        sock,
+    ]);
+    assert!(
+        err.contains(&format!("listens on {listen}")) && err.contains("--listen"),
+        "{err}"
+    );
+    wait_until(
+        "load through d2 after both",
+        Duration::from_secs(10),
+        served(200),
+    )
+    .await;
+
+    // d3 (three threads) takes over from d2: the socket path passed on.
+    let mut d3 = Dispatcher::start_at(
+        &listen,
+        "127.0.0.1:0",
+        &a.spec(),
+        &["--handover", sock, "--threads", "3"],
+    );
+    assert!(
+        exits_within(&mut d2, Duration::from_secs(10))
+            .await
+            .success()
+    );
+    wait_until("load through d3", Duration::from_secs(10), served(200)).await;
+    stop.store(true, SeqCst);
+    for l in load {
+        l.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+
+    // d3 dies without cleaning up: its socket file is stale, and the next
+    // dispatcher on that path starts afresh.
+    d3.child.kill().unwrap();
+    d3.child.wait().unwrap();
+    assert!(std::path::Path::new(sock).exists());
+    let d4 = Dispatcher::start_at(&listen, "127.0.0.1:0", &a.spec(), &["--handover", sock]);
+    assert_eq!(
+        Client::new()
+            .get(&format!("{}/x", d4.url))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}

@@ -247,18 +247,28 @@ impl Dispatcher {
     }
 
     pub fn start_raw(backends: &str, args: &[&str]) -> Dispatcher {
+        Self::start_at("127.0.0.1:0", "127.0.0.1:0", backends, args)
+    }
+
+    /// As `start_raw`, listening on `listen` with the admin listener on `admin`.
+    /// Two threads unless ARGS give --threads.
+    pub fn start_at(listen: &str, admin: &str, backends: &str, args: &[&str]) -> Dispatcher {
+        let threads: &[&str] = if args.contains(&"--threads") {
+            &[]
+        } else {
+            &["--threads", "2"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .args([
                 "dispatch",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--admin",
-                "127.0.0.1:0",
-                "--threads",
-                "2",
+                admin,
                 "--backends",
                 backends,
             ])
+            .args(threads)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -323,6 +333,15 @@ impl Client {
         Self {
             inner: HClient::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(64)
+                .build_http(),
+        }
+    }
+
+    /// A client that opens a new connection for every request.
+    pub fn fresh() -> Self {
+        Self {
+            inner: HClient::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
                 .build_http(),
         }
     }
