@@ -120,6 +120,11 @@ pub struct DispatchArgs {
     /// Admin listener (metrics, backend list); off unless given.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    /// File whose first line is the token that changes through the admin
+    /// listener (PUT /backends) must bring as `Authorization: Bearer
+    /// TOKEN`. Without it, changes are taken from loopback peers only.
+    #[arg(long)]
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Backend connect timeout.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -339,6 +344,20 @@ fn serve(
     // address share the port silently, taking part of the connections. A
     // plain bind first finds any process already listening there, unless
     // this one takes that one's sockets over (--handover).
+    let admin_auth = match (&args.admin_token_file, args.admin) {
+        (Some(p), Some(_)) => server::AdminAuth::from_file(p)?,
+        (Some(_), None) => {
+            anyhow::bail!("--admin-token-file guards the admin listener: give --admin ADDR too")
+        }
+        (None, Some(a)) if !a.ip().is_loopback() => {
+            tracing::warn!(
+                "admin listener on {a} without --admin-token-file: it serves metrics to all, \
+                 and takes backend-list changes from loopback only"
+            );
+            Default::default()
+        }
+        (None, _) => Default::default(),
+    };
     let mut taken = match &args.handover {
         Some(path) => handover::take(path, args.listen)?,
         None => None,
@@ -451,7 +470,12 @@ fn serve(
             Some(l) => {
                 let l = tokio::net::TcpListener::from_std(l)?;
                 let addr = l.local_addr()?;
-                let task = tokio::spawn(server::serve_admin(l, backends.clone(), metrics.clone()));
+                let task = tokio::spawn(server::serve_admin(
+                    l,
+                    backends.clone(),
+                    metrics.clone(),
+                    admin_auth.clone(),
+                ));
                 (Some(addr), Some(task))
             }
             None => (None, None),

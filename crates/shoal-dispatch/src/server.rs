@@ -231,6 +231,59 @@ mod tests {
         st.open.store(1, Relaxed);
         assert!(!l.quiet(60_000, &st));
     }
+
+    #[test]
+    fn admin_changes_need_the_token_or_loopback() {
+        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let far: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let v6lo: std::net::IpAddr = "::1".parse().unwrap();
+        let none = AdminAuth::default();
+        assert!(none.may_change(lo, None).is_ok());
+        assert!(none.may_change(v6lo, None).is_ok());
+        assert_eq!(
+            none.may_change(far, None).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        let tok = AdminAuth {
+            token: Some("0123456789abcdef0123".into()),
+        };
+        let h = |s: &'static str| header::HeaderValue::from_static(s);
+        let good = h("Bearer 0123456789abcdef0123");
+        assert!(tok.may_change(far, Some(&good)).is_ok());
+        assert!(tok.may_change(lo, Some(&good)).is_ok());
+        // With a token, loopback is no exemption; a prefix, another scheme
+        // or a missing header is refused.
+        for bad in [
+            None,
+            Some(h("Bearer 0123456789abcdef012")),
+            Some(h("Bearer 0123456789abcdef01234")),
+            Some(h("Basic 0123456789abcdef0123")),
+            Some(h("0123456789abcdef0123")),
+        ] {
+            assert_eq!(
+                tok.may_change(lo, bad.as_ref()).unwrap_err().0,
+                StatusCode::UNAUTHORIZED,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_token_file_is_checked() {
+        let dir = std::env::temp_dir().join(format!("shoal-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("t");
+        std::fs::write(&f, "short\n").unwrap();
+        let e = AdminAuth::from_file(&f).unwrap_err().to_string();
+        assert!(e.contains("at least 16"), "{e}");
+        std::fs::write(&f, "0123456789abcdef0123\nignored\n").unwrap();
+        assert!(AdminAuth::from_file(&f).unwrap().has_token());
+        let e = AdminAuth::from_file(&dir.join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 fn classify(m: &Metrics, e: &hyper::Error) {
@@ -259,18 +312,91 @@ fn one() -> u32 {
     1
 }
 
+/// Who may change the backend list through the admin listener. Reading
+/// (metrics, the list, route explanations) is open to whoever reaches it.
+#[derive(Debug, Clone, Default)]
+pub struct AdminAuth {
+    token: Option<Arc<str>>,
+}
+
+impl AdminAuth {
+    /// Changes need `Authorization: Bearer TOKEN`, the token being the
+    /// first line of `path`.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<AdminAuth> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--admin-token-file {}: cannot read it", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.len() < 16 || token.bytes().any(|b| !b.is_ascii_graphic()) {
+            anyhow::bail!(
+                "--admin-token-file {}: the token must be one line of at least 16 printable \
+                 characters without spaces (e.g. `openssl rand -hex 32 > {}`)",
+                path.display(),
+                path.display()
+            );
+        }
+        Ok(AdminAuth {
+            token: Some(token.into()),
+        })
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Whether a change from `peer` with this `Authorization` is allowed:
+    /// with a token, only with that token; without one, only from
+    /// loopback (a listener bound wider still serves metrics).
+    pub(crate) fn may_change(
+        &self,
+        peer: std::net::IpAddr,
+        authorization: Option<&header::HeaderValue>,
+    ) -> Result<(), (StatusCode, &'static str)> {
+        use subtle::ConstantTimeEq as _;
+        match &self.token {
+            Some(token) => {
+                let given = authorization
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    .unwrap_or(b"");
+                if bool::from(given.ct_eq(token.as_bytes())) {
+                    Ok(())
+                } else {
+                    Err((
+                        StatusCode::UNAUTHORIZED,
+                        "changes need `Authorization: Bearer TOKEN`, TOKEN being the line in the dispatcher's --admin-token-file\n",
+                    ))
+                }
+            }
+            None if peer.is_loopback() => Ok(()),
+            None => Err((
+                StatusCode::FORBIDDEN,
+                "changes are taken from loopback only: start the dispatcher with --admin-token-file \
+                 and send `Authorization: Bearer TOKEN` to change it from elsewhere\n",
+            )),
+        }
+    }
+}
+
 /// The admin listener: `/metrics`, `GET|PUT /backends`, `POST /route`
 /// (a JSON list of URLs, explained with the live state), `/healthz`.
-pub async fn serve_admin(listener: TcpListener, backends: Arc<Backends>, metrics: Arc<Metrics>) {
+pub async fn serve_admin(
+    listener: TcpListener,
+    backends: Arc<Backends>,
+    metrics: Arc<Metrics>,
+    auth: AdminAuth,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         let backends = backends.clone();
         let metrics = metrics.clone();
+        let auth = auth.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| admin(backends.clone(), metrics.clone(), req));
+            let svc = service_fn(move |req| {
+                admin(backends.clone(), metrics.clone(), auth.clone(), peer, req)
+            });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -293,6 +419,8 @@ fn text(code: StatusCode, ctype: &'static str, body: String) -> Response<Full<By
 async fn admin(
     backends: Arc<Backends>,
     metrics: Arc<Metrics>,
+    auth: AdminAuth,
+    peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let plain = "text/plain; charset=utf-8";
@@ -329,6 +457,18 @@ async fn admin(
             }
         }
         (&Method::PUT, "/backends") | (&Method::POST, "/backends") => {
+            if let Err((code, why)) =
+                auth.may_change(peer.ip(), req.headers().get(header::AUTHORIZATION))
+            {
+                let mut r = text(code, plain, why.into());
+                if code == StatusCode::UNAUTHORIZED {
+                    r.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        header::HeaderValue::from_static("Bearer"),
+                    );
+                }
+                return Ok(r);
+            }
             let body = match read_body(req).await {
                 Ok(b) => b,
                 Err(r) => return Ok(r),

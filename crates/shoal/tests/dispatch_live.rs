@@ -918,3 +918,62 @@ async fn handover_upgrades_under_load_without_a_failed_request() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_guards_backend_list_changes() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("token");
+    let token = "9f86d081884c7d659a2feaa0c55ad015";
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let d = Dispatcher::start(&[&a], &["--admin-token-file", file.to_str().unwrap()]);
+    let c = Client::new();
+    let put = |auth: Option<String>| {
+        let mut req = Request::put(format!("{}/backends", d.admin));
+        if let Some(v) = auth {
+            req = req.header("authorization", v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(
+                serde_json::json!([{"addr": b.spec()}]).to_string(),
+            )))
+            .unwrap();
+        let c = c.clone();
+        async move { c.send(req).await.unwrap() }
+    };
+    // No token, a wrong one, the right one in another scheme: refused with
+    // a reason, and the list is unchanged.
+    for auth in [
+        None,
+        Some("Bearer 9f86d081884c7d659a2feaa0c55ad016".to_string()),
+        Some(format!("Basic {token}")),
+    ] {
+        let r = put(auth.clone()).await;
+        assert_eq!(r.status, 401, "{auth:?}");
+        assert_eq!(r.headers["www-authenticate"], "Bearer");
+        assert!(String::from_utf8_lossy(&r.body).contains("--admin-token-file"));
+    }
+    assert_eq!(c.get(&format!("{}/x", d.url)).await.unwrap().backend, "a");
+    // Reading needs no token.
+    let m = c.get(&format!("{}/metrics", d.admin)).await.unwrap();
+    assert_eq!(m.status, 200);
+    // The token changes it.
+    let r = put(Some(format!("Bearer {token}"))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(c.get(&format!("{}/x", d.url)).await.unwrap().backend, "b");
+    // A token file that is too short is refused at start.
+    std::fs::write(&file, "secret\n").unwrap();
+    let err = shoal_refuses(&[
+        "dispatch",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--backends",
+        &a.spec(),
+        "--admin-token-file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(err.contains("at least 16"), "{err}");
+}
