@@ -4,6 +4,7 @@
 //! every request with one of shoal-core's selectors, over a backend list that
 //! can be swapped live ([`Backends::apply`]).
 
+pub mod access_log;
 pub mod backends;
 mod bench;
 pub mod clock;
@@ -176,6 +177,13 @@ pub struct DispatchArgs {
     /// flight and exits. No connection is refused or reset in between.
     #[arg(long)]
     pub handover: Option<std::path::PathBuf>,
+    /// Append one JSON line per request to this file (`-`: standard
+    /// error): time, client, method, URI, status, backend, bytes,
+    /// milliseconds, outcome. SIGHUP reopens it (for logrotate). Lines are
+    /// buffered per thread and written every 100 ms by a thread of their
+    /// own; they are dropped and counted if the disk falls far behind.
+    #[arg(long)]
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 /// Runs the dispatcher until interrupted.
@@ -323,6 +331,10 @@ fn serve(
         clock.clone(),
     )?;
     let metrics = Arc::new(Metrics::default());
+    let access_log = match &args.access_log {
+        Some(p) => Some(access_log::AccessLog::open(p, metrics.clone())?),
+        None => None,
+    };
     let pool_opts = pool::PoolOpts {
         connect_timeout: args.connect_timeout,
         idle_ms: args.pool_idle_timeout.as_millis() as u64,
@@ -334,6 +346,7 @@ fn serve(
         metrics: metrics.clone(),
         backend_timeout: args.backend_timeout,
         stopping: Default::default(),
+        access_log,
     });
     // One listening socket per thread on the same port (SO_REUSEPORT, as
     // nginx's `reuseport`): the kernel spreads new connections evenly over
@@ -486,6 +499,13 @@ fn serve(
             Some(p) => Some(handover::Server::bind(p)?),
             None => None,
         };
+        // SIGHUP reopens the access log; handled from before the first
+        // request (its default action would end the process).
+        if shared.access_log.is_some() {
+            let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("handling SIGHUP for the access log")?;
+            tokio::spawn(reopen_on_sighup(shared.clone(), hup));
+        }
         if let Some(t) = taken {
             let pid = t.release()?;
             tracing::info!("took over {local} from pid {pid}, which now drains");
@@ -552,6 +572,9 @@ fn serve(
         drop(offered_admin);
         drop(handover);
         drain(&stop, &shared, args.shutdown_timeout).await;
+        if let Some(l) = &shared.access_log {
+            l.flush();
+        }
         Ok(())
     })
 }
@@ -660,6 +683,15 @@ async fn drain(stop: &tokio_util::sync::CancellationToken, sh: &proxy::Shared, l
         }
     }
     tracing::info!("stopped: every connection finished");
+}
+
+/// Reopens the access log on every SIGHUP.
+async fn reopen_on_sighup(sh: Arc<proxy::Shared>, mut hup: tokio::signal::unix::Signal) {
+    while hup.recv().await.is_some() {
+        if let Some(l) = &sh.access_log {
+            l.reopen();
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub connections_open: AtomicU64,
     /// Requests replayed after a failed attempt.
     pub retries: AtomicU64,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -133,6 +135,16 @@ impl Metrics {
                 self.responses[c].load(Relaxed)
             );
         }
+        let _ = writeln!(
+            o,
+            "# HELP {p}_access_log_dropped_total Access-log lines dropped because the writer fell behind."
+        );
+        let _ = writeln!(o, "# TYPE {p}_access_log_dropped_total counter");
+        let _ = writeln!(
+            o,
+            "{p}_access_log_dropped_total {}",
+            self.access_log_dropped.load(Relaxed)
+        );
         let _ = writeln!(o, "# HELP {p}_bytes_total Body bytes forwarded.");
         let _ = writeln!(o, "# TYPE {p}_bytes_total counter");
         let _ = writeln!(

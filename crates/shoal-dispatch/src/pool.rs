@@ -7,10 +7,11 @@ use std::time::Duration;
 /// A connection to a backend (see [`crate::h1`]).
 pub type Conn = crate::h1::BackendConn;
 
-/// Shards of idle connections per backend: one per dispatcher thread (up
-/// to this many), so that a thread reuses the connections whose I/O its own
-/// event loop drives instead of waking another thread's on every request.
-const SHARDS: usize = 16;
+/// Shards of idle connections per backend (and of the access log's
+/// buffers): one per dispatcher thread (up to this many), so that a thread
+/// reuses the connections whose I/O its own event loop drives instead of
+/// waking another thread's on every request.
+pub(crate) const SHARDS: usize = 16;
 
 thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -21,7 +22,7 @@ pub fn set_worker(w: usize) {
     WORKER.with(|c| c.set(w % SHARDS));
 }
 
-fn shard() -> usize {
+pub(crate) fn shard() -> usize {
     WORKER.with(|c| c.get())
 }
 

@@ -1,6 +1,7 @@
 //! The reverse proxy: one hyper HTTP/1.1 connection per client, every request
 //! dispatched on its own (thesis 3.4.3), bodies streamed both ways.
 
+use crate::access_log::{self, AccessLog};
 use crate::backends::{Backends, HealthCell, Table};
 use crate::clock::Clock;
 use crate::h1::{BackendError, Head, ReqHead, ResponseBody, Turn, Upload};
@@ -41,6 +42,8 @@ pub struct Shared {
     /// watchdog tick, rather than a cancellation future polled, under a
     /// process-wide lock, on every wake-up of every connection).
     pub stopping: std::sync::atomic::AtomicBool,
+    /// One line per request, when `--access-log` is given.
+    pub access_log: Option<AccessLog>,
 }
 
 /// Per-client-connection state seen by the connection's watchdog, which
@@ -95,6 +98,52 @@ struct Done {
     sh: Arc<Shared>,
     /// The backend's idle connections.
     cell: Arc<HealthCell>,
+    /// The request's access-log line, filled in as the response goes.
+    log: Option<Box<LogLine>>,
+}
+
+/// What the access log says of a request, gathered along the way (only
+/// when the log is on: a box and two strings per request).
+#[derive(Debug)]
+pub(crate) struct LogLine {
+    at: std::time::SystemTime,
+    client: SocketAddr,
+    method: Method,
+    uri: String,
+    backend: Option<String>,
+    status: u16,
+    bytes: u64,
+    outcome: &'static str,
+}
+
+impl LogLine {
+    fn new(client: SocketAddr, req: &Request<Incoming>) -> Box<LogLine> {
+        Box::new(LogLine {
+            at: std::time::SystemTime::now(),
+            client,
+            method: req.method().clone(),
+            uri: req.uri().to_string(),
+            backend: None,
+            status: 0,
+            bytes: 0,
+            // Unless the response ends, or the backend cuts it.
+            outcome: "client_gone",
+        })
+    }
+
+    fn write(&self, log: &AccessLog, start: Instant) {
+        log.record(&access_log::Entry {
+            ts: access_log::timestamp(self.at),
+            client: self.client,
+            method: self.method.as_str(),
+            uri: &self.uri,
+            status: self.status,
+            backend: self.backend.as_deref(),
+            bytes: self.bytes,
+            ms: (start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            outcome: self.outcome,
+        });
+    }
 }
 
 /// Returns a backend connection whose response is complete to the idle
@@ -105,7 +154,10 @@ fn release(sh: &Shared, cell: &HealthCell, c: Conn) {
 }
 
 impl Done {
-    fn finish(self, back: Option<Conn>) {
+    fn finish(mut self, back: Option<Conn>) {
+        if let Some(l) = &mut self.log {
+            l.outcome = "ok";
+        }
         if let Some(c) = back {
             release(&self.sh, &self.cell, c);
         }
@@ -116,6 +168,9 @@ impl Drop for Done {
     fn drop(&mut self) {
         self.sh.metrics.latency(self.start.elapsed());
         self.conn.open.fetch_sub(1, Relaxed);
+        if let (Some(line), Some(log)) = (&self.log, &self.sh.access_log) {
+            line.write(log, self.start);
+        }
     }
 }
 
@@ -131,16 +186,22 @@ impl Body for Metered {
         let r = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &r {
             Some(Ok(f)) => {
-                if let (Some(d), Some(done)) = (f.data_ref(), &this.done) {
+                if let (Some(d), Some(done)) = (f.data_ref(), &mut this.done) {
                     done.sh.metrics.bytes_out.fetch_add(d.len() as u64, Relaxed);
+                    if let Some(l) = &mut done.log {
+                        l.bytes += d.len() as u64;
+                    }
                 }
             }
             Some(Err(e)) => {
                 // The backend reset or broke the framing mid-response: only
                 // this client's connection is cut (hyper aborts it).
                 tracing::debug!("backend response body: {e}");
-                if let Some(d) = this.done.take() {
+                if let Some(mut d) = this.done.take() {
                     d.sh.metrics.error(ErrorKind::BackendReset);
+                    if let Some(l) = &mut d.log {
+                        l.outcome = "backend_reset";
+                    }
                 }
             }
             None => {}
@@ -271,7 +332,8 @@ pub async fn handle(
     let start = Instant::now();
     sh.metrics.requests.fetch_add(1, Relaxed);
     conn.open.fetch_add(1, Relaxed);
-    let mut resp = proxy(&sh, conn, peer, req, start).await;
+    let log = sh.access_log.as_ref().map(|_| LogLine::new(peer, &req));
+    let mut resp = proxy(&sh, conn, peer, req, start, log).await;
     sh.metrics.status(resp.status().as_u16());
     // Stopping: the client must not send another request on this
     // connection (hyper closes it after this response).
@@ -313,9 +375,13 @@ async fn proxy(
     peer: SocketAddr,
     req: Request<Incoming>,
     start: Instant,
+    mut log: Option<Box<LogLine>>,
 ) -> Response<RespBody> {
-    match forward(sh, &conn, peer, req).await {
+    match forward(sh, &conn, peer, req, &mut log).await {
         Ok((parts, body, lease, cell)) => {
+            if let Some(l) = &mut log {
+                l.status = parts.status.as_u16();
+            }
             let body = Metered {
                 inner: body,
                 done: Some(Done {
@@ -324,6 +390,7 @@ async fn proxy(
                     start,
                     sh: sh.clone(),
                     cell,
+                    log,
                 }),
             };
             Response::from_parts(parts, Either::Left(body))
@@ -331,6 +398,12 @@ async fn proxy(
         Err(local) => {
             sh.metrics.latency(start.elapsed());
             conn.open.fetch_sub(1, Relaxed);
+            if let (Some(mut l), Some(alog)) = (log, &sh.access_log) {
+                l.status = local.status().as_u16();
+                l.bytes = local.body().size_hint().exact().unwrap_or(0);
+                l.outcome = "local";
+                l.write(alog, start);
+            }
             local
         }
     }
@@ -350,6 +423,7 @@ async fn forward(
     conn: &ConnState,
     peer: SocketAddr,
     req: Request<Incoming>,
+    log: &mut Option<Box<LogLine>>,
 ) -> Result<Forwarded, Response<RespBody>> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
@@ -407,6 +481,9 @@ async fn forward(
         let i = lease.index();
         let cell = &table.slots[i].health;
         let addr = table.set.get(i).addr();
+        if let Some(l) = log {
+            l.backend = Some(addr.to_owned());
+        }
         let last = attempt + 1 == attempts;
         let head = ReqHead {
             method: &parts.method,

@@ -977,3 +977,111 @@ async fn admin_token_guards_backend_list_changes() {
     ]);
     assert!(err.contains("at least 16"), "{err}");
 }
+
+/// The access log's lines once it holds `n` (a deadline, not a sleep: the
+/// writer thread lags the responses).
+async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let read = || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect::<Vec<serde_json::Value>>()
+    };
+    wait_until(
+        &format!("{n} access-log lines"),
+        Duration::from_secs(10),
+        || read().len() >= n,
+    )
+    .await;
+    read()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_a_line_per_request_and_reopens_on_sighup() {
+    let a = TestBackend::start("a").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("access.log");
+    let d = Dispatcher::start(
+        &[&a],
+        &[
+            "--access-log",
+            path.to_str().unwrap(),
+            "--eject-after-5xx",
+            "0",
+        ],
+    );
+    let c = Client::new();
+    assert_eq!(
+        c.get(&format!("{}/ok?q=1", d.url)).await.unwrap().status,
+        200
+    );
+    assert_eq!(
+        c.get(&format!("{}/big/300000", d.url))
+            .await
+            .unwrap()
+            .body
+            .len(),
+        300_000
+    );
+    assert_eq!(
+        c.get(&format!("{}/reset", d.url)).await.unwrap().status,
+        502
+    );
+    // Cut by the backend mid-body: the client sees an error.
+    assert!(c.get(&format!("{}/cut", d.url)).await.is_err());
+    let lines = log_lines(&path, 4).await;
+    let by_uri = |u: &str| {
+        lines
+            .iter()
+            .find(|l| l["uri"] == u)
+            .unwrap_or_else(|| panic!("no line for {u}: {lines:?}"))
+    };
+    let ok = by_uri("/ok?q=1");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["backend"], a.spec());
+    assert_eq!(ok["outcome"], "ok");
+    assert!(ok["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(ok["ts"].as_str().unwrap().ends_with('Z'));
+    assert!(ok["ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(by_uri("/big/300000")["bytes"], 300_000);
+    let reset = by_uri("/reset");
+    assert_eq!(
+        (reset["status"].as_u64(), reset["outcome"].as_str()),
+        (Some(502), Some("local"))
+    );
+    assert_eq!(
+        reset["backend"],
+        a.spec(),
+        "the backend that failed is named"
+    );
+    assert_eq!(by_uri("/cut")["outcome"], "backend_reset");
+
+    // logrotate: the file moves, SIGHUP, and the next line starts a new file.
+    std::fs::rename(&path, tmp.path().join("access.log.1")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    // The signal is handled asynchronously: request until a line lands in
+    // the new file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    while !std::fs::read_to_string(&path).is_ok_and(|t| t.contains("/after/")) {
+        assert!(Instant::now() < deadline, "no line in the reopened file");
+        i += 1;
+        let r = c.get(&format!("{}/after/{i}", d.url)).await.unwrap();
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nothing lost across the reopen: every request has its line in one
+    // file or the other.
+    let count = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+    let rotated = tmp.path().join("access.log.1");
+    wait_until("every line written", Duration::from_secs(10), || {
+        count(&rotated) + count(&path) == 4 + i
+    })
+    .await;
+}
