@@ -13,12 +13,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let head_request = ctl & 1 == 1;
-    let piece = 1 + (ctl >> 1) as usize;
+    let upgrade = ctl & 2 == 2;
+    let piece = 1 + (ctl >> 2) as usize;
     let mut buf = BytesMut::new();
     let mut input = rest;
     // The head, fed piece by piece as reads would.
     let head = loop {
-        match parse_head(&mut buf, head_request) {
+        match parse_head(&mut buf, head_request, upgrade) {
             Ok(Some(h)) => break h,
             Ok(None) if !input.is_empty() => {
                 let n = piece.min(input.len());

@@ -17,7 +17,7 @@ pub enum ConfigError {
         why: &'static str,
     },
     /// A duration that does not parse.
-    #[error("bad duration {0:?}; expected e.g. 500ms, 5s, 2m or a number of seconds")]
+    #[error("bad duration {0:?}; expected e.g. 500ms, 5s, 2m, 1h or a number of seconds")]
     Duration(String),
     /// A CPU affinity that is not `none`, `auto` or a CPU list.
     #[error(
@@ -132,6 +132,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
         (n, 1000)
     } else if let Some(n) = t.strip_suffix('m') {
         (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
     } else {
         (t, 1000)
     };

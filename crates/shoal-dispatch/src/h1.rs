@@ -108,8 +108,14 @@ pub(crate) fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 
 /// Parses a response head at the start of `buf`. `Ok(None)`: incomplete.
 /// On success the head's bytes are split off `buf` (header values share
-/// them, as hyper's do). Interim 1xx responses other than 101 are skipped.
-pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, BackendError> {
+/// them, as hyper's do). Interim 1xx responses other than 101 are skipped;
+/// a 101 is the head returned when the request asked to `upgrade`, and an
+/// error otherwise.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    upgrade: bool,
+) -> Result<Option<Head>, BackendError> {
     loop {
         let mut slots =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -133,11 +139,10 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             Err(_) => return Err(BackendError::Malformed("invalid response head")),
         };
         let code = res.code.unwrap_or(0);
-        if (100..200).contains(&code) {
-            if code == 101 {
-                // Upgrade is not forwarded, so a switch cannot be either.
-                return Err(BackendError::Malformed("unrequested protocol switch (101)"));
-            }
+        if code == 101 && !upgrade {
+            return Err(BackendError::Malformed("unrequested protocol switch (101)"));
+        }
+        if (100..200).contains(&code) && code != 101 {
             buf.advance(len);
             continue;
         }
@@ -548,11 +553,20 @@ pub struct ReqHead<'a> {
     pub host: &'a str,
     /// The client's address, appended to X-Forwarded-For.
     pub forwarded_for: Option<&'a HeaderValue>,
+    /// The client's `Upgrade` (a WebSocket handshake): sent on with
+    /// `Connection: upgrade`, and a 101 answer is then accepted.
+    pub upgrade: Option<&'a HeaderValue>,
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 impl BackendConn {
+    /// The socket and the bytes read past a 101 head: a tunnel's backend
+    /// end, whose first bytes may already be here.
+    pub fn into_tunnel(self) -> (TcpStream, BytesMut) {
+        (self.io, self.rbuf)
+    }
+
     /// Connects to `addr`; `None` when it cannot be reached within `timeout`.
     pub async fn connect(addr: &str, timeout: Duration) -> Option<BackendConn> {
         let io = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -598,6 +612,7 @@ impl BackendConn {
         let chunked = upload.as_ref().is_some_and(|u| u.chunked);
         encode_head(&mut self.wbuf, req, chunked);
         let head_request = *req.method == Method::HEAD;
+        let upgrade = req.upgrade.is_some();
         // Sent once the other ready tasks have had their turn: see
         // [`Turn`].
         to_the_back().await;
@@ -623,7 +638,13 @@ impl BackendConn {
                     Poll::Pending => {}
                 }
             }
-            poll_read_head(&mut self.io, &mut self.rbuf, head_request, &mut got_any, cx)
+            poll_read_head(
+                &mut self.io,
+                &mut self.rbuf,
+                (head_request, upgrade),
+                &mut got_any,
+                cx,
+            )
         })
         .await;
         match answer {
@@ -694,6 +715,10 @@ fn encode_head(w: &mut Vec<u8>, req: &ReqHead<'_>, chunked: bool) {
     if chunked {
         put_field(w, b"transfer-encoding", b"chunked");
     }
+    if let Some(u) = req.upgrade {
+        put_field(w, b"connection", b"upgrade");
+        put_field(w, b"upgrade", u.as_bytes());
+    }
     w.extend_from_slice(b"\r\n");
 }
 
@@ -735,13 +760,13 @@ fn poll_fill<R: tokio::io::AsyncRead + Unpin>(
 fn poll_read_head<R: tokio::io::AsyncRead + Unpin>(
     io: &mut R,
     rbuf: &mut BytesMut,
-    head_request: bool,
+    (head_request, upgrade): (bool, bool),
     got_any: &mut bool,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Head, BackendError>> {
     loop {
         if !rbuf.is_empty()
-            && let Some(h) = parse_head(rbuf, head_request)?
+            && let Some(h) = parse_head(rbuf, head_request, upgrade)?
         {
             return Poll::Ready(Ok(h));
         }
@@ -952,7 +977,7 @@ mod tests {
 
     fn head(text: &str, head_request: bool) -> Result<Option<Head>, BackendError> {
         let mut b = BytesMut::from(text.as_bytes());
-        parse_head(&mut b, head_request)
+        parse_head(&mut b, head_request, false)
     }
 
     fn framing_of(text: &str) -> (Framing, bool) {
@@ -1026,6 +1051,28 @@ mod tests {
     }
 
     #[test]
+    fn a_requested_switch_is_a_head_and_leaves_the_tunnel_bytes() {
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello"[..],
+        );
+        let h = parse_head(&mut b, false, true).unwrap().unwrap();
+        assert_eq!(h.parts.status, 101);
+        assert_eq!(h.parts.headers["upgrade"], "websocket");
+        assert_eq!(&b[..], b"\x81\x05hello");
+        // Other interim answers are still skipped before it.
+        let mut b =
+            BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching\r\n\r\n"[..]);
+        assert_eq!(
+            parse_head(&mut b, false, true)
+                .unwrap()
+                .unwrap()
+                .parts
+                .status,
+            101
+        );
+    }
+
+    #[test]
     fn bad_heads_are_refused_by_name() {
         for (text, why) in [
             (
@@ -1080,12 +1127,12 @@ mod tests {
         let mut b = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nlink: x\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: b\r\n\r\nhi"[..],
         );
-        let h = parse_head(&mut b, false).unwrap().unwrap();
+        let h = parse_head(&mut b, false, false).unwrap().unwrap();
         assert_eq!(h.parts.status, 200);
         assert_eq!(h.parts.headers["x-a"], "b");
         assert_eq!(&b[..], b"hi");
         let mut p = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_head(&mut p, false).unwrap().is_none());
+        assert!(parse_head(&mut p, false, false).unwrap().is_none());
         assert_eq!(p.len(), 27, "a partial head is left in place");
     }
 
@@ -1157,6 +1204,7 @@ mod tests {
         }
         let ip = HeaderValue::from_static("10.0.0.9");
         let req = ReqHead {
+            upgrade: None,
             method: &Method::GET,
             target: "/a?b",
             headers: &map,

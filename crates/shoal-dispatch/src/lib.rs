@@ -138,6 +138,10 @@ pub struct DispatchArgs {
     /// Longest wait for a backend's response headers (504 after).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub backend_timeout: Duration,
+    /// A connection switched to another protocol (WebSocket) is closed
+    /// after this long without a byte either way (HAProxy's `timeout tunnel`).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub tunnel_timeout: Duration,
     /// Idle pooled backend connections are closed after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
@@ -347,6 +351,7 @@ fn serve(
         backend_timeout: args.backend_timeout,
         stopping: Default::default(),
         access_log,
+        tunnel_timeout: args.tunnel_timeout,
     });
     // One listening socket per thread on the same port (SO_REUSEPORT, as
     // nginx's `reuseport`): the kernel spreads new connections evenly over

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub retries: AtomicU64,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: AtomicU64,
+    /// Protocol-switched tunnels (WebSocket) open.
+    pub tunnels_open: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -135,6 +137,12 @@ impl Metrics {
                 self.responses[c].load(Relaxed)
             );
         }
+        let _ = writeln!(
+            o,
+            "# HELP {p}_tunnels_open Protocol-switched tunnels (WebSocket) open."
+        );
+        let _ = writeln!(o, "# TYPE {p}_tunnels_open gauge");
+        let _ = writeln!(o, "{p}_tunnels_open {}", self.tunnels_open.load(Relaxed));
         let _ = writeln!(
             o,
             "# HELP {p}_access_log_dropped_total Access-log lines dropped because the writer fell behind."

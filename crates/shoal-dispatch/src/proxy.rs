@@ -4,7 +4,7 @@
 use crate::access_log::{self, AccessLog};
 use crate::backends::{Backends, HealthCell, Table};
 use crate::clock::Clock;
-use crate::h1::{BackendError, Head, ReqHead, ResponseBody, Turn, Upload};
+use crate::h1::{self, BackendError, Head, ReqHead, ResponseBody, Turn, Upload};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::pool::{self, Conn, PoolOpts};
 use bytes::Bytes;
@@ -44,6 +44,8 @@ pub struct Shared {
     pub stopping: std::sync::atomic::AtomicBool,
     /// One line per request, when `--access-log` is given.
     pub access_log: Option<AccessLog>,
+    /// A protocol-switched tunnel closes after this long without traffic.
+    pub tunnel_timeout: Duration,
 }
 
 /// Per-client-connection state seen by the connection's watchdog, which
@@ -395,13 +397,15 @@ async fn proxy(
             };
             Response::from_parts(parts, Either::Left(body))
         }
+        // The dispatcher's own answer (an error), or a 101 whose tunnel
+        // runs on a task of its own.
         Err(local) => {
             sh.metrics.latency(start.elapsed());
             conn.open.fetch_sub(1, Relaxed);
             if let (Some(mut l), Some(alog)) = (log, &sh.access_log) {
                 l.status = local.status().as_u16();
                 l.bytes = local.body().size_hint().exact().unwrap_or(0);
-                l.outcome = "local";
+                l.outcome = if l.status == 101 { "upgraded" } else { "local" };
                 l.write(alog, start);
             }
             local
@@ -436,6 +440,18 @@ async fn forward(
         Some(pq) if pq.as_str().starts_with('/') => pq.as_str(),
         Some(pq) if pq.as_str() == "*" => "*", // OPTIONS *
         Some(_) | None => "/",
+    };
+    // A protocol switch (WebSocket) asked for by a request without a body:
+    // passed on, and the connection becomes a tunnel if the backend agrees.
+    let upgrade = match parts.headers.get(header::UPGRADE) {
+        Some(u)
+            if parts.version == Version::HTTP_11
+                && body.is_end_stream()
+                && h1::has_token(&parts.headers, &header::CONNECTION, "upgrade") =>
+        {
+            Some(u.clone())
+        }
+        _ => None,
     };
     strip_hop_by_hop(&mut parts.headers);
     // X-Forwarded-For (and dropping Expect, which hyper already answered)
@@ -491,6 +507,7 @@ async fn forward(
             headers: &parts.headers,
             host: table.slots[i].authority.as_str(),
             forwarded_for,
+            upgrade: upgrade.as_ref(),
         };
         let res = {
             let _w = Waiting::new(&conn.waiting);
@@ -526,6 +543,29 @@ async fn forward(
             .await
         };
         match res {
+            Ok(Sent::Ok(h, c, _)) if h.parts.status == StatusCode::SWITCHING_PROTOCOLS => {
+                let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+                else {
+                    return Err(local(
+                        StatusCode::BAD_GATEWAY,
+                        "the backend switched protocols on a connection that cannot\n",
+                    ));
+                };
+                let switched_to = h.parts.headers.get(header::UPGRADE).cloned();
+                let mut rp = h.parts;
+                strip_hop_by_hop(&mut rp.headers);
+                rp.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                if let Some(u) = switched_to {
+                    rp.headers.insert(header::UPGRADE, u);
+                }
+                let lease = lease.into_owned(table.clone());
+                tokio::spawn(tunnel(on_upgrade, c, sh.clone(), lease));
+                return Err(Response::from_parts(
+                    rp,
+                    Either::Right(Full::new(Bytes::new())),
+                ));
+            }
             Ok(Sent::Ok(h, c, up)) => {
                 sh.backends.on_status(&table, i, h.parts.status.as_u16());
                 let mut rp = h.parts;
@@ -589,6 +629,68 @@ async fn forward(
         StatusCode::BAD_GATEWAY,
         "no backend could be reached\n",
     ))
+}
+
+/// Joins a client that switched protocols (once hyper has sent the 101) to
+/// its backend, byte for byte both ways, until either side closes or
+/// nothing moves for `--tunnel-timeout`. The lease keeps the tunnel counted
+/// in its backend's load; the drain on stop waits for it like a connection.
+async fn tunnel(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    back: Conn,
+    sh: Arc<Shared>,
+    _lease: OwnedLease<Table>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let m = &sh.metrics;
+    m.connections_open.fetch_add(1, Relaxed);
+    m.tunnels_open.fetch_add(1, Relaxed);
+    let run = async {
+        let client = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("upgrade: {e}");
+                return;
+            }
+        };
+        let mut front = hyper_util::rt::TokioIo::new(client);
+        let (tcp, early) = back.into_tunnel();
+        let clock = sh.backends.clock().clone();
+        let st = Arc::new(ConnState::default());
+        // Both directions pass through the backend end: its reads and
+        // writes are the tunnel's activity.
+        let mut back = Tracked::new(tcp, st.clone(), clock.clone());
+        if !early.is_empty() && front.write_all(&early).await.is_err() {
+            return;
+        }
+        let idle_ms = sh.tunnel_timeout.as_millis() as u64;
+        let mut tick = tokio::time::interval(
+            (sh.tunnel_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        );
+        let copy = tokio::io::copy_bidirectional(&mut front, &mut back);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                r = &mut copy => {
+                    if let Ok((up, down)) = r {
+                        m.bytes_in.fetch_add(up, Relaxed);
+                        m.bytes_out.fetch_add(down + early.len() as u64, Relaxed);
+                    }
+                    return;
+                }
+                _ = tick.tick() => {
+                    let last = st.last_read_ms.load(Relaxed).max(st.last_write_ms.load(Relaxed));
+                    if clock.now_ms().saturating_sub(last) > idle_ms {
+                        m.error(ErrorKind::IdleTimeout);
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    run.await;
+    m.tunnels_open.fetch_sub(1, Relaxed);
+    m.connections_open.fetch_sub(1, Relaxed);
 }
 
 /// A client's TCP stream: records when it last moved bytes, and sends

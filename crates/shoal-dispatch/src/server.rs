@@ -93,7 +93,9 @@ pub async fn serve_proxy(
             let io = TokioIo::new(Tracked::new(stream, state.clone(), clock.clone()));
             let st = state.clone();
             let svc = service_fn(move |req| handle(sh.clone(), st.clone(), peer, req));
-            let conn = builder.serve_connection(io, svc);
+            // Upgrades: a WebSocket handshake the backend accepts (101)
+            // turns the connection into a tunnel (`proxy::tunnel`).
+            let conn = builder.serve_connection(io, svc).with_upgrades();
             tokio::pin!(conn);
             let mut tick = tokio::time::interval(limits.check_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -588,6 +590,7 @@ async fn probe(addr: &str, check: &HealthCheck) -> bool {
             headers: &headers,
             host: addr,
             forwarded_for: None,
+            upgrade: None,
         };
         let (head, _) = conn.exchange(&req, None).await.ok()?;
         Some(head.parts.status)

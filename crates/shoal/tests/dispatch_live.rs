@@ -1085,3 +1085,141 @@ async fn access_log_has_a_line_per_request_and_reopens_on_sighup() {
     })
     .await;
 }
+
+/// Reads from `s` until `buf` holds a whole head; returns the head's text.
+async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> String {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            buf.drain(..end + 4);
+            return head;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("a head within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole head: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads until `buf` holds `n` bytes.
+async fn read_n(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, n: usize) {
+    use tokio::io::AsyncReadExt;
+    while buf.len() < n {
+        let mut chunk = vec![0u8; 65536];
+        let got = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("bytes within 10 s")
+            .unwrap();
+        assert!(got > 0, "closed after {} of {n} bytes", buf.len());
+        buf.extend_from_slice(&chunk[..got]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_becomes_a_tunnel_until_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that accepts the switch with its first bytes in the same
+    // write as the 101 head (a server-first protocol), then echoes.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let (head_tx, mut head_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            let head_tx = head_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let head = read_head(&mut s, &mut buf).await;
+                let _ = head_tx.send(head);
+                s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nhello\n",
+                )
+                .await
+                .unwrap();
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let d = Dispatcher::start_raw(&baddr.to_string(), &["--tunnel-timeout", "600ms"]);
+    let mut s = tokio::net::TcpStream::connect(d.host_port()).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("upgrade: echo") && head.contains("connection: upgrade"),
+        "{head}"
+    );
+    // What the backend was asked: the switch, passed on, with the usual
+    // X-Forwarded-For.
+    let asked = head_rx.recv().await.unwrap();
+    assert!(
+        asked.contains("connection: upgrade") && asked.contains("upgrade: echo"),
+        "{asked}"
+    );
+    assert!(asked.contains("x-forwarded-for: 127.0.0.1"), "{asked}");
+    // The backend's first bytes came with its 101: none lost.
+    read_n(&mut s, &mut buf, 6).await;
+    assert_eq!(&buf[..6], b"hello\n");
+    buf.drain(..6);
+    // Both ways, 4 MiB, while reading (a tunnel streams, it does not buffer).
+    let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let sent = big.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w
+    });
+    let mut back = Vec::new();
+    while back.len() < big.len() {
+        let mut chunk = vec![0u8; 65536];
+        let n = r.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "tunnel closed after {} bytes", back.len());
+        back.extend_from_slice(&chunk[..n]);
+    }
+    assert!(back == big, "the echo differs");
+    let w = writer.await.unwrap();
+    let mut s = r.reunite(w).unwrap();
+    let metrics = |admin: String| async move {
+        Client::new()
+            .get(&format!("{admin}/metrics"))
+            .await
+            .unwrap()
+            .body
+    };
+    let m = metrics(d.admin.clone()).await;
+    assert!(String::from_utf8_lossy(&m).contains("shoal_dispatch_tunnels_open 1"));
+    // Quiet for longer than --tunnel-timeout: closed by the dispatcher.
+    let t = Instant::now();
+    let mut one = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut one))
+        .await
+        .expect("the idle tunnel was not closed within 10 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "closed early: {:?}",
+        t.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&metrics(d.admin.clone()).await)
+        .contains("shoal_dispatch_tunnels_open 0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
