@@ -443,15 +443,18 @@ async fn forward(
     };
     // A protocol switch (WebSocket) asked for by a request without a body:
     // passed on, and the connection becomes a tunnel if the backend agrees.
-    let upgrade = match parts.headers.get(header::UPGRADE) {
-        Some(u)
-            if parts.version == Version::HTTP_11
-                && body.is_end_stream()
-                && h1::has_token(&parts.headers, &header::CONNECTION, "upgrade") =>
-        {
-            Some(u.clone())
-        }
-        _ => None,
+    // hyper marks an HTTP/1.1 request with an Upgrade field by an extension,
+    // so a plain request (no extensions at all) costs no header look-up.
+    let upgrade = if parts
+        .extensions
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_some()
+        && body.is_end_stream()
+        && h1::has_token(&parts.headers, &header::CONNECTION, "upgrade")
+    {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
     };
     strip_hop_by_hop(&mut parts.headers);
     // X-Forwarded-For (and dropping Expect, which hyper already answered)
