@@ -353,15 +353,6 @@ fn serve(
         access_log,
         tunnel_timeout: args.tunnel_timeout,
     });
-    // One listening socket per thread on the same port (SO_REUSEPORT, as
-    // nginx's `reuseport`): the kernel spreads new connections evenly over
-    // the threads, where a shared socket lets whichever thread wakes first
-    // take most of them.
-    //
-    // SO_REUSEPORT would also let a second dispatcher started on the same
-    // address share the port silently, taking part of the connections. A
-    // plain bind first finds any process already listening there, unless
-    // this one takes that one's sockets over (--handover).
     let admin_auth = match (&args.admin_token_file, args.admin) {
         (Some(p), Some(_)) => server::AdminAuth::from_file(p)?,
         (Some(_), None) => {
@@ -376,6 +367,15 @@ fn serve(
         }
         (None, _) => Default::default(),
     };
+    // One listening socket per thread on the same port (SO_REUSEPORT, as
+    // nginx's `reuseport`): the kernel spreads new connections evenly over
+    // the threads, where a shared socket lets whichever thread wakes first
+    // take most of them.
+    //
+    // SO_REUSEPORT would also let a second dispatcher started on the same
+    // address share the port silently, taking part of the connections. A
+    // plain bind first finds any process already listening there, unless
+    // this one takes that one's sockets over (--handover).
     let mut taken = match &args.handover {
         Some(path) => handover::take(path, args.listen)?,
         None => None,
