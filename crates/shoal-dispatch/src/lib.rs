@@ -148,6 +148,12 @@ pub struct DispatchArgs {
     /// Most idle pooled connections kept per backend and dispatcher thread.
     #[arg(long, default_value_t = 1024)]
     pub pool_max_idle: usize,
+    /// Most client connections (and WebSocket tunnels) open at once; at
+    /// the limit accepting pauses, and new clients wait in the listen
+    /// backlog until one closes. Default: half the open-file limit (each
+    /// client may hold a backend connection) less a reserve.
+    #[arg(long)]
+    pub max_connections: Option<u64>,
     /// Largest request head in bytes; larger gets 431.
     #[arg(long, default_value_t = 65536)]
     pub max_header_bytes: usize,
@@ -420,10 +426,22 @@ fn serve(
         },
         None => None,
     };
+    // Each client connection may hold a backend connection too.
+    let max_connections = match args.max_connections {
+        Some(0) => anyhow::bail!("--max-connections must be at least 1"),
+        Some(n) => n,
+        None => nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft.saturating_sub(256) / 2)
+            .max(64),
+    };
+    metrics
+        .connections_max
+        .store(max_connections, std::sync::atomic::Ordering::Relaxed);
     let opts = server::ConnOpts {
         header_timeout: args.header_timeout,
         idle_timeout: args.idle_timeout,
         max_header_bytes: args.max_header_bytes,
+        max_connections,
     };
     // Every event loop is built, and the CPUs checked, before any serves,
     // so that a failure is reported here rather than from a thread.

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub access_log_dropped: AtomicU64,
     /// Protocol-switched tunnels (WebSocket) open.
     pub tunnels_open: AtomicU64,
+    /// The --max-connections limit.
+    pub connections_max: AtomicU64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -137,6 +139,16 @@ impl Metrics {
                 self.responses[c].load(Relaxed)
             );
         }
+        let _ = writeln!(
+            o,
+            "# HELP {p}_connections_max Client connections past which accepting pauses."
+        );
+        let _ = writeln!(o, "# TYPE {p}_connections_max gauge");
+        let _ = writeln!(
+            o,
+            "{p}_connections_max {}",
+            self.connections_max.load(Relaxed)
+        );
         let _ = writeln!(
             o,
             "# HELP {p}_tunnels_open Protocol-switched tunnels (WebSocket) open."

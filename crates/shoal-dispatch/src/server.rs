@@ -32,6 +32,9 @@ pub struct ConnOpts {
     pub idle_timeout: Duration,
     /// Largest request head (request line and headers); larger gets 431.
     pub max_header_bytes: usize,
+    /// Client connections (and tunnels) open at once, past which accepting
+    /// pauses.
+    pub max_connections: u64,
 }
 
 /// Accepts clients until `stop` is cancelled; then the listener closes, and
@@ -61,7 +64,31 @@ pub async fn serve_proxy(
         .max_header_size(opts.max_header_bytes)
         .max_buf_size(opts.max_header_bytes.max(8192) + 8192);
     let builder = Arc::new(builder);
+    let mut warned: Option<std::time::Instant> = None;
+    let full = |warned: &mut Option<std::time::Instant>| {
+        if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *warned = Some(std::time::Instant::now());
+            tracing::warn!(
+                "{} connections open, the --max-connections limit: accepting paused \
+                 until one closes (said at most every 10 s)",
+                opts.max_connections
+            );
+        }
+    };
+    let open = &sh.metrics.connections_open;
     loop {
+        // At the limit, accept nothing until a connection closes: new
+        // clients wait in the listen backlog (HAProxy pauses its listeners
+        // at maxconn alike) rather than take descriptors that the
+        // connections already open need for their backends.
+        if open.load(Relaxed) >= opts.max_connections {
+            full(&mut warned);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
+            }
+        }
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -76,6 +103,22 @@ pub async fn serve_proxy(
                 continue;
             }
         };
+        // Another thread may have taken the last place while this one
+        // waited in accept: the connection is served once it has a place
+        // of its own (taken here, atomically, and given back when it ends).
+        while open
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < opts.max_connections).then_some(n + 1)
+            })
+            .is_err()
+        {
+            full(&mut warned);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
         let _ = stream.set_nodelay(true);
         let sh = sh.clone();
         let builder = builder.clone();
@@ -85,7 +128,6 @@ pub async fn serve_proxy(
             let m = sh.metrics.clone();
             let shared = sh.clone();
             m.connections.fetch_add(1, Relaxed);
-            m.connections_open.fetch_add(1, Relaxed);
             let state = Arc::new(ConnState {
                 forwarded_for: forwarded_for_value(peer),
                 ..ConnState::default()
@@ -193,6 +235,7 @@ mod tests {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 65536,
+            max_connections: 1000,
         });
         assert_eq!(l.check_every, Duration::from_secs(1));
         let st = ConnState::default();
@@ -222,6 +265,7 @@ mod tests {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 65536,
+            max_connections: 1000,
         });
         let st = ConnState::default();
         st.last_write_ms.store(5_000, Relaxed);

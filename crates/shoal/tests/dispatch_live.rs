@@ -1223,3 +1223,44 @@ async fn websocket_upgrade_becomes_a_tunnel_until_idle() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_new_clients_in_the_backlog() {
+    let a = TestBackend::start("a").await;
+    let d = Dispatcher::start(&[&a], &["--max-connections", "2"]);
+    let m = Client::fresh()
+        .get(&format!("{}/metrics", d.admin))
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&m.body).contains("shoal_dispatch_connections_max 2"));
+    let ask = |s: &mut std::net::TcpStream| {
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // Two keep-alive connections, served and held open: the limit.
+    let mut c1 = std::net::TcpStream::connect(d.host_port()).unwrap();
+    let mut c2 = std::net::TcpStream::connect(d.host_port()).unwrap();
+    assert!(ask(&mut c1).starts_with("HTTP/1.1 200"));
+    assert!(ask(&mut c2).starts_with("HTTP/1.1 200"));
+    // A third is neither refused nor served: it waits in the backlog...
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hp = d.host_port();
+    std::thread::spawn(move || {
+        let mut c3 = std::net::TcpStream::connect(hp).unwrap();
+        c3.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = tx.send(ask(&mut c3));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "served past the limit"
+    );
+    // ...until one of the two closes.
+    drop(c1);
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiting client was not served once a connection closed");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(ask(&mut c2).starts_with("HTTP/1.1 200"));
+}
