@@ -61,6 +61,14 @@ impl ErrorKind {
     }
 }
 
+const PREFIX: &str = "shoal_dispatch";
+
+/// A metric's HELP and TYPE lines.
+fn head(o: &mut String, name: &str, ty: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {PREFIX}_{name} {help}");
+    let _ = writeln!(o, "# TYPE {PREFIX}_{name} {ty}");
+}
+
 /// The dispatcher's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -123,15 +131,24 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self, backends: &Backends) -> String {
         let mut o = String::with_capacity(4096);
-        let p = "shoal_dispatch";
-        let _ = writeln!(o, "# HELP {p}_requests_total Requests received.");
-        let _ = writeln!(o, "# TYPE {p}_requests_total counter");
-        let _ = writeln!(o, "{p}_requests_total {}", self.requests.load(Relaxed));
-        let _ = writeln!(
-            o,
-            "# HELP {p}_responses_total Responses sent, by status class."
+        let p = PREFIX;
+        let one = |o: &mut String, name: &str, ty: &str, help: &str, v: u64| {
+            head(o, name, ty, help);
+            let _ = writeln!(o, "{p}_{name} {v}");
+        };
+        one(
+            &mut o,
+            "requests_total",
+            "counter",
+            "Requests received.",
+            self.requests.load(Relaxed),
         );
-        let _ = writeln!(o, "# TYPE {p}_responses_total counter");
+        head(
+            &mut o,
+            "responses_total",
+            "counter",
+            "Responses sent, by status class.",
+        );
         for c in 1..=5 {
             let _ = writeln!(
                 o,
@@ -139,69 +156,56 @@ impl Metrics {
                 self.responses[c].load(Relaxed)
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP {p}_connections_max Client connections past which accepting pauses."
-        );
-        let _ = writeln!(o, "# TYPE {p}_connections_max gauge");
-        let _ = writeln!(
-            o,
-            "{p}_connections_max {}",
-            self.connections_max.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP {p}_tunnels_open Protocol-switched tunnels (WebSocket) open."
-        );
-        let _ = writeln!(o, "# TYPE {p}_tunnels_open gauge");
-        let _ = writeln!(o, "{p}_tunnels_open {}", self.tunnels_open.load(Relaxed));
-        let _ = writeln!(
-            o,
-            "# HELP {p}_access_log_dropped_total Access-log lines dropped because the writer fell behind."
-        );
-        let _ = writeln!(o, "# TYPE {p}_access_log_dropped_total counter");
-        let _ = writeln!(
-            o,
-            "{p}_access_log_dropped_total {}",
-            self.access_log_dropped.load(Relaxed)
-        );
-        let _ = writeln!(o, "# HELP {p}_bytes_total Body bytes forwarded.");
-        let _ = writeln!(o, "# TYPE {p}_bytes_total counter");
-        let _ = writeln!(
-            o,
-            "{p}_bytes_total{{direction=\"in\"}} {}",
-            self.bytes_in.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "{p}_bytes_total{{direction=\"out\"}} {}",
-            self.bytes_out.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP {p}_connections_total Client connections accepted."
-        );
-        let _ = writeln!(o, "# TYPE {p}_connections_total counter");
-        let _ = writeln!(
-            o,
-            "{p}_connections_total {}",
-            self.connections.load(Relaxed)
-        );
-        let _ = writeln!(o, "# HELP {p}_connections_open Client connections open.");
-        let _ = writeln!(o, "# TYPE {p}_connections_open gauge");
-        let _ = writeln!(
-            o,
-            "{p}_connections_open {}",
-            self.connections_open.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP {p}_retries_total Requests replayed after a failed attempt (connect error, or a safe bodiless request whose backend died)."
-        );
-        let _ = writeln!(o, "# TYPE {p}_retries_total counter");
-        let _ = writeln!(o, "{p}_retries_total {}", self.retries.load(Relaxed));
-        let _ = writeln!(o, "# HELP {p}_errors_total Errors, by kind.");
-        let _ = writeln!(o, "# TYPE {p}_errors_total counter");
+        head(&mut o, "bytes_total", "counter", "Body bytes forwarded.");
+        for (dir, v) in [("in", &self.bytes_in), ("out", &self.bytes_out)] {
+            let _ = writeln!(
+                o,
+                "{p}_bytes_total{{direction=\"{dir}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        let singles = [
+            (
+                "connections_total",
+                "counter",
+                "Client connections accepted.",
+                &self.connections,
+            ),
+            (
+                "connections_open",
+                "gauge",
+                "Client connections open.",
+                &self.connections_open,
+            ),
+            (
+                "connections_max",
+                "gauge",
+                "Client connections past which accepting pauses.",
+                &self.connections_max,
+            ),
+            (
+                "tunnels_open",
+                "gauge",
+                "Protocol-switched tunnels (WebSocket) open.",
+                &self.tunnels_open,
+            ),
+            (
+                "retries_total",
+                "counter",
+                "Requests replayed after a failed attempt (connect error, or a safe bodiless request whose backend died).",
+                &self.retries,
+            ),
+            (
+                "access_log_dropped_total",
+                "counter",
+                "Access-log lines dropped because the writer fell behind.",
+                &self.access_log_dropped,
+            ),
+        ];
+        for (name, ty, help, v) in singles {
+            one(&mut o, name, ty, help, v.load(Relaxed));
+        }
+        head(&mut o, "errors_total", "counter", "Errors, by kind.");
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
             let _ = writeln!(
                 o,
@@ -210,11 +214,12 @@ impl Metrics {
                 self.errors[i].load(Relaxed)
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP {p}_request_duration_seconds Time from request to the end of the response body."
+        head(
+            &mut o,
+            "request_duration_seconds",
+            "histogram",
+            "Time from request to the end of the response body.",
         );
-        let _ = writeln!(o, "# TYPE {p}_request_duration_seconds histogram");
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
             cum += self.latency_buckets[i].load(Relaxed);
@@ -252,8 +257,7 @@ impl Metrics {
             ),
         ];
         for (name, ty, help) in per {
-            let _ = writeln!(o, "# HELP {p}_{name} {help}");
-            let _ = writeln!(o, "# TYPE {p}_{name} {ty}");
+            head(&mut o, name, ty, help);
             for b in &status {
                 let v = match name {
                     "backend_active" => u64::from(b.active),

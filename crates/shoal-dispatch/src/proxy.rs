@@ -667,9 +667,7 @@ async fn tunnel(
             return;
         }
         let idle_ms = sh.tunnel_timeout.as_millis() as u64;
-        let mut tick = tokio::time::interval(
-            (sh.tunnel_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
-        );
+        let mut tick = tokio::time::interval(crate::server::check_period(sh.tunnel_timeout));
         let copy = tokio::io::copy_bidirectional(&mut front, &mut back);
         tokio::pin!(copy);
         loop {

@@ -83,11 +83,10 @@ pub async fn serve_proxy(
         // connections already open need for their backends.
         if open.load(Relaxed) >= opts.max_connections {
             full(&mut warned);
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
+            if !pause(&stop).await {
+                return;
             }
+            continue;
         }
         let accepted = tokio::select! {
             biased;
@@ -113,10 +112,8 @@ pub async fn serve_proxy(
             .is_err()
         {
             full(&mut warned);
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            if !pause(&stop).await {
+                return;
             }
         }
         let _ = stream.set_nodelay(true);
@@ -178,6 +175,22 @@ pub async fn serve_proxy(
     }
 }
 
+/// How often a watchdog enforcing `limit` looks: a quarter of it, between
+/// 50 ms and 1 s (a late close by a quarter, not a timer per request).
+pub(crate) fn check_period(limit: Duration) -> Duration {
+    (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Waits a moment before the accept loop looks at the connection count
+/// again; `false` once the dispatcher stops.
+async fn pause(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(Duration::from_millis(5)) => true,
+    }
+}
+
 /// The header and idle timeouts of a client connection, checked by its
 /// watchdog every `check_every` (a quarter of the shorter timeout, between
 /// 50 ms and 1 s) rather than by a timer armed for every request.
@@ -193,8 +206,7 @@ impl Limits {
         Self {
             header_ms: o.header_timeout.as_millis() as u64,
             idle_ms: o.idle_timeout.as_millis() as u64,
-            check_every: (o.header_timeout.min(o.idle_timeout) / 4)
-                .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+            check_every: check_period(o.header_timeout.min(o.idle_timeout)),
         }
     }
 

@@ -389,15 +389,7 @@ fn manager_mode_names_what_is_missing() {
     assert!(err.contains("--dir"), "{err}");
     let err = run(&["--dir", "/nonexistent/shoal"]);
     assert!(err.contains("shoal init"), "{err}");
-    let err = shoal_refuses(&[
-        "dispatch",
-        "--listen",
-        "127.0.0.1:0",
-        "--backends",
-        "127.0.0.1:9",
-        "--health-path",
-        "healthz",
-    ]);
+    let err = dispatch_refuses("127.0.0.1:0", "127.0.0.1:9", &["--health-path", "healthz"]);
     assert!(
         err.contains("--health-path") && err.contains("/healthz"),
         "{err}"
@@ -575,15 +567,7 @@ fn cpu_affinity_pins_each_event_loop_to_its_own_cpu() {
     drop(d);
 
     // A CPU the process may not use is refused by name.
-    let err = shoal_refuses(&[
-        "dispatch",
-        "--listen",
-        "127.0.0.1:0",
-        "--backends",
-        "127.0.0.1:9",
-        "--cpu-affinity",
-        "4000",
-    ]);
+    let err = dispatch_refuses("127.0.0.1:0", "127.0.0.1:9", &["--cpu-affinity", "4000"]);
     assert!(
         err.contains("CPU 4000") && err.contains("may run on"),
         "{err}"
@@ -595,11 +579,19 @@ fn a_second_dispatcher_on_a_taken_address_is_refused() {
     // SO_REUSEPORT must not let it share the port silently.
     let first = Dispatcher::start_raw("127.0.0.1:9", &[]);
     let addr = first.host_port();
-    let err = shoal_refuses(&["dispatch", "--listen", &addr, "--backends", "127.0.0.1:9"]);
+    let err = dispatch_refuses(&addr, "127.0.0.1:9", &[]);
     assert!(
         err.contains(&first.host_port()) && err.contains("in use") && err.contains("--listen"),
         "{err}"
     );
+}
+
+/// `shoal dispatch --listen LISTEN --backends BACKENDS EXTRA...`, which
+/// must be refused: its stderr.
+fn dispatch_refuses(listen: &str, backends: &str, extra: &[&str]) -> String {
+    let mut args = vec!["dispatch", "--listen", listen, "--backends", backends];
+    args.extend_from_slice(extra);
+    shoal_refuses(&args)
 }
 
 /// Runs `shoal ARGS` (without SHOAL_DIR), expects it to exit with an error
@@ -858,15 +850,7 @@ async fn handover_upgrades_under_load_without_a_failed_request() {
         assert!(line.contains("\"listen\""), "{line}");
     }
     // A dispatcher asking for another address is refused and d2 keeps on.
-    let err = shoal_refuses(&[
-        "dispatch",
-        "--listen",
-        "127.0.0.1:1",
-        "--backends",
-        &a.spec(),
-        "--handover",
-        sock,
-    ]);
+    let err = dispatch_refuses("127.0.0.1:1", &a.spec(), &["--handover", sock]);
     assert!(
         err.contains(&format!("listens on {listen}")) && err.contains("--listen"),
         "{err}"
@@ -964,17 +948,16 @@ async fn admin_token_guards_backend_list_changes() {
     assert_eq!(c.get(&format!("{}/x", d.url)).await.unwrap().backend, "b");
     // A token file that is too short is refused at start.
     std::fs::write(&file, "secret\n").unwrap();
-    let err = shoal_refuses(&[
-        "dispatch",
-        "--listen",
+    let err = dispatch_refuses(
         "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--backends",
         &a.spec(),
-        "--admin-token-file",
-        file.to_str().unwrap(),
-    ]);
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            file.to_str().unwrap(),
+        ],
+    );
     assert!(err.contains("at least 16"), "{err}");
 }
 
