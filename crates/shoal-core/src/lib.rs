@@ -4,6 +4,8 @@
 //! pass observations and the current time, and get decisions back. The live
 //! services and the simulator drive the same code.
 
+/// The controller: leases, allocation life cycle, monitors, pool.
+pub mod control;
 /// Demand forecasting (AR(p), EMA, seasonal).
 pub mod forecast;
 /// Leases: TTL bookkeeping, expiry, grace after a restart.

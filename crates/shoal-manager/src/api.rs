@@ -41,6 +41,7 @@ impl From<RegistryError> for ApiErr {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::NotRegistered(_) => ApiErr(StatusCode::NOT_FOUND, e.to_string()),
+            RegistryError::Refused(_) => ApiErr(StatusCode::CONFLICT, e.to_string()),
             RegistryError::Store(_) => ApiErr(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{e}; nothing was changed, retry later"),

@@ -4,7 +4,6 @@
 pub mod api;
 pub mod dashboard;
 pub mod engine;
-pub mod monitor;
 pub mod service_api;
 pub mod services;
 pub mod state;
@@ -14,7 +13,6 @@ use shoal_store::{SqliteStore, Store};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// `shoal manager` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -48,28 +46,19 @@ pub struct ManagerArgs {
 /// per-backend load dispatchers reported in the last few seconds.
 fn services_view(services: Arc<services::Services>) -> dashboard::ServicesView {
     Arc::new(move || {
-        let names: Vec<String> = services.lock().keys().cloned().collect();
-        names
+        services
+            .names()
             .iter()
             .filter_map(|n| {
                 let d = services.detail(n).ok()?;
                 let mut v = serde_json::to_value(&d).ok()?;
-                let mut loads = serde_json::Map::new();
-                if let Some(s) = services.lock().get(n) {
-                    for r in s.reports.values() {
-                        if r.at.elapsed() > Duration::from_secs(5) {
-                            continue;
-                        }
-                        for b in &r.report.backends {
-                            let e = loads
-                                .entry(b.address.clone())
-                                .or_insert_with(|| serde_json::json!({"rps": 0.0, "in_flight": 0}));
-                            e["rps"] = (e["rps"].as_f64().unwrap_or(0.0) + b.rps).into();
-                            e["in_flight"] =
-                                (e["in_flight"].as_u64().unwrap_or(0) + b.in_flight as u64).into();
-                        }
-                    }
-                }
+                let loads: serde_json::Map<String, serde_json::Value> = services
+                    .backend_loads(n, 5000)
+                    .into_iter()
+                    .map(|(a, rps, in_flight)| {
+                        (a, serde_json::json!({"rps": rps, "in_flight": in_flight}))
+                    })
+                    .collect();
                 v["loads"] = serde_json::Value::Object(loads);
                 Some(v)
             })
@@ -129,8 +118,10 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     // Twice the TTL plus slack: an agent retrying with capped back-off
     // reaches a restarted manager well within it.
     let grace_ms = ttl_ms * 2 + 2000;
-    let registry = Arc::new(state::Registry::open(store.clone(), ttl_ms, grace_ms)?);
-    let services = Arc::new(services::Services::open(store)?);
+    let shell = state::Shell::open(store, ttl_ms, grace_ms)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.db_path().display()))?;
+    let registry = Arc::new(state::Registry::new(shell.clone()));
+    let services = Arc::new(services::Services::new(shell.clone()));
 
     let listener = shoal_net::server::bind(&listen).await?;
     let local = listener.local_addr()?;
@@ -144,18 +135,6 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         services: services.clone(),
     });
     let router = api::router(ctx);
-
-    // Lease expiry: a tick of 100 ms bounds detection at TTL + 0.1 s.
-    let reg2 = registry.clone();
-    tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            t.tick().await;
-            for n in reg2.expire() {
-                tracing::warn!(node = %n, "lease expired: node failed");
-            }
-        }
-    });
 
     let dash_addr = match args.dashboard.as_deref() {
         Some("off") => None,
@@ -175,7 +154,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         }
     }
 
-    tokio::spawn(engine::run(registry.clone(), services));
+    tokio::spawn(engine::run(shell));
 
     if !args.no_discovery {
         let port = args.discovery_port.unwrap_or(cfg.discovery_port);

@@ -24,16 +24,7 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// A node's durable record: its registration and desired applications.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodeRecord {
-    /// The registration (service item).
-    pub registration: Registration,
-    /// Desired applications.
-    pub desired: Vec<AppAssignment>,
-    /// Bumped at every change of `desired`.
-    pub generation: u64,
-}
+pub use shoal_net::wire::NodeRecord;
 
 /// Durable state of the manager.
 pub trait Store: Send + Sync {

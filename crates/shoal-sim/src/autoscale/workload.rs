@@ -23,6 +23,10 @@ pub enum WorkloadSpec {
     LamaAudio,
     /// Three compressed days of web traffic.
     Diurnal,
+    /// A quiet service hit by sudden crowds several times its size.
+    FlashCrowd,
+    /// A slow wave buried in heavy short-term noise.
+    NoisyWave,
     /// `time,demand` lines from a file.
     Csv(std::path::PathBuf),
 }
@@ -33,10 +37,12 @@ impl std::str::FromStr for WorkloadSpec {
         match s {
             "lama-audio" => Ok(Self::LamaAudio),
             "diurnal" => Ok(Self::Diurnal),
+            "flash-crowd" => Ok(Self::FlashCrowd),
+            "noisy-wave" => Ok(Self::NoisyWave),
             _ => match s.strip_prefix("csv:") {
                 Some(p) if !p.is_empty() => Ok(Self::Csv(p.into())),
                 _ => Err(format!(
-                    "unknown workload {s:?}: use lama-audio, diurnal or csv:PATH (a file of time,demand lines)"
+                    "unknown workload {s:?}: use lama-audio, diurnal, flash-crowd, noisy-wave or csv:PATH (a file of time,demand lines)"
                 )),
             },
         }
@@ -49,6 +55,8 @@ impl WorkloadSpec {
         match self {
             Self::LamaAudio => Ok(lama_audio(&LamaAudio::default(), step, seed)),
             Self::Diurnal => Ok(diurnal(step, seed)),
+            Self::FlashCrowd => Ok(flash_crowd(step, seed)),
+            Self::NoisyWave => Ok(noisy_wave(step, seed)),
             Self::Csv(p) => csv(p, step),
         }
     }
@@ -248,6 +256,74 @@ pub fn diurnal(step: f64, seed: u64) -> Workload {
     }
 }
 
+/// Two hours of a quiet service (~150 Mbit/s with 5 % noise) hit by about
+/// four flash crowds: demand jumps to 4-8 times the base within 20 s, holds
+/// 2-5 minutes and decays over ~5 minutes. No forecaster sees a crowd
+/// coming; what matters is how fast a policy reacts and how soon it lets go.
+pub fn flash_crowd(step: f64, seed: u64) -> Workload {
+    let mut rng = Rng::new(seed, 0xf1a5);
+    let n = (7200.0 / step).round() as usize;
+    let base = 150.0;
+    let mut crowds: Vec<(f64, f64, f64)> = Vec::new(); // start, size, hold
+    let mut t = 300.0 + 600.0 * rng.uniform();
+    while t < 6600.0 {
+        crowds.push((t, 3.0 + 4.0 * rng.uniform(), 120.0 + 180.0 * rng.uniform()));
+        t += 1200.0 + 1200.0 * rng.uniform();
+    }
+    let demand = (0..n)
+        .map(|i| {
+            let t = i as f64 * step;
+            let surge: f64 = crowds
+                .iter()
+                .map(|&(s, size, hold)| {
+                    let age = t - s;
+                    if age < 0.0 {
+                        0.0
+                    } else if age < 20.0 {
+                        size * age / 20.0
+                    } else if age < 20.0 + hold {
+                        size
+                    } else {
+                        size * (-(age - 20.0 - hold) / 300.0).exp()
+                    }
+                })
+                .sum();
+            (base * (1.0 + surge) * (1.0 + 0.05 * rng.normal())).max(0.0)
+        })
+        .collect();
+    Workload {
+        name: "flash-crowd".into(),
+        step,
+        demand,
+        season: None,
+    }
+}
+
+/// Two hours of a 20-minute wave between ~200 and ~800 Mbit/s under heavy
+/// short-term noise (AR(1), phi 0.8, 15 % of the level): a forecaster that
+/// believes every sample over-reacts, one that ignores them lags.
+pub fn noisy_wave(step: f64, seed: u64) -> Workload {
+    let mut rng = Rng::new(seed, 0x7a7e);
+    let n = (7200.0 / step).round() as usize;
+    let phi: f64 = 0.8;
+    let innov = 0.15 * (1.0 - phi * phi).sqrt();
+    let mut noise = 0.0;
+    let demand = (0..n)
+        .map(|i| {
+            let t = i as f64 * step;
+            noise = phi * noise + innov * rng.normal();
+            let wave = 500.0 - 300.0 * (std::f64::consts::TAU * t / 1200.0).cos();
+            (wave * (1.0 + noise)).max(0.0)
+        })
+        .collect();
+    Workload {
+        name: "noisy-wave".into(),
+        step,
+        demand,
+        season: None,
+    }
+}
+
 /// A `time,demand` CSV (seconds, capacity units; the first two columns),
 /// resampled onto the step grid by holding the last value. A first line that is not numeric is a
 /// header; blank lines and lines starting with `#` are skipped.
@@ -380,5 +456,26 @@ mod tests {
         assert_eq!("csv:/x.csv".parse(), Ok(WorkloadSpec::Csv("/x.csv".into())));
         assert!("csv:".parse::<WorkloadSpec>().is_err());
         assert!("nope".parse::<WorkloadSpec>().is_err());
+        assert_eq!("flash-crowd".parse(), Ok(WorkloadSpec::FlashCrowd));
+        assert_eq!("noisy-wave".parse(), Ok(WorkloadSpec::NoisyWave));
+    }
+
+    #[test]
+    fn flash_crowds_jump_and_waves_swing() {
+        let w = flash_crowd(2.0, 1);
+        let max = w.demand.iter().copied().fold(0.0, f64::max);
+        let min = w.demand.iter().copied().fold(f64::MAX, f64::min);
+        assert!(max > 4.0 * 150.0 && min < 200.0, "{min} .. {max}");
+        // A crowd arrives within 20 s: some 10-step window rises by 3x.
+        assert!(w.demand.windows(10).any(|x| x[9] > 3.0 * x[0]));
+        let w = noisy_wave(2.0, 1);
+        let mean = w.demand.iter().sum::<f64>() / w.demand.len() as f64;
+        assert!((mean - 500.0).abs() < 60.0, "{mean}");
+        let jumps = w
+            .demand
+            .windows(2)
+            .filter(|x| (x[1] - x[0]).abs() > 40.0)
+            .count();
+        assert!(jumps > w.demand.len() / 10, "{jumps}");
     }
 }

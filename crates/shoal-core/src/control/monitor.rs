@@ -1,14 +1,15 @@
 //! The monitor (LAMA Fig. 6): per service, the summed load L(t) of its
 //! nodes every sampling period p, a bounded time series of what was
-//! observed and forecast, and the shoal-core forecaster and policy that the
-//! engine consults. Soft state: rebuilt empty after a restart.
+//! observed and forecast, and the forecaster and policy the controller
+//! consults. The series is soft state, but the controller persists its tail
+//! now and then so a restarted manager does not forecast from a cold start.
 
-use shoal_core::forecast::{Ar, ArConfig, Forecaster};
-use shoal_core::policy::{
+use super::model::*;
+use crate::forecast::{Ar, ArConfig, Forecast, Forecaster, Seasonal, SeasonalConfig};
+use crate::policy::{
     Decision, Hpa, HpaConfig, Observation, Policy, PolicyError, Predictive, PredictiveConfig,
     Threshold,
 };
-use shoal_net::wire::*;
 use std::collections::VecDeque;
 
 /// Samples kept per service: an hour at p = 2 s.
@@ -18,7 +19,7 @@ pub const SERIES_LEN: usize = 1800;
 const AR_HISTORY_SECS: f64 = 40.0;
 
 /// Reports older than this are ignored (a dispatcher that stopped).
-pub const REPORT_FRESH_SECS: f64 = 3.0;
+pub const REPORT_FRESH_MS: u64 = 3000;
 
 /// One node's load in the service's metric, from its agent's L(t) or from
 /// the dispatchers' fresh reports about its backend address. `None` when
@@ -37,11 +38,7 @@ pub fn node_metric<'a>(
             let mut sum = 0.0;
             for r in reports {
                 for b in r.backends.iter().filter(|b| b.address == address) {
-                    let v = if kind == MetricKind::DispatchActive {
-                        b.active
-                    } else {
-                        b.rps
-                    };
+                    let v = dispatch_value(kind, b);
                     if v.is_finite() && v >= 0.0 {
                         sum += v;
                         seen = true;
@@ -52,6 +49,25 @@ pub fn node_metric<'a>(
             // it serves nothing through them.
             seen.then_some(sum)
         }
+    }
+}
+
+/// The value a dispatcher reports for a backend in a dispatch metric.
+pub fn dispatch_value(kind: MetricKind, b: &BackendLoad) -> f64 {
+    if kind == MetricKind::DispatchActive {
+        b.active
+    } else {
+        b.rps
+    }
+}
+
+/// A forecast is of a load, and a load is never negative: an AR model
+/// extrapolating a fall must not promise negative demand to the policy or
+/// draw it below the axis of a chart.
+fn non_negative(f: Forecast) -> Forecast {
+    Forecast {
+        mean: f.mean.max(0.0),
+        stddev: f.stddev,
     }
 }
 
@@ -66,8 +82,18 @@ pub struct Monitor {
     next_eval: Option<f64>,
 }
 
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("policy", &self.policy.name())
+            .field("forecaster", &self.forecaster.name())
+            .field("samples", &self.series.len())
+            .finish()
+    }
+}
+
 impl Monitor {
-    /// Builds the shoal-core policy and forecaster a spec asks for.
+    /// Builds the policy and forecaster a spec asks for.
     pub fn new(spec: &ServiceSpec) -> Result<Self, PolicyError> {
         let p = spec.period_secs;
         let window = ((AR_HISTORY_SECS / p).round() as usize).max(ArConfig::default().min_window());
@@ -78,6 +104,12 @@ impl Monitor {
             trend: false,
         };
         let (ut, lt) = (spec.sla.upper, spec.sla.lower);
+        let bad =
+            |name: &'static str, value: f64, expected: &'static str| PolicyError::BadParameter {
+                name,
+                value,
+                expected,
+            };
         let (policy, trend): (Box<dyn Policy + Send>, bool) = match spec.policy {
             PolicyKind::Threshold => (Box::new(Threshold::new(ut, lt)?), false),
             PolicyKind::Ar => (
@@ -95,6 +127,7 @@ impl Monitor {
                 Box::new(Predictive::new(PredictiveConfig {
                     ut,
                     lt,
+                    k: spec.forecast.k,
                     lead_time: spec.lead_time_secs,
                     horizon_margin: p,
                     ..PredictiveConfig::default()
@@ -102,19 +135,30 @@ impl Monitor {
                 true,
             ),
         };
-        let forecaster =
-            Ar::new(ArConfig { trend, ..lama_ar }).map_err(|e| PolicyError::BadParameter {
-                name: "period_secs",
-                value: p,
-                expected: if matches!(e, shoal_core::forecast::ForecastError::BadPeriod(_)) {
-                    "positive and finite"
-                } else {
-                    "a period that fits the AR window"
-                },
-            })?;
+        let ar = ArConfig { trend, ..lama_ar };
+        let period_err = |_| bad("period_secs", p, "a period that fits the AR window");
+        let forecaster: Box<dyn Forecaster + Send> = match spec.forecast.season_secs {
+            // Only the predictive policy looks a lead time ahead, where a
+            // time-of-day profile helps; the others keep LAMA's AR(1).
+            Some(season) if spec.policy == PolicyKind::Predictive => Box::new(
+                Seasonal::new(SeasonalConfig {
+                    season,
+                    residual: ar,
+                    ..SeasonalConfig::default()
+                })
+                .map_err(|_| {
+                    bad(
+                        "forecast.season_secs",
+                        season,
+                        "positive, and long enough for its bins",
+                    )
+                })?,
+            ),
+            _ => Box::new(Ar::new(ar).map_err(period_err)?),
+        };
         Ok(Self {
             policy,
-            forecaster: Box::new(forecaster),
+            forecaster,
             series: VecDeque::new(),
             capacity: spec.metric.capacity,
             lead_time: spec.lead_time_secs,
@@ -128,18 +172,19 @@ impl Monitor {
         self.next_eval.is_none_or(|n| t >= n)
     }
 
+    /// When the next step is due, seconds on the controller's clock.
+    pub fn next_due(&self) -> Option<f64> {
+        self.next_eval
+    }
+
     /// One sampling period: records the summed load, forecasts, and asks
     /// the policy. `t` is monotonic seconds.
-    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         t: f64,
         at_ms: u64,
         usage: f64,
-        allocated: u32,
-        ready: u32,
-        min_nodes: u32,
-        max_nodes: u32,
+        nodes: NodeCounts,
     ) -> Result<Decision, PolicyError> {
         // Stay on the p-grid even if a tick came late.
         self.next_eval = Some(match self.next_eval {
@@ -149,36 +194,51 @@ impl Monitor {
         self.forecaster.observe(t, usage);
         let horizon = self.policy.forecast_horizon();
         let shown = horizon.unwrap_or(self.lead_time);
-        let forecast = self.forecaster.forecast(shown);
+        let forecast = self.forecaster.forecast(shown).map(non_negative);
         let obs = Observation {
             time: t,
             usage,
-            allocated,
-            ready,
+            allocated: nodes.allocated,
+            ready: nodes.ready,
             capacity: self.capacity,
-            min_nodes,
-            max_nodes,
+            min_nodes: nodes.min,
+            max_nodes: nodes.max,
             lead_time: self.lead_time,
             forecast: horizon.and(forecast),
         };
         let d = self.policy.decide(&obs)?;
-        if self.series.len() >= SERIES_LEN {
-            self.series.pop_front();
-        }
-        self.series.push_back(SeriesPoint {
+        self.record(SeriesPoint {
             at_ms,
             observed: usage,
             forecast: forecast.map(|f| f.mean),
             horizon_secs: shown,
-            allocated,
-            serving: ready,
+            allocated: nodes.allocated,
+            serving: nodes.ready,
         });
         Ok(d)
     }
 
+    fn record(&mut self, p: SeriesPoint) {
+        if self.series.len() >= SERIES_LEN {
+            self.series.pop_front();
+        }
+        self.series.push_back(p);
+    }
+
+    /// Replays a persisted series after a restart: the forecaster learns the
+    /// observed values at their times (`now_t` on the controller's clock is
+    /// `now_unix_ms` on the wall clock), so forecasts resume warm.
+    pub fn restore(&mut self, points: &[SeriesPoint], now_t: f64, now_unix_ms: u64) {
+        for p in points {
+            let age = now_unix_ms.saturating_sub(p.at_ms) as f64 / 1000.0;
+            self.forecaster.observe(now_t - age, p.observed);
+            self.record(p.clone());
+        }
+    }
+
     /// The series, oldest first.
-    pub fn series(&self) -> Vec<SeriesPoint> {
-        self.series.iter().cloned().collect()
+    pub fn series(&self) -> impl ExactSizeIterator<Item = &SeriesPoint> + DoubleEndedIterator {
+        self.series.iter()
     }
 
     /// The latest point.
@@ -190,29 +250,39 @@ impl Monitor {
     pub fn policy_name(&self) -> &str {
         self.policy.name()
     }
+
+    /// The forecaster's name.
+    pub fn forecaster_name(&self) -> String {
+        self.forecaster.name()
+    }
+}
+
+/// Node counts a policy decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeCounts {
+    /// Allocated (starting + serving).
+    pub allocated: u32,
+    /// Serving.
+    pub ready: u32,
+    /// The service's floor.
+    pub min: u32,
+    /// The service's ceiling.
+    pub max: u32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_core::policy::Action;
+    use crate::policy::Action;
 
-    fn spec(policy: PolicyKind) -> ServiceSpec {
-        let mut s = crate::services::parse_toml(
-            r#"
-name = "web"
-max_nodes = 4
-[app]
-adaptor = "www"
-port = 8081
-[app.params]
-listen = "{{ node_address }}:{{ port }}"
-root = "/srv"
-[metric]
-kind = "dispatch_active"
-capacity = 10
-"#,
-        )
+    pub(crate) fn spec(policy: PolicyKind) -> ServiceSpec {
+        let mut s: ServiceSpec = serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "max_nodes": 4,
+            "app": {"adaptor": "www", "port": 8081,
+                    "params": {"listen": "{{ node_address }}:{{ port }}", "root": "/srv"}},
+            "metric": {"kind": "dispatch_active", "capacity": 10.0},
+        }))
         .unwrap();
         s.policy = policy;
         s
@@ -228,6 +298,15 @@ capacity = 10
                 in_flight: 0,
                 rps: 2.0 * active,
             }],
+        }
+    }
+
+    fn counts(allocated: u32, ready: u32) -> NodeCounts {
+        NodeCounts {
+            allocated,
+            ready,
+            min: 1,
+            max: 4,
         }
     }
 
@@ -269,14 +348,14 @@ capacity = 10
     fn threshold_monitor_adds_above_ut_and_keeps_a_bounded_series() {
         let mut m = Monitor::new(&spec(PolicyKind::Threshold)).unwrap();
         assert!(m.due(0.0));
-        let d = m.step(0.0, 0, 9.5, 1, 1, 1, 4).unwrap();
+        let d = m.step(0.0, 0, 9.5, counts(1, 1)).unwrap();
         assert_eq!(d.action, Action::Add(1), "{}", d.reason);
         assert!(!m.due(1.0));
         assert!(m.due(2.0));
-        let d = m.step(2.0, 2000, 5.0, 2, 2, 1, 4).unwrap();
+        let d = m.step(2.0, 2000, 5.0, counts(2, 2)).unwrap();
         assert_eq!(d.action, Action::Release(1), "{}", d.reason);
         for i in 0..SERIES_LEN + 10 {
-            m.step(4.0 + 2.0 * i as f64, 0, 1.0, 1, 1, 1, 4).unwrap();
+            m.step(4.0 + 2.0 * i as f64, 0, 1.0, counts(1, 1)).unwrap();
         }
         assert_eq!(m.series().len(), SERIES_LEN);
         assert_eq!(m.last().unwrap().observed, 1.0);
@@ -287,10 +366,46 @@ capacity = 10
         for p in [PolicyKind::Ar, PolicyKind::Predictive] {
             let mut m = Monitor::new(&spec(p)).unwrap();
             for i in 0..30 {
-                m.step(2.0 * i as f64, 0, 5.0 + (i % 3) as f64, 1, 1, 1, 4)
+                m.step(2.0 * i as f64, 0, 5.0 + (i % 3) as f64, counts(1, 1))
                     .unwrap();
             }
             assert!(m.last().unwrap().forecast.is_some(), "{p:?}");
         }
+    }
+
+    #[test]
+    fn a_falling_load_never_forecasts_below_zero() {
+        let mut m = Monitor::new(&spec(PolicyKind::Predictive)).unwrap();
+        for i in 0..40 {
+            let usage = (30.0 - 2.0 * i as f64).max(0.0);
+            m.step(2.0 * i as f64, 0, usage, counts(4, 4)).unwrap();
+        }
+        // A trend AR on this ramp extrapolates well below zero.
+        assert!(m.series().all(|p| p.forecast.is_none_or(|f| f >= 0.0)));
+        assert_eq!(m.last().unwrap().forecast, Some(0.0));
+    }
+
+    #[test]
+    fn a_restored_series_forecasts_at_once() {
+        let s = spec(PolicyKind::Ar);
+        let mut warm = Monitor::new(&s).unwrap();
+        for i in 0..30 {
+            warm.step(
+                2.0 * i as f64,
+                1000 * 2 * i,
+                5.0 + (i % 3) as f64,
+                counts(1, 1),
+            )
+            .unwrap();
+        }
+        let saved: Vec<SeriesPoint> = warm.series().cloned().collect();
+        let mut cold = Monitor::new(&s).unwrap();
+        cold.restore(&saved, 500.0, 60_000);
+        assert_eq!(cold.series().len(), 30);
+        cold.step(502.0, 62_000, 6.0, counts(1, 1)).unwrap();
+        assert!(cold.last().unwrap().forecast.is_some());
+        let mut fresh = Monitor::new(&s).unwrap();
+        fresh.step(502.0, 62_000, 6.0, counts(1, 1)).unwrap();
+        assert!(fresh.last().unwrap().forecast.is_none());
     }
 }

@@ -1,0 +1,640 @@
+//! The data the controller reasons about: service definitions, allocations,
+//! backend lists, load samples and app states. They are also the manager's
+//! wire types (`shoal_net::wire` re-exports them), so the live API and the
+//! simulator speak the same values. Unknown fields are refused, so a typo is
+//! an error rather than a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub use crate::lease::LeaseState;
+
+/// Control parameters of an application (LAMA's server control parameters,
+/// such as DocRoot or RelayFrom): string keys and values.
+pub type Params = BTreeMap<String, String>;
+
+/// The node's load L(t), sampled by its agent every 2 s.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSample {
+    /// Agent-side wall clock when sampled, unix milliseconds.
+    pub at_ms: u64,
+    /// CPU utilization over the last period, 0..1 of all cores.
+    pub cpu: f64,
+    /// Number of CPUs the node has.
+    pub cpus: u32,
+    /// Network receive rate, bytes per second, over all non-loopback
+    /// interfaces (all interfaces when only loopback exists).
+    pub net_rx_bps: f64,
+    /// Network transmit rate, bytes per second.
+    pub net_tx_bps: f64,
+    /// Disk read rate, bytes per second.
+    pub disk_read_bps: f64,
+    /// Disk write rate, bytes per second.
+    pub disk_write_bps: f64,
+    /// Memory in use, bytes (total minus available).
+    pub mem_used_bytes: u64,
+    /// Memory installed, bytes.
+    pub mem_total_bytes: u64,
+}
+
+/// A service item in the lookup service: one node and its attributes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Node name; must match the identity in the node's certificate.
+    pub name: String,
+    /// The host (IP or name) at which the node's applications are reachable.
+    pub address: String,
+    /// Roles, such as `web` or `dispatcher`.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Capacities, such as `net_mbps` or `cpus`.
+    #[serde(default)]
+    pub capacities: BTreeMap<String, f64>,
+}
+
+/// A renewal; it carries the latest load sample and the actual state of the
+/// node's applications.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The latest L(t), if one has been sampled.
+    #[serde(default)]
+    pub load: Option<LoadSample>,
+    /// Actual state of every application the agent runs.
+    #[serde(default)]
+    pub apps: Vec<AppStatus>,
+}
+
+/// The answer to a renewal: the lease and the node's desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewResponse {
+    /// Lease duration, milliseconds.
+    pub lease_ttl_ms: u64,
+    /// What should run on this node.
+    pub desired: Vec<AppAssignment>,
+    /// Increases whenever `desired` changes.
+    pub generation: u64,
+}
+
+/// One application the manager wants on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppAssignment {
+    /// Unique on the node; names the app's directory and pid file.
+    pub id: String,
+    /// Which adaptor controls it: `process`, `nginx` or `www`.
+    pub adaptor: String,
+    /// Control parameters.
+    #[serde(default)]
+    pub params: Params,
+}
+
+/// The life-cycle state of an application on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    /// Started, health not yet confirmed.
+    Starting,
+    /// Running and passing its health check.
+    Running,
+    /// Running but failing its health check.
+    Unhealthy,
+    /// Exited; waiting for its restart back-off.
+    Backoff,
+    /// Cannot be started (bad parameters, missing program).
+    Failed,
+    /// Not running, as desired.
+    Stopped,
+}
+
+/// The actual state of an application, reported by its adaptor's `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppStatus {
+    /// The assignment id.
+    pub id: String,
+    /// The adaptor controlling it.
+    pub adaptor: String,
+    /// Its state.
+    pub state: AppState,
+    /// Process id of the app's main process, when running.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Restarts since the assignment began.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The address it serves on, when it has one.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Why it is in this state, when not plainly running.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// A node as `shoal status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub name: String,
+    /// Where its applications are reachable.
+    pub address: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Capacities.
+    pub capacities: BTreeMap<String, f64>,
+    /// `alive` or `failed`.
+    pub state: LeaseState,
+    /// Milliseconds before the lease runs out (0 when failed).
+    pub lease_remaining_ms: u64,
+    /// The last L(t) received.
+    pub load: Option<LoadSample>,
+    /// Actual applications as last reported.
+    pub apps: Vec<AppStatus>,
+    /// Desired applications.
+    pub desired: Vec<AppAssignment>,
+    /// Takes no new allocation (`shoal node cordon`).
+    #[serde(default)]
+    pub cordoned: bool,
+    /// The service holding it, if any.
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+/// A service as `shoal status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// Nodes currently allocated to it (starting, serving or draining).
+    pub nodes: Vec<String>,
+    /// Nodes serving (listed as live backends).
+    #[serde(default)]
+    pub serving: Vec<String>,
+    /// Nodes allocated whose app is not yet running.
+    #[serde(default)]
+    pub starting: Vec<String>,
+    /// Nodes being drained before release.
+    #[serde(default)]
+    pub draining: Vec<String>,
+    /// The allocation policy.
+    #[serde(default)]
+    pub policy: String,
+    /// Last observed summed load, in the service's metric unit.
+    #[serde(default)]
+    pub usage: Option<f64>,
+    /// Last forecast of the summed load.
+    #[serde(default)]
+    pub forecast: Option<f64>,
+    /// The last decision's reason.
+    #[serde(default)]
+    pub last_decision: Option<String>,
+    /// Being deleted (draining out).
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+/// Adaptors every agent has built in.
+pub const ADAPTORS: &[&str] = &["process", "nginx", "www"];
+
+/// Checks an assignment's control parameters without touching any node:
+/// the adaptor exists, every key is one it understands, required keys are
+/// present and addresses parse. The manager runs this before it
+/// acknowledges an assignment; the agent runs it again before it starts
+/// anything (and then checks what only the node can, such as paths).
+pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
+    let need = |k: &str| -> Result<&str, String> {
+        params
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                format!("the {adaptor} adaptor needs the parameter {k} (--param {k}=...)")
+            })
+    };
+    match adaptor {
+        "process" => {
+            let known = |k: &str| {
+                matches!(k, "command" | "args" | "health" | "endpoint")
+                    || k.starts_with("env.")
+                    || k.starts_with("file.")
+            };
+            if let Some(k) = params.keys().find(|k| !known(k)) {
+                return Err(format!(
+                    "unknown parameter {k:?} for the process adaptor; use command, args, env.NAME, file.NAME, health, endpoint"
+                ));
+            }
+            need("command")?;
+            for k in params.keys() {
+                if let Some(name) = k.strip_prefix("file.")
+                    && (name.is_empty() || name.contains('/') || name.starts_with('.'))
+                {
+                    return Err(format!(
+                        "{k}: config file names must be plain names inside the app directory"
+                    ));
+                }
+            }
+            Ok(())
+        }
+        "nginx" | "www" => {
+            if let Some(k) = params
+                .keys()
+                .find(|k| !matches!(k.as_str(), "listen" | "root"))
+            {
+                return Err(format!(
+                    "unknown parameter {k:?} for the {adaptor} adaptor; use listen and root"
+                ));
+            }
+            let listen = need("listen")?;
+            listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("listen must be IP:PORT, got {listen:?}"))?;
+            need("root")?;
+            Ok(())
+        }
+        other => Err(format!(
+            "unknown adaptor {other:?}; use one of: {}",
+            ADAPTORS.join(", ")
+        )),
+    }
+}
+
+/// Which load drives a service's sizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricKind {
+    /// Node transmit rate in Mbit/s, from the agents' L(t).
+    Net,
+    /// CPU cores busy (cpu x cpus), from the agents' L(t).
+    Cpu,
+    /// Requests in flight per backend, reported by the service's dispatchers
+    /// (LAMA's concurrent streams per node).
+    DispatchActive,
+    /// Requests per second per backend, reported by the dispatchers.
+    DispatchRps,
+}
+
+/// Allocation policies a service may use (shoal-core's policies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// LAMA Algorithm 1 on the observed sum.
+    Threshold,
+    /// LAMA Algorithm 1 on the AR(1) forecast 20 s ahead.
+    Ar,
+    /// The Kubernetes HPA rule (target = the SLA's upper threshold).
+    Hpa,
+    /// shoal's predictive policy (forecast at the lead time + 2 sigma).
+    Predictive,
+}
+
+/// The application a service runs on each of its nodes. Parameter values
+/// are minijinja templates rendered per node at assignment time, with
+/// `node_name`, `node_address`, `port`, `service`, `app_id` and
+/// `first_server` (the backend address of the service's first serving node:
+/// LAMA's RelayFrom).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceApp {
+    /// The adaptor: `process`, `nginx` or `www`.
+    pub adaptor: String,
+    /// The port the app serves on (`{{ port }}` in templates).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The address dispatchers send requests to, a template.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Control parameters (templates).
+    #[serde(default)]
+    pub params: Params,
+}
+
+fn default_backend() -> String {
+    "{{ node_address }}:{{ port }}".into()
+}
+
+/// How a service's dispatchers choose backends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchSettings {
+    /// rr, wrr, lc, wlc, lard, lard-r, url-hash, bounded-ch.
+    #[serde(default = "default_algo")]
+    pub algo: String,
+    /// Replication factor for url-hash.
+    #[serde(default = "default_one_usize")]
+    pub replicas: usize,
+    /// Hash function: charsum, md5, sha1, xxh3.
+    #[serde(default = "default_hash")]
+    pub hash: String,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            algo: default_algo(),
+            replicas: 1,
+            hash: default_hash(),
+        }
+    }
+}
+
+fn default_algo() -> String {
+    "url-hash".into()
+}
+fn default_hash() -> String {
+    "xxh3".into()
+}
+fn default_one_usize() -> usize {
+    1
+}
+
+/// The resource metric that sizes a service, and one node's capacity C in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSpec {
+    /// Which load.
+    pub kind: MetricKind,
+    /// Capacity C of one node in that metric's unit (e.g. 100 Mbit/s).
+    pub capacity: f64,
+}
+
+/// SLA utilization thresholds (LAMA: 0.9 and 0.8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sla {
+    /// Add a node above this utilization.
+    #[serde(default = "default_upper")]
+    pub upper: f64,
+    /// Release a node while the rest would stay under this utilization.
+    #[serde(default = "default_lower")]
+    pub lower: f64,
+}
+
+impl Default for Sla {
+    fn default() -> Self {
+        Self {
+            upper: default_upper(),
+            lower: default_lower(),
+        }
+    }
+}
+
+fn default_upper() -> f64 {
+    0.9
+}
+fn default_lower() -> f64 {
+    0.8
+}
+fn default_min_nodes() -> u32 {
+    1
+}
+fn default_policy() -> PolicyKind {
+    PolicyKind::Threshold
+}
+fn default_lead_time() -> f64 {
+    20.0
+}
+fn default_drain_timeout() -> f64 {
+    30.0
+}
+fn default_period() -> f64 {
+    2.0
+}
+
+/// A service (hosted site) on the shared pool, as `shoal service apply`
+/// reads it from TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// The app each node runs.
+    pub app: ServiceApp,
+    /// Dispatcher settings.
+    #[serde(default)]
+    pub dispatch: DispatchSettings,
+    /// What drives sizing.
+    pub metric: MetricSpec,
+    /// Floor.
+    #[serde(default = "default_min_nodes")]
+    pub min_nodes: u32,
+    /// Ceiling.
+    pub max_nodes: u32,
+    /// Higher wins nodes of the shared pool.
+    #[serde(default)]
+    pub priority: u32,
+    /// Utilization thresholds.
+    #[serde(default)]
+    pub sla: Sla,
+    /// Allocation policy.
+    #[serde(default = "default_policy")]
+    pub policy: PolicyKind,
+    /// Expected seconds from allocating a node to it serving.
+    #[serde(default = "default_lead_time")]
+    pub lead_time_secs: f64,
+    /// Longest wait for a released node's requests to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: f64,
+    /// Monitor sampling period p, seconds (LAMA: 2).
+    #[serde(default = "default_period")]
+    pub period_secs: f64,
+    /// Only nodes holding this role may serve it.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Tuning of the forecasting policies.
+    #[serde(default)]
+    pub forecast: ForecastTuning,
+}
+
+/// How the forecasting policies look ahead (`[forecast]` in a service file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastTuning {
+    /// The predictive policy provisions for forecast mean + k standard
+    /// deviations.
+    #[serde(default = "default_k")]
+    pub k: f64,
+    /// Length of the demand's season (a day: 86400) when it has one; the
+    /// predictive policy then learns a time-of-day profile.
+    #[serde(default)]
+    pub season_secs: Option<f64>,
+}
+
+impl Default for ForecastTuning {
+    fn default() -> Self {
+        Self {
+            k: default_k(),
+            season_secs: None,
+        }
+    }
+}
+
+fn default_k() -> f64 {
+    2.0
+}
+
+/// Where a node stands in a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocPhase {
+    /// Assigned; waiting for the agent to report the app running.
+    Starting,
+    /// Listed as a backend.
+    Serving,
+    /// Listed as draining; released once drained.
+    Draining,
+}
+
+/// One node allocated to a service (durable).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// The node.
+    pub node: String,
+    /// Backend address (rendered `app.backend`).
+    pub address: String,
+    /// Phase.
+    pub phase: AllocPhase,
+    /// When the phase began, unix ms.
+    pub since_ms: u64,
+    /// Backend-list version at which draining began.
+    #[serde(default)]
+    pub drain_version: Option<u64>,
+    /// Service that gets the node once drained (pool arbitration).
+    #[serde(default)]
+    pub handoff_to: Option<String>,
+    /// The app rendered for this node when it was allocated; a node keeps
+    /// it until a rolling update replaces the node.
+    #[serde(default)]
+    pub app: Option<AppAssignment>,
+    /// The service's app epoch this node was rendered at; older than the
+    /// service's epoch means stale (a rolling update replaces it).
+    #[serde(default)]
+    pub app_epoch: u64,
+}
+
+/// Durable allocation state of one service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllocDoc {
+    /// Backend-list version.
+    pub version: u64,
+    /// Allocations.
+    pub allocs: Vec<Allocation>,
+    /// Bumped whenever the service's app definition changes.
+    #[serde(default)]
+    pub app_epoch: u64,
+    /// A rolling update has an extra node starting or serving that replaces
+    /// one stale node once it serves.
+    #[serde(default)]
+    pub surge: bool,
+}
+
+/// A node's durable record: its registration and desired applications.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The registration (service item).
+    pub registration: Registration,
+    /// Desired applications.
+    pub desired: Vec<AppAssignment>,
+    /// Bumped at every change of `desired`.
+    pub generation: u64,
+}
+
+/// What an operator or the lease table decided about a node, durable so a
+/// restart does not forget it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFlags {
+    /// Its lease expired and it has not renewed since.
+    #[serde(default)]
+    pub failed: bool,
+    /// Takes no new allocation (`shoal node cordon`).
+    #[serde(default)]
+    pub cordoned: bool,
+}
+
+/// One backend in a service's list, as dispatchers follow it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendEntry {
+    /// `host:port`.
+    pub address: String,
+    /// Relative weight.
+    pub weight: u32,
+    /// No new requests.
+    pub draining: bool,
+    /// The node serving it.
+    #[serde(default)]
+    pub node: String,
+}
+
+/// A service's backend list (LAMA's dispatcher control parameters, D-CP).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendList {
+    /// Service name.
+    pub service: String,
+    /// Increases with every change of the list.
+    pub version: u64,
+    /// The backends.
+    pub backends: Vec<BackendEntry>,
+    /// How dispatchers should choose among them.
+    pub dispatch: DispatchSettings,
+}
+
+/// Per-backend load seen by a dispatcher over its last report period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendLoad {
+    /// `host:port`.
+    pub address: String,
+    /// Mean requests in flight over the period.
+    pub active: f64,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Requests per second over the period.
+    pub rps: f64,
+}
+
+/// A dispatcher's report to the manager (every second).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchReport {
+    /// The dispatcher's identity (its listen address).
+    pub dispatcher: String,
+    /// The backend-list version it runs.
+    pub version: u64,
+    /// Its backends.
+    pub backends: Vec<BackendLoad>,
+}
+
+/// One monitor sample of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    /// Unix ms.
+    pub at_ms: u64,
+    /// Observed summed load.
+    pub observed: f64,
+    /// Forecast made at this time for the policy's horizon (or the lead time).
+    pub forecast: Option<f64>,
+    /// Horizon of `forecast`, seconds.
+    pub horizon_secs: f64,
+    /// Nodes allocated (starting + serving).
+    pub allocated: u32,
+    /// Nodes serving.
+    pub serving: u32,
+}
+
+/// `GET /v1/services/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceDetail {
+    /// The definition (absent while a deleted service drains out).
+    pub spec: Option<ServiceSpec>,
+    /// Summary.
+    pub status: ServiceStatus,
+    /// Allocations.
+    pub allocations: Vec<Allocation>,
+    /// Backend list.
+    pub backends: BackendList,
+    /// Monitor time series, oldest first.
+    pub series: Vec<SeriesPoint>,
+}

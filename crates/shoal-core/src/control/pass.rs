@@ -1,0 +1,954 @@
+//! The allocation pass: lease expiry, the phases of every allocation, the
+//! monitors and policies, rolling updates, the shared pool, and the nodes'
+//! desired apps. Each step only gathers the inputs of a shoal-core decision
+//! procedure ([`crate::policy`]) and applies its output to the state.
+
+use super::model::*;
+use super::monitor::{NodeCounts, dispatch_value};
+use super::{
+    Command, Controller, Doc, Node, Note, Now, RenderCtx, Service, app_id, render, start_drain,
+};
+use crate::lease::LeaseState;
+use crate::policy::{Action, PoolMove, PoolService, arbitrate, choose_victim, drain_done};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// What one pass changed, applied at its end in a fixed order: documents
+/// first, then backend lists, then desired apps.
+#[derive(Default)]
+struct Changes {
+    notes: Vec<Note>,
+    /// Services whose allocation document changed.
+    changed: BTreeSet<String>,
+    /// Services whose backend list changed.
+    relist: BTreeSet<String>,
+    /// (node, to, from): drained nodes handed to another service.
+    handoffs: Vec<(String, String, String)>,
+    /// Nodes that left a service.
+    released: Vec<String>,
+}
+
+impl Changes {
+    fn note(&mut self, node: Option<&str>, service: &str, message: String) {
+        self.notes.push(Note {
+            kind: "service",
+            node: node.map(str::to_string),
+            service: Some(service.to_string()),
+            message,
+        });
+    }
+}
+
+fn start_timeout_secs(spec: Option<&ServiceSpec>) -> f64 {
+    spec.map_or(60.0, |x| (3.0 * x.lead_time_secs).max(60.0))
+}
+
+impl Controller {
+    /// Lease expiry and, when due, the allocation pass.
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.expire(now);
+        if now.mono_ms >= self.next_pass_ms {
+            self.next_pass_ms = now.mono_ms + self.cfg.pass_ms;
+            self.pass(now);
+        }
+    }
+
+    /// Declares expired leases failed, durably, and takes the failed nodes
+    /// out of every backend list at once.
+    fn expire(&mut self, now: Now) {
+        let mut failed = self.leases.expire(now.mono_ms);
+        // The lease table is a hash map: keep the command stream ordered.
+        failed.sort();
+        for name in failed {
+            let Some(n) = self.nodes.get_mut(&name) else {
+                continue;
+            };
+            n.flags.failed = true;
+            let flags = n.flags;
+            let holder = n.service.take();
+            self.persist(Doc::Flags {
+                node: name.clone(),
+                flags,
+            });
+            self.note(
+                "failed",
+                Some(&name),
+                None,
+                "lease expired without renewal: node declared failed".into(),
+            );
+            self.dirty.insert(name.clone());
+            if let Some(svc) = holder {
+                self.drop_allocation(&svc, &name, "its lease expired");
+            }
+        }
+    }
+
+    /// Removes `node`'s allocation from `svc` at once and commits it.
+    pub(super) fn drop_allocation(&mut self, svc: &str, node: &str, why: &str) {
+        let Some(s) = self.services.get_mut(svc) else {
+            return;
+        };
+        let Some(i) = s.doc.allocs.iter().position(|a| a.node == node) else {
+            return;
+        };
+        let a = s.doc.allocs.remove(i);
+        let listed = a.phase != AllocPhase::Starting;
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.service = None;
+        }
+        self.dirty.insert(node.to_string());
+        self.note(
+            "service",
+            Some(node),
+            Some(svc),
+            format!("{svc}: node {node} removed from the backends at once: {why}"),
+        );
+        self.commit(svc, listed);
+    }
+
+    fn pass(&mut self, now: Now) {
+        let mut ch = Changes::default();
+        self.phases(now, &mut ch);
+        self.hand_over(now, &mut ch);
+        let mut want = self.monitors(now, &mut ch);
+        let surging = self.rolling_updates(now, &mut want, &mut ch);
+        self.pool(now, &want, &surging, &mut ch);
+        for name in &surging {
+            // No free node came for the surge: update in place, one node at
+            // a time, while at least one other node serves.
+            let Some(s) = self.services.get_mut(name) else {
+                continue;
+            };
+            if s.doc.surge || s.count(AllocPhase::Serving) < 2 {
+                continue;
+            }
+            if let Some(i) = stale_victim(s) {
+                let node = start_drain(s, i, now, None);
+                ch.note(
+                    Some(&node),
+                    name,
+                    format!(
+                        "{name}: rolling update in place: no free node for a surge; draining {node}, whose app is out of date"
+                    ),
+                );
+                ch.changed.insert(name.clone());
+                ch.relist.insert(name.clone());
+            }
+        }
+        self.finish(now, ch);
+    }
+
+    /// Starting -> serving (or returned to the pool), draining -> released.
+    fn phases(&mut self, now: Now, ch: &mut Changes) {
+        let nodes = &self.nodes;
+        for (name, s) in self.services.iter_mut() {
+            let deleted = s.spec.is_none();
+            if !deleted
+                && !s
+                    .doc
+                    .allocs
+                    .iter()
+                    .any(|a| a.phase != AllocPhase::Serving || !nodes.contains_key(&a.node))
+            {
+                continue;
+            }
+            let id = app_id(name);
+            let drain_timeout = s.spec.as_ref().map_or(30.0, |x| x.drain_timeout_secs);
+            let start_timeout = start_timeout_secs(s.spec.as_ref());
+            let views: Vec<(u64, &DispatchReport)> = s
+                .reports
+                .values()
+                .filter(|(at, _)| now.mono_ms.saturating_sub(*at) < super::REPORT_FRESH_MS)
+                .map(|(_, r)| (r.version, r))
+                .collect();
+            let mut keep = Vec::with_capacity(s.doc.allocs.len());
+            let mut drain_now = Vec::new();
+            let mut surge_failed = false;
+            for mut a in std::mem::take(&mut s.doc.allocs) {
+                let Some(n) = nodes.get(&a.node) else {
+                    ch.note(
+                        Some(&a.node),
+                        name,
+                        format!(
+                            "{name}: node {} removed from the backends at once: it is no longer registered",
+                            a.node
+                        ),
+                    );
+                    ch.changed.insert(name.clone());
+                    if a.phase != AllocPhase::Starting {
+                        ch.relist.insert(name.clone());
+                    }
+                    continue;
+                };
+                let elapsed = now.unix_ms.saturating_sub(a.since_ms) as f64 / 1000.0;
+                match a.phase {
+                    AllocPhase::Starting if deleted => {
+                        ch.note(
+                            Some(&a.node),
+                            name,
+                            format!("{name}: deleted; start of {} cancelled", a.node),
+                        );
+                        ch.changed.insert(name.clone());
+                        ch.released.push(a.node);
+                        continue;
+                    }
+                    AllocPhase::Starting => {
+                        let app = n.apps.iter().find(|x| x.id == id);
+                        match app.map(|x| x.state) {
+                            Some(AppState::Running) => {
+                                a.phase = AllocPhase::Serving;
+                                a.since_ms = now.unix_ms;
+                                ch.note(
+                                    Some(&a.node),
+                                    name,
+                                    format!(
+                                        "{name}: {} serving at {} after {elapsed:.1} s; added to the backends",
+                                        a.node, a.address
+                                    ),
+                                );
+                                ch.changed.insert(name.clone());
+                                ch.relist.insert(name.clone());
+                            }
+                            Some(AppState::Failed) => {
+                                ch.note(
+                                    Some(&a.node),
+                                    name,
+                                    format!(
+                                        "{name}: app failed on {}: {}; node returned to the pool",
+                                        a.node,
+                                        app.and_then(|x| x.message.clone()).unwrap_or_default()
+                                    ),
+                                );
+                                ch.changed.insert(name.clone());
+                                ch.released.push(a.node);
+                                surge_failed = true;
+                                continue;
+                            }
+                            _ if elapsed > start_timeout => {
+                                ch.note(
+                                    Some(&a.node),
+                                    name,
+                                    format!(
+                                        "{name}: {} not running after {elapsed:.0} s; node returned to the pool",
+                                        a.node
+                                    ),
+                                );
+                                ch.changed.insert(name.clone());
+                                ch.released.push(a.node);
+                                surge_failed = true;
+                                continue;
+                            }
+                            _ => {}
+                        }
+                    }
+                    AllocPhase::Serving if deleted => drain_now.push(keep.len()),
+                    AllocPhase::Serving => {}
+                    AllocPhase::Draining => {
+                        let dv = a.drain_version.unwrap_or(0);
+                        let in_flight = views.iter().map(|(v, r)| {
+                            let n = r
+                                .backends
+                                .iter()
+                                .filter(|b| b.address == a.address)
+                                .map(|b| b.in_flight)
+                                .sum::<u32>();
+                            (*v, n)
+                        });
+                        if let Some(why) = drain_done(elapsed, drain_timeout, dv, in_flight) {
+                            ch.note(
+                                Some(&a.node),
+                                name,
+                                format!(
+                                    "{name}: {} released after draining {elapsed:.1} s ({why:?}){}",
+                                    a.node,
+                                    a.handoff_to
+                                        .as_deref()
+                                        .map(|t| format!("; handed to {t}"))
+                                        .unwrap_or_else(|| "; returned to the pool".into())
+                                ),
+                            );
+                            if let Some(to) = a.handoff_to.take() {
+                                ch.handoffs.push((a.node.clone(), to, name.clone()));
+                            }
+                            ch.changed.insert(name.clone());
+                            ch.relist.insert(name.clone());
+                            ch.released.push(a.node);
+                            continue;
+                        }
+                    }
+                }
+                keep.push(a);
+            }
+            s.doc.allocs = keep;
+            if surge_failed && s.doc.surge {
+                // The replacement never came up: try again from scratch.
+                s.doc.surge = false;
+            }
+            for i in drain_now {
+                let node = start_drain(s, i, now, None);
+                ch.note(
+                    Some(&node),
+                    name,
+                    format!("{name}: deleted; draining {node}"),
+                );
+                ch.changed.insert(name.clone());
+                ch.relist.insert(name.clone());
+            }
+        }
+        for node in std::mem::take(&mut ch.released) {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.service = None;
+            }
+            self.dirty.insert(node);
+        }
+    }
+
+    /// Handed-off nodes go straight to their receiver, so nobody else grabs
+    /// them from the pool.
+    fn hand_over(&mut self, now: Now, ch: &mut Changes) {
+        for (node, to, from) in std::mem::take(&mut ch.handoffs) {
+            let fits = self.nodes.get(&node).is_some_and(|n| {
+                n.service.is_none()
+                    && self.available(n)
+                    && self
+                        .services
+                        .get(&to)
+                        .and_then(|s| s.spec.as_ref())
+                        .is_some_and(|spec| fits(n, spec))
+            });
+            if fits && self.allocate(now, &to, &node, &format!("taken from {from}"), ch) {
+                ch.changed.insert(to);
+            }
+        }
+    }
+
+    /// Whether a node may take a new allocation: alive, not failed, not
+    /// cordoned.
+    fn available(&self, n: &Node) -> bool {
+        !n.flags.failed
+            && !n.flags.cordoned
+            && self.leases.state(&n.record.registration.name) == Some(LeaseState::Alive)
+    }
+
+    /// Runs every due monitor and its policy; returns each stepped service's
+    /// desired node count.
+    fn monitors(&mut self, now: Now, ch: &mut Changes) -> BTreeMap<String, u32> {
+        let t = now.secs();
+        let mut want = BTreeMap::new();
+        let nodes = &self.nodes;
+        for (name, s) in self.services.iter_mut() {
+            let Some(spec) = s.spec.as_ref() else {
+                continue;
+            };
+            if !s.monitor.as_ref().is_some_and(|m| m.due(t)) {
+                continue;
+            }
+            let (usage, util) = measure(s, spec, nodes, now);
+            s.util = util;
+            let ready = s.count(AllocPhase::Serving);
+            let allocated = ready + s.count(AllocPhase::Starting);
+            let counts = NodeCounts {
+                allocated,
+                ready,
+                min: spec.min_nodes,
+                max: spec.max_nodes,
+            };
+            let Some(m) = s.monitor.as_mut() else {
+                continue;
+            };
+            let d = match m.step(t, now.unix_ms, usage, counts) {
+                Ok(d) => d,
+                Err(e) => {
+                    let why = format!("policy cannot decide: {e}");
+                    if s.last_decision.as_deref() != Some(why.as_str()) {
+                        ch.note(None, name, format!("{name}: {why}"));
+                        s.last_decision = Some(why);
+                    }
+                    continue;
+                }
+            };
+            if now.mono_ms >= s.history_due_ms {
+                s.history_due_ms = now.mono_ms + self.cfg.history_every_ms;
+                let skip = m.series().len().saturating_sub(self.cfg.history_len);
+                let points = m.series().skip(skip).cloned().collect();
+                self.out.push_back(Command::Persist(Doc::History {
+                    service: name.clone(),
+                    points,
+                }));
+            }
+            let policy = m.policy_name().to_string();
+            want.insert(name.clone(), d.apply(allocated));
+            if d.action != Action::Hold {
+                self.decisions += 1;
+                ch.notes.push(Note {
+                    kind: "decision",
+                    node: None,
+                    service: Some(name.clone()),
+                    message: format!("{name}: {policy}: {:?}: {}", d.action, d.reason)
+                        .to_lowercase(),
+                });
+                s.last_decision = Some(d.reason.clone());
+            }
+            if let Action::Release(k) = d.action {
+                for _ in 0..k {
+                    // A node still starting serves nobody: cancel it first.
+                    if let Some(i) = s
+                        .doc
+                        .allocs
+                        .iter()
+                        .rposition(|a| a.phase == AllocPhase::Starting)
+                    {
+                        let a = s.doc.allocs.remove(i);
+                        ch.note(
+                            Some(&a.node),
+                            name,
+                            format!("{name}: start of {} cancelled ({})", a.node, d.reason),
+                        );
+                        ch.changed.insert(name.clone());
+                        ch.released.push(a.node);
+                        continue;
+                    }
+                    // An out-of-date node goes first during a rolling update.
+                    let Some(i) = stale_victim(s).or_else(|| victim(s)) else {
+                        break;
+                    };
+                    let u = s
+                        .util
+                        .get(&s.doc.allocs[i].node)
+                        .copied()
+                        .unwrap_or(f64::NAN);
+                    let node = start_drain(s, i, now, None);
+                    ch.note(
+                        Some(&node),
+                        name,
+                        format!(
+                            "{name}: draining {node} (least utilized, {:.0}%) before release",
+                            u * 100.0
+                        ),
+                    );
+                    ch.changed.insert(name.clone());
+                    ch.relist.insert(name.clone());
+                }
+            }
+        }
+        for node in std::mem::take(&mut ch.released) {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.service = None;
+            }
+            self.dirty.insert(node);
+        }
+        want
+    }
+
+    /// Rolling updates (one node at a time, the new instance serving before
+    /// an old one drains): a service whose app changed asks the pool for
+    /// one extra node; once it serves, one out-of-date node drains. Returns
+    /// the services asking for a surge node this pass.
+    fn rolling_updates(
+        &mut self,
+        now: Now,
+        want: &mut BTreeMap<String, u32>,
+        ch: &mut Changes,
+    ) -> BTreeSet<String> {
+        let mut surging = BTreeSet::new();
+        for (name, s) in self.services.iter_mut() {
+            if s.spec.is_none() {
+                continue;
+            }
+            let epoch = s.doc.app_epoch;
+            let stale = s
+                .doc
+                .allocs
+                .iter()
+                .filter(|a| a.phase != AllocPhase::Draining && a.app_epoch < epoch)
+                .count();
+            if stale == 0 {
+                if s.doc.surge {
+                    s.doc.surge = false;
+                    ch.changed.insert(name.clone());
+                    ch.note(None, name, format!("{name}: rolling update done"));
+                }
+                continue;
+            }
+            let busy = s.doc.allocs.iter().any(|a| a.phase != AllocPhase::Serving);
+            if busy {
+                continue;
+            }
+            if s.doc.surge {
+                if let Some(i) = stale_victim(s) {
+                    let node = start_drain(s, i, now, None);
+                    s.doc.surge = false;
+                    ch.note(
+                        Some(&node),
+                        name,
+                        format!(
+                            "{name}: rolling update: a new instance serves; draining {node} ({} out of date left)",
+                            stale - 1
+                        ),
+                    );
+                    ch.changed.insert(name.clone());
+                    ch.relist.insert(name.clone());
+                }
+                continue;
+            }
+            let held = s.doc.allocs.len() as u32;
+            let w = want.entry(name.clone()).or_insert(held);
+            *w = (*w).max(held + 1);
+            surging.insert(name.clone());
+        }
+        surging
+    }
+
+    /// The shared pool: who gets free nodes, who gives one up.
+    fn pool(
+        &mut self,
+        now: Now,
+        want: &BTreeMap<String, u32>,
+        surging: &BTreeSet<String>,
+        ch: &mut Changes,
+    ) {
+        let mut incoming: HashMap<&str, u32> = HashMap::new();
+        for s in self.services.values() {
+            for a in &s.doc.allocs {
+                if let Some(to) = a.handoff_to.as_deref() {
+                    *incoming.entry(to).or_default() += 1;
+                }
+            }
+        }
+        let held = |name: &str, s: &Service| {
+            s.doc
+                .allocs
+                .iter()
+                .filter(|a| a.phase != AllocPhase::Draining)
+                .count() as u32
+                + incoming.get(name).copied().unwrap_or(0)
+        };
+        let shortfall: u32 = want
+            .iter()
+            .filter_map(|(n, w)| Some(w.saturating_sub(held(n, self.services.get(n)?))))
+            .sum();
+        if shortfall == 0 {
+            return;
+        }
+        let free: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.service.is_none() && self.available(n))
+            .map(|n| n.record.registration.name.clone())
+            .collect();
+        // Donors' nodes are only named when the pool cannot cover the need.
+        let named = (free.len() as u32) < shortfall;
+        let pool: Vec<PoolService> = self
+            .services
+            .iter()
+            .filter_map(|(name, s)| {
+                let spec = s.spec.as_ref()?;
+                let h = held(name, s);
+                let mut nodes: Vec<(String, f64)> = Vec::with_capacity(h as usize);
+                for a in s
+                    .doc
+                    .allocs
+                    .iter()
+                    .filter(|a| a.phase != AllocPhase::Draining)
+                {
+                    nodes.push(if named && a.phase == AllocPhase::Serving {
+                        let u = s.util.get(&a.node).copied().unwrap_or(f64::NAN);
+                        (a.node.clone(), u)
+                    } else {
+                        (String::new(), 0.0)
+                    });
+                }
+                nodes.resize(h as usize, (String::new(), 0.0));
+                Some(PoolService {
+                    name: name.clone(),
+                    priority: spec.priority,
+                    desired: want.get(name).copied().unwrap_or(h),
+                    min_nodes: spec.min_nodes,
+                    nodes,
+                })
+            })
+            .collect();
+        let moves = arbitrate(&pool, free.len() as u32);
+        self.decisions += moves.len() as u64;
+        let mut taken: BTreeSet<String> = BTreeSet::new();
+        for m in moves {
+            match m {
+                PoolMove::FromPool { to } => {
+                    let Some(spec) = self.services.get(&to).and_then(|s| s.spec.as_ref()) else {
+                        continue;
+                    };
+                    let mut got = false;
+                    let mut refused = 0;
+                    // Best free node: the role fits and the port is free,
+                    // then the least loaded.
+                    let mut candidates: Vec<(&Node, f64)> = free
+                        .iter()
+                        .filter(|n| !taken.contains(*n))
+                        .filter_map(|n| self.nodes.get(n))
+                        .filter(|n| fits(n, spec))
+                        .map(|n| (n, n.load.as_ref().map_or(0.0, |l| l.cpu)))
+                        .collect();
+                    candidates.sort_by(|a, b| {
+                        a.1.total_cmp(&b.1).then(
+                            a.0.record
+                                .registration
+                                .name
+                                .cmp(&b.0.record.registration.name),
+                        )
+                    });
+                    let names: Vec<String> = candidates
+                        .iter()
+                        .map(|(n, _)| n.record.registration.name.clone())
+                        .collect();
+                    let role = spec.role.clone();
+                    let how = if surging.contains(&to) {
+                        "from the free pool, for a rolling update"
+                    } else {
+                        "from the free pool"
+                    };
+                    for n in names {
+                        taken.insert(n.clone());
+                        if self.allocate(now, &to, &n, how, ch) {
+                            got = true;
+                            break;
+                        }
+                        refused += 1;
+                    }
+                    let Some(s) = self.services.get_mut(&to) else {
+                        continue;
+                    };
+                    if got {
+                        ch.changed.insert(to.clone());
+                        if surging.contains(&to) {
+                            s.doc.surge = true;
+                        }
+                    } else {
+                        let why = format!(
+                            "wants a node but no free node fits (role {:?}{})",
+                            role.as_deref().unwrap_or("any"),
+                            if refused > 0 {
+                                format!(", {refused} refused its address")
+                            } else {
+                                String::new()
+                            }
+                        );
+                        if s.last_decision.as_deref() != Some(why.as_str()) {
+                            ch.note(None, &to, format!("{to}: {why}"));
+                        }
+                        s.last_decision = Some(why);
+                    }
+                }
+                PoolMove::Take {
+                    node,
+                    from,
+                    to,
+                    reason,
+                } => {
+                    let Some(s) = self.services.get_mut(&from) else {
+                        continue;
+                    };
+                    let Some(i) = s.doc.allocs.iter().position(|a| a.node == node) else {
+                        continue;
+                    };
+                    start_drain(s, i, now, Some(to.clone()));
+                    ch.note(
+                        Some(&node),
+                        &from,
+                        format!("{from}: draining {node} to hand it to {to}: {reason}"),
+                    );
+                    ch.changed.insert(from.clone());
+                    ch.relist.insert(from);
+                }
+            }
+        }
+    }
+
+    /// Adds a starting allocation of `node` to service `name`. Refuses (with
+    /// a note) a node whose rendered backend address another allocation
+    /// already has, or whose app does not render.
+    fn allocate(&mut self, now: Now, name: &str, node: &str, how: &str, ch: &mut Changes) -> bool {
+        let Some(n) = self.nodes.get(node) else {
+            return false;
+        };
+        let Some(s) = self.services.get(name) else {
+            return false;
+        };
+        let Some(spec) = s.spec.as_ref() else {
+            return false;
+        };
+        let ctx = render_ctx(name, s, spec, n);
+        let (address, app) = match render(spec, &ctx) {
+            Ok(r) => r,
+            Err(e) => {
+                ch.note(
+                    Some(node),
+                    name,
+                    format!("{name}: cannot render the app for {node}: {e}"),
+                );
+                return false;
+            }
+        };
+        let clash = self
+            .services
+            .iter()
+            .flat_map(|(sn, s)| s.doc.allocs.iter().map(move |a| (sn, a)))
+            .find(|(_, a)| a.address == address);
+        if let Some((other, a)) = clash {
+            ch.note(
+                Some(node),
+                name,
+                format!(
+                    "{name}: not placing on {node}: its backend {address} is already {other}'s on {} (give each node its own --address)",
+                    a.node
+                ),
+            );
+            return false;
+        }
+        ch.note(
+            Some(node),
+            name,
+            format!("{name}: allocating {node} ({how}); backend {address}"),
+        );
+        let Some(s) = self.services.get_mut(name) else {
+            return false;
+        };
+        s.doc.allocs.push(Allocation {
+            node: node.to_string(),
+            address,
+            phase: AllocPhase::Starting,
+            since_ms: now.unix_ms,
+            drain_version: None,
+            handoff_to: None,
+            app: Some(app),
+            app_epoch: s.doc.app_epoch,
+        });
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.service = Some(name.to_string());
+        }
+        self.dirty.insert(node.to_string());
+        true
+    }
+
+    /// Writes what the pass changed, forgets drained-out services, and
+    /// brings the nodes' desired apps in line with the allocations.
+    fn finish(&mut self, now: Now, mut ch: Changes) {
+        for node in std::mem::take(&mut ch.released) {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.service = None;
+            }
+            self.dirty.insert(node);
+        }
+        let notes = std::mem::take(&mut ch.notes);
+        self.out.extend(notes.into_iter().map(Command::Note));
+        for name in &ch.changed {
+            self.commit(name, ch.relist.contains(name));
+        }
+        for name in ch
+            .relist
+            .difference(&ch.changed)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            self.commit(&name, true);
+        }
+        let gone: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.spec.is_none() && s.doc.allocs.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            self.services.remove(&n);
+            self.persist(Doc::AllocationDeleted(n.clone()));
+            self.note(
+                "service",
+                None,
+                Some(&n),
+                format!("{n}: deleted and drained out"),
+            );
+        }
+        if now.mono_ms >= self.next_full_ms {
+            self.next_full_ms = now.mono_ms + self.cfg.full_reconcile_ms;
+            self.dirty.extend(self.nodes.keys().cloned());
+        }
+        for node in std::mem::take(&mut self.dirty) {
+            self.reconcile(&node);
+        }
+    }
+
+    /// Level-triggered: the node's desired apps are its hand-assigned apps
+    /// plus the app of the service that holds it, if any.
+    fn reconcile(&mut self, node: &str) {
+        let Some(n) = self.nodes.get(node) else {
+            return;
+        };
+        let mut apps: Vec<AppAssignment> = n
+            .record
+            .desired
+            .iter()
+            .filter(|a| !a.id.starts_with(super::APP_PREFIX))
+            .cloned()
+            .collect();
+        if let Some(svc) = n.service.clone() {
+            let app = self.service_app(&svc, node);
+            apps.extend(app);
+        }
+        self.set_desired(node, apps);
+    }
+
+    /// The app `node` runs for `svc`: rendered when it was allocated (an
+    /// allocation restored from an older store is rendered now).
+    fn service_app(&mut self, svc: &str, node: &str) -> Option<AppAssignment> {
+        let n = self.nodes.get(node)?;
+        let s = self.services.get(svc)?;
+        let i = s.doc.allocs.iter().position(|a| a.node == node)?;
+        if let Some(app) = &s.doc.allocs[i].app {
+            return Some(app.clone());
+        }
+        let spec = s.spec.as_ref()?;
+        let rendered = render(spec, &render_ctx(svc, s, spec, n));
+        match rendered {
+            Ok((_, app)) => {
+                let s = self.services.get_mut(svc)?;
+                s.doc.allocs[i].app = Some(app.clone());
+                s.doc.allocs[i].app_epoch = s.doc.app_epoch;
+                Some(app)
+            }
+            Err(e) => {
+                self.note(
+                    "service",
+                    Some(node),
+                    Some(svc),
+                    format!("{svc}: cannot render the app for {node}: {e}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Whether a node's role and ports let it serve `spec`: it holds the role,
+/// and none of its hand-assigned apps listens on the service's port.
+fn fits(n: &Node, spec: &ServiceSpec) -> bool {
+    let reg = &n.record.registration;
+    if spec.role.as_ref().is_some_and(|r| !reg.roles.contains(r)) {
+        return false;
+    }
+    let Some(port) = spec.app.port else {
+        return true;
+    };
+    !n.record
+        .desired
+        .iter()
+        .filter(|a| !a.id.starts_with(super::APP_PREFIX))
+        .flat_map(|a| a.params.iter())
+        .filter(|(k, _)| matches!(k.as_str(), "listen" | "endpoint"))
+        .any(|(_, v)| {
+            v.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_some_and(|p| p == port)
+        })
+}
+
+fn render_ctx(name: &str, s: &Service, spec: &ServiceSpec, n: &Node) -> RenderCtx {
+    let reg = &n.record.registration;
+    let mut ctx = RenderCtx {
+        node_name: reg.name.clone(),
+        node_address: reg.address.clone(),
+        port: spec.app.port,
+        service: name.to_string(),
+        app_id: app_id(name),
+        first_server: String::new(),
+    };
+    ctx.first_server = s
+        .doc
+        .allocs
+        .iter()
+        .find(|a| a.phase == AllocPhase::Serving && a.node != reg.name)
+        .map(|a| a.address.clone())
+        .unwrap_or_else(|| {
+            // The first server relays from nobody: itself.
+            render(spec, &ctx).map(|(b, _)| b).unwrap_or_default()
+        });
+    ctx
+}
+
+/// The summed load of a service's listed nodes, and each serving node's
+/// utilization (0..1; NaN when unknown, which [`choose_victim`] treats as
+/// busy).
+fn measure(
+    s: &Service,
+    spec: &ServiceSpec,
+    nodes: &BTreeMap<String, Node>,
+    now: Now,
+) -> (f64, BTreeMap<String, f64>) {
+    let kind = spec.metric.kind;
+    let by_address: HashMap<&str, f64> = match kind {
+        MetricKind::DispatchActive | MetricKind::DispatchRps => {
+            let mut m: HashMap<&str, f64> = HashMap::new();
+            for r in s.fresh_reports(now) {
+                for b in &r.backends {
+                    let v = dispatch_value(kind, b);
+                    if v.is_finite() && v >= 0.0 {
+                        *m.entry(b.address.as_str()).or_default() += v;
+                    }
+                }
+            }
+            m
+        }
+        _ => HashMap::new(),
+    };
+    let mut usage = 0.0;
+    let mut util = BTreeMap::new();
+    for a in s
+        .doc
+        .allocs
+        .iter()
+        .filter(|a| a.phase != AllocPhase::Starting)
+    {
+        let v = match kind {
+            MetricKind::DispatchActive | MetricKind::DispatchRps => {
+                by_address.get(a.address.as_str()).copied()
+            }
+            MetricKind::Net | MetricKind::Cpu => {
+                let load = nodes.get(&a.node).and_then(|n| n.load.as_ref());
+                super::monitor::node_metric(kind, load, &a.address, [])
+            }
+        };
+        if let Some(v) = v {
+            usage += v;
+        }
+        if a.phase == AllocPhase::Serving {
+            util.insert(
+                a.node.clone(),
+                v.map_or(f64::NAN, |v| v / spec.metric.capacity),
+            );
+        }
+    }
+    // An empty f64 sum is -0.0.
+    (usage + 0.0, util)
+}
+
+/// The serving node to release: the least utilized.
+fn victim(s: &Service) -> Option<usize> {
+    choose_victim(
+        s.doc
+            .allocs
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.phase == AllocPhase::Serving)
+            .map(|(i, a)| (i, s.util.get(&a.node).copied().unwrap_or(f64::NAN))),
+    )
+}
+
+/// The least utilized serving node whose app is out of date.
+fn stale_victim(s: &Service) -> Option<usize> {
+    let epoch = s.doc.app_epoch;
+    choose_victim(
+        s.doc
+            .allocs
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.phase == AllocPhase::Serving && a.app_epoch < epoch)
+            .map(|(i, a)| (i, s.util.get(&a.node).copied().unwrap_or(f64::NAN))),
+    )
+}
