@@ -5,6 +5,7 @@
 //! Time is passed in as milliseconds on the caller's monotonic clock, so the
 //! live manager and the simulator share this table.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 
@@ -81,7 +82,11 @@ impl<K: Eq + Hash + Clone> LeaseTable<K> {
 
     /// Renews the lease of `key`. Returns `None` when the key holds no lease
     /// at all (it must register first).
-    pub fn renew(&mut self, key: &K, now_ms: u64) -> Option<Renewal> {
+    pub fn renew<Q>(&mut self, key: &Q, now_ms: u64) -> Option<Renewal>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let ttl = self.ttl_ms;
         let e = self.entries.get_mut(key)?;
         let was = e.state;
@@ -94,7 +99,11 @@ impl<K: Eq + Hash + Clone> LeaseTable<K> {
     }
 
     /// Drops the lease of `key` entirely (the registration was cancelled).
-    pub fn remove(&mut self, key: &K) -> bool {
+    pub fn remove<Q>(&mut self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries.remove(key).is_some()
     }
 
@@ -112,12 +121,20 @@ impl<K: Eq + Hash + Clone> LeaseTable<K> {
     }
 
     /// The state of `key`'s lease, if it has one.
-    pub fn state(&self, key: &K) -> Option<LeaseState> {
+    pub fn state<Q>(&self, key: &Q) -> Option<LeaseState>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries.get(key).map(|e| e.state)
     }
 
     /// Milliseconds left before `key`'s lease runs out (0 when failed).
-    pub fn remaining_ms(&self, key: &K, now_ms: u64) -> Option<u64> {
+    pub fn remaining_ms<Q>(&self, key: &Q, now_ms: u64) -> Option<u64>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries.get(key).map(|e| match e.state {
             LeaseState::Alive => e.deadline_ms.saturating_sub(now_ms),
             LeaseState::Failed => 0,

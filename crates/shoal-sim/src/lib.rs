@@ -2,5 +2,7 @@
 
 /// `shoal sim autoscale`: allocation policies over demand workloads.
 pub mod autoscale;
+/// `shoal sim cluster`: the controller on a virtual clock with faults.
+pub mod cluster;
 /// `shoal sim locality`: locality loss of subset rebuilding on backend failure.
 pub mod locality;

@@ -70,6 +70,9 @@ enum SimCmd {
     ///
     /// Example: shoal sim autoscale --workload lama-audio --policy ar --out /tmp/sim
     Autoscale(shoal_sim::autoscale::AutoscaleArgs),
+    /// The manager's controller on a virtual clock: a whole pool with
+    /// virtual agents and dispatchers, faults and invariants.
+    Cluster(shoal_sim::cluster::ClusterArgs),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +97,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.cmd {
         Cmd::Sim(SimCmd::Locality(a)) => shoal_sim::locality::run(&a),
         Cmd::Sim(SimCmd::Autoscale(a)) => shoal_sim::autoscale::run(&a),
+        Cmd::Sim(SimCmd::Cluster(a)) => shoal_sim::cluster::run(&a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Www(a) => shoal_agent::www::run(a),

@@ -34,6 +34,7 @@ pub mod render;
 use crate::lease::{LeaseState, LeaseTable, Renewal};
 use model::*;
 use monitor::{Monitor, REPORT_FRESH_MS};
+use pass::available;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub use render::{APP_PREFIX, RenderCtx, RenderError, app_id, render};
@@ -350,8 +351,14 @@ pub struct Controller {
     leases: LeaseTable<String>,
     services: BTreeMap<String, Service>,
     out: VecDeque<Command>,
-    /// Nodes whose desired apps must be recomputed at the next pass.
+    /// Nodes whose desired apps must be recomputed at the next pass (also:
+    /// whose place in `free` may have changed).
     dirty: BTreeSet<String>,
+    /// Nodes that may take an allocation, as of the last refresh.
+    free: BTreeSet<String>,
+    /// Node names by registered host address: nodes sharing a host are the
+    /// only ones whose backends can collide.
+    hosts: BTreeMap<String, BTreeSet<String>>,
     next_pass_ms: u64,
     next_full_ms: u64,
     decisions: u64,
@@ -367,6 +374,8 @@ impl Controller {
             services: BTreeMap::new(),
             out: VecDeque::new(),
             dirty: BTreeSet::new(),
+            free: BTreeSet::new(),
+            hosts: BTreeMap::new(),
             next_pass_ms: 0,
             next_full_ms: 0,
             decisions: 0,
@@ -391,6 +400,10 @@ impl Controller {
                     .grant_grace(name.clone(), now.mono_ms, c.cfg.grace_ms);
             }
             c.dirty.insert(name.clone());
+            c.hosts
+                .entry(record.registration.address.clone())
+                .or_default()
+                .insert(name.clone());
             c.nodes.insert(
                 name,
                 Node {
@@ -425,6 +438,20 @@ impl Controller {
         // code, but a store is input too) stays with the first service.
         for (name, s) in c.services.iter_mut() {
             s.doc.allocs.retain(|a| match c.nodes.get_mut(&a.node) {
+                // A crash between the failure's write and the allocation's
+                // left it listed: take it out now, as expiry would have.
+                Some(n) if n.flags.failed => {
+                    notes.push(Note {
+                        kind: "service",
+                        node: Some(a.node.clone()),
+                        service: Some(name.clone()),
+                        message: format!(
+                            "{name}: node {} removed from the backends at once: it had failed before the restart",
+                            a.node
+                        ),
+                    });
+                    false
+                }
                 Some(n) if n.service.is_none() => {
                     n.service = Some(name.clone());
                     true
@@ -560,10 +587,16 @@ impl Controller {
         let name = reg.name.clone();
         let msg = format!("address {}, roles [{}]", reg.address, reg.roles.join(", "));
         self.persist(Doc::Registration(reg.clone()));
+        let host = reg.address.clone();
         let kind = match self.nodes.get_mut(&name) {
             Some(n) => {
                 let changed = n.record.registration != reg;
-                n.record.registration = reg;
+                let old = std::mem::replace(&mut n.record.registration, reg);
+                if old.address != host
+                    && let Some(set) = self.hosts.get_mut(&old.address)
+                {
+                    set.remove(&name);
+                }
                 if changed { "updated" } else { "reregistered" }
             }
             None => {
@@ -584,6 +617,7 @@ impl Controller {
                 "registered"
             }
         };
+        self.hosts.entry(host).or_default().insert(name.clone());
         self.leases.grant(name.clone(), now.mono_ms);
         self.note(kind, Some(&name), None, msg);
         self.revive(&name, "registered again after its lease expired");
@@ -651,7 +685,7 @@ impl Controller {
             generation: n.record.generation,
         };
         let failed = n.flags.failed;
-        let renewal = match self.leases.renew(&name.to_string(), now.mono_ms) {
+        let renewal = match self.leases.renew(name, now.mono_ms) {
             Some(r) => r,
             None => {
                 self.leases.grant(name.to_string(), now.mono_ms);
@@ -681,9 +715,14 @@ impl Controller {
         if let Some(svc) = holder {
             self.drop_allocation(&svc, name, "it is no longer registered");
         }
-        self.nodes.remove(name);
+        if let Some(n) = self.nodes.remove(name)
+            && let Some(set) = self.hosts.get_mut(&n.record.registration.address)
+        {
+            set.remove(name);
+        }
         self.dirty.remove(name);
-        self.leases.remove(&name.to_string());
+        self.free.remove(name);
+        self.leases.remove(name);
         self.persist(Doc::NodeDeleted(name.to_string()));
         self.note(
             "cancelled",
@@ -837,6 +876,7 @@ impl Controller {
         n.flags.cordoned = on;
         let flags = n.flags;
         let holder = n.service.clone();
+        self.dirty.insert(name.to_string());
         if changed {
             self.persist(Doc::Flags {
                 node: name.to_string(),
@@ -918,7 +958,7 @@ impl Controller {
         let Some(n) = self.nodes.get(name) else {
             return Err(ControlError::NotRegistered(name.to_string()));
         };
-        let alive = self.leases.state(&name.to_string()) == Some(LeaseState::Alive);
+        let alive = self.leases.state(name) == Some(LeaseState::Alive);
         if alive && !n.flags.failed {
             return Err(ControlError::Refused(format!(
                 "node {name:?} is alive; drain it first (`shoal node drain {name}`) and stop its agent, or wait for its lease to expire"
@@ -946,7 +986,7 @@ impl Controller {
 
     fn node_status(&self, n: &Node, now: Now) -> NodeStatus {
         let r = &n.record.registration;
-        let state = match self.leases.state(&r.name) {
+        let state = match self.leases.state(r.name.as_str()) {
             Some(LeaseState::Alive) if !n.flags.failed => LeaseState::Alive,
             _ => LeaseState::Failed,
         };
@@ -957,7 +997,9 @@ impl Controller {
             capacities: r.capacities.clone(),
             state,
             lease_remaining_ms: if state == LeaseState::Alive {
-                self.leases.remaining_ms(&r.name, now.mono_ms).unwrap_or(0)
+                self.leases
+                    .remaining_ms(r.name.as_str(), now.mono_ms)
+                    .unwrap_or(0)
             } else {
                 0
             },
@@ -967,6 +1009,20 @@ impl Controller {
             cordoned: n.flags.cordoned,
             service: n.service.clone(),
         }
+    }
+
+    /// Nodes that could take an allocation now: alive, not failed, not
+    /// cordoned, held by no service.
+    pub fn free_count(&self) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| n.service.is_none() && available(n))
+            .count()
+    }
+
+    /// The service holding a node, if any.
+    pub fn holder(&self, node: &str) -> Option<&str> {
+        self.nodes.get(node).and_then(|n| n.service.as_deref())
     }
 
     /// Number of registered nodes.
@@ -1082,15 +1138,13 @@ impl Controller {
     /// every step; tests do too). Each violation is described in a line.
     pub fn check_invariants(&self) -> Vec<String> {
         let mut v = Vec::new();
-        let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+        // Every allocation's node points back at its service, and as many
+        // nodes point at a service as there are allocations: so no node is
+        // in two services and no node claims a service that lost it.
+        let mut allocations = 0;
         for (name, s) in &self.services {
+            allocations += s.doc.allocs.len();
             for a in &s.doc.allocs {
-                if let Some(other) = owner.insert(&a.node, name) {
-                    v.push(format!(
-                        "node {} is in two services: {other} and {name}",
-                        a.node
-                    ));
-                }
                 match self.nodes.get(&a.node) {
                     None => v.push(format!("{name} holds unregistered node {}", a.node)),
                     Some(n) if n.service.as_deref() != Some(name.as_str()) => v.push(format!(
@@ -1123,14 +1177,13 @@ impl Controller {
                 }
             }
         }
+        let held = self.nodes.values().filter(|n| n.service.is_some()).count();
+        if held != allocations {
+            v.push(format!(
+                "{held} nodes say they serve a service but services hold {allocations} allocations (a node in two services, or one a service lost)"
+            ));
+        }
         for (name, n) in &self.nodes {
-            if let Some(svc) = &n.service
-                && owner.get(name.as_str()) != Some(&svc.as_str())
-            {
-                v.push(format!(
-                    "node {name} says it serves {svc}, which does not hold it"
-                ));
-            }
             let alive = self.leases.state(name) == Some(LeaseState::Alive);
             if alive == n.flags.failed {
                 v.push(format!(

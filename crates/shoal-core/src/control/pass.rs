@@ -8,7 +8,6 @@ use super::monitor::{NodeCounts, dispatch_value};
 use super::{
     Command, Controller, Doc, Node, Note, Now, RenderCtx, Service, app_id, render, start_drain,
 };
-use crate::lease::LeaseState;
 use crate::policy::{Action, PoolMove, PoolService, arbitrate, choose_victim, drain_done};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -142,13 +141,9 @@ impl Controller {
         let nodes = &self.nodes;
         for (name, s) in self.services.iter_mut() {
             let deleted = s.spec.is_none();
-            if !deleted
-                && !s
-                    .doc
-                    .allocs
-                    .iter()
-                    .any(|a| a.phase != AllocPhase::Serving || !nodes.contains_key(&a.node))
-            {
+            // Every allocation's node exists (cancel and remove drop it at
+            // once, restore drops strays): only phases in motion need a look.
+            if !deleted && s.doc.allocs.iter().all(|a| a.phase == AllocPhase::Serving) {
                 continue;
             }
             let id = app_id(name);
@@ -308,7 +303,7 @@ impl Controller {
         for (node, to, from) in std::mem::take(&mut ch.handoffs) {
             let fits = self.nodes.get(&node).is_some_and(|n| {
                 n.service.is_none()
-                    && self.available(n)
+                    && available(n)
                     && self
                         .services
                         .get(&to)
@@ -321,12 +316,18 @@ impl Controller {
         }
     }
 
-    /// Whether a node may take a new allocation: alive, not failed, not
-    /// cordoned.
-    fn available(&self, n: &Node) -> bool {
-        !n.flags.failed
-            && !n.flags.cordoned
-            && self.leases.state(&n.record.registration.name) == Some(LeaseState::Alive)
+    /// Brings `free` up to date for the nodes changed since the last pass.
+    fn refresh_free(&mut self) {
+        for name in &self.dirty {
+            match self.nodes.get(name) {
+                Some(n) if n.service.is_none() && available(n) => {
+                    self.free.insert(name.clone());
+                }
+                _ => {
+                    self.free.remove(name);
+                }
+            }
+        }
     }
 
     /// Runs every due monitor and its policy; returns each stepped service's
@@ -342,7 +343,8 @@ impl Controller {
             if !s.monitor.as_ref().is_some_and(|m| m.due(t)) {
                 continue;
             }
-            let (usage, util) = measure(s, spec, nodes, now);
+            let mut util = std::mem::take(&mut s.util);
+            let usage = measure(s, spec, nodes, now, &mut util);
             s.util = util;
             let ready = s.count(AllocPhase::Serving);
             let allocated = ready + s.count(AllocPhase::Starting);
@@ -506,6 +508,7 @@ impl Controller {
         surging: &BTreeSet<String>,
         ch: &mut Changes,
     ) {
+        self.refresh_free();
         let mut incoming: HashMap<&str, u32> = HashMap::new();
         for s in self.services.values() {
             for a in &s.doc.allocs {
@@ -529,14 +532,9 @@ impl Controller {
         if shortfall == 0 {
             return;
         }
-        let free: Vec<String> = self
-            .nodes
-            .values()
-            .filter(|n| n.service.is_none() && self.available(n))
-            .map(|n| n.record.registration.name.clone())
-            .collect();
+        let free_count = self.free.len();
         // Donors' nodes are only named when the pool cannot cover the need.
-        let named = (free.len() as u32) < shortfall;
+        let named = (free_count as u32) < shortfall;
         let pool: Vec<PoolService> = self
             .services
             .iter()
@@ -567,7 +565,7 @@ impl Controller {
                 })
             })
             .collect();
-        let moves = arbitrate(&pool, free.len() as u32);
+        let moves = arbitrate(&pool, free_count as u32);
         self.decisions += moves.len() as u64;
         let mut taken: BTreeSet<String> = BTreeSet::new();
         for m in moves {
@@ -578,27 +576,7 @@ impl Controller {
                     };
                     let mut got = false;
                     let mut refused = 0;
-                    // Best free node: the role fits and the port is free,
-                    // then the least loaded.
-                    let mut candidates: Vec<(&Node, f64)> = free
-                        .iter()
-                        .filter(|n| !taken.contains(*n))
-                        .filter_map(|n| self.nodes.get(n))
-                        .filter(|n| fits(n, spec))
-                        .map(|n| (n, n.load.as_ref().map_or(0.0, |l| l.cpu)))
-                        .collect();
-                    candidates.sort_by(|a, b| {
-                        a.1.total_cmp(&b.1).then(
-                            a.0.record
-                                .registration
-                                .name
-                                .cmp(&b.0.record.registration.name),
-                        )
-                    });
-                    let names: Vec<String> = candidates
-                        .iter()
-                        .map(|(n, _)| n.record.registration.name.clone())
-                        .collect();
+                    let names = self.candidates(spec, &taken);
                     let role = spec.role.clone();
                     let how = if surging.contains(&to) {
                         "from the free pool, for a rolling update"
@@ -687,11 +665,26 @@ impl Controller {
                 return false;
             }
         };
-        let clash = self
-            .services
-            .iter()
-            .flat_map(|(sn, s)| s.doc.allocs.iter().map(move |a| (sn, a)))
-            .find(|(_, a)| a.address == address);
+        let host = &n.record.registration.address;
+        let clash = if address.contains(host.as_str()) {
+            // Only nodes on the same host render the same address.
+            self.hosts
+                .get(host)
+                .into_iter()
+                .flatten()
+                .filter(|m| m.as_str() != node)
+                .filter_map(|m| {
+                    let svc = self.nodes.get(m)?.service.as_ref()?;
+                    let s = self.services.get(svc)?;
+                    Some((svc, s.doc.allocs.iter().find(|a| a.node == *m)?))
+                })
+                .find(|(_, a)| a.address == address)
+        } else {
+            self.services
+                .iter()
+                .flat_map(|(sn, s)| s.doc.allocs.iter().map(move |a| (sn, a)))
+                .find(|(_, a)| a.address == address)
+        };
         if let Some((other, a)) = clash {
             ch.note(
                 Some(node),
@@ -770,6 +763,7 @@ impl Controller {
             self.next_full_ms = now.mono_ms + self.cfg.full_reconcile_ms;
             self.dirty.extend(self.nodes.keys().cloned());
         }
+        self.refresh_free();
         for node in std::mem::take(&mut self.dirty) {
             self.reconcile(&node);
         }
@@ -826,6 +820,45 @@ impl Controller {
     }
 }
 
+/// How many fitting free nodes the allocator compares by load: bounded so
+/// a pass stays cheap on a pool of thousands (every free node is compared
+/// while there are fewer).
+const CANDIDATES: usize = 64;
+
+impl Controller {
+    /// Free nodes that fit `spec` and are not `taken`, best first: the least
+    /// loaded of the first [`CANDIDATES`] by name, then the rest by name.
+    fn candidates(&self, spec: &ServiceSpec, taken: &BTreeSet<String>) -> Vec<String> {
+        let mut c: Vec<(&Node, f64)> = self
+            .free
+            .iter()
+            .filter(|n| !taken.contains(*n))
+            .filter_map(|n| self.nodes.get(n))
+            .filter(|n| fits(n, spec))
+            .take(CANDIDATES)
+            .map(|n| (n, n.load.as_ref().map_or(0.0, |l| l.cpu)))
+            .collect();
+        c.sort_by(|a, b| {
+            a.1.total_cmp(&b.1).then(
+                a.0.record
+                    .registration
+                    .name
+                    .cmp(&b.0.record.registration.name),
+            )
+        });
+        c.into_iter()
+            .map(|(n, _)| n.record.registration.name.clone())
+            .collect()
+    }
+}
+
+/// Whether a node may take a new allocation: not failed (its lease is
+/// alive; the controller's invariants check that the two agree) and not
+/// cordoned.
+pub(super) fn available(n: &Node) -> bool {
+    !n.flags.failed && !n.flags.cordoned
+}
+
 /// Whether a node's role and ports let it serve `spec`: it holds the role,
 /// and none of its hand-assigned apps listens on the service's port.
 fn fits(n: &Node, spec: &ServiceSpec) -> bool {
@@ -872,15 +905,16 @@ fn render_ctx(name: &str, s: &Service, spec: &ServiceSpec, n: &Node) -> RenderCt
     ctx
 }
 
-/// The summed load of a service's listed nodes, and each serving node's
-/// utilization (0..1; NaN when unknown, which [`choose_victim`] treats as
-/// busy).
+/// The summed load of a service's listed nodes; `util` gets each serving
+/// node's utilization (0..1; NaN when unknown, which [`choose_victim`]
+/// treats as busy).
 fn measure(
     s: &Service,
     spec: &ServiceSpec,
     nodes: &BTreeMap<String, Node>,
     now: Now,
-) -> (f64, BTreeMap<String, f64>) {
+    util: &mut BTreeMap<String, f64>,
+) -> f64 {
     let kind = spec.metric.kind;
     let by_address: HashMap<&str, f64> = match kind {
         MetricKind::DispatchActive | MetricKind::DispatchRps => {
@@ -898,7 +932,8 @@ fn measure(
         _ => HashMap::new(),
     };
     let mut usage = 0.0;
-    let mut util = BTreeMap::new();
+    let before = util.len();
+    let mut kept = 0;
     for a in s
         .doc
         .allocs
@@ -918,14 +953,27 @@ fn measure(
             usage += v;
         }
         if a.phase == AllocPhase::Serving {
-            util.insert(
-                a.node.clone(),
-                v.map_or(f64::NAN, |v| v / spec.metric.capacity),
-            );
+            let u = v.map_or(f64::NAN, |v| v / spec.metric.capacity);
+            // Update in place: no allocation per node and step.
+            match util.get_mut(&a.node) {
+                Some(x) => *x = u,
+                None => {
+                    util.insert(a.node.clone(), u);
+                }
+            }
+            kept += 1;
         }
     }
+    if util.len() != kept || before > kept {
+        util.retain(|n, _| {
+            s.doc
+                .allocs
+                .iter()
+                .any(|a| a.phase == AllocPhase::Serving && a.node == *n)
+        });
+    }
     // An empty f64 sum is -0.0.
-    (usage + 0.0, util)
+    usage + 0.0
 }
 
 /// The serving node to release: the least utilized.
