@@ -674,7 +674,10 @@ impl Sim {
         self.step += 1;
         self.execute();
         self.report.passes += 1;
-        if self.step % u64::from(self.cfg.check_every.max(1)) == 0 {
+        if self
+            .step
+            .is_multiple_of(u64::from(self.cfg.check_every.max(1)))
+        {
             self.check();
         }
     }

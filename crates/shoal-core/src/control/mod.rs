@@ -30,6 +30,8 @@ pub mod model;
 pub mod monitor;
 mod pass;
 pub mod render;
+#[cfg(test)]
+mod tests;
 
 use crate::lease::{LeaseState, LeaseTable, Renewal};
 use model::*;
@@ -1158,8 +1160,7 @@ impl Controller {
                 }
             }
             if let Some(spec) = &s.spec {
-                let allocated =
-                    (s.count(AllocPhase::Serving) + s.count(AllocPhase::Starting)) as u32;
+                let allocated = s.count(AllocPhase::Serving) + s.count(AllocPhase::Starting);
                 let ceiling = spec.max_nodes + u32::from(s.doc.surge);
                 if allocated > ceiling {
                     v.push(format!(

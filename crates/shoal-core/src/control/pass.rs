@@ -482,10 +482,16 @@ impl Controller {
                     ch.note(
                         Some(&node),
                         name,
-                        format!(
-                            "{name}: rolling update: a new instance serves; draining {node} ({} out of date left)",
-                            stale - 1
-                        ),
+                        if stale == 1 {
+                            format!(
+                                "{name}: rolling update: a new instance serves; draining {node}, the last out of date; rolling update done"
+                            )
+                        } else {
+                            format!(
+                                "{name}: rolling update: a new instance serves; draining {node} ({} out of date left)",
+                                stale - 1
+                            )
+                        },
                     );
                     ch.changed.insert(name.clone());
                     ch.relist.insert(name.clone());

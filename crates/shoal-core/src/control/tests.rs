@@ -1,0 +1,458 @@
+//! The controller's life cycle, driven by hand: each test is a scenario of
+//! the reallocation papers (LAMA Fig. 6, Oceano Fig. 1) or an operator's
+//! action, with the commands it must produce.
+
+use super::*;
+
+/// A controller with a store it writes to, and a clock.
+struct Rig {
+    ctl: Controller,
+    t: u64,
+    store: BTreeMap<String, String>,
+    published: Vec<BackendList>,
+    notes: Vec<Note>,
+    /// Nodes that stopped renewing (crashed).
+    down: BTreeSet<String>,
+}
+
+const UNIX0: u64 = 1_700_000_000_000;
+
+impl Rig {
+    fn new() -> Self {
+        Self {
+            ctl: Controller::new(Config::default()),
+            t: 0,
+            store: BTreeMap::new(),
+            published: Vec::new(),
+            notes: Vec::new(),
+            down: BTreeSet::new(),
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono_ms: self.t,
+            unix_ms: UNIX0 + self.t,
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Command> {
+        let mut v = Vec::new();
+        while let Some(c) = self.ctl.poll() {
+            match &c {
+                Command::Persist(d) => {
+                    let key = match d {
+                        Doc::Allocation { service, .. } => format!("alloc/{service}"),
+                        Doc::Flags { node, .. } => format!("flags/{node}"),
+                        Doc::Desired { node, .. } => format!("desired/{node}"),
+                        other => format!("{other:?}").chars().take(30).collect(),
+                    };
+                    self.store.insert(key, format!("{d:?}"));
+                }
+                Command::Publish(l) => self.published.push(l.clone()),
+                Command::Note(n) => self.notes.push(n.clone()),
+            }
+            v.push(c);
+        }
+        v
+    }
+
+    fn input(&mut self, i: Input) -> Result<Reply, ControlError> {
+        let now = self.now();
+        let r = self.ctl.handle(now, i);
+        self.drain();
+        r
+    }
+
+    fn node(&mut self, name: &str, address: &str) {
+        self.input(Input::Register(Registration {
+            name: name.into(),
+            address: address.into(),
+            roles: vec!["web".into()],
+            capacities: BTreeMap::new(),
+        }))
+        .unwrap();
+    }
+
+    /// Every live node renews; apps it is told to run report `state`.
+    fn renew_all(&mut self, state: AppState) {
+        let now = self.now();
+        for n in self.ctl.nodes(now) {
+            if self.down.contains(&n.name) {
+                continue;
+            }
+            let apps = n
+                .desired
+                .iter()
+                .map(|a| AppStatus {
+                    id: a.id.clone(),
+                    adaptor: a.adaptor.clone(),
+                    state,
+                    pid: None,
+                    restarts: 0,
+                    endpoint: None,
+                    message: None,
+                })
+                .collect();
+            self.input(Input::Renew {
+                node: n.name.clone(),
+                load: None,
+                apps,
+            })
+            .unwrap();
+        }
+    }
+
+    /// Advances the clock in passes, nodes renewing with running apps.
+    fn run(&mut self, ms: u64) {
+        let end = self.t + ms;
+        while self.t < end {
+            self.t += 250;
+            self.renew_all(AppState::Running);
+            let now = self.now();
+            self.ctl.handle_timeout(now);
+            self.drain();
+            assert_eq!(self.ctl.check_invariants(), Vec::<String>::new());
+        }
+    }
+
+    fn report(&mut self, service: &str, active: f64) {
+        let list = self.ctl.backend_list(service).unwrap();
+        let backends = list
+            .backends
+            .iter()
+            .map(|b| BackendLoad {
+                address: b.address.clone(),
+                active: if b.draining { 0.0 } else { active },
+                in_flight: 0,
+                rps: 0.0,
+            })
+            .collect();
+        self.input(Input::Report {
+            service: service.into(),
+            report: DispatchReport {
+                dispatcher: "d1".into(),
+                version: list.version,
+                backends,
+            },
+        })
+        .unwrap();
+    }
+
+    fn serving(&self, s: &str) -> Vec<String> {
+        self.ctl.service_status(s).unwrap().serving
+    }
+}
+
+impl Rig {
+    /// The node stops renewing.
+    fn crash(&mut self, n: &str) {
+        self.down.insert(n.to_string());
+    }
+
+    /// Rebuilds the controller from the store, as a restarted manager does.
+    fn restart(&mut self, restored: Restored) {
+        self.t += 1000;
+        let now = self.now();
+        self.ctl = Controller::restore(Config::default(), now, restored);
+        self.drain();
+    }
+}
+
+fn spec(name: &str, min: u32, max: u32, priority: u32) -> ServiceSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "min_nodes": min, "max_nodes": max, "priority": priority,
+        "lead_time_secs": 1.0, "drain_timeout_secs": 5.0, "period_secs": 1.0,
+        "app": {"adaptor": "www", "port": 8081,
+                "params": {"listen": "{{ node_address }}:{{ port }}", "root": "/srv/{{ service }}"}},
+        "metric": {"kind": "dispatch_active", "capacity": 10.0},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_service_gets_its_floor_and_serves_once_its_app_runs() {
+    let mut r = Rig::new();
+    for i in 1..=3 {
+        r.node(&format!("n{i}"), &format!("10.0.0.{i}"));
+    }
+    assert_eq!(
+        r.input(Input::ApplyService(spec("web", 2, 3, 0))).unwrap(),
+        Reply::Applied { created: true }
+    );
+    r.run(500);
+    let st = r.ctl.service_status("web").unwrap();
+    assert_eq!(st.serving.len(), 2, "{st:?}");
+    // Persisted before it was published: every Publish follows the write
+    // of the allocation it lists.
+    let list = r.ctl.backend_list("web").unwrap();
+    assert_eq!(list.backends.len(), 2);
+    assert!(list.backends.iter().all(|b| b.address.ends_with(":8081")));
+    let desired = r.ctl.node(&list.backends[0].node, r.now()).unwrap().desired;
+    assert_eq!(desired[0].id, "svc-web");
+    assert_eq!(desired[0].params["root"], "/srv/web");
+}
+
+#[test]
+fn an_expired_lease_leaves_the_list_in_the_same_step_and_stays_failed_across_a_restart() {
+    let mut r = Rig::new();
+    for i in 1..=3 {
+        r.node(&format!("n{i}"), &format!("10.0.0.{i}"));
+    }
+    r.input(Input::ApplyService(spec("web", 2, 2, 0))).unwrap();
+    r.run(1000);
+    let victim = r.serving("web")[0].clone();
+    r.crash(&victim);
+    // Just before the TTL nothing changes; at it the node is out at once.
+    r.run(5500);
+    assert!(r.serving("web").contains(&victim));
+    r.t += 750;
+    let now = r.now();
+    r.ctl.handle_timeout(now);
+    let cmds = r.drain();
+    let flags_at = cmds
+        .iter()
+        .position(|c| matches!(c, Command::Persist(Doc::Flags { node, flags }) if *node == victim && flags.failed))
+        .expect("failure persisted");
+    let publish_at = cmds
+        .iter()
+        .position(|c| matches!(c, Command::Publish(l) if l.service == "web"))
+        .expect("list published");
+    assert!(flags_at < publish_at, "{cmds:?}");
+    let list = r.ctl.backend_list("web").unwrap();
+    assert!(list.backends.iter().all(|b| b.node != victim), "{list:?}");
+    // The spare node replaces it.
+    r.run(3000);
+    assert_eq!(r.serving("web").len(), 2);
+    // A restart from the store keeps the failure: no grace lease for it.
+    let nodes = r.ctl.nodes(r.now());
+    let restored = Restored {
+        nodes: nodes
+            .iter()
+            .map(|n| {
+                (
+                    NodeRecord {
+                        registration: Registration {
+                            name: n.name.clone(),
+                            address: n.address.clone(),
+                            roles: n.roles.clone(),
+                            capacities: BTreeMap::new(),
+                        },
+                        desired: n.desired.clone(),
+                        generation: 1,
+                    },
+                    r.ctl.flags(&n.name).unwrap(),
+                )
+            })
+            .collect(),
+        services: vec![r.ctl.spec("web").unwrap().clone()],
+        allocations: vec![("web".into(), r.ctl.allocations("web").unwrap().clone())],
+        histories: Vec::new(),
+    };
+    let before = r.ctl.allocations("web").unwrap().clone();
+    r.restart(restored);
+    assert_eq!(
+        r.ctl.node(&victim, r.now()).unwrap().state,
+        LeaseState::Failed
+    );
+    assert_eq!(r.ctl.allocations("web").unwrap(), &before);
+    assert!(r.notes.iter().any(|n| n.message.contains("1 still failed")));
+    // Until it renews again.
+    r.down.clear();
+    r.run(500);
+    assert_eq!(
+        r.ctl.node(&victim, r.now()).unwrap().state,
+        LeaseState::Alive
+    );
+}
+
+#[test]
+fn a_higher_priority_service_takes_an_idle_node_through_a_drain_when_the_pool_is_empty() {
+    // Oceano Fig. 1: two services share a full pool.
+    let mut r = Rig::new();
+    for i in 1..=4 {
+        r.node(&format!("n{i}"), &format!("10.0.0.{i}"));
+    }
+    r.input(Input::ApplyService(spec("low", 1, 4, 0))).unwrap();
+    r.input(Input::ApplyService(spec("high", 1, 4, 5))).unwrap();
+    // low grows onto the free nodes while high is quiet.
+    for _ in 0..20 {
+        r.report("low", 9.5);
+        r.report("high", 1.0);
+        r.run(1000);
+    }
+    assert_eq!(r.serving("low").len(), 3, "{:?}", r.ctl.statuses());
+    assert_eq!(r.ctl.free_count(), 0);
+    // high's demand rises: it takes one of low's nodes, drained first.
+    let mut took = false;
+    for _ in 0..20 {
+        r.report("low", 2.0);
+        r.report("high", 9.8);
+        r.run(1000);
+        took |= r
+            .notes
+            .iter()
+            .any(|n| n.message.contains("to hand it to high"));
+        if r.serving("high").len() == 2 {
+            break;
+        }
+    }
+    assert!(took, "{:#?}", r.notes);
+    assert_eq!(r.serving("high").len(), 2, "{:?}", r.ctl.statuses());
+    assert!(r.serving("low").len() <= 2);
+}
+
+#[test]
+fn a_changed_app_rolls_one_node_at_a_time_new_before_old() {
+    let mut r = Rig::new();
+    for i in 1..=4 {
+        r.node(&format!("n{i}"), &format!("10.0.0.{i}"));
+    }
+    r.input(Input::ApplyService(spec("web", 2, 2, 0))).unwrap();
+    r.run(1000);
+    let old: Vec<String> = r.serving("web");
+    assert_eq!(old.len(), 2);
+    let mut v2 = spec("web", 2, 2, 0);
+    v2.app.params.insert("root".into(), "/srv/v2".into());
+    r.input(Input::ApplyService(v2)).unwrap();
+    let mut min_serving = usize::MAX;
+    for _ in 0..80 {
+        r.report("web", 1.0);
+        r.run(250);
+        min_serving = min_serving.min(r.serving("web").len());
+    }
+    // Never fewer serving than before, and every node runs the new app.
+    assert_eq!(min_serving, 2);
+    let doc = r.ctl.allocations("web").unwrap();
+    assert_eq!(doc.allocs.len(), 2, "{doc:?}");
+    assert!(!doc.surge);
+    for a in &doc.allocs {
+        assert_eq!(a.app.as_ref().unwrap().params["root"], "/srv/v2");
+    }
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.message.contains("rolling update done"))
+    );
+}
+
+#[test]
+fn cordon_drain_and_remove_follow_kubectl() {
+    let mut r = Rig::new();
+    for i in 1..=3 {
+        r.node(&format!("n{i}"), &format!("10.0.0.{i}"));
+    }
+    r.input(Input::Cordon("n1".into())).unwrap();
+    r.input(Input::ApplyService(spec("web", 2, 2, 0))).unwrap();
+    r.run(1000);
+    let serving = r.serving("web");
+    assert!(!serving.contains(&"n1".to_string()), "{serving:?}");
+    r.input(Input::Uncordon("n1".into())).unwrap();
+    r.input(Input::Drain("n2".into())).unwrap();
+    r.run(6000);
+    let serving = r.serving("web");
+    assert!(!serving.contains(&"n2".to_string()), "{serving:?}");
+    assert_eq!(serving.len(), 2);
+    assert!(r.ctl.flags("n2").unwrap().cordoned);
+    // An alive node cannot be removed; a failed one can.
+    let e = r.input(Input::Remove("n2".into())).unwrap_err();
+    assert!(e.to_string().contains("drain it first"), "{e}");
+    r.crash("n2");
+    r.run(7000);
+    r.input(Input::Remove("n2".into())).unwrap();
+    assert!(r.ctl.node("n2", r.now()).is_none());
+}
+
+#[test]
+fn nodes_sharing_a_host_never_publish_one_backend_twice_nor_take_a_used_port() {
+    let mut r = Rig::new();
+    r.node("a", "127.0.0.1");
+    r.node("b", "127.0.0.1");
+    r.node("c", "127.0.0.2");
+    r.node("d", "127.0.0.3");
+    // d runs a hand-assigned app on the service's port.
+    let mut p = Params::new();
+    p.insert("listen".into(), "127.0.0.3:8081".into());
+    p.insert("root".into(), "/srv/x".into());
+    r.input(Input::AssignApps {
+        node: "d".into(),
+        apps: vec![AppAssignment {
+            id: "mine".into(),
+            adaptor: "www".into(),
+            params: p,
+        }],
+    })
+    .unwrap();
+    r.input(Input::ApplyService(spec("web", 4, 4, 0))).unwrap();
+    r.run(2000);
+    let list = r.ctl.backend_list("web").unwrap();
+    let mut addrs: Vec<&str> = list.backends.iter().map(|b| b.address.as_str()).collect();
+    addrs.sort();
+    assert_eq!(addrs, ["127.0.0.1:8081", "127.0.0.2:8081"], "{list:?}");
+    assert!(list.backends.iter().all(|b| b.node != "d"));
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.message.contains("is already web's")),
+        "{:#?}",
+        r.notes
+    );
+    // Hand-assigned apps cannot take the services' prefix.
+    let e = r
+        .input(Input::AssignApps {
+            node: "c".into(),
+            apps: vec![AppAssignment {
+                id: "svc-x".into(),
+                adaptor: "www".into(),
+                params: Params::new(),
+            }],
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("reserved"), "{e}");
+}
+
+#[test]
+fn the_invariant_check_fires_on_a_state_it_must_not_accept() {
+    // A store holding more allocations than the ceiling (written by hand,
+    // or by an older version): the check says so until the policy fixes it.
+    let mut r = Rig::new();
+    let reg = |n: &str| NodeRecord {
+        registration: Registration {
+            name: n.into(),
+            address: format!("10.1.0.{}", n.len()),
+            roles: vec![],
+            capacities: BTreeMap::new(),
+        },
+        desired: vec![],
+        generation: 0,
+    };
+    let alloc = |n: &str| Allocation {
+        node: n.into(),
+        address: format!("{n}:8081"),
+        phase: AllocPhase::Serving,
+        since_ms: UNIX0,
+        drain_version: None,
+        handoff_to: None,
+        app: None,
+        app_epoch: 0,
+    };
+    r.restart(Restored {
+        nodes: vec![
+            (reg("x"), NodeFlags::default()),
+            (reg("yy"), NodeFlags::default()),
+        ],
+        services: vec![spec("web", 1, 1, 0)],
+        allocations: vec![(
+            "web".into(),
+            AllocDoc {
+                version: 3,
+                allocs: vec![alloc("x"), alloc("yy")],
+                app_epoch: 0,
+                surge: false,
+            },
+        )],
+        histories: vec![],
+    });
+    let v = r.ctl.check_invariants();
+    assert!(v.iter().any(|x| x.contains("above max_nodes")), "{v:?}");
+}
