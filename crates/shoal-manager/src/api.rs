@@ -122,6 +122,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/watch", get(watch))
         .merge(crate::service_api::routes())
+        .merge(crate::node_api::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod dashboard;
 pub mod engine;
+pub mod node_api;
 pub mod service_api;
 pub mod services;
 pub mod state;
@@ -154,7 +155,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         }
     }
 
-    tokio::spawn(engine::run(shell));
+    tokio::spawn(engine::run(shell.clone()));
 
     if !args.no_discovery {
         let port = args.discovery_port.unwrap_or(cfg.discovery_port);
@@ -184,6 +185,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = shoal_net::server::serve_tls(listener, tls, router) => {}
         _ = shutdown_signal() => {
+            shell.flush();
             println!("shoal manager stopping");
         }
     }

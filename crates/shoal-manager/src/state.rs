@@ -183,6 +183,15 @@ impl Shell {
         }
     }
 
+    /// Writes what a clean stop must not lose (the monitors' series).
+    pub fn flush(&self) {
+        let mut g = self.lock();
+        g.flush_history();
+        if let Err(e) = self.execute(g) {
+            tracing::error!("controller: {e}");
+        }
+    }
+
     /// Executes every pending command in order. The controller lock is
     /// released once the commands are taken, but only after the execution
     /// lock is held, so commands of two inputs never interleave. Returns the

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench_agents;
+mod node;
 mod service;
 mod up;
 
@@ -58,6 +59,14 @@ enum Cmd {
 enum NodeCmd {
     /// Set (or with --remove, drop) an app in a node's desired state.
     Assign(admin::AssignArgs),
+    /// The node takes no new allocation.
+    Cordon(node::NodeActionArgs),
+    /// The node may take allocations again.
+    Uncordon(node::NodeActionArgs),
+    /// Cordon the node and move its allocation elsewhere through a drain.
+    Drain(node::NodeActionArgs),
+    /// Forget a failed node (an alive one must be drained and stopped first).
+    Remove(node::NodeActionArgs),
 }
 
 #[derive(Subcommand)]
@@ -114,6 +123,10 @@ fn main() -> std::process::ExitCode {
                     Cmd::Agent(a) => shoal_agent::run(a).await,
                     Cmd::Status(a) => admin::status(a).await,
                     Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
+                    Cmd::Node(NodeCmd::Cordon(a)) => node::act("cordon", a).await,
+                    Cmd::Node(NodeCmd::Uncordon(a)) => node::act("uncordon", a).await,
+                    Cmd::Node(NodeCmd::Drain(a)) => node::act("drain", a).await,
+                    Cmd::Node(NodeCmd::Remove(a)) => node::act("remove", a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,

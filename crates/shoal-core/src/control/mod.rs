@@ -82,7 +82,7 @@ impl Default for Config {
             grace_ms: 14_000,
             pass_ms: 250,
             full_reconcile_ms: 10_000,
-            history_every_ms: 30_000,
+            history_every_ms: 10_000,
             history_len: 300,
         }
     }
@@ -523,6 +523,25 @@ impl Controller {
         self.decisions
     }
 
+    /// Persists every service's monitor series now (a manager stopping
+    /// cleanly calls this, so a restart resumes with all of it).
+    pub fn flush_history(&mut self) {
+        let len = self.cfg.history_len;
+        let docs: Vec<Doc> = self
+            .services
+            .iter()
+            .filter_map(|(name, s)| {
+                let m = s.monitor.as_ref()?;
+                let skip = m.series().len().saturating_sub(len);
+                Some(Doc::History {
+                    service: name.clone(),
+                    points: m.series().skip(skip).cloned().collect(),
+                })
+            })
+            .collect();
+        self.out.extend(docs.into_iter().map(Command::Persist));
+    }
+
     /// A persisted write failed: the document is written again at the next
     /// pass (the controller's state is ahead of the store until then).
     pub fn persist_failed(&mut self, doc: &Doc) {
@@ -874,8 +893,9 @@ impl Controller {
         let Some(n) = self.nodes.get_mut(name) else {
             return Err(ControlError::NotRegistered(name.to_string()));
         };
-        let changed = n.flags.cordoned != on;
+        let changed = n.flags.cordoned != on || n.flags.drain != drain;
         n.flags.cordoned = on;
+        n.flags.drain = drain;
         let flags = n.flags;
         let holder = n.service.clone();
         self.dirty.insert(name.to_string());
@@ -895,7 +915,17 @@ impl Controller {
                 },
             );
         }
-        if drain && let Some(svc) = holder {
+        // A node still starting serves nobody: give it up at once. A
+        // serving one is replaced first (the next pass), then drained.
+        if drain
+            && let Some(svc) = holder
+            && self.services.get(&svc).is_some_and(|s| {
+                s.doc
+                    .allocs
+                    .iter()
+                    .any(|a| a.node == name && a.phase == AllocPhase::Starting)
+            })
+        {
             self.drain_node(now, name, &svc, "drained by an operator");
         }
         self.next_pass_ms = 0;

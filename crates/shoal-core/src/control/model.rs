@@ -552,6 +552,10 @@ pub struct NodeFlags {
     /// Takes no new allocation (`shoal node cordon`).
     #[serde(default)]
     pub cordoned: bool,
+    /// Its allocation is to move elsewhere (`shoal node drain`): replaced
+    /// first, like a rolling update, then drained.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 /// One backend in a service's list, as dispatchers follow it.

@@ -114,19 +114,29 @@ impl Controller {
         for name in &surging {
             // No free node came for the surge: update in place, one node at
             // a time, while at least one other node serves.
+            let nodes = &self.nodes;
             let Some(s) = self.services.get_mut(name) else {
                 continue;
             };
-            if s.doc.surge || s.count(AllocPhase::Serving) < 2 {
+            if s.doc.surge {
                 continue;
             }
-            if let Some(i) = stale_victim(s) {
+            let Some(i) = stale_victim(s, nodes) else {
+                continue;
+            };
+            let why = to_replace(s, &s.doc.allocs[i], nodes).unwrap_or_default();
+            // An operator's drain goes ahead even for the last node; an
+            // update waits until another node serves.
+            let drained = nodes
+                .get(&s.doc.allocs[i].node)
+                .is_some_and(|n| n.flags.drain);
+            if drained || s.count(AllocPhase::Serving) >= 2 {
                 let node = start_drain(s, i, now, None);
                 ch.note(
                     Some(&node),
                     name,
                     format!(
-                        "{name}: rolling update in place: no free node for a surge; draining {node}, whose app is out of date"
+                        "{name}: no free node to replace {node} first; draining it in place ({why})"
                     ),
                 );
                 ch.changed.insert(name.clone());
@@ -346,8 +356,13 @@ impl Controller {
             let mut util = std::mem::take(&mut s.util);
             let usage = measure(s, spec, nodes, now, &mut util);
             s.util = util;
-            let ready = s.count(AllocPhase::Serving);
-            let allocated = ready + s.count(AllocPhase::Starting);
+            // A rolling update's extra node is not the policy's: it sees
+            // the allocation as it was, so neither the ceiling nor a quiet
+            // load releases the surge before it has replaced a stale node.
+            let surge = u32::from(s.doc.surge);
+            let ready = s.count(AllocPhase::Serving).saturating_sub(surge);
+            let allocated = (s.count(AllocPhase::Serving) + s.count(AllocPhase::Starting))
+                .saturating_sub(surge);
             let counts = NodeCounts {
                 allocated,
                 ready,
@@ -390,7 +405,9 @@ impl Controller {
                 });
                 s.last_decision = Some(d.reason.clone());
             }
-            if let Action::Release(k) = d.action {
+            if let Action::Release(k) = d.action
+                && !s.doc.surge
+            {
                 for _ in 0..k {
                     // A node still starting serves nobody: cancel it first.
                     if let Some(i) = s
@@ -410,7 +427,7 @@ impl Controller {
                         continue;
                     }
                     // An out-of-date node goes first during a rolling update.
-                    let Some(i) = stale_victim(s).or_else(|| victim(s)) else {
+                    let Some(i) = stale_victim(s, nodes).or_else(|| victim(s)) else {
                         break;
                     };
                     let u = s
@@ -452,16 +469,16 @@ impl Controller {
         ch: &mut Changes,
     ) -> BTreeSet<String> {
         let mut surging = BTreeSet::new();
+        let nodes = &self.nodes;
         for (name, s) in self.services.iter_mut() {
             if s.spec.is_none() {
                 continue;
             }
-            let epoch = s.doc.app_epoch;
             let stale = s
                 .doc
                 .allocs
                 .iter()
-                .filter(|a| a.phase != AllocPhase::Draining && a.app_epoch < epoch)
+                .filter(|a| a.phase != AllocPhase::Draining && to_replace(s, a, nodes).is_some())
                 .count();
             if stale == 0 {
                 if s.doc.surge {
@@ -476,7 +493,8 @@ impl Controller {
                 continue;
             }
             if s.doc.surge {
-                if let Some(i) = stale_victim(s) {
+                if let Some(i) = stale_victim(s, nodes) {
+                    let why = to_replace(s, &s.doc.allocs[i], nodes).unwrap_or_default();
                     let node = start_drain(s, i, now, None);
                     s.doc.surge = false;
                     ch.note(
@@ -484,11 +502,11 @@ impl Controller {
                         name,
                         if stale == 1 {
                             format!(
-                                "{name}: rolling update: a new instance serves; draining {node}, the last out of date; rolling update done"
+                                "{name}: a new instance serves; draining {node} ({why}), the last to replace; rolling update done"
                             )
                         } else {
                             format!(
-                                "{name}: rolling update: a new instance serves; draining {node} ({} out of date left)",
+                                "{name}: rolling update: a new instance serves; draining {node} ({why}; {} left to replace)",
                                 stale - 1
                             )
                         },
@@ -994,15 +1012,26 @@ fn victim(s: &Service) -> Option<usize> {
     )
 }
 
-/// The least utilized serving node whose app is out of date.
-fn stale_victim(s: &Service) -> Option<usize> {
-    let epoch = s.doc.app_epoch;
+/// Why an allocation must be replaced, if it must: its app is out of date
+/// (a rolling update), or an operator drains its node.
+fn to_replace(s: &Service, a: &Allocation, nodes: &BTreeMap<String, Node>) -> Option<&'static str> {
+    if nodes.get(&a.node).is_some_and(|n| n.flags.drain) {
+        Some("drained by an operator")
+    } else if a.app_epoch < s.doc.app_epoch {
+        Some("its app is out of date")
+    } else {
+        None
+    }
+}
+
+/// The least utilized serving node that must be replaced.
+fn stale_victim(s: &Service, nodes: &BTreeMap<String, Node>) -> Option<usize> {
     choose_victim(
         s.doc
             .allocs
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.phase == AllocPhase::Serving && a.app_epoch < epoch)
+            .filter(|(_, a)| a.phase == AllocPhase::Serving && to_replace(s, a, nodes).is_some())
             .map(|(i, a)| (i, s.util.get(&a.node).copied().unwrap_or(f64::NAN))),
     )
 }
