@@ -51,8 +51,8 @@ pub struct AgentArgs {
     /// UDP port for discovery.
     #[arg(long, default_value_t = shoal_net::discovery::DEFAULT_PORT)]
     pub discovery_port: u16,
-    /// How long to look for a manager with --discover, seconds.
-    #[arg(long, default_value_t = 10.0)]
+    /// How long to look for a manager with --discover (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub discover_timeout: f64,
 }
 

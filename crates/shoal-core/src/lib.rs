@@ -4,6 +4,8 @@
 //! pass observations and the current time, and get decisions back. The live
 //! services and the simulator drive the same code.
 
+/// The one duration syntax of every flag and file (`500ms`, `6s`, `2m`, `1h`).
+pub mod duration;
 /// Demand forecasting (AR(p), EMA, seasonal).
 pub mod forecast;
 /// Leases: TTL bookkeeping, expiry, grace after a restart.

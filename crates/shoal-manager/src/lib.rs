@@ -28,8 +28,9 @@ pub struct ManagerArgs {
     /// Address to listen on (default: `listen` in the directory's config.toml).
     #[arg(long)]
     pub listen: Option<String>,
-    /// Lease TTL in seconds (default: `lease_ttl_secs` in config.toml, 6).
-    #[arg(long)]
+    /// Lease TTL, e.g. 6s or 1500ms (default: `lease_ttl_secs` in
+    /// config.toml, 6 s).
+    #[arg(long, alias = "ttl", value_parser = shoal_core::duration::parse_positive_secs)]
     pub lease_ttl: Option<f64>,
     /// Do not answer multicast discovery probes.
     #[arg(long)]

@@ -45,8 +45,8 @@ pub struct InitArgs {
     /// https://<listen>).
     #[arg(long)]
     pub url: Option<String>,
-    /// Lease TTL, seconds.
-    #[arg(long, default_value_t = 6.0)]
+    /// Lease TTL (e.g. 6s, 1500ms).
+    #[arg(long, default_value = "6s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub lease_ttl: f64,
 }
 

@@ -1,0 +1,177 @@
+//! Issue 14: a newcomer runs a cluster by hand and every failure says why.
+//! Each test goes through the real binary and failed before its fix.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `shoal init` with its config pointing at a free port, and a manager on
+/// it, so that commands find the manager through the directory alone, as
+/// the --help examples do.
+fn cluster_on_free_port(ttl: &str) -> Cluster {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (ok, _, err) = run(&[
+        "init",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--lease-ttl",
+        ttl,
+    ]);
+    assert!(ok, "init failed: {err}");
+    let mut c = Cluster {
+        tmp,
+        manager: None,
+        url: String::new(),
+        ttl: 2.0,
+    };
+    c.start_manager(&listen);
+    c
+}
+
+/// Runs `shoal ARGS` in `cwd` without SHOAL_DIR; (success, stdout, stderr).
+fn run_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("SHOAL_DIR")
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn node_roles(c: &Cluster, name: &str) -> Option<Vec<String>> {
+    let n = c.try_status()?["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name && n["state"] == "alive")?
+        .clone();
+    Some(
+        n["roles"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+fn node_address(c: &Cluster, name: &str) -> Option<String> {
+    c.try_status()?["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name && n["state"] == "alive")?["address"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn every_time_flag_takes_units_and_a_bad_one_names_the_syntax() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let d = dir.to_str().unwrap();
+    // init and manager: --lease-ttl with a unit; the old --ttl still works.
+    let (ok, _, err) = run(&["init", "--dir", d, "--lease-ttl", "6s"]);
+    assert!(ok, "{err}");
+    let m = Proc::spawn(
+        "manager",
+        &[
+            "manager",
+            "--dir",
+            d,
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            "1500ms",
+            "--no-discovery",
+            "--dashboard",
+            "off",
+        ],
+    );
+    m.wait_output("listening on https://", Duration::from_secs(20));
+    drop(m);
+    let (ok, out, err) = run(&["manager", "--dir", d, "--ttl", "6sec"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("\"6sec\"") && err.contains("500ms, 6s, 2m or 1h"),
+        "{err}"
+    );
+    // bench agents: --duration and --lease-ttl with units, end to end.
+    let (ok, out, err) = run(&[
+        "bench",
+        "agents",
+        "--count",
+        "2",
+        "--lease-ttl",
+        "1s",
+        "--duration",
+        "500ms",
+        "--json",
+    ]);
+    assert!(ok, "bench agents: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["ttl_s"], 1.0, "{v}");
+    // One name per concept: --lease-ttl is shown, --ttl is a hidden alias.
+    for cmd in [
+        &["bench", "agents", "--help"][..],
+        &["bench", "detection", "--help"],
+    ] {
+        let (ok, out, _) = run(cmd);
+        assert!(ok);
+        assert!(out.contains("--lease-ttl"), "{out}");
+        assert!(!out.contains("--ttl "), "{out}");
+    }
+    // The simulator's times and the agent's discovery timeout, too.
+    let (ok, out, err) = run(&[
+        "sim",
+        "autoscale",
+        "--workload",
+        "diurnal",
+        "--policy",
+        "threshold",
+        "--step",
+        "2s",
+        "--lead-time",
+        "1m",
+        "--json",
+    ]);
+    assert!(ok, "sim: {out}{err}");
+    let (ok, _, err) = run(&[
+        "agent",
+        "--discover",
+        "--discover-timeout",
+        "forever",
+        "--dir",
+        tmp.path().join("a").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("\"forever\""), "{err}");
+}
+
+
+/// The shell lines of docs/quickstart.md's "On one machine" block.
+fn quickstart_one_machine_lines() -> Vec<String> {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/quickstart.md"),
+    )
+    .unwrap();
+    let section = doc
+        .split("### On one machine")
+        .nth(1)
+        .expect("docs/quickstart.md has an \"On one machine\" section");
+    let block = section.split("```").nth(1).unwrap();
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
