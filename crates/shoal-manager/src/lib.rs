@@ -24,7 +24,7 @@ use std::time::Duration;
 pub struct ManagerArgs {
     /// The cluster directory written by `shoal init`.
     #[arg(long, env = "SHOAL_DIR")]
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
     /// Address to listen on (default: `listen` in the directory's config.toml).
     #[arg(long)]
     pub listen: Option<String>,
@@ -113,7 +113,13 @@ fn server_names(listen: &SocketAddr, manager_url: &str) -> Vec<String> {
 
 /// Runs the manager until interrupted.
 pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
-    let dir = ClusterDir::new(&args.dir);
+    // Optional in clap so that its absence names SHOAL_DIR too.
+    let Some(dir) = &args.dir else {
+        anyhow::bail!(
+            "no cluster directory: pass --dir DIR or set SHOAL_DIR=DIR (create one with `shoal init --dir DIR`)"
+        );
+    };
+    let dir = ClusterDir::new(dir);
     let cfg = dir.config()?;
     let listen = args.listen.clone().unwrap_or(cfg.listen.clone());
     let ttl_secs = args.lease_ttl.unwrap_or(cfg.lease_ttl_secs);

@@ -5,35 +5,48 @@ use anyhow::Context;
 use shoal_net::wire::*;
 use std::path::PathBuf;
 
+/// Shown by both -h and --help, line for line (a doc comment would be
+/// re-wrapped into one paragraph, and hidden from -h).
+const APPLY_HELP: &str = "\
+Example file, web.toml (every key, its type and default: docs/services.md):
+  name = \"web\"
+  min_nodes = 1
+  max_nodes = 4
+  policy = \"threshold\"      # threshold | ar | hpa | predictive
+
+  [app]
+  adaptor = \"www\"           # www | nginx | process
+  port = 8081
+  params = { listen = \"{{ node_address }}:{{ port }}\", root = \"/srv/www\" }
+
+  [metric]
+  kind = \"dispatch_rps\"     # net | cpu | dispatch_active | dispatch_rps
+  capacity = 100             # one node's capacity in that unit
+
+Example:
+  shoal service apply web.toml --dir ./c
+(--dir may be left out when SHOAL_DIR names the cluster directory.)";
+
 /// `shoal service` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ServiceCmd {
-    /// Define or change a service from a TOML file.
-    ///
-    /// Example file:
-    ///   name = "web"
-    ///   min_nodes = 1
-    ///   max_nodes = 4
-    ///   policy = "threshold"          # threshold | ar | hpa | predictive
-    ///   [app]
-    ///   adaptor = "www"
-    ///   port = 8081
-    ///   [app.params]
-    ///   listen = "{{ node_address }}:{{ port }}"
-    ///   root = "/srv/www"
-    ///   [metric]
-    ///   kind = "net"                   # net | cpu | dispatch_active | dispatch_rps
-    ///   capacity = 100
-    #[command(after_help = "Example:\n  shoal service apply web.toml --dir /var/lib/shoal")]
+    /// Define or change a service from a TOML file (format: docs/services.md).
+    #[command(after_help = APPLY_HELP)]
     Apply(ApplyArgs),
     /// List services with their nodes.
-    #[command(after_help = "Example:\n  shoal service list --json")]
+    #[command(
+        after_help = "Example:\n  shoal service list --dir ./c\n  shoal service list --dir ./c --json\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+    )]
     List(ListArgs),
     /// One service: definition, allocations, backends, monitor series.
-    #[command(after_help = "Example:\n  shoal service show web --json | jq '.series[-1]'")]
+    #[command(
+        after_help = "Example:\n  shoal service show web --dir ./c\n  shoal service show web --dir ./c --json | jq '.series[-1]'\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+    )]
     Show(ShowArgs),
     /// Delete a service; its nodes drain and return to the pool.
-    #[command(after_help = "Example:\n  shoal service delete web")]
+    #[command(
+        after_help = "Example:\n  shoal service delete web --dir ./c\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+    )]
     Delete(DeleteArgs),
 }
 

@@ -155,6 +155,99 @@ fn every_time_flag_takes_units_and_a_bad_one_names_the_syntax() {
     assert!(!ok && err.contains("\"forever\""), "{err}");
 }
 
+#[test]
+fn a_missing_dir_names_shoal_dir_and_help_examples_run_as_printed() {
+    let c = cluster_on_free_port("2s");
+    let cwd = c.tmp.path();
+    std::os::unix::fs::symlink(c.dir(), cwd.join("c")).unwrap();
+    // Without --dir or SHOAL_DIR, every admin command names both.
+    for cmd in [
+        &["status"][..],
+        &["service", "list"],
+        &["node", "assign", "n1", "--adaptor", "www"],
+        &["token"],
+        &["manager"],
+    ] {
+        let (ok, _, err) = run_in(cwd, cmd);
+        assert!(!ok, "{cmd:?}");
+        assert!(
+            err.contains("SHOAL_DIR") && err.contains("--dir"),
+            "{cmd:?}: {err}"
+        );
+    }
+    let _agent = c.agent("n1", "web");
+    c.wait_alive(&["n1"]);
+    let site = cwd.join("site");
+    write(&site.join("index.html"), "hi\n");
+    let port = free_port();
+    write(
+        &cwd.join("web.toml"),
+        &format!(
+            "name = \"web\"\nmin_nodes = 1\nmax_nodes = 1\n[app]\nadaptor = \"www\"\nport = {port}\n[app.params]\nlisten = \"{{{{ node_address }}}}:{{{{ port }}}}\"\nroot = \"{}\"\n[metric]\nkind = \"cpu\"\ncapacity = 1\n",
+            site.display()
+        ),
+    );
+    // Every example line of these commands' --help, in the order a user
+    // would try them, run as printed from the directory holding ./c.
+    for cmd in [
+        &["node", "assign"][..],
+        &["service", "apply"],
+        &["service", "list"],
+        &["service", "show"],
+        &["service", "delete"],
+    ] {
+        let mut help = cmd.to_vec();
+        help.push("--help");
+        let (ok, out, _) = run_in(cwd, &help);
+        assert!(ok);
+        let examples: Vec<&str> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("shoal "))
+            .collect();
+        assert!(!examples.is_empty(), "{cmd:?} --help has no example: {out}");
+        for ex in examples {
+            // A pipe's right side is the user's tool, not shoal.
+            let ex = ex.split(" | ").next().unwrap();
+            let args: Vec<&str> = ex.split_whitespace().skip(1).collect();
+            let (ok, out, err) = run_in(cwd, &args);
+            assert!(ok, "`{ex}` failed as printed: {out}{err}");
+        }
+    }
+}
+
+#[test]
+fn node_assign_remove_needs_no_adaptor_and_names_a_missing_app() {
+    let c = Cluster::start(2.0);
+    let _a = c.agent("n1", "");
+    c.wait_alive(&["n1"]);
+    let d = c.dir_str();
+    let port = free_port();
+    let listen = format!("listen=127.0.0.1:{port}");
+    let root = format!("root={}", c.tmp.path().display());
+    let base = ["--dir", &d, "--manager", &c.url];
+    let mut args = vec!["node", "assign", "n1", "--adaptor", "www", "--id", "w1"];
+    args.extend_from_slice(&["--param", &listen, "--param", &root]);
+    args.extend_from_slice(&base);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{out}{err}");
+    let mut args = vec!["node", "assign", "n1", "--id", "nope", "--remove"];
+    args.extend_from_slice(&base);
+    let (ok, _, err) = run(&args);
+    assert!(
+        !ok && err.contains("\"nope\"") && err.contains("w1"),
+        "{err}"
+    );
+    let mut args = vec!["node", "assign", "n1", "--id", "w1", "--remove"];
+    args.extend_from_slice(&base);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("removed w1"), "{out}");
+    wait_for("the app gone", Duration::from_secs(20), || {
+        c.node("n1")?["apps"].as_array()?.is_empty().then_some(())
+    });
+}
+
 
 /// The shell lines of docs/quickstart.md's "On one machine" block.
 fn quickstart_one_machine_lines() -> Vec<String> {
