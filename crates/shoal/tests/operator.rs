@@ -248,6 +248,142 @@ fn node_assign_remove_needs_no_adaptor_and_names_a_missing_app() {
     });
 }
 
+#[test]
+fn agents_on_one_host_register_distinct_addresses_and_a_restart_keeps_roles_and_address() {
+    let c = Cluster::start(2.0);
+    let mut a1 = c.agent("n1", "web,db");
+    let _a2 = c.agent("n2", "web");
+    c.wait_alive(&["n1", "n2"]);
+    let (ad1, ad2) = wait_for("addresses", Duration::from_secs(10), || {
+        Some((node_address(&c, "n1")?, node_address(&c, "n2")?))
+    });
+    assert_ne!(ad1, ad2, "two agents on one host collide");
+    for a in [&ad1, &ad2] {
+        let ip: std::net::Ipv4Addr = a.parse().unwrap();
+        assert!(ip.is_loopback() && ip.octets()[1] != 0, "{a}");
+        // Reachable: something can listen there.
+        std::net::TcpListener::bind((a.as_str(), 0)).unwrap();
+    }
+    assert_eq!(
+        node_roles(&c, "n1").unwrap(),
+        vec!["web".to_string(), "db".into()]
+    );
+    // Restarted as documented: `shoal agent --dir DIR`, no token, no roles.
+    assert!(a1.terminate().success());
+    let _a1 = Proc::spawn(
+        "agent-n1-again",
+        &["agent", "--dir", c.agent_dir("n1").to_str().unwrap()],
+    );
+    wait_for("n1 back with its roles", Duration::from_secs(30), || {
+        (node_roles(&c, "n1")? == ["web", "db"]).then_some(())
+    });
+    assert_eq!(node_address(&c, "n1").unwrap(), ad1);
+}
+
+#[test]
+fn a_join_to_the_wrong_manager_stops_with_the_reason_and_keeps_agent_toml() {
+    let c = Cluster::start(2.0);
+    let mut a = c.agent("n1", "web");
+    c.wait_alive(&["n1"]);
+    assert!(a.terminate().success());
+    let toml_path = c.agent_dir("n1").join("agent.toml");
+    let before = std::fs::read_to_string(&toml_path).unwrap();
+    // Another cluster's manager: its certificate is not signed by our CA.
+    let other = Cluster::start(2.0);
+    let mut wrong = Proc::spawn(
+        "agent-wrong",
+        &[
+            "agent",
+            "--dir",
+            c.agent_dir("n1").to_str().unwrap(),
+            "--join",
+            &other.url,
+        ],
+    );
+    let st = wrong.wait_exit(Duration::from_secs(20));
+    assert!(!st.success());
+    let out = wrong.output();
+    assert!(out.contains("certificate"), "{out}");
+    assert!(out.contains("join again"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&toml_path).unwrap(),
+        before,
+        "agent.toml was rewritten by a join that failed"
+    );
+    // The hint names flags the agent has.
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let (ok, _, err) = run(&[
+        "agent",
+        "--join",
+        &dead,
+        "--token",
+        &c.token(),
+        "--name",
+        "n9",
+        "--dir",
+        c.tmp.path().join("agent-n9").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--join URL"), "{err}");
+    assert!(
+        !err.contains("pass the right address with --manager"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nginx_runs_under_an_agent_started_with_a_relative_dir() {
+    assert!(
+        Path::new("/usr/sbin/nginx").exists(),
+        "nginx is missing: scripts/test.sh installs it"
+    );
+    let c = Cluster::start(2.0);
+    let cwd = c.tmp.path();
+    let a = Proc::spawn_cmd(
+        "agent-n2",
+        Command::new(BIN).current_dir(cwd).args([
+            "agent",
+            "--join",
+            &c.url,
+            "--token",
+            &c.token(),
+            "--name",
+            "n2",
+            "--dir",
+            "./n2",
+        ]),
+    );
+    c.wait_alive(&["n2"]);
+    let site = cwd.join("site");
+    write(&site.join("index.html"), "through nginx\n");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let (ok, out, err) = run(&[
+        "node",
+        "assign",
+        "n2",
+        "--dir",
+        &c.dir_str(),
+        "--manager",
+        &c.url,
+        "--adaptor",
+        "nginx",
+        "--id",
+        "ng",
+        "--param",
+        &format!("listen={addr}"),
+        "--param",
+        &format!("root={}", site.display()),
+    ]);
+    assert!(ok, "{out}{err}");
+    let t = Instant::now();
+    wait_for("nginx serving", Duration::from_secs(30), || {
+        http_get(&addr, "/index.html")
+            .filter(|(code, body)| *code == 200 && body.contains("through nginx"))
+    });
+    eprintln!("nginx served after {:?}", t.elapsed());
+    drop(a);
+}
+
 
 /// The shell lines of docs/quickstart.md's "On one machine" block.
 fn quickstart_one_machine_lines() -> Vec<String> {
