@@ -90,6 +90,9 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: `up`, tests and service managers send
+        // stderr to log files, where escapes are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.cmd {
         Cmd::Sim(SimCmd::Locality(a)) => shoal_sim::locality::run(&a),

@@ -158,6 +158,14 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
     }
 }
 
+/// A metric's name as the service file writes it (`net`, `dispatch_rps`).
+pub fn metric_name(k: MetricKind) -> String {
+    serde_json::to_value(k)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
@@ -167,8 +175,8 @@ fn render_list(list: &[ServiceStatus]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<16} {:<11} {:>6} {:>9} {:>9}  NODES",
-        "SERVICE", "POLICY", "NODES", "LOAD", "FORECAST"
+        "{:<16} {:<11} {:>9} {:>9}  NODES",
+        "SERVICE", "POLICY", "LOAD", "FORECAST"
     );
     for s in list {
         let nodes: Vec<String> = s
@@ -186,20 +194,19 @@ fn render_list(list: &[ServiceStatus]) -> String {
             .collect();
         let _ = writeln!(
             o,
-            "{:<16} {:<11} {:>6} {:>9} {:>9}  {}",
+            "{:<16} {:<11} {:>9} {:>9}  {}",
             if s.deleting {
                 format!("{} (deleting)", s.name)
             } else {
                 s.name.clone()
             },
             s.policy,
-            s.nodes.len(),
             fmt_opt(s.usage),
             fmt_opt(s.forecast),
             if nodes.is_empty() {
-                "-".into()
+                "0".into()
             } else {
-                nodes.join(" ")
+                format!("{}: {}", nodes.len(), nodes.join(" "))
             }
         );
     }
@@ -218,8 +225,8 @@ fn render_detail(d: &ServiceDetail) -> String {
     if let Some(s) = &d.spec {
         let _ = writeln!(
             o,
-            "\nmetric {:?} capacity {} per node; nodes {}..={}; priority {}; sla {}/{}; lead time {} s; drain timeout {} s",
-            s.metric.kind,
+            "\nmetric {} with capacity {} per node; {} to {} nodes; priority {}; sla upper {} lower {}; lead time {} s; drain timeout {} s",
+            metric_name(s.metric.kind),
             s.metric.capacity,
             s.min_nodes,
             s.max_nodes,
@@ -244,12 +251,16 @@ fn render_detail(d: &ServiceDetail) -> String {
     if let Some(r) = &d.status.last_decision {
         let _ = writeln!(o, "\nlast decision: {r}");
     }
-    let _ = writeln!(o, "\nrecent samples (observed / forecast / allocated):");
+    let _ = writeln!(
+        o,
+        "\nrecent samples:\n  {:<36} {:>9} {:>9} {:>9}",
+        "TIME", "OBSERVED", "FORECAST", "ALLOCATED"
+    );
     for p in d.series.iter().rev().take(10).rev() {
         let _ = writeln!(
             o,
-            "  {:>10} {:>9} {:>9} {:>3}",
-            p.at_ms,
+            "  {:<36} {:>9} {:>9} {:>9}",
+            crate::admin::fmt_time_ms(p.at_ms),
             format!("{:.2}", p.observed),
             fmt_opt(p.forecast),
             p.allocated

@@ -384,6 +384,130 @@ fn nginx_runs_under_an_agent_started_with_a_relative_dir() {
     drop(a);
 }
 
+#[test]
+fn service_apply_help_shows_a_readable_example_in_h_and_help_and_every_doc_example_applies() {
+    for flag in ["-h", "--help"] {
+        let (ok, out, _) = run(&["service", "apply", flag]);
+        assert!(ok);
+        assert!(out.contains("docs/services.md"), "{flag}: {out}");
+        // One key a line, as a TOML file is written.
+        for line in ["  [app]", "  max_nodes = 4", "  [metric]"] {
+            assert!(
+                out.lines().any(|l| l == line),
+                "{flag}: no line {line:?}: {out}"
+            );
+        }
+    }
+    // docs/services.md: every TOML block is a service the manager accepts.
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/services.md"),
+    )
+    .unwrap();
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert!(blocks.len() >= 4, "a short example and one per adaptor");
+    for adaptor in ["www", "nginx", "process"] {
+        assert!(
+            blocks
+                .iter()
+                .any(|b| b.contains(&format!("adaptor = \"{adaptor}\""))),
+            "no complete example for {adaptor}"
+        );
+    }
+    let c = Cluster::start(2.0);
+    for (i, b) in blocks.iter().enumerate() {
+        let f = c.tmp.path().join(format!("doc{i}.toml"));
+        write(&f, b);
+        let (ok, out, err) = run(&[
+            "service",
+            "apply",
+            f.to_str().unwrap(),
+            "--dir",
+            &c.dir_str(),
+            "--manager",
+            &c.url,
+        ]);
+        assert!(
+            ok,
+            "docs/services.md example {i} is refused: {out}{err}\n{b}"
+        );
+    }
+    // Every key of the format is documented.
+    for key in [
+        "name",
+        "min_nodes",
+        "max_nodes",
+        "priority",
+        "policy",
+        "lead_time_secs",
+        "drain_timeout_secs",
+        "period_secs",
+        "role",
+        "adaptor",
+        "port",
+        "backend",
+        "params",
+        "algo",
+        "replicas",
+        "hash",
+        "kind",
+        "capacity",
+        "upper",
+        "lower",
+    ] {
+        assert!(doc.contains(&format!("| `{key}` |")), "{key} undocumented");
+    }
+}
+
+#[test]
+fn log_files_hold_no_colour_escapes() {
+    // The manager's stderr is a pipe here, as it is a file under `shoal up`
+    // or a service manager: not a terminal. A node's lease expiring makes
+    // it log a warning.
+    let c = Cluster::start(1.0);
+    let mut a = c.agent("n1", "");
+    c.wait_alive(&["n1"]);
+    a.kill9();
+    let m = c.manager.as_ref().unwrap();
+    let text = m.wait_output("lease expired", Duration::from_secs(20));
+    assert!(text.contains("WARN"), "{text}");
+    assert!(!text.contains('\x1b'), "colour escapes in a log: {text:?}");
+}
+
+#[test]
+fn readme_and_docs_link_nothing_outside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = root.canonicalize().unwrap();
+    let mut files = vec![root.join("README.md")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "md") {
+            files.push(e.path());
+        }
+    }
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for part in text.split("](").skip(1) {
+            let target = part.split(')').next().unwrap().split('#').next().unwrap();
+            if target.is_empty() || target.contains("://") {
+                continue;
+            }
+            let p = f.parent().unwrap().join(target);
+            let p = p
+                .canonicalize()
+                .unwrap_or_else(|e| panic!("{}: link {target:?} is broken: {e}", f.display()));
+            assert!(
+                p.starts_with(&root),
+                "{}: link {target:?} leaves the repository",
+                f.display()
+            );
+        }
+        // Code spans naming files outside the repository count too.
+        assert!(!text.contains("../shared/"), "{}", f.display());
+    }
+}
 
 /// The shell lines of docs/quickstart.md's "On one machine" block.
 fn quickstart_one_machine_lines() -> Vec<String> {
