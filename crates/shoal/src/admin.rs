@@ -244,6 +244,34 @@ pub fn render_status(s: &StatusResponse) -> String {
     for svc in &s.services {
         let _ = writeln!(o, "service {}: {}", svc.name, svc.nodes.join(", "));
     }
+    // Why an app is not running, so that nobody has to read its output.log
+    // to find out.
+    let mut problems = String::new();
+    for n in &s.nodes {
+        let in_trouble = |a: &&AppStatus| {
+            matches!(
+                a.state,
+                AppState::Unhealthy | AppState::Backoff | AppState::Failed
+            )
+        };
+        for a in n.apps.iter().filter(in_trouble) {
+            let _ = writeln!(
+                problems,
+                "  {} {}: {}, {} restart(s): {}",
+                n.name,
+                a.id,
+                format!("{:?}", a.state).to_lowercase(),
+                a.restarts,
+                a.message.as_deref().unwrap_or("no reason reported")
+            );
+        }
+    }
+    if !problems.is_empty() {
+        let _ = writeln!(
+            o,
+            "apps not running (more: shoal describe node NODE, shoal events --node NODE):\n{problems}"
+        );
+    }
     o
 }
 

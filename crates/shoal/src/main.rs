@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench_agents;
+mod inspect;
 mod service;
 mod up;
 
@@ -30,6 +31,11 @@ enum Cmd {
     Agent(shoal_agent::AgentArgs),
     /// Show nodes, leases, load, apps and services.
     Status(admin::StatusArgs),
+    /// The manager's event and decision log, with reasons (--follow for live).
+    Events(inspect::EventsArgs),
+    /// One service or node in detail: apps, last errors, decisions, events.
+    #[command(subcommand)]
+    Describe(inspect::DescribeCmd),
     /// Node administration.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -112,6 +118,8 @@ fn main() -> std::process::ExitCode {
                     }
                     Cmd::Agent(a) => shoal_agent::run(a).await,
                     Cmd::Status(a) => admin::status(a).await,
+                    Cmd::Events(a) => inspect::events(a).await,
+                    Cmd::Describe(c) => inspect::describe(c).await,
                     Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,

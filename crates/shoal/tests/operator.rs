@@ -528,3 +528,122 @@ fn quickstart_one_machine_lines() -> Vec<String> {
         .collect()
 }
 
+#[test]
+fn a_failing_app_says_why_in_status_describe_and_events() {
+    let c = Cluster::start(2.0);
+    let _a = c.agent("n1", "web");
+    c.wait_alive(&["n1"]);
+    let d = c.dir_str();
+    let m = ["--dir", d.as_str(), "--manager", c.url.as_str()];
+    // The port is taken: the app cannot start.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let listen = format!("listen={addr}");
+    let root = format!("root={}", c.tmp.path().display());
+    let follow = Proc::spawn(
+        "events-follow",
+        &[&["events", "--follow", "--node", "n1"][..], &m].concat(),
+    );
+    let (ok, out, err) = run(&[
+        &[
+            "node",
+            "assign",
+            "n1",
+            "--adaptor",
+            "www",
+            "--param",
+            &listen,
+            "--param",
+            &root,
+        ][..],
+        &m,
+    ]
+    .concat());
+    assert!(ok, "{out}{err}");
+    let text = wait_for("status naming the cause", Duration::from_secs(30), || {
+        let (ok, out, _) = run(&[&["status"][..], &m].concat());
+        (ok && out.contains("apps not running") && out.contains("in use")).then_some(out)
+    });
+    assert!(text.contains("n1 www: backoff"), "{text}");
+    let (ok, out, err) = run(&[&["describe", "node", "n1"][..], &m].concat());
+    assert!(ok, "{err}");
+    for needle in [
+        "Address:",
+        "Roles:     web",
+        "RESTARTS",
+        "www",
+        "in use",
+        "Events:",
+    ] {
+        assert!(
+            out.contains(needle),
+            "describe node lacks {needle:?}: {out}"
+        );
+    }
+    // The follower saw the assignment as it happened.
+    follow.wait_output("assigned", Duration::from_secs(20));
+    drop(follow);
+    drop(taken);
+
+    // A service: definition, allocation, apps, decisions and events.
+    let site = c.tmp.path().join("site");
+    write(&site.join("index.html"), "x\n");
+    let file = c.tmp.path().join("web.toml");
+    write(
+        &file,
+        &format!(
+            "name = \"web\"\nmin_nodes = 1\nmax_nodes = 1\nperiod_secs = 1\n[app]\nadaptor = \"www\"\nport = {}\n[app.params]\nlisten = \"{{{{ node_address }}}}:{{{{ port }}}}\"\nroot = \"{}\"\n[metric]\nkind = \"cpu\"\ncapacity = 1\n",
+            free_port(),
+            site.display()
+        ),
+    );
+    let (ok, out, err) = run(&[&["service", "apply", file.to_str().unwrap()][..], &m].concat());
+    assert!(ok, "{out}{err}");
+    let out = wait_for(
+        "describe service with a running app",
+        Duration::from_secs(40),
+        || {
+            let (ok, out, _) = run(&[&["describe", "service", "web"][..], &m].concat());
+            (ok && out.contains("svc-web") && out.contains(" running ")).then_some(out)
+        },
+    );
+    for needle in [
+        "Definition:",
+        "max_nodes = 1",
+        "Allocation:",
+        "n1",
+        "Last decisions:",
+        "Events:",
+        "web: definition created",
+    ] {
+        assert!(
+            out.contains(needle),
+            "describe service lacks {needle:?}: {out}"
+        );
+    }
+    assert!(!out.contains("..="), "{out}");
+    // events --service keeps the service's own events only.
+    let (ok, out, _) = run(&[&["events", "--service", "web"][..], &m].concat());
+    assert!(ok);
+    assert!(out.contains("web: definition created"), "{out}");
+    assert!(!out.contains("registered"), "{out}");
+    // service list: one NODES column; show: times for people, no debug syntax.
+    let (ok, out, _) = run(&[&["service", "list"][..], &m].concat());
+    assert!(ok);
+    assert_eq!(
+        out.lines().next().unwrap().matches("NODES").count(),
+        1,
+        "{out}"
+    );
+    let out = wait_for("a monitor sample", Duration::from_secs(20), || {
+        let (ok, out, _) = run(&[&["service", "show", "web"][..], &m].concat());
+        (ok && out.contains(" UTC")).then_some(out)
+    });
+    assert!(!out.contains("..=") && !out.contains("metric Cpu"), "{out}");
+    assert!(out.contains("metric cpu") && out.contains(" UTC"), "{out}");
+    let epoch_ms = out
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|w| w.len() == 13);
+    assert!(!epoch_ms, "epoch milliseconds in service show: {out}");
+}
+
