@@ -25,6 +25,8 @@ pub struct Ctx {
     pub token: Token,
     /// Services on the shared pool.
     pub services: Arc<crate::services::Services>,
+    /// Counters behind `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An API error: an HTTP status and a message that names the fix.
@@ -120,6 +122,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
         .route("/v1/watch", get(watch))
+        .route("/metrics", get(metrics_tls))
         .merge(crate::service_api::routes())
         .fallback(|| async {
             ApiErr(
@@ -128,6 +131,32 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
             )
         })
         .with_state(ctx)
+}
+
+/// `GET /metrics` alone, for the plain-HTTP `--metrics` listener.
+pub fn metrics_router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(ctx)
+}
+
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ctx.metrics.render(&ctx.registry, &ctx.services),
+    )
+        .into_response()
+}
+
+async fn metrics_tls(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Response> {
+    need_any(&peer)?;
+    Ok(metrics(State(ctx)).await)
 }
 
 async fn ca(State(ctx): State<Arc<Ctx>>) -> String {
@@ -180,8 +209,17 @@ async fn register(
             )));
         }
     }
-    let lease_ttl_ms = ctx.registry.register(reg)?;
-    Ok(axum::Json(LeaseGrant { lease_ttl_ms }))
+    use std::sync::atomic::Ordering::Relaxed;
+    match ctx.registry.register(reg) {
+        Ok(lease_ttl_ms) => {
+            ctx.metrics.registrations.fetch_add(1, Relaxed);
+            Ok(axum::Json(LeaseGrant { lease_ttl_ms }))
+        }
+        Err(e) => {
+            ctx.metrics.registration_errors.fetch_add(1, Relaxed);
+            Err(e.into())
+        }
+    }
 }
 
 async fn cancel(
@@ -204,7 +242,17 @@ async fn renew(
 ) -> ApiResult<axum::Json<RenewResponse>> {
     need_node(&peer, &name)?;
     let req: RenewRequest = decode(&body)?;
-    Ok(axum::Json(ctx.registry.renew(&name, req)?))
+    use std::sync::atomic::Ordering::Relaxed;
+    match ctx.registry.renew(&name, req) {
+        Ok(r) => {
+            ctx.metrics.renewals.fetch_add(1, Relaxed);
+            Ok(axum::Json(r))
+        }
+        Err(e) => {
+            ctx.metrics.renewal_errors.fetch_add(1, Relaxed);
+            Err(e.into())
+        }
+    }
 }
 
 async fn assign(

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod dashboard;
 pub mod engine;
+pub mod metrics;
 pub mod monitor;
 pub mod service_api;
 pub mod services;
@@ -43,6 +44,11 @@ pub struct ManagerArgs {
     /// warning when that port is taken.
     #[arg(long)]
     pub dashboard: Option<String>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) over plain HTTP,
+    /// e.g. 127.0.0.1:9400 (keep it on loopback, or scrape `/metrics` on
+    /// the HTTPS API with a cluster certificate instead). Off by default.
+    #[arg(long)]
+    pub metrics: Option<String>,
 }
 
 /// The dashboard's view of every service: details, series, backends and the
@@ -129,10 +135,14 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let ttl_ms = (ttl_secs * 1000.0) as u64;
     let ca = dir.ca()?;
     let token = dir.token()?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.db_path())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.db_path().display()))?,
-    );
+    let metrics = Arc::new(metrics::Metrics::default());
+    let store: Arc<dyn Store> = Arc::new(metrics::TimedStore::new(
+        Arc::new(
+            SqliteStore::open(&dir.db_path())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.db_path().display()))?,
+        ),
+        metrics.clone(),
+    ));
     // Twice the TTL plus slack: an agent retrying with capped back-off
     // reaches a restarted manager well within it.
     let grace_ms = ttl_ms * 2 + 2000;
@@ -144,21 +154,37 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let (cert, key) = ca.issue_server(&server_names(&local, &cfg.manager_url))?;
     let tls = shoal_net::tls::server_config(&cert, &key, &ca.pem)?;
 
+    metrics.follow_decisions(&registry);
     let ctx = Arc::new(api::Ctx {
         registry: registry.clone(),
         ca,
         token: token.clone(),
         services: services.clone(),
+        metrics: metrics.clone(),
     });
+    let mut metrics_url = None;
+    if let Some(addr) = &args.metrics {
+        let l = shoal_net::server::bind(addr)
+            .await
+            .map_err(|e| e.context("--metrics"))?;
+        metrics_url = Some(format!("http://{}/metrics", l.local_addr()?));
+        tokio::spawn(shoal_net::server::serve_plain(
+            l,
+            api::metrics_router(ctx.clone()),
+        ));
+    }
     let router = api::router(ctx);
 
     // Lease expiry: a tick of 100 ms bounds detection at TTL + 0.1 s.
     let reg2 = registry.clone();
+    let m2 = metrics.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_millis(100));
         loop {
             t.tick().await;
             for n in reg2.expire() {
+                m2.expiries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(node = %n, "lease expired: node failed");
             }
         }
@@ -208,6 +234,9 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     );
     if let Some(u) = &dashboard_url {
         println!("dashboard (read-only) at {u}");
+    }
+    if let Some(u) = &metrics_url {
+        println!("metrics at {u}");
     }
     tokio::select! {
         _ = shoal_net::server::serve_tls(listener, tls, router) => {}

@@ -647,3 +647,132 @@ fn a_failing_app_says_why_in_status_describe_and_events() {
     assert!(!epoch_ms, "epoch milliseconds in service show: {out}");
 }
 
+#[test]
+fn the_manager_serves_prometheus_metrics_that_promtool_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let d = dir.to_str().unwrap();
+    let (ok, _, err) = run(&["init", "--dir", d, "--lease-ttl", "1s"]);
+    assert!(ok, "{err}");
+    let mut c = Cluster {
+        tmp,
+        manager: None,
+        url: String::new(),
+        ttl: 1.0,
+    };
+    let m = Proc::spawn(
+        "manager",
+        &[
+            "manager",
+            "--dir",
+            d,
+            "--listen",
+            "127.0.0.1:0",
+            "--no-discovery",
+            "--dashboard",
+            "off",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let out = m.wait_output("metrics at http://", Duration::from_secs(20));
+    c.url = out
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .into();
+    let maddr = out
+        .split("metrics at http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    c.manager = Some(m);
+    let mut a1 = c.agent("n1", "web");
+    let _a2 = c.agent("n2", "web");
+    c.wait_alive(&["n1", "n2"]);
+    let site = c.tmp.path().join("site");
+    write(&site.join("index.html"), "x\n");
+    let file = c.tmp.path().join("web.toml");
+    write(
+        &file,
+        &format!(
+            "name = \"web\"\nmin_nodes = 1\nmax_nodes = 2\nperiod_secs = 1\n[app]\nadaptor = \"www\"\nport = {}\n[app.params]\nlisten = \"{{{{ node_address }}}}:{{{{ port }}}}\"\nroot = \"{}\"\n[metric]\nkind = \"cpu\"\ncapacity = 1\n",
+            free_port(),
+            site.display()
+        ),
+    );
+    let (ok, out, err) = run(&[
+        "service",
+        "apply",
+        file.to_str().unwrap(),
+        "--dir",
+        d,
+        "--manager",
+        &c.url,
+    ]);
+    assert!(ok, "{out}{err}");
+    a1.kill9();
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let text = wait_for("metrics after an expiry", Duration::from_secs(30), || {
+        let (code, body) = http_get(&maddr, "/metrics")?;
+        (code == 200
+            && value(&body, "shoal_manager_lease_expiries_total")? >= 1.0
+            && value(
+                &body,
+                "shoal_manager_service_nodes{service=\"web\",phase=\"serving\"}",
+            )? >= 1.0)
+            .then_some(body)
+    });
+    assert!(
+        value(&text, "shoal_manager_registrations_total").unwrap() >= 2.0,
+        "{text}"
+    );
+    assert!(
+        value(&text, "shoal_manager_renewals_total").unwrap() >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "shoal_manager_leases{state=\"failed\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        value(&text, "shoal_manager_decisions_total").is_some(),
+        "{text}"
+    );
+    assert!(
+        value(&text, "shoal_manager_store_seconds_count{op=\"write\"}").unwrap() >= 1.0,
+        "{text}"
+    );
+    // promtool (Debian's prometheus package; scripts/test.sh installs it).
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is missing: scripts/test.sh installs prometheus");
+    use std::io::Write as _;
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "promtool refuses the exposition: {}{}\n{text}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
