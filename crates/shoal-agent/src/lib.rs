@@ -305,13 +305,110 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     });
 
     let mut sup = adaptor::Supervisor::new(args.dir.join("apps"), name.clone());
+    let logs = tokio::spawn(serve_logs(
+        client.clone(),
+        name.clone(),
+        args.dir.join("apps"),
+    ));
     tokio::select! {
-        r = lease_loop(&client, &reg, load_rx, &mut sup) => r?,
+        r = lease_loop(&client, &reg, load_rx, &mut sup, &mut on_registered) => r?,
         _ = shutdown() => {}
     }
+    logs.abort();
     sup.stop_all().await;
     eprintln!("agent {name} stopped");
     Ok(())
+}
+
+/// The most output one answer carries.
+const LOG_CHUNK_MAX: u64 = 1 << 20;
+
+/// Answers `shoal logs`: collects the manager's output requests on a long
+/// poll and posts each answer back, over the agent's own mutual TLS.
+async fn serve_logs(client: ApiClient, name: String, apps_dir: PathBuf) {
+    let poll = format!("/v1/nodes/{name}/log-requests");
+    loop {
+        let reqs: Vec<LogRequest> = match client.get(&poll).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("log requests: {e}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        for r in reqs {
+            let chunk = read_output(&apps_dir, &r);
+            let path = format!("{poll}/{}", r.id);
+            if let Err(e) = client.post::<_, serde_json::Value>(&path, &chunk).await {
+                tracing::debug!("log answer: {e}");
+            }
+        }
+    }
+}
+
+/// Reads what `r` asks of an app's output.log.
+fn read_output(apps_dir: &Path, r: &LogRequest) -> LogChunk {
+    use std::io::{Read, Seek, SeekFrom};
+    let refuse = |why: String| LogChunk {
+        data: String::new(),
+        next_offset: r.offset.unwrap_or(0),
+        error: Some(why),
+    };
+    if validate_node_name(&r.app).is_err() || r.app.starts_with('.') {
+        return refuse(format!("{:?} is not an app id", r.app));
+    }
+    let path = apps_dir.join(&r.app).join("output.log");
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(_) => {
+            let mut apps: Vec<String> = std::fs::read_dir(apps_dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| e.path().join("output.log").exists())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            apps.sort();
+            return refuse(format!(
+                "no output of app {:?} on this node (apps with output: {})",
+                r.app,
+                if apps.is_empty() {
+                    "none".into()
+                } else {
+                    apps.join(", ")
+                }
+            ));
+        }
+    };
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = match r.offset {
+        // A log that shrank was truncated or replaced: start over.
+        Some(o) if o <= size => o,
+        Some(_) => 0,
+        None => size.saturating_sub(LOG_CHUNK_MAX),
+    };
+    let mut buf = Vec::new();
+    if let Err(e) = f
+        .seek(SeekFrom::Start(start))
+        .and_then(|_| f.take(LOG_CHUNK_MAX).read_to_end(&mut buf))
+    {
+        return refuse(format!("cannot read {}: {e}", path.display()));
+    }
+    let next_offset = start + buf.len() as u64;
+    let mut data = String::from_utf8_lossy(&buf).into_owned();
+    if r.offset.is_none()
+        && let Some(n) = r.tail
+    {
+        let lines: Vec<&str> = data.lines().collect();
+        let keep = lines.len().saturating_sub(n);
+        data = lines[keep..].iter().map(|l| format!("{l}\n")).collect();
+    }
+    LogChunk {
+        data,
+        next_offset,
+        error: None,
+    }
 }
 
 async fn shutdown() {

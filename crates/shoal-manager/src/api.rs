@@ -27,6 +27,8 @@ pub struct Ctx {
     pub services: Arc<crate::services::Services>,
     /// Counters behind `GET /metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// `shoal logs` requests on their way to agents and back.
+    pub logs: Arc<crate::logs::LogHub>,
 }
 
 /// An API error: an HTTP status and a message that names the fix.
@@ -123,6 +125,9 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/watch", get(watch))
         .route("/metrics", get(metrics_tls))
+        .route("/v1/nodes/{name}/apps/{app}/log", get(app_log))
+        .route("/v1/nodes/{name}/log-requests", get(log_requests))
+        .route("/v1/nodes/{name}/log-requests/{id}", post(log_answer))
         .merge(crate::service_api::routes())
         .fallback(|| async {
             ApiErr(
@@ -157,6 +162,66 @@ async fn metrics_tls(
 ) -> ApiResult<Response> {
     need_any(&peer)?;
     Ok(metrics(State(ctx)).await)
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    offset: Option<u64>,
+    tail: Option<usize>,
+}
+
+/// An app's output, from its node's agent (administrators only: output
+/// may hold anything the app prints).
+async fn app_log(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path((name, app)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<axum::Json<LogChunk>> {
+    need_admin(&peer)?;
+    validate_node_name(&app).map_err(|e| bad(format!("app id: {e}")))?;
+    let Some(node) = ctx.registry.nodes().into_iter().find(|n| n.name == name) else {
+        return Err(ApiErr(
+            StatusCode::NOT_FOUND,
+            format!("node {name:?} is not registered; see `shoal status`"),
+        ));
+    };
+    if node.state == LeaseState::Failed {
+        return Err(ApiErr(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {name:?} is FAILED (its lease ran out): its agent cannot be asked; its output is in its agent directory, apps/{app}/output.log"
+            ),
+        ));
+    }
+    ctx.logs
+        .fetch(&name, app, q.offset, q.tail.map(|t| t.min(100_000)))
+        .await
+        .map(axum::Json)
+        .map_err(|e| ApiErr(StatusCode::GATEWAY_TIMEOUT, e.to_string()))
+}
+
+/// An agent's long poll for output requests.
+async fn log_requests(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<Vec<LogRequest>>> {
+    need_node(&peer, &name)?;
+    Ok(axum::Json(ctx.logs.poll(&name).await))
+}
+
+/// An agent's answer to one output request.
+async fn log_answer(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path((name, id)): Path<(String, u64)>,
+    body: Bytes,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    need_node(&peer, &name)?;
+    let chunk: LogChunk = decode(&body)?;
+    let delivered = ctx.logs.answer(&name, id, chunk);
+    Ok(axum::Json(serde_json::json!({"delivered": delivered})))
 }
 
 async fn ca(State(ctx): State<Arc<Ctx>>) -> String {

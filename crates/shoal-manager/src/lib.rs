@@ -4,6 +4,7 @@
 pub mod api;
 pub mod dashboard;
 pub mod engine;
+pub mod logs;
 pub mod metrics;
 pub mod monitor;
 pub mod service_api;
@@ -161,6 +162,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         token: token.clone(),
         services: services.clone(),
         metrics: metrics.clone(),
+        logs: Default::default(),
     });
     let mut metrics_url = None;
     if let Some(addr) = &args.metrics {

@@ -392,3 +392,86 @@ async fn describe_node(a: DescribeArgs) -> anyhow::Result<()> {
     write_stdout(&o)
 }
 
+/// `shoal logs` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  shoal logs n1 --dir ./c
+  shoal logs n1 svc-web --dir ./c --tail 20
+  shoal logs n1 www --dir ./c --follow
+The output comes from the node's agent, through the manager, over mutual TLS.
+(--dir may be left out when SHOAL_DIR names the cluster directory.)")]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// The node.
+    pub node: String,
+    /// The app's id on the node (`shoal describe node NODE` lists them);
+    /// may be left out when the node runs one app.
+    pub app: Option<String>,
+    /// Keep printing new output as the app writes it (Ctrl-C stops).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only the last N lines (default: everything, up to the last MiB).
+    #[arg(long)]
+    pub tail: Option<usize>,
+}
+
+pub async fn logs(a: LogsArgs) -> anyhow::Result<()> {
+    let c = a.target.client()?;
+    let app = match &a.app {
+        Some(app) => app.clone(),
+        None => {
+            let nodes: Vec<NodeStatus> = c.get(&format!("/v1/lookup?name={}", a.node)).await?;
+            let Some(n) = nodes.into_iter().next() else {
+                anyhow::bail!("node {:?} is not registered; see `shoal status`", a.node);
+            };
+            let mut ids: Vec<String> = n.desired.iter().map(|d| d.id.clone()).collect();
+            for x in &n.apps {
+                if !ids.contains(&x.id) {
+                    ids.push(x.id.clone());
+                }
+            }
+            match ids.as_slice() {
+                [one] => one.clone(),
+                [] => anyhow::bail!("node {} runs no app", a.node),
+                many => anyhow::bail!(
+                    "node {} runs {} apps; name one: shoal logs {} APP (apps: {})",
+                    a.node,
+                    many.len(),
+                    a.node,
+                    many.join(", ")
+                ),
+            }
+        }
+    };
+    let base = format!("/v1/nodes/{}/apps/{app}/log", a.node);
+    let first = match a.tail {
+        Some(n) => format!("{base}?tail={n}"),
+        None => base.clone(),
+    };
+    let chunk: LogChunk = c.get(&first).await?;
+    if let Some(e) = chunk.error {
+        anyhow::bail!("{}: {e}", a.node);
+    }
+    write_stdout(&chunk.data)?;
+    if !a.follow {
+        return Ok(());
+    }
+    let mut offset = chunk.next_offset;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        let chunk: LogChunk = c.get(&format!("{base}?offset={offset}")).await?;
+        if let Some(e) = chunk.error {
+            anyhow::bail!("{}: {e}", a.node);
+        }
+        if chunk.next_offset < offset {
+            write_stdout("--- the log was truncated; from its start ---\n")?;
+        }
+        offset = chunk.next_offset;
+        write_stdout(&chunk.data)?;
+    }
+}

@@ -33,6 +33,8 @@ enum Cmd {
     Status(admin::StatusArgs),
     /// The manager's event and decision log, with reasons (--follow for live).
     Events(inspect::EventsArgs),
+    /// An app's output on a node, fetched from its agent (--follow for live).
+    Logs(inspect::LogsArgs),
     /// One service or node in detail: apps, last errors, decisions, events.
     #[command(subcommand)]
     Describe(inspect::DescribeCmd),
@@ -119,6 +121,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Agent(a) => shoal_agent::run(a).await,
                     Cmd::Status(a) => admin::status(a).await,
                     Cmd::Events(a) => inspect::events(a).await,
+                    Cmd::Logs(a) => inspect::logs(a).await,
                     Cmd::Describe(c) => inspect::describe(c).await,
                     Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
                     Cmd::Service(c) => service::run(c).await,

@@ -776,3 +776,68 @@ fn the_manager_serves_prometheus_metrics_that_promtool_accepts() {
     );
 }
 
+#[test]
+fn shoal_logs_fetches_and_follows_an_apps_output_through_the_manager() {
+    let c = Cluster::start(2.0);
+    let _a = c.agent("n1", "");
+    c.wait_alive(&["n1"]);
+    let d = c.dir_str();
+    let m = ["--dir", d.as_str(), "--manager", c.url.as_str()];
+    let (ok, out, err) = run(&[
+        &[
+            "node",
+            "assign",
+            "n1",
+            "--adaptor",
+            "process",
+            "--id",
+            "ticker",
+            "--param",
+            "command=sh",
+            "--param",
+            "args=-c 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done'",
+        ][..],
+        &m,
+    ]
+    .concat());
+    assert!(ok, "{out}{err}");
+    // One app on the node: it may be left out.
+    let out = wait_for("output", Duration::from_secs(30), || {
+        let (ok, out, _) = run(&[&["logs", "n1", "--tail", "3"][..], &m].concat());
+        (ok && out.lines().count() == 3 && out.contains("tick ")).then_some(out)
+    });
+    assert!(out.lines().all(|l| l.starts_with("tick ")), "{out}");
+    // A wrong app id is named with the ones there are.
+    let (ok, _, err) = run(&[&["logs", "n1", "nope"][..], &m].concat());
+    assert!(
+        !ok && err.contains("nope") && err.contains("ticker"),
+        "{err}"
+    );
+    // --follow prints new lines as they come.
+    let f = Proc::spawn(
+        "logs-follow",
+        &[&["logs", "n1", "ticker", "--follow", "--tail", "1"][..], &m].concat(),
+    );
+    let first: u64 = wait_for("a first line", Duration::from_secs(20), || {
+        f.output()
+            .lines()
+            .next()?
+            .strip_prefix("tick ")?
+            .parse()
+            .ok()
+    });
+    wait_for("later lines", Duration::from_secs(20), || {
+        f.output()
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick ")?.parse::<u64>().ok())
+            .any(|n| n >= first + 5)
+            .then_some(())
+    });
+    // Lines arrive in order, none twice.
+    let seen: Vec<u64> = f
+        .output()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+}
