@@ -529,6 +529,145 @@ fn quickstart_one_machine_lines() -> Vec<String> {
 }
 
 #[test]
+fn cluster_by_hand_on_one_host_as_the_quickstart_writes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ports: Vec<(String, String)> = ["7400", "8000", "8080", "8081"]
+        .iter()
+        .map(|p| (p.to_string(), free_port().to_string()))
+        .collect();
+    let port = |p: &str| ports.iter().find(|(a, _)| a == p).unwrap().1.clone();
+    let bash = |line: &str| {
+        let mut c = Command::new("bash");
+        c.arg("-c")
+            .arg(line)
+            .current_dir(cwd)
+            .env("PATH", &path)
+            .env_remove("SHOAL_DIR")
+            .env_remove("SHOAL_TOKEN");
+        c
+    };
+    let mut background: Vec<Proc> = Vec::new();
+    for line in quickstart_one_machine_lines() {
+        let mut line = line;
+        for (from, to) in &ports {
+            line = line.replace(from.as_str(), to);
+        }
+        if let Some(cmd) = line.strip_suffix('&') {
+            // exec: the signal that stops it at the end reaches shoal itself,
+            // so an agent stops its apps as it does on Ctrl-C.
+            let p = Proc::spawn_cmd(&line, &mut bash(&format!("exec {cmd}")));
+            if cmd.contains("shoal manager") {
+                p.wait_output("listening on https://", Duration::from_secs(20));
+            }
+            background.push(p);
+            continue;
+        }
+        // As a user would, run a command again while what it needs is
+        // still coming up; every failure says why.
+        let t = Instant::now();
+        loop {
+            let o = bash(&line).output().unwrap();
+            if o.status.success() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "`{line}` kept failing: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    // Every app running: the hand-assigned one and the service on both.
+    let dir = cwd.join("c").display().to_string();
+    wait_for("every app running", Duration::from_secs(60), || {
+        let o = Command::new(BIN)
+            .args(["status", "--dir", &dir, "--json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let apps: Vec<(String, String, String)> = v["nodes"]
+            .as_array()?
+            .iter()
+            .flat_map(|n| {
+                n["apps"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |a| {
+                        (
+                            n["name"].as_str().unwrap_or("").to_string(),
+                            a["id"].as_str().unwrap_or("").to_string(),
+                            a["state"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+            })
+            .collect();
+        let running = |node: &str, id: &str| {
+            apps.iter()
+                .any(|(n, i, s)| n == node && i == id && s == "running")
+        };
+        (apps.len() == 3
+            && running("n1", "www")
+            && running("n1", "svc-site")
+            && running("n2", "svc-site"))
+        .then_some(())
+    });
+    // Two distinct backends, and the service serving through the dispatcher.
+    wait_for(
+        "two distinct backends serving",
+        Duration::from_secs(30),
+        || {
+            let (ok, out, _) = run(&["service", "show", "site", "--dir", &dir, "--json"]);
+            let d: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| ok)?;
+            let backends: std::collections::BTreeSet<String> = d["backends"]["backends"]
+                .as_array()?
+                .iter()
+                .filter(|b| b["draining"] == false)
+                .filter_map(|b| b["address"].as_str().map(str::to_string))
+                .collect();
+            let serving = d["allocations"]
+                .as_array()?
+                .iter()
+                .filter(|a| a["phase"] == "serving")
+                .count();
+            (backends.len() == 2 && serving == 2).then_some(())
+        },
+    );
+    let daddr = format!("127.0.0.1:{}", port("8000"));
+    for _ in 0..20 {
+        let (code, body) = http_get(&daddr, "/index.html").expect("the dispatcher answers");
+        assert_eq!(code, 200);
+        assert!(body.contains("hello from shoal"), "{body}");
+    }
+    // Stop agents first (they stop their apps), then the rest.
+    background.reverse();
+    drop(background);
+    let root = cwd.display().to_string();
+    wait_for("nothing left running", Duration::from_secs(20), || {
+        let left = std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&root))
+                    .unwrap_or(false)
+            })
+            .count();
+        (left == 0).then_some(())
+    });
+}
+
+#[test]
 fn a_failing_app_says_why_in_status_describe_and_events() {
     let c = Cluster::start(2.0);
     let _a = c.agent("n1", "web");
