@@ -64,10 +64,28 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
     let dashboard = line_after(&out, "dashboard").unwrap().to_string();
     let tmp_root = PathBuf::from(&dir).parent().unwrap().display().to_string();
 
-    // The browser test runs against the live system.
-    let shot_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    // A broken app on node1, for the dashboard to show in red with its
+    // restarts and reason.
+    let (ok, out, err) = run(&[
+        "node",
+        "assign",
+        "node1",
+        "--dir",
+        &dir,
+        "--adaptor",
+        "process",
+        "--id",
+        "broken",
+        "--param",
+        "command=/nonexistent/program",
+    ]);
+    assert!(ok, "{out}{err}");
+    // The browser test runs against the live system; its screenshots are
+    // the ones in docs/img.
+    let shot_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/img");
     std::fs::create_dir_all(&shot_dir).unwrap();
     let shot = shot_dir.join("dashboard.png");
+    let node_shot = shot_dir.join("dashboard-node.png");
     let browser_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
     assert!(
         browser_dir.join("node_modules/playwright-core").exists(),
@@ -77,6 +95,7 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
         .arg(browser_dir.join("dashboard.mjs"))
         .arg(&dashboard)
         .arg(&shot)
+        .arg(&node_shot)
         .output()
         .expect("node");
     let bout = String::from_utf8_lossy(&browser.stdout);
@@ -86,6 +105,7 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
         "browser test failed: {bout}{berr}"
     );
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    assert!(std::fs::metadata(&node_shot).unwrap().len() > 10_000);
     println!("dashboard screenshot: {} ({bout})", shot.display());
 
     // From `shoal status --json` in another process: the demo service grows
