@@ -130,7 +130,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
 /// `shoal token` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Example:\n  shoal agent --join URL --token $(shoal token --dir /var/lib/shoal) --name n1"
+    after_help = "Examples:\n  shoal token --dir ./c\n  shoal agent --join https://127.0.0.1:7400 --token $(shoal token --dir ./c) --name n1 --dir ./n1"
 )]
 pub struct TokenArgs {
     /// The cluster directory.
@@ -148,7 +148,9 @@ pub fn token(a: TokenArgs) -> anyhow::Result<()> {
 
 /// `shoal status` arguments.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Example:\n  shoal status --dir /var/lib/shoal --json | jq '.nodes[].name'")]
+#[command(
+    after_help = "Examples:\n  shoal status --dir ./c\n  shoal status --dir ./c --json | jq '.nodes[].name'\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub target: AdminTarget,

@@ -397,7 +397,7 @@ async fn describe_node(a: DescribeArgs) -> anyhow::Result<()> {
 #[command(after_help = "Examples:
   shoal logs n1 --dir ./c
   shoal logs n1 svc-web --dir ./c --tail 20
-  shoal logs n1 www --dir ./c --follow
+  shoal logs n1 svc-web --dir ./c --follow
 The output comes from the node's agent, through the manager, over mutual TLS.
 (--dir may be left out when SHOAL_DIR names the cluster directory.)")]
 pub struct LogsArgs {
