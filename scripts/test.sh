@@ -10,6 +10,8 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v node >/dev/null 2>&1 || need+=(nodejs npm)
+# promtool checks the manager's /metrics exposition.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "the tests need: ${need[*]}; run as root or install them (apt-get install -y ${need[*]})" >&2
@@ -22,6 +24,8 @@ if ((${#need[@]})); then
   # Debian starts nginx on port 80 after installing it; the tests run their
   # own private instances and need nothing listening.
   systemctl stop nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || pkill -x nginx || true
+  # Likewise the prometheus server; only its promtool is used.
+  systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
 fi
 
 # The dashboard's browser test drives Debian's chromium with playwright-core

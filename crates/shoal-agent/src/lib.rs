@@ -35,14 +35,17 @@ pub struct AgentArgs {
     /// This node's name (default: the one recorded at join).
     #[arg(long)]
     pub name: Option<String>,
-    /// Roles, comma-separated.
+    /// Roles, comma-separated (default: the ones recorded at the last start).
     #[arg(long, value_delimiter = ',')]
     pub roles: Vec<String>,
     /// Capacities, NAME=NUMBER (repeatable), e.g. net_mbps=100.
     #[arg(long = "capacity", value_parser = parse_capacity)]
     pub capacities: Vec<(String, f64)>,
     /// The address at which this node's apps are reachable (default: the
-    /// local address used to reach the manager).
+    /// one recorded at the last start; at the first, the local address used
+    /// to reach the manager or, when the manager is on loopback, a loopback
+    /// address of this node's own, 127.X.Y.Z from its name, so that agents
+    /// sharing a host do not collide).
     #[arg(long)]
     pub address: Option<String>,
     /// The agent's directory: identity and app directories.
@@ -51,8 +54,8 @@ pub struct AgentArgs {
     /// UDP port for discovery.
     #[arg(long, default_value_t = shoal_net::discovery::DEFAULT_PORT)]
     pub discovery_port: u16,
-    /// How long to look for a manager with --discover, seconds.
-    #[arg(long, default_value_t = 10.0)]
+    /// How long to look for a manager with --discover (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub discover_timeout: f64,
 }
 
@@ -75,6 +78,13 @@ fn parse_capacity(s: &str) -> Result<(String, f64), String> {
 struct Membership {
     name: String,
     manager_url: String,
+    /// The roles of the last registration, kept for a restart without
+    /// --roles (absent in files written before they were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    roles: Option<Vec<String>>,
+    /// The address of the last registration, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
 }
 
 struct Identity {
@@ -136,15 +146,10 @@ async fn join_or_load(args: &AgentArgs) -> anyhow::Result<Identity> {
             );
         }
         if args.join.is_some() || args.discover {
-            let url = find_manager(args, token.as_ref()).await?;
-            if url != id.membership.manager_url {
-                id.membership.manager_url = url;
-                write_file(
-                    &args.dir.join("agent.toml"),
-                    &toml::to_string(&id.membership)?,
-                    false,
-                )?;
-            }
+            // Recorded only once the manager there has accepted this node's
+            // registration (see `run`): a wrong URL must not replace the
+            // right one.
+            id.membership.manager_url = find_manager(args, token.as_ref()).await?;
         }
         return Ok(id);
     }
@@ -164,6 +169,8 @@ async fn join_or_load(args: &AgentArgs) -> anyhow::Result<Identity> {
     let membership = Membership {
         name,
         manager_url: url,
+        roles: None,
+        address: None,
     };
     write_file(
         &args.dir.join("agent.toml"),
@@ -194,8 +201,51 @@ fn default_address(manager_url: &str) -> String {
     }
 }
 
+/// A loopback address of a node's own, from its name: 127.X.Y.Z with X in
+/// 1..=254 (never 127.0.0.x, where the manager and hand-run services
+/// usually listen) and Z in 1..=254, so that agents sharing a host each
+/// register an address of their own. FNV-1a, so it stays the same across
+/// builds and platforms.
+pub fn loopback_address_for(name: &str) -> std::net::Ipv4Addr {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, _] = h.to_be_bytes();
+    std::net::Ipv4Addr::new(127, 1 + a % 254, b, 1 + c % 254)
+}
+
+/// The address to register: --address, else the one recorded, else the
+/// address towards the manager, or a loopback address of the node's own
+/// when the manager is on loopback.
+fn choose_address(args: &AgentArgs, m: &Membership) -> String {
+    if let Some(a) = &args.address {
+        return a.clone();
+    }
+    if let Some(a) = &m.address {
+        return a.clone();
+    }
+    let a = default_address(&m.manager_url);
+    match a.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => {
+            let own = loopback_address_for(&m.name).to_string();
+            eprintln!(
+                "no --address and the manager is on loopback: {} registers {own}, a loopback address of its own, so that agents on one host do not collide (pass --address to choose)",
+                m.name
+            );
+            own
+        }
+        _ => a,
+    }
+}
+
 /// Runs the agent until interrupted.
-pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
+    // Absolute, so that the paths rendered into app configurations (nginx's
+    // pid, conf and logs) do not depend on the directory an app runs in.
+    args.dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("the agent directory {}", args.dir.display()))?;
     let id = join_or_load(&args).await?;
     let name = id.membership.name.clone();
     let client = ApiClient::new(
@@ -213,12 +263,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     capacities.extend(args.capacities.iter().cloned());
     let reg = Registration {
         name: name.clone(),
-        address: args
-            .address
-            .clone()
-            .unwrap_or_else(|| default_address(&id.membership.manager_url)),
-        roles: args.roles.clone(),
+        address: choose_address(&args, &id.membership),
+        roles: if args.roles.is_empty() {
+            id.membership.roles.clone().unwrap_or_default()
+        } else {
+            args.roles.clone()
+        },
         capacities,
+    };
+    // What agent.toml records once the manager has accepted it.
+    let record = Membership {
+        name: name.clone(),
+        manager_url: id.membership.manager_url.clone(),
+        roles: Some(reg.roles.clone()),
+        address: Some(reg.address.clone()),
+    };
+    let record_path = args.dir.join("agent.toml");
+    let mut on_registered = move || -> anyhow::Result<()> {
+        let text = toml::to_string(&record)?;
+        if read_file(&record_path).ok().as_deref() != Some(text.as_str()) {
+            write_file(&record_path, &text, false)?;
+        }
+        Ok(())
     };
 
     // L(t) every 2 s, the paper's sampling period.
@@ -239,13 +305,110 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
 
     let mut sup = adaptor::Supervisor::new(args.dir.join("apps"), name.clone());
+    let logs = tokio::spawn(serve_logs(
+        client.clone(),
+        name.clone(),
+        args.dir.join("apps"),
+    ));
     tokio::select! {
-        r = lease_loop(&client, &reg, load_rx, &mut sup) => r?,
+        r = lease_loop(&client, &reg, load_rx, &mut sup, &mut on_registered) => r?,
         _ = shutdown() => {}
     }
+    logs.abort();
     sup.stop_all().await;
     eprintln!("agent {name} stopped");
     Ok(())
+}
+
+/// The most output one answer carries.
+const LOG_CHUNK_MAX: u64 = 1 << 20;
+
+/// Answers `shoal logs`: collects the manager's output requests on a long
+/// poll and posts each answer back, over the agent's own mutual TLS.
+async fn serve_logs(client: ApiClient, name: String, apps_dir: PathBuf) {
+    let poll = format!("/v1/nodes/{name}/log-requests");
+    loop {
+        let reqs: Vec<LogRequest> = match client.get(&poll).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("log requests: {e}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        for r in reqs {
+            let chunk = read_output(&apps_dir, &r);
+            let path = format!("{poll}/{}", r.id);
+            if let Err(e) = client.post::<_, serde_json::Value>(&path, &chunk).await {
+                tracing::debug!("log answer: {e}");
+            }
+        }
+    }
+}
+
+/// Reads what `r` asks of an app's output.log.
+fn read_output(apps_dir: &Path, r: &LogRequest) -> LogChunk {
+    use std::io::{Read, Seek, SeekFrom};
+    let refuse = |why: String| LogChunk {
+        data: String::new(),
+        next_offset: r.offset.unwrap_or(0),
+        error: Some(why),
+    };
+    if validate_node_name(&r.app).is_err() || r.app.starts_with('.') {
+        return refuse(format!("{:?} is not an app id", r.app));
+    }
+    let path = apps_dir.join(&r.app).join("output.log");
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(_) => {
+            let mut apps: Vec<String> = std::fs::read_dir(apps_dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| e.path().join("output.log").exists())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            apps.sort();
+            return refuse(format!(
+                "no output of app {:?} on this node (apps with output: {})",
+                r.app,
+                if apps.is_empty() {
+                    "none".into()
+                } else {
+                    apps.join(", ")
+                }
+            ));
+        }
+    };
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = match r.offset {
+        // A log that shrank was truncated or replaced: start over.
+        Some(o) if o <= size => o,
+        Some(_) => 0,
+        None => size.saturating_sub(LOG_CHUNK_MAX),
+    };
+    let mut buf = Vec::new();
+    if let Err(e) = f
+        .seek(SeekFrom::Start(start))
+        .and_then(|_| f.take(LOG_CHUNK_MAX).read_to_end(&mut buf))
+    {
+        return refuse(format!("cannot read {}: {e}", path.display()));
+    }
+    let next_offset = start + buf.len() as u64;
+    let mut data = String::from_utf8_lossy(&buf).into_owned();
+    if r.offset.is_none()
+        && let Some(n) = r.tail
+    {
+        let lines: Vec<&str> = data.lines().collect();
+        let keep = lines.len().saturating_sub(n);
+        data = lines[keep..].iter().map(|l| format!("{l}\n")).collect();
+    }
+    LogChunk {
+        data,
+        next_offset,
+        error: None,
+    }
 }
 
 async fn shutdown() {
@@ -277,6 +440,7 @@ async fn lease_loop(
     reg: &Registration,
     load_rx: watch::Receiver<Option<LoadSample>>,
     sup: &mut adaptor::Supervisor,
+    on_registered: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut ttl_ms: u64 = 6000;
     let mut registered = false;
@@ -296,12 +460,19 @@ async fn lease_loop(
             }
         }
         let result = if !registered {
-            register(client, reg).await.map(|t| {
-                ttl_ms = t;
-                registered = true;
-                eprintln!("registered {} (lease {} ms)", reg.name, t);
-                None
-            })
+            register(client, reg)
+                .await
+                .map(|t| {
+                    ttl_ms = t;
+                    registered = true;
+                    eprintln!("registered {} (lease {} ms)", reg.name, t);
+                    None
+                })
+                .inspect(|_| {
+                    if let Err(e) = on_registered() {
+                        tracing::warn!("cannot record the membership in agent.toml: {e:#}");
+                    }
+                })
         } else {
             let req = RenewRequest {
                 load: load_rx.borrow().clone(),
@@ -334,6 +505,9 @@ async fn lease_loop(
                     ..
                 },
             ) => return Err(e.into()),
+            // A certificate the other side refuses will be refused again:
+            // stop and say why instead of retrying forever.
+            Err(e @ ApiError::Certificate { .. }) => return Err(e.into()),
             Err(e) => {
                 let wait = backoff_ms(attempt, 100, (ttl_ms / 6).max(200), rand::random());
                 attempt = attempt.saturating_add(1);

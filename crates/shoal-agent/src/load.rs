@@ -16,7 +16,36 @@ struct Counters {
 /// Samples L(t) as rates over the interval between two calls.
 pub struct LoadSampler {
     prev: Option<(Instant, Counters)>,
+    /// CPU ticks of this process's tree at the previous sample.
+    prev_own: Option<u64>,
     cpus: u32,
+}
+
+/// CPU ticks (user + system) used so far by the process tree rooted at
+/// this process: the agent and every app it started (apps are its
+/// children, in process groups of their own, and their children).
+fn own_tree_ticks() -> Option<u64> {
+    let me = std::process::id() as i32;
+    let mut stats: Vec<procfs::process::Stat> = procfs::process::all_processes()
+        .ok()?
+        .flatten()
+        .filter_map(|p| p.stat().ok())
+        .collect();
+    let mut tree = std::collections::HashSet::from([me]);
+    // Parents are listed before most children; repeat until nothing joins.
+    loop {
+        let before = tree.len();
+        for s in &stats {
+            if tree.contains(&s.ppid) {
+                tree.insert(s.pid);
+            }
+        }
+        if tree.len() == before {
+            break;
+        }
+    }
+    stats.retain(|s| tree.contains(&s.pid));
+    Some(stats.iter().map(|s| s.utime + s.stime).sum())
 }
 
 impl Default for LoadSampler {
@@ -77,6 +106,7 @@ impl LoadSampler {
     pub fn new() -> Self {
         Self {
             prev: None,
+            prev_own: None,
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
@@ -88,6 +118,7 @@ impl LoadSampler {
         use procfs::Current;
         let now = Instant::now();
         let c = read_counters()?;
+        let own = own_tree_ticks();
         let mem = procfs::Meminfo::current()?;
         let mut s = LoadSample {
             at_ms: shoal_net::wire::unix_ms(),
@@ -111,8 +142,13 @@ impl LoadSampler {
             s.net_tx_bps = d(c.net_tx, p.net_tx) / dt;
             s.disk_read_bps = d(c.disk_read, p.disk_read) / dt;
             s.disk_write_bps = d(c.disk_write, p.disk_write) / dt;
+            if let (Some(o), Some(po)) = (own, self.prev_own) {
+                let hz = procfs::ticks_per_second() as f64;
+                s.own_cpu = Some((d(o, po) / hz / dt / self.cpus as f64).clamp(0.0, 1.0));
+            }
         }
         self.prev = Some((now, c));
+        self.prev_own = own;
         Ok(s)
     }
 }
@@ -120,6 +156,24 @@ impl LoadSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_cpu_counts_this_process_tree() {
+        let mut s = LoadSampler::new();
+        s.sample().unwrap();
+        // Burn about half a second of CPU in this process.
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(500) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let second = s.sample().unwrap();
+        let own = second.own_cpu.expect("own CPU measured");
+        // At least a fifth of one core's worth, in fractions of all cores.
+        assert!(own * s.cpus as f64 > 0.2, "{second:?}");
+        assert!(own <= 1.0);
+    }
 
     #[test]
     fn samples_are_sane_and_see_traffic() {

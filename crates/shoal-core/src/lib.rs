@@ -6,6 +6,8 @@
 
 /// The controller: leases, allocation life cycle, monitors, pool.
 pub mod control;
+/// The one duration syntax of every flag and file (`500ms`, `6s`, `2m`, `1h`).
+pub mod duration;
 /// Demand forecasting (AR(p), EMA, seasonal).
 pub mod forecast;
 /// Leases: TTL bookkeeping, expiry, grace after a restart.

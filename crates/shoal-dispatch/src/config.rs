@@ -1,7 +1,6 @@
 //! Parsing of command-line values: backend lists and durations.
 
 use shoal_core::select::BackendSpec;
-use std::time::Duration;
 
 /// A bad command-line value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -16,9 +15,6 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: &'static str,
     },
-    /// A duration that does not parse.
-    #[error("bad duration {0:?}; expected e.g. 500ms, 5s, 2m, 1h or a number of seconds")]
-    Duration(String),
     /// A CPU affinity that is not `none`, `auto` or a CPU list.
     #[error(
         "bad --cpu-affinity {0:?}; expected none, auto (one CPU per thread, in order) or a CPU list such as 0-3,6"
@@ -123,29 +119,13 @@ pub fn parse_backends(list: &[String]) -> Result<Vec<BackendSpec>, ConfigError> 
 }
 
 /// Parses `500ms`, `5s`, `2m`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
-    let bad = || ConfigError::Duration(s.to_string());
-    let t = s.trim();
-    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1u64)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3_600_000)
-    } else {
-        (t, 1000)
-    };
-    let v: u64 = num.trim().parse().map_err(|_| bad())?;
-    v.checked_mul(mult_ms)
-        .map(Duration::from_millis)
-        .ok_or_else(bad)
-}
+/// Every time flag of the dispatcher takes shoal's one duration syntax.
+pub use shoal_core::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn backends() {

@@ -25,6 +25,10 @@ pub struct Ctx {
     pub token: Token,
     /// Services on the shared pool.
     pub services: Arc<crate::services::Services>,
+    /// Counters behind `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// `shoal logs` requests on their way to agents and back.
+    pub logs: Arc<crate::logs::LogHub>,
 }
 
 /// An API error: an HTTP status and a message that names the fix.
@@ -121,6 +125,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
         .route("/v1/watch", get(watch))
+        .route("/metrics", get(metrics_tls))
+        .route("/v1/nodes/{name}/apps/{app}/log", get(app_log))
+        .route("/v1/nodes/{name}/log-requests", get(log_requests))
+        .route("/v1/nodes/{name}/log-requests/{id}", post(log_answer))
         .merge(crate::service_api::routes())
         .merge(crate::node_api::routes())
         .fallback(|| async {
@@ -130,6 +138,92 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
             )
         })
         .with_state(ctx)
+}
+
+/// `GET /metrics` alone, for the plain-HTTP `--metrics` listener.
+pub fn metrics_router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(ctx)
+}
+
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ctx.metrics.render(&ctx.registry, &ctx.services),
+    )
+        .into_response()
+}
+
+async fn metrics_tls(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<Response> {
+    need_any(&peer)?;
+    Ok(metrics(State(ctx)).await)
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    offset: Option<u64>,
+    tail: Option<usize>,
+}
+
+/// An app's output, from its node's agent (administrators only: output
+/// may hold anything the app prints).
+async fn app_log(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path((name, app)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<axum::Json<LogChunk>> {
+    need_admin(&peer)?;
+    validate_node_name(&app).map_err(|e| bad(format!("app id: {e}")))?;
+    let Some(node) = ctx.registry.nodes().into_iter().find(|n| n.name == name) else {
+        return Err(ApiErr(
+            StatusCode::NOT_FOUND,
+            format!("node {name:?} is not registered; see `shoal status`"),
+        ));
+    };
+    if node.state == LeaseState::Failed {
+        return Err(ApiErr(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {name:?} is FAILED (its lease ran out): its agent cannot be asked; its output is in its agent directory, apps/{app}/output.log"
+            ),
+        ));
+    }
+    ctx.logs
+        .fetch(&name, app, q.offset, q.tail.map(|t| t.min(100_000)))
+        .await
+        .map(axum::Json)
+        .map_err(|e| ApiErr(StatusCode::GATEWAY_TIMEOUT, e.to_string()))
+}
+
+/// An agent's long poll for output requests.
+async fn log_requests(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<Vec<LogRequest>>> {
+    need_node(&peer, &name)?;
+    Ok(axum::Json(ctx.logs.poll(&name).await))
+}
+
+/// An agent's answer to one output request.
+async fn log_answer(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path((name, id)): Path<(String, u64)>,
+    body: Bytes,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    need_node(&peer, &name)?;
+    let chunk: LogChunk = decode(&body)?;
+    let delivered = ctx.logs.answer(&name, id, chunk);
+    Ok(axum::Json(serde_json::json!({"delivered": delivered})))
 }
 
 async fn ca(State(ctx): State<Arc<Ctx>>) -> String {
@@ -182,8 +276,17 @@ async fn register(
             )));
         }
     }
-    let lease_ttl_ms = ctx.registry.register(reg)?;
-    Ok(axum::Json(LeaseGrant { lease_ttl_ms }))
+    use std::sync::atomic::Ordering::Relaxed;
+    match ctx.registry.register(reg) {
+        Ok(lease_ttl_ms) => {
+            ctx.metrics.registrations.fetch_add(1, Relaxed);
+            Ok(axum::Json(LeaseGrant { lease_ttl_ms }))
+        }
+        Err(e) => {
+            ctx.metrics.registration_errors.fetch_add(1, Relaxed);
+            Err(e.into())
+        }
+    }
 }
 
 async fn cancel(
@@ -206,7 +309,17 @@ async fn renew(
 ) -> ApiResult<axum::Json<RenewResponse>> {
     need_node(&peer, &name)?;
     let req: RenewRequest = decode(&body)?;
-    Ok(axum::Json(ctx.registry.renew(&name, req)?))
+    use std::sync::atomic::Ordering::Relaxed;
+    match ctx.registry.renew(&name, req) {
+        Ok(r) => {
+            ctx.metrics.renewals.fetch_add(1, Relaxed);
+            Ok(axum::Json(r))
+        }
+        Err(e) => {
+            ctx.metrics.renewal_errors.fetch_add(1, Relaxed);
+            Err(e.into())
+        }
+    }
 }
 
 async fn assign(

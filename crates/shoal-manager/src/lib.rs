@@ -4,6 +4,8 @@
 pub mod api;
 pub mod dashboard;
 pub mod engine;
+pub mod logs;
+pub mod metrics;
 pub mod node_api;
 pub mod service_api;
 pub mod services;
@@ -23,12 +25,13 @@ use std::sync::Arc;
 pub struct ManagerArgs {
     /// The cluster directory written by `shoal init`.
     #[arg(long, env = "SHOAL_DIR")]
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
     /// Address to listen on (default: `listen` in the directory's config.toml).
     #[arg(long)]
     pub listen: Option<String>,
-    /// Lease TTL in seconds (default: `lease_ttl_secs` in config.toml, 6).
-    #[arg(long)]
+    /// Lease TTL, e.g. 6s or 1500ms (default: `lease_ttl_secs` in
+    /// config.toml, 6 s).
+    #[arg(long, alias = "ttl", value_parser = shoal_core::duration::parse_positive_secs)]
     pub lease_ttl: Option<f64>,
     /// Do not answer multicast discovery probes.
     #[arg(long)]
@@ -41,6 +44,11 @@ pub struct ManagerArgs {
     /// warning when that port is taken.
     #[arg(long)]
     pub dashboard: Option<String>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) over plain HTTP,
+    /// e.g. 127.0.0.1:9400 (keep it on loopback, or scrape `/metrics` on
+    /// the HTTPS API with a cluster certificate instead). Off by default.
+    #[arg(long)]
+    pub metrics: Option<String>,
 }
 
 /// The dashboard's view of every service: details, series, backends and the
@@ -102,7 +110,13 @@ fn server_names(listen: &SocketAddr, manager_url: &str) -> Vec<String> {
 
 /// Runs the manager until interrupted.
 pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
-    let dir = ClusterDir::new(&args.dir);
+    // Optional in clap so that its absence names SHOAL_DIR too.
+    let Some(dir) = &args.dir else {
+        anyhow::bail!(
+            "no cluster directory: pass --dir DIR or set SHOAL_DIR=DIR (create one with `shoal init --dir DIR`)"
+        );
+    };
+    let dir = ClusterDir::new(dir);
     let cfg = dir.config()?;
     let listen = args.listen.clone().unwrap_or(cfg.listen.clone());
     let ttl_secs = args.lease_ttl.unwrap_or(cfg.lease_ttl_secs);
@@ -112,10 +126,14 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let ttl_ms = (ttl_secs * 1000.0) as u64;
     let ca = dir.ca()?;
     let token = dir.token()?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.db_path())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.db_path().display()))?,
-    );
+    let metrics = Arc::new(metrics::Metrics::default());
+    let store: Arc<dyn Store> = Arc::new(metrics::TimedStore::new(
+        Arc::new(
+            SqliteStore::open(&dir.db_path())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.db_path().display()))?,
+        ),
+        metrics.clone(),
+    ));
     // Twice the TTL plus slack: an agent retrying with capped back-off
     // reaches a restarted manager well within it.
     let grace_ms = ttl_ms * 2 + 2000;
@@ -129,12 +147,26 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let (cert, key) = ca.issue_server(&server_names(&local, &cfg.manager_url))?;
     let tls = shoal_net::tls::server_config(&cert, &key, &ca.pem)?;
 
+    metrics.follow_decisions(&registry);
     let ctx = Arc::new(api::Ctx {
         registry: registry.clone(),
         ca,
         token: token.clone(),
         services: services.clone(),
+        metrics: metrics.clone(),
+        logs: Default::default(),
     });
+    let mut metrics_url = None;
+    if let Some(addr) = &args.metrics {
+        let l = shoal_net::server::bind(addr)
+            .await
+            .map_err(|e| e.context("--metrics"))?;
+        metrics_url = Some(format!("http://{}/metrics", l.local_addr()?));
+        tokio::spawn(shoal_net::server::serve_plain(
+            l,
+            api::metrics_router(ctx.clone()),
+        ));
+    }
     let router = api::router(ctx);
 
     let dash_addr = match args.dashboard.as_deref() {
@@ -181,6 +213,9 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     );
     if let Some(u) = &dashboard_url {
         println!("dashboard (read-only) at {u}");
+    }
+    if let Some(u) = &metrics_url {
+        println!("metrics at {u}");
     }
     tokio::select! {
         _ = shoal_net::server::serve_tls(listener, tls, router) => {}

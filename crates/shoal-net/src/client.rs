@@ -12,7 +12,7 @@ use std::time::Duration;
 pub enum ApiError {
     /// The manager could not be reached.
     #[error(
-        "cannot reach the manager at {url}: {detail} (is `shoal manager` running there? pass the right address with --manager)"
+        "cannot reach the manager at {url}: {detail} (is `shoal manager` running there? check the address: an agent's --join URL, the --manager flag of the other commands, or manager_url in the cluster directory's config.toml)"
     )]
     Unreachable {
         /// The URL tried.
@@ -41,6 +41,18 @@ pub enum ApiError {
         got: String,
         /// Fingerprint expected.
         want: String,
+    },
+    /// The TLS handshake failed on a certificate: the manager's is not
+    /// signed by the CA this side trusts, or the manager refused ours.
+    /// Retrying cannot fix either.
+    #[error(
+        "the manager at {url} and this side do not trust each other's certificates: {detail}; if the cluster was initialised again (`shoal init --force`), a node must join again (delete its agent directory, then `shoal agent --join URL --token TOKEN ...`), and an administrator needs the new cluster directory"
+    )]
+    Certificate {
+        /// URL.
+        url: String,
+        /// The TLS error.
+        detail: String,
     },
     /// The answer was not what the API promises.
     #[error("unexpected answer from the manager at {url}: {detail}")]
@@ -119,11 +131,19 @@ impl ApiClient {
 
     fn unreachable(&self, e: reqwest::Error) -> ApiError {
         let mut detail = e.to_string();
+        let mut certificate = false;
         let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
         while let Some(s) = src {
             detail.push_str(": ");
             detail.push_str(&s.to_string());
+            certificate |= is_certificate_error(s);
             src = s.source();
+        }
+        if certificate {
+            return ApiError::Certificate {
+                url: self.base.clone(),
+                detail,
+            };
         }
         ApiError::Unreachable {
             url: self.base.clone(),
@@ -213,6 +233,48 @@ impl ApiClient {
     pub async fn status(&self) -> Result<StatusResponse, ApiError> {
         self.get("/v1/status").await
     }
+}
+
+/// Whether a transport error is rustls refusing a certificate, ours or the
+/// peer's. rustls errors reach us inside io::Errors, themselves sometimes
+/// wrapped, and an io::Error's `source()` skips the error it wraps: look
+/// inside each one, and fall back on rustls's own wording.
+fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::AlertDescription as A;
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return matches!(
+            tls,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::AlertReceived(
+                    A::BadCertificate
+                        | A::UnknownCA
+                        | A::CertificateUnknown
+                        | A::CertificateRequired
+                        | A::CertificateRevoked
+                        | A::CertificateExpired
+                        | A::UnsupportedCertificate
+                        | A::AccessDenied
+                )
+        );
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        && is_certificate_error(inner)
+    {
+        return true;
+    }
+    let text = e.to_string();
+    text.starts_with("invalid peer certificate")
+        || [
+            "BadCertificate",
+            "UnknownCA",
+            "CertificateUnknown",
+            "CertificateRequired",
+        ]
+        .iter()
+        .any(|a| text.starts_with(&format!("received fatal alert: {a}")))
 }
 
 /// Joins a cluster: fetches and pins the CA, then trades the token for a

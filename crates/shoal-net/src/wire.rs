@@ -87,3 +87,34 @@ pub fn unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A request for an app's output, passed by the manager to the node's
+/// agent (`shoal logs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogRequest {
+    /// Matches the answer to the request.
+    pub id: u64,
+    /// The app's id on the node.
+    pub app: String,
+    /// Read from this byte offset of the output (a follower's position);
+    /// without it, the last `tail` lines.
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// How many lines from the end, when `offset` is absent.
+    #[serde(default)]
+    pub tail: Option<usize>,
+}
+
+/// A piece of an app's output, as the agent read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogChunk {
+    /// The output, lossily decoded as UTF-8.
+    pub data: String,
+    /// The offset to ask for next, to follow.
+    pub next_offset: u64,
+    /// Why there is no output, when there is none to give.
+    #[serde(default)]
+    pub error: Option<String>,
+}

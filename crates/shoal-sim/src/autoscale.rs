@@ -92,11 +92,11 @@ pub struct AutoscaleArgs {
     /// Seed of the workload's randomness and of the measurement noise.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Sampling period p in seconds (LAMA: 2).
-    #[arg(long, default_value_t = 2.0)]
+    /// Sampling period p, workload time (LAMA: 2s).
+    #[arg(long, default_value = "2s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub step: f64,
-    /// Seconds from allocating a node to it serving.
-    #[arg(long, default_value_t = 20.0)]
+    /// From allocating a node to it serving, workload time (e.g. 20s, 1m).
+    #[arg(long, default_value = "20s", value_parser = shoal_core::duration::parse_secs)]
     pub lead_time: f64,
     /// Capacity C of one node (LAMA: 100 Mbit/s).
     #[arg(long, default_value_t = 100.0)]

@@ -147,27 +147,9 @@ fn parse_rate(k: &str, v: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("{k}={v}: a rate such as 1/h"))
 }
 
-/// `500ms`, `6s`, `2m`, `1h`, `1d` or plain seconds.
-pub fn parse_secs(v: &str) -> Option<f64> {
-    let v = v.trim();
-    let (n, mult) = if let Some(n) = v.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = v.strip_suffix('h') {
-        (n, 3600.0)
-    } else if let Some(n) = v.strip_suffix('d') {
-        (n, 86400.0)
-    } else {
-        (v, 1.0)
-    };
-    n.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|x| x.is_finite() && *x >= 0.0)
-        .map(|x| x * mult)
+/// The one duration syntax (`500ms`, `6s`, `2m`, `1h`).
+fn parse_secs(v: &str) -> Option<f64> {
+    shoal_core::duration::parse_secs(v).ok()
 }
 
 /// A whole-cluster simulation's settings.
@@ -1536,7 +1518,7 @@ pub struct ClusterArgs {
     /// Services sharing the pool.
     #[arg(long, default_value_t = 4)]
     pub services: u32,
-    /// Simulated time (500ms, 6s, 2m, 1h, 1d).
+    /// Simulated time (500ms, 6s, 2m, 1h).
     #[arg(long, default_value = "1h", value_parser = duration_arg)]
     pub duration: f64,
     /// Demand shape: lama-audio, diurnal, flash-crowd, noisy-wave or csv:PATH.
@@ -1573,7 +1555,7 @@ pub struct ClusterArgs {
 }
 
 fn duration_arg(s: &str) -> Result<f64, String> {
-    parse_secs(s).ok_or_else(|| format!("{s:?} is not a duration; use 500ms, 6s, 2m, 1h or 1d"))
+    shoal_core::duration::parse_secs(s).map_err(|e| e.to_string())
 }
 
 fn seeds_arg(s: &str) -> Result<(u64, u64), String> {

@@ -188,7 +188,11 @@ fn bad_inputs_are_clear_errors() {
     let cli = Cli::try_parse_from(["autoscale", "--min-nodes", "5", "--max-nodes", "2"]).unwrap();
     let e = format!("{:#}", run(&cli.args).unwrap_err());
     assert!(e.contains("--min-nodes"), "{e}");
-    let cli = Cli::try_parse_from(["autoscale", "--step", "0"]).unwrap();
-    assert!(run(&cli.args).is_err());
+    // A zero step is refused when the flag is parsed, naming the input.
+    let e = Cli::try_parse_from(["autoscale", "--step", "0"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("\"0\"") && e.contains("more than zero"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

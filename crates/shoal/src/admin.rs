@@ -11,7 +11,7 @@ use std::path::PathBuf;
 pub struct AdminTarget {
     /// The cluster directory (holds admin.pem and the manager's address).
     #[arg(long, env = "SHOAL_DIR")]
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
     /// The manager's URL, overriding the one recorded in the directory.
     #[arg(long)]
     pub manager: Option<String>,
@@ -20,9 +20,52 @@ pub struct AdminTarget {
 impl AdminTarget {
     pub fn client(&self) -> anyhow::Result<ApiClient> {
         Ok(ApiClient::admin(
-            &ClusterDir::new(&self.dir),
+            &ClusterDir::new(cluster_dir(self.dir.as_deref())?),
             self.manager.as_deref(),
         )?)
+    }
+}
+
+/// The cluster directory from --dir or SHOAL_DIR. Optional in clap so that
+/// its absence gets this message, which names both ways to give it, rather
+/// than clap's, which names only --dir.
+pub fn cluster_dir(dir: Option<&std::path::Path>) -> anyhow::Result<&std::path::Path> {
+    dir.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no cluster directory: pass --dir DIR or set SHOAL_DIR=DIR (the directory `shoal init` wrote, holding admin.pem)"
+        )
+    })
+}
+
+/// A unix-ms time as a UTC wall clock: `2026-12-01 21:40:12`.
+pub fn fmt_at_ms(ms: u64) -> String {
+    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A unix-ms time for people: `2026-12-01 21:40:12 UTC (8 s ago)`.
+pub fn fmt_time_ms(ms: u64) -> String {
+    let at = format!("{} UTC", fmt_at_ms(ms));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    match now.checked_sub(ms) {
+        Some(ago) => format!("{at} ({} ago)", fmt_secs(ago as f64 / 1000.0)),
+        None => at,
+    }
+}
+
+/// A length of time for people: `8 s`, `3 min 5 s`, `2 h 10 min`.
+pub fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
     }
 }
 
@@ -34,7 +77,7 @@ impl AdminTarget {
 pub struct InitArgs {
     /// Where to write the cluster identity.
     #[arg(long, env = "SHOAL_DIR")]
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
     /// Replace an existing identity (every node must join again).
     #[arg(long)]
     pub force: bool,
@@ -45,8 +88,8 @@ pub struct InitArgs {
     /// https://<listen>).
     #[arg(long)]
     pub url: Option<String>,
-    /// Lease TTL, seconds.
-    #[arg(long, default_value_t = 6.0)]
+    /// Lease TTL (e.g. 6s, 1500ms).
+    #[arg(long, default_value = "6s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub lease_ttl: f64,
 }
 
@@ -69,12 +112,13 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
         lease_ttl_secs: a.lease_ttl,
         ..Default::default()
     };
-    let out = ClusterDir::new(&a.dir).init(cfg, a.force)?;
-    println!("cluster identity written to {}", a.dir.display());
+    let dir = cluster_dir(a.dir.as_deref())?;
+    let out = ClusterDir::new(dir).init(cfg, a.force)?;
+    println!("cluster identity written to {}", dir.display());
     println!("join token: {}", out.token);
     println!();
     println!("start the manager:");
-    println!("  shoal manager --dir {}", a.dir.display());
+    println!("  shoal manager --dir {}", dir.display());
     println!("join a node:");
     println!(
         "  shoal agent --join {url} --token {} --name NODE --dir ./agent-NODE",
@@ -86,22 +130,27 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
 /// `shoal token` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Example:\n  shoal agent --join URL --token $(shoal token --dir /var/lib/shoal) --name n1"
+    after_help = "Examples:\n  shoal token --dir ./c\n  shoal agent --join https://127.0.0.1:7400 --token $(shoal token --dir ./c) --name n1 --dir ./n1"
 )]
 pub struct TokenArgs {
     /// The cluster directory.
     #[arg(long, env = "SHOAL_DIR")]
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
 }
 
 pub fn token(a: TokenArgs) -> anyhow::Result<()> {
-    println!("{}", ClusterDir::new(&a.dir).token()?);
+    println!(
+        "{}",
+        ClusterDir::new(cluster_dir(a.dir.as_deref())?).token()?
+    );
     Ok(())
 }
 
 /// `shoal status` arguments.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Example:\n  shoal status --dir /var/lib/shoal --json | jq '.nodes[].name'")]
+#[command(
+    after_help = "Examples:\n  shoal status --dir ./c\n  shoal status --dir ./c --json | jq '.nodes[].name'\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub target: AdminTarget,
@@ -197,22 +246,50 @@ pub fn render_status(s: &StatusResponse) -> String {
     for svc in &s.services {
         let _ = writeln!(o, "service {}: {}", svc.name, svc.nodes.join(", "));
     }
+    // Why an app is not running, so that nobody has to read its output.log
+    // to find out.
+    let mut problems = String::new();
+    for n in &s.nodes {
+        let in_trouble = |a: &&AppStatus| {
+            matches!(
+                a.state,
+                AppState::Unhealthy | AppState::Backoff | AppState::Failed
+            )
+        };
+        for a in n.apps.iter().filter(in_trouble) {
+            let _ = writeln!(
+                problems,
+                "  {} {}: {}, {} restart(s): {}",
+                n.name,
+                a.id,
+                format!("{:?}", a.state).to_lowercase(),
+                a.restarts,
+                a.message.as_deref().unwrap_or("no reason reported")
+            );
+        }
+    }
+    if !problems.is_empty() {
+        let _ = writeln!(
+            o,
+            "apps not running (more: shoal describe node NODE, shoal events --node NODE):\n{problems}"
+        );
+    }
     o
 }
 
 /// `shoal node assign` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Example:\n  shoal node assign n1 --adaptor www --param listen=127.0.0.1:8081 --param root=/srv/www"
+    after_help = "Examples:\n  shoal node assign n1 --dir ./c --adaptor www --param listen=127.0.0.1:8081 --param root=/srv/www\n  shoal node assign n1 --dir ./c --id www --remove\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
 )]
 pub struct AssignArgs {
     #[command(flatten)]
     pub target: AdminTarget,
     /// The node.
     pub node: String,
-    /// The adaptor: process, nginx or www.
-    #[arg(long)]
-    pub adaptor: String,
+    /// The adaptor: process, nginx or www (not needed with --remove).
+    #[arg(long, required_unless_present = "remove")]
+    pub adaptor: Option<String>,
     /// The app id on the node (default: the adaptor's name).
     #[arg(long)]
     pub id: Option<String>,
@@ -236,12 +313,28 @@ pub async fn assign(a: AssignArgs) -> anyhow::Result<()> {
     let Some(n) = nodes.into_iter().next() else {
         anyhow::bail!("node {:?} is not registered; see `shoal status`", a.node);
     };
-    let id = a.id.clone().unwrap_or_else(|| a.adaptor.clone());
+    let Some(id) = a.id.clone().or_else(|| a.adaptor.clone()) else {
+        anyhow::bail!(
+            "--remove needs the app: --id ID (or --adaptor NAME when the id is the adaptor's name)"
+        );
+    };
+    if a.remove && !n.desired.iter().any(|x| x.id == id) {
+        let ids: Vec<&str> = n.desired.iter().map(|x| x.id.as_str()).collect();
+        anyhow::bail!(
+            "node {} has no app {id:?} to remove (its apps: {})",
+            a.node,
+            if ids.is_empty() {
+                "none".to_string()
+            } else {
+                ids.join(", ")
+            }
+        );
+    }
     let mut apps: Vec<AppAssignment> = n.desired.into_iter().filter(|x| x.id != id).collect();
-    if !a.remove {
+    if let (false, Some(adaptor)) = (a.remove, &a.adaptor) {
         apps.push(AppAssignment {
             id: id.clone(),
-            adaptor: a.adaptor.clone(),
+            adaptor: adaptor.clone(),
             params: a.params.iter().cloned().collect(),
         });
     }

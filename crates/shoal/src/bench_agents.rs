@@ -14,16 +14,16 @@ use std::time::{Duration, Instant};
 
 /// `shoal bench agents` arguments.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Example:\n  shoal bench agents --count 10000 --ttl 6 --duration 60")]
+#[command(after_help = "Example:\n  shoal bench agents --count 1000 --lease-ttl 6s --duration 30s")]
 pub struct BenchAgentsArgs {
     /// Number of virtual agents.
     #[arg(long, default_value_t = 1000)]
     pub count: usize,
-    /// Lease TTL of the manager the bench starts, seconds.
-    #[arg(long, default_value_t = 6.0)]
+    /// Lease TTL of the manager the bench starts (e.g. 6s, 500ms).
+    #[arg(long = "lease-ttl", alias = "ttl", default_value = "6s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub ttl: f64,
-    /// How long to hold all agents after they registered, seconds.
-    #[arg(long, default_value_t = 30.0)]
+    /// How long to hold all agents after they registered (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub duration: f64,
     /// Print the result as JSON.
     #[arg(long)]
@@ -314,13 +314,13 @@ pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
 
 /// `shoal bench detection` arguments.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Example:\n  shoal bench detection --kills 20 --ttl 6")]
+#[command(after_help = "Example:\n  shoal bench detection --kills 20 --lease-ttl 6s")]
 pub struct BenchDetectionArgs {
     /// How many agents to kill, one after another.
     #[arg(long, default_value_t = 20)]
     pub kills: usize,
-    /// Lease TTL, seconds.
-    #[arg(long, default_value_t = 6.0)]
+    /// Lease TTL (e.g. 6s, 500ms).
+    #[arg(long = "lease-ttl", alias = "ttl", default_value = "6s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub ttl: f64,
     /// Print the result as JSON.
     #[arg(long)]

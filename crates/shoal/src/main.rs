@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench_agents;
+mod inspect;
 mod node;
 mod service;
 mod up;
@@ -31,6 +32,13 @@ enum Cmd {
     Agent(shoal_agent::AgentArgs),
     /// Show nodes, leases, load, apps and services.
     Status(admin::StatusArgs),
+    /// The manager's event and decision log, with reasons (--follow for live).
+    Events(inspect::EventsArgs),
+    /// An app's output on a node, fetched from its agent (--follow for live).
+    Logs(inspect::LogsArgs),
+    /// One service or node in detail: apps, last errors, decisions, events.
+    #[command(subcommand)]
+    Describe(inspect::DescribeCmd),
     /// Node administration.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -102,6 +110,9 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: `up`, tests and service managers send
+        // stderr to log files, where escapes are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.cmd {
         Cmd::Sim(SimCmd::Locality(a)) => shoal_sim::locality::run(&a),
@@ -122,6 +133,9 @@ fn main() -> std::process::ExitCode {
                     }
                     Cmd::Agent(a) => shoal_agent::run(a).await,
                     Cmd::Status(a) => admin::status(a).await,
+                    Cmd::Events(a) => inspect::events(a).await,
+                    Cmd::Logs(a) => inspect::logs(a).await,
+                    Cmd::Describe(c) => inspect::describe(c).await,
                     Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
                     Cmd::Node(NodeCmd::Cordon(a)) => node::act("cordon", a).await,
                     Cmd::Node(NodeCmd::Uncordon(a)) => node::act("uncordon", a).await,

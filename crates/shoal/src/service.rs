@@ -5,35 +5,48 @@ use anyhow::Context;
 use shoal_net::wire::*;
 use std::path::PathBuf;
 
+/// Shown by both -h and --help, line for line (a doc comment would be
+/// re-wrapped into one paragraph, and hidden from -h).
+const APPLY_HELP: &str = "\
+Example file, web.toml (every key, its type and default: docs/services.md):
+  name = \"web\"
+  min_nodes = 1
+  max_nodes = 4
+  policy = \"threshold\"      # threshold | ar | hpa | predictive
+
+  [app]
+  adaptor = \"www\"           # www | nginx | process
+  port = 8081
+  params = { listen = \"{{ node_address }}:{{ port }}\", root = \"/srv/www\" }
+
+  [metric]
+  kind = \"dispatch_rps\"     # net | cpu | dispatch_active | dispatch_rps
+  capacity = 100             # one node's capacity in that unit
+
+Example:
+  shoal service apply web.toml --dir ./c
+(--dir may be left out when SHOAL_DIR names the cluster directory.)";
+
 /// `shoal service` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ServiceCmd {
-    /// Define or change a service from a TOML file.
-    ///
-    /// Example file:
-    ///   name = "web"
-    ///   min_nodes = 1
-    ///   max_nodes = 4
-    ///   policy = "threshold"          # threshold | ar | hpa | predictive
-    ///   [app]
-    ///   adaptor = "www"
-    ///   port = 8081
-    ///   [app.params]
-    ///   listen = "{{ node_address }}:{{ port }}"
-    ///   root = "/srv/www"
-    ///   [metric]
-    ///   kind = "net"                   # net | cpu | dispatch_active | dispatch_rps
-    ///   capacity = 100
-    #[command(after_help = "Example:\n  shoal service apply web.toml --dir /var/lib/shoal")]
+    /// Define or change a service from a TOML file (format: docs/services.md).
+    #[command(after_help = APPLY_HELP)]
     Apply(ApplyArgs),
     /// List services with their nodes.
-    #[command(after_help = "Example:\n  shoal service list --json")]
+    #[command(
+        after_help = "Example:\n  shoal service list --dir ./c\n  shoal service list --dir ./c --json\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+    )]
     List(ListArgs),
     /// One service: definition, allocations, backends, monitor series.
-    #[command(after_help = "Example:\n  shoal service show web --json | jq '.series[-1]'")]
+    #[command(
+        after_help = "Example:\n  shoal service show web --dir ./c\n  shoal service show web --dir ./c --json | jq '.series[-1]'\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+    )]
     Show(ShowArgs),
     /// Delete a service; its nodes drain and return to the pool.
-    #[command(after_help = "Example:\n  shoal service delete web")]
+    #[command(
+        after_help = "Example:\n  shoal service delete web --dir ./c\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+    )]
     Delete(DeleteArgs),
 }
 
@@ -145,6 +158,14 @@ pub async fn run(cmd: ServiceCmd) -> anyhow::Result<()> {
     }
 }
 
+/// A metric's name as the service file writes it (`net`, `dispatch_rps`).
+pub fn metric_name(k: MetricKind) -> String {
+    serde_json::to_value(k)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.1}"))
 }
@@ -154,8 +175,8 @@ fn render_list(list: &[ServiceStatus]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<16} {:<11} {:>6} {:>9} {:>9}  NODES",
-        "SERVICE", "POLICY", "NODES", "LOAD", "FORECAST"
+        "{:<16} {:<11} {:>9} {:>9}  NODES",
+        "SERVICE", "POLICY", "LOAD", "FORECAST"
     );
     for s in list {
         let nodes: Vec<String> = s
@@ -173,20 +194,19 @@ fn render_list(list: &[ServiceStatus]) -> String {
             .collect();
         let _ = writeln!(
             o,
-            "{:<16} {:<11} {:>6} {:>9} {:>9}  {}",
+            "{:<16} {:<11} {:>9} {:>9}  {}",
             if s.deleting {
                 format!("{} (deleting)", s.name)
             } else {
                 s.name.clone()
             },
             s.policy,
-            s.nodes.len(),
             fmt_opt(s.usage),
             fmt_opt(s.forecast),
             if nodes.is_empty() {
-                "-".into()
+                "0".into()
             } else {
-                nodes.join(" ")
+                format!("{}: {}", nodes.len(), nodes.join(" "))
             }
         );
     }
@@ -205,8 +225,8 @@ fn render_detail(d: &ServiceDetail) -> String {
     if let Some(s) = &d.spec {
         let _ = writeln!(
             o,
-            "\nmetric {:?} capacity {} per node; nodes {}..={}; priority {}; sla {}/{}; lead time {} s; drain timeout {} s",
-            s.metric.kind,
+            "\nmetric {} with capacity {} per node; {} to {} nodes; priority {}; sla upper {} lower {}; lead time {} s; drain timeout {} s",
+            metric_name(s.metric.kind),
             s.metric.capacity,
             s.min_nodes,
             s.max_nodes,
@@ -231,12 +251,16 @@ fn render_detail(d: &ServiceDetail) -> String {
     if let Some(r) = &d.status.last_decision {
         let _ = writeln!(o, "\nlast decision: {r}");
     }
-    let _ = writeln!(o, "\nrecent samples (observed / forecast / allocated):");
+    let _ = writeln!(
+        o,
+        "\nrecent samples:\n  {:<36} {:>9} {:>9} {:>9}",
+        "TIME", "OBSERVED", "FORECAST", "ALLOCATED"
+    );
     for p in d.series.iter().rev().take(10).rev() {
         let _ = writeln!(
             o,
-            "  {:>10} {:>9} {:>9} {:>3}",
-            p.at_ms,
+            "  {:<36} {:>9} {:>9} {:>9}",
+            crate::admin::fmt_time_ms(p.at_ms),
             format!("{:.2}", p.observed),
             fmt_opt(p.forecast),
             p.allocated

@@ -12,7 +12,7 @@ use shoal_net::wire::*;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,7 @@ pub struct UpArgs {
     #[arg(long, value_enum, default_value_t = UpWorkload::Ramp)]
     pub workload: UpWorkload,
     /// Stop after this long (e.g. 90s, 5m); default: the workload's length.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = shoal_core::duration::parse_positive_duration)]
     pub duration: Option<Duration>,
     /// Time compression: workload seconds per real second.
     #[arg(long, default_value_t = 10.0)]
@@ -85,28 +85,6 @@ pub struct UpArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?}: use e.g. 90s, 5m, 1h"))?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err(format!("duration {s:?} must be positive"));
-    }
-    Ok(Duration::from_secs_f64(v * mult))
 }
 
 /// A child process in its own process group, with its output in a log file
@@ -169,7 +147,7 @@ fn spawn_in(
 }
 
 impl Child2 {
-    fn wait_line(&self, prefix: &str, within: Duration) -> anyhow::Result<String> {
+    async fn wait_line(&self, prefix: &str, within: Duration) -> anyhow::Result<String> {
         let t = Instant::now();
         loop {
             if let Some(l) = self
@@ -184,7 +162,7 @@ impl Child2 {
             if t.elapsed() > within {
                 anyhow::bail!("{} did not print {prefix:?} within {within:?}", self.name);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -404,132 +382,56 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
 }
 
-pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+/// What `up` checks before it starts anything: every flag, and the demo
+/// service as the manager would check it (so `--policy magic` is refused
+/// before a single process runs).
+fn validate(a: &UpArgs) -> anyhow::Result<()> {
     if a.nodes == 0 || a.nodes > 200 {
         anyhow::bail!("--nodes must be between 1 and 200, got {}", a.nodes);
     }
-    if !(a.speed.is_finite() && a.speed > 0.0) {
-        anyhow::bail!("--speed must be a positive number, got {}", a.speed);
+    for (flag, v) in [
+        ("--speed", a.speed),
+        ("--peak-rps", a.peak_rps),
+        ("--node-rps", a.node_rps),
+        ("--node-mbit", a.node_mbit),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            anyhow::bail!("{flag} must be a positive number, got {v}");
+        }
+    }
+    if a.dashboard.parse::<std::net::SocketAddr>().is_err() {
+        anyhow::bail!(
+            "--dashboard {:?} must be IP:PORT, e.g. 127.0.0.1:7480 (port 0 picks a free one)",
+            a.dashboard
+        );
+    }
+    if a.netns && !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "--netns needs root (it creates network namespaces, veth pairs and tc qdiscs); run as root or drop --netns"
+        );
     }
     if a.app == UpApp::Nginx && !Path::new("/usr/sbin/nginx").exists() {
         anyhow::bail!(
             "--app nginx needs nginx installed (apt-get install -y nginx), or use --app www"
         );
     }
-    crate::raise_nofile();
-    let tmp = tempfile::Builder::new().prefix("shoal-up-").tempdir()?;
-    let base: PathBuf = tmp.path().to_path_buf();
-    let (curve, step) = curve(a.workload)?;
-    let natural = Duration::from_secs_f64(curve.len() as f64 * step / a.speed);
-    let duration = a.duration.unwrap_or(natural);
+    shoal_manager::services::parse_toml(&demo_spec(a, Path::new("/nonexistent"), 20000))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the demo service these flags describe is invalid: {e} (--policy is one of threshold, ar, hpa, predictive)"
+            )
+        })?;
+    Ok(())
+}
 
-    // The hosts: loopback addresses, or real namespaces with --netns.
-    let lab = if a.netns {
-        Some(Lab::create(a.nodes, a.node_mbit)?)
-    } else {
-        None
+/// The demo service's definition.
+fn demo_spec(a: &UpArgs, root: &Path, port: u16) -> String {
+    let adaptor = match a.app {
+        UpApp::Www => "www",
+        UpApp::Nginx => "nginx",
     };
-    let host = lab
-        .as_ref()
-        .map(|l| l.host_ip())
-        .unwrap_or_else(|| "127.0.0.1".into());
-    // The cluster.
-    let port = std::net::TcpListener::bind((host.as_str(), 0))?
-        .local_addr()?
-        .port();
-    let listen = format!("{host}:{port}");
-    let cd = ClusterDir::new(base.join("cluster"));
-    cd.init(
-        ClusterConfig {
-            listen: listen.clone(),
-            manager_url: format!("https://{listen}"),
-            lease_ttl_secs: 3.0,
-            ..Default::default()
-        },
-        false,
-    )?;
-    let dir = cd.path.display().to_string();
-    let mut children: Vec<Child2> = Vec::new();
-    let stopping = Arc::new(AtomicBool::new(false));
-    let result = async {
-        let dash = match std::net::TcpListener::bind(&a.dashboard) {
-            Ok(l) => {
-                drop(l);
-                a.dashboard.clone()
-            }
-            Err(_) => "127.0.0.1:0".to_string(),
-        };
-        let mgr = spawn(
-            "manager",
-            &[
-                "manager".into(),
-                "--dir".into(),
-                dir.clone(),
-                "--no-discovery".into(),
-                "--dashboard".into(),
-                dash,
-            ],
-            &base.join("manager.log"),
-        )?;
-        let dash_line = mgr.wait_line("dashboard (read-only) at", Duration::from_secs(20));
-        children.push(mgr);
-        let dash_url = dash_line?
-            .rsplit(' ')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let admin = ApiClient::admin(&cd, None)?;
-        wait_until("the manager", Duration::from_secs(20), || async {
-            admin.status().await.is_ok()
-        })
-        .await?;
-        let token = cd.token()?.to_string();
-        let site = base.join("site");
-        let objects = make_site(&site)?;
-        // Each node gets its own address, as separate hosts would: its own
-        // namespace with --netns (the agent finds its address on its own),
-        // else its own loopback address.
-        for i in 0..a.nodes {
-            let name = format!("node{}", i + 1);
-            let mut args: Vec<String> = vec![
-                "agent".into(),
-                "--join".into(),
-                format!("https://{listen}"),
-                "--token".into(),
-                token.clone(),
-                "--name".into(),
-                name.clone(),
-                "--roles".into(),
-                "web".into(),
-                "--dir".into(),
-                base.join(&name).display().to_string(),
-            ];
-            if lab.is_none() {
-                args.push("--address".into());
-                args.push(format!("127.0.0.{}", 10 + i));
-            } else {
-                args.push("--capacity".into());
-                args.push(format!("net_mbps={}", a.node_mbit));
-            }
-            let ns = lab.as_ref().map(|l| l.ns(i));
-            children.push(spawn_in(ns.as_deref(), &name, &args, &base.join(format!("{name}.log")))?);
-        }
-        wait_until("the agents to register", Duration::from_secs(30), || async {
-            admin
-                .status()
-                .await
-                .map(|s| s.nodes.iter().filter(|n| n.state == LeaseState::Alive).count() == a.nodes)
-                .unwrap_or(false)
-        })
-        .await?;
-
-        // The demo service.
-        let adaptor = match a.app {
-            UpApp::Www => "www",
-            UpApp::Nginx => "nginx",
-        };
-        let spec_toml = format!(
-            r#"name = "demo"
+    format!(
+        r#"name = "demo"
 max_nodes = {max}
 min_nodes = 1
 policy = "{policy}"
@@ -540,7 +442,7 @@ role = "web"
 
 [app]
 adaptor = "{adaptor}"
-port = 18080
+port = {port}
 params = {{ listen = "{{{{ node_address }}}}:{{{{ port }}}}", root = "{root}" }}
 
 [dispatch]
@@ -551,183 +453,144 @@ replicas = 2
 kind = "{metric}"
 capacity = {cap}
 "#,
-            max = a.nodes,
-            policy = a.policy,
-            root = site.display(),
-            // With real hosts, each node's own interface is measured; on
-            // loopback all agents would see the same counters, so the
-            // dispatcher's per-backend request rate is the honest measure.
-            metric = if lab.is_some() { "net" } else { "dispatch_rps" },
-            cap = if lab.is_some() { a.node_mbit } else { a.node_rps },
-        );
-        std::fs::write(base.join("demo.toml"), &spec_toml)?;
-        let spec: ServiceSpec = toml::from_str(&spec_toml).context("the demo service")?;
-        let _: serde_json::Value = admin
-            .send(reqwest::Method::PUT, "/v1/services/demo", &spec)
-            .await?;
-        let dport = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let dlisten = format!("127.0.0.1:{dport}");
-        children.push(spawn(
-            "dispatcher",
-            &[
-                "dispatch".into(),
-                "--manager".into(),
-                format!("https://{listen}"),
-                "--dir".into(),
-                dir.clone(),
-                "--service".into(),
-                "demo".into(),
-                "--listen".into(),
-                dlisten.clone(),
-            ],
-            &base.join("dispatcher.log"),
-        )?);
-        wait_until("the first backend to serve", Duration::from_secs(60), || async {
-            reqwest::get(format!("http://{dlisten}/index.html"))
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false)
-        })
-        .await?;
+        max = a.nodes,
+        policy = a.policy.replace(['"', '\\'], ""),
+        root = root.display(),
+        // With real hosts, each node's own interface is measured; on
+        // loopback all agents would see the same counters, so the
+        // dispatcher's per-backend request rate is the honest measure.
+        metric = if a.netns { "net" } else { "dispatch_rps" },
+        cap = if a.netns { a.node_mbit } else { a.node_rps },
+    )
+}
 
-        println!("shoal up: {} nodes, workload {:?} at {}x for {:.0} s", a.nodes, a.workload, a.speed, duration.as_secs_f64());
-        println!("  dashboard   {dash_url}");
-        println!("  site        http://{dlisten}/ (through the dispatcher)");
-        println!("  status      shoal status --dir {dir}");
-        println!("  Ctrl-C stops everything");
+/// Loopback addresses for the nodes and the demo app's port, chosen at
+/// start among free ones so that two `up` runs on one host do not collide:
+/// a random 127.B.C.0/24 (never 127.0.0.x, where hand-run services live)
+/// and a port below the kernel's ephemeral range that binds on every one
+/// of the addresses.
+fn pick_loopback_nodes(n: usize) -> anyhow::Result<(Vec<String>, u16)> {
+    for _ in 0..100 {
+        let r: u32 = rand::random();
+        let (b, c) = (1 + (r % 254) as u8, ((r >> 8) % 256) as u8);
+        let port = 20000 + ((r >> 16) % 12000) as u16;
+        let addrs: Vec<String> = (0..n).map(|i| format!("127.{b}.{c}.{}", 10 + i)).collect();
+        let free = addrs
+            .iter()
+            .all(|ad| std::net::TcpListener::bind((ad.as_str(), port)).is_ok());
+        if free {
+            return Ok((addrs, port));
+        }
+    }
+    anyhow::bail!("found no free loopback addresses and port for {n} nodes")
+}
 
-        let stats = Arc::new(LoadStats::default());
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(512)
-            .timeout(Duration::from_secs(10))
-            .build()?;
-        let start = Instant::now();
-        let mut node_seconds = 0.0;
-        let mut last_tick = Instant::now();
-        let mut next_print = Instant::now();
-        let mut debt = 0.0f64;
-        let inflight = Arc::new(tokio::sync::Semaphore::new(512));
-        let interrupted = {
-            let s = stopping.clone();
-            tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
-                s.store(true, Ordering::SeqCst);
-            })
-        };
-        let mut last_alloc = 0usize;
-        let mut max_alloc = 0usize;
-        let mut pacer = tokio::time::interval(Duration::from_millis(10));
-        while start.elapsed() < duration && !stopping.load(Ordering::SeqCst) {
-            pacer.tick().await;
-            let now = Instant::now();
-            let dt = now.duration_since(last_tick).as_secs_f64();
-            last_tick = now;
-            let wt = start.elapsed().as_secs_f64() * a.speed;
-            let rps = a.peak_rps * rate_at(&curve, step, wt);
-            debt += rps * dt;
-            node_seconds += last_alloc as f64 * dt;
-            while debt >= 1.0 {
-                debt -= 1.0;
-                // Objects follow a skewed popularity, as web objects do.
-                let r: f64 = rand::random();
-                let obj = ((r * r) * objects as f64) as usize;
-                let url = format!("http://{dlisten}/obj/{obj}.html");
-                let Ok(permit) = inflight.clone().try_acquire_owned() else {
-                    // Open loop: a request the generator cannot even send
-                    // counts as failed.
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let (c, st) = (client.clone(), stats.clone());
-                st.sent.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let t = Instant::now();
-                    let r = c.get(&url).send().await;
-                    let ok = match r {
-                        Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
-                        Ok(resp) => {
-                            *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(format!("HTTP {}", resp.status()));
-                            false
-                        }
-                        Err(e) => {
-                            *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                            false
-                        }
-                    };
-                    if ok {
-                        st.ok.fetch_add(1, Ordering::Relaxed);
-                        let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                        st.latencies_us.lock().unwrap_or_else(|p| p.into_inner()).push(us);
-                    } else {
-                        st.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    drop(permit);
-                });
-            }
-            if now >= next_print {
-                next_print = now + Duration::from_secs(2);
-                if let Ok(s) = admin.status().await {
-                    let svc = s.services.iter().find(|x| x.name == "demo");
-                    last_alloc = svc.map(|x| x.nodes.len()).unwrap_or(0);
-                    max_alloc = max_alloc.max(last_alloc);
-                    let alive = s.nodes.iter().filter(|n| n.state == LeaseState::Alive).count();
-                    let line = format!(
-                        "t={:>5.0}s  target {:>5.0} req/s  sent {:>7}  errors {:>3}  demo nodes {:>2}/{} [{}]",
-                        start.elapsed().as_secs_f64(),
-                        rps,
-                        stats.sent.load(Ordering::Relaxed),
-                        stats.errors.load(Ordering::Relaxed),
-                        last_alloc,
-                        alive,
-                        svc.map(|x| x.nodes.join(",")).unwrap_or_default()
-                    );
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                }
+/// Stop requests: SIGTERM, SIGINT and SIGHUP, caught from the very start
+/// so that a signal at any moment, start-up included, stops what `up` has
+/// started and removes its directory instead of killing `up` alone.
+fn catch_stop_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
+        let _ = tx.send(true);
+        // Later signals are caught and ignored: `up` is already stopping.
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {}
             }
         }
-        interrupted.abort();
-        // Let requests in flight finish.
-        let _ = tokio::time::timeout(Duration::from_secs(10), inflight.acquire_many(512)).await;
-        let events: Vec<Event> = admin.get("/v1/events").await.unwrap_or_default();
-        // Nodes added plus nodes released, as the simulator counts them:
-        // each decision reads "...: add(k): reason" or "...: release(k): ...".
-        let reallocs: u64 = events
-            .iter()
-            .filter(|e| e.kind == "decision")
-            .filter_map(|e| {
-                let m = &e.message;
-                let i = m.find("add(").map(|i| i + 4).or_else(|| m.find("release(").map(|i| i + 8))?;
-                m[i..].split(')').next()?.parse::<u64>().ok()
-            })
-            .sum();
-        let mut l = std::mem::take(&mut *stats.latencies_us.lock().unwrap_or_else(|p| p.into_inner()));
-        l.sort_unstable();
-        let summary = serde_json::json!({
-            "seconds": start.elapsed().as_secs_f64(),
-            "requests": stats.sent.load(Ordering::Relaxed),
-            "ok": stats.ok.load(Ordering::Relaxed),
-            "errors": stats.errors.load(Ordering::Relaxed),
-            "last_error": *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()),
-            "latency_p50_ms": pct(&l, 0.5),
-            "latency_p99_ms": pct(&l, 0.99),
-            "node_seconds": node_seconds,
-            "nodes_max": max_alloc,
-            "nodes_end": last_alloc,
-            "reallocations": reallocs,
-            "interrupted": stopping.load(Ordering::SeqCst),
-        });
-        Ok::<_, anyhow::Error>(summary)
-    }
-    .await;
-    println!("stopping the cluster...");
+    });
+    Ok(rx)
+}
+
+/// The running cluster, as the load phase needs it.
+struct Started {
+    admin: ApiClient,
+    dlisten: String,
+    dash_url: String,
+    objects: usize,
+}
+
+pub async fn run(a: UpArgs) -> anyhow::Result<()> {
+    let stop = catch_stop_signals()?;
+    validate(&a)?;
+    // With --json, stdout carries the JSON summary only.
+    let json = a.json;
+    let say = move |line: &str| {
+        if json {
+            eprintln!("{line}");
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+        }
+    };
+    crate::raise_nofile();
+    let tmp = tempfile::Builder::new().prefix("shoal-up-").tempdir()?;
+    let base: PathBuf = tmp.path().to_path_buf();
+    let (curve, step) = curve(a.workload)?;
+    let natural = Duration::from_secs_f64(curve.len() as f64 * step / a.speed);
+    let duration = a.duration.unwrap_or(natural);
+
+    // The hosts: loopback addresses, or real namespaces with --netns.
+    let mut children: Vec<Child2> = Vec::new();
+    let lab = if a.netns && !*stop.borrow() {
+        Some(Lab::create(a.nodes, a.node_mbit)?)
+    } else {
+        None
+    };
+    let started = {
+        let startup = start_cluster(&a, &base, lab.as_ref(), &mut children);
+        let mut stop = stop.clone();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Err(anyhow::anyhow!(
+                "stopped by a signal during start-up; every process it had started is stopped"
+            )),
+            r = startup => r,
+        }
+    };
+    let result = match started {
+        Ok(c) => {
+            say(&format!(
+                "shoal up: {} nodes, workload {:?} at {}x for {:.0} s",
+                a.nodes,
+                a.workload,
+                a.speed,
+                duration.as_secs_f64()
+            ));
+            say(&format!("  dashboard   {}", c.dash_url));
+            say(&format!(
+                "  site        http://{}/ (through the dispatcher)",
+                c.dlisten
+            ));
+            say(&format!(
+                "  status      shoal status --dir {}",
+                base.join("cluster").display()
+            ));
+            say("  Ctrl-C stops everything");
+            load_phase(&a, &c, &curve, step, duration, &stop, &say).await
+        }
+        Err(e) => Err(e),
+    };
+    say("stopping the cluster...");
     stop_all(&mut children);
+    drop(lab);
     if a.keep {
         let kept = tmp.keep();
-        println!("cluster directory kept at {}", kept.display());
+        say(&format!("cluster directory kept at {}", kept.display()));
+    } else {
+        drop(tmp);
     }
-    drop(lab);
     let summary = result?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -754,6 +617,306 @@ capacity = {cap}
         );
     }
     Ok(())
+}
+
+/// Starts the manager, the agents, the demo service and its dispatcher;
+/// every process it starts is pushed on `children` at once, so a stop at
+/// any point finds it there.
+async fn start_cluster(
+    a: &UpArgs,
+    base: &Path,
+    lab: Option<&Lab>,
+    children: &mut Vec<Child2>,
+) -> anyhow::Result<Started> {
+    let host = lab
+        .map(|l| l.host_ip())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let (node_addrs, app_port) = match lab {
+        Some(l) => ((0..a.nodes).map(|i| l.node_ip(i)).collect(), 18080),
+        None => pick_loopback_nodes(a.nodes)?,
+    };
+    let port = std::net::TcpListener::bind((host.as_str(), 0))?
+        .local_addr()?
+        .port();
+    let listen = format!("{host}:{port}");
+    let cd = ClusterDir::new(base.join("cluster"));
+    cd.init(
+        ClusterConfig {
+            listen: listen.clone(),
+            manager_url: format!("https://{listen}"),
+            lease_ttl_secs: 3.0,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let dir = cd.path.display().to_string();
+    let dash = match std::net::TcpListener::bind(&a.dashboard) {
+        Ok(l) => {
+            drop(l);
+            a.dashboard.clone()
+        }
+        Err(_) => "127.0.0.1:0".to_string(),
+    };
+    children.push(spawn(
+        "manager",
+        &[
+            "manager".into(),
+            "--dir".into(),
+            dir.clone(),
+            "--no-discovery".into(),
+            "--dashboard".into(),
+            dash,
+        ],
+        &base.join("manager.log"),
+    )?);
+    let dash_url = children[0]
+        .wait_line("dashboard (read-only) at", Duration::from_secs(20))
+        .await?
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let admin = ApiClient::admin(&cd, None)?;
+    wait_until("the manager", Duration::from_secs(20), || async {
+        admin.status().await.is_ok()
+    })
+    .await?;
+    let token = cd.token()?.to_string();
+    let site = base.join("site");
+    let objects = make_site(&site)?;
+    // Each node gets its own address, as separate hosts would: its own
+    // namespace with --netns (the agent finds its address on its own),
+    // else its own loopback address.
+    for (i, addr) in node_addrs.iter().enumerate() {
+        let name = format!("node{}", i + 1);
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--join".into(),
+            format!("https://{listen}"),
+            "--token".into(),
+            token.clone(),
+            "--name".into(),
+            name.clone(),
+            "--roles".into(),
+            "web".into(),
+            "--dir".into(),
+            base.join(&name).display().to_string(),
+        ];
+        if lab.is_none() {
+            args.push("--address".into());
+            args.push(addr.clone());
+        } else {
+            args.push("--capacity".into());
+            args.push(format!("net_mbps={}", a.node_mbit));
+        }
+        let ns = lab.map(|l| l.ns(i));
+        children.push(spawn_in(
+            ns.as_deref(),
+            &name,
+            &args,
+            &base.join(format!("{name}.log")),
+        )?);
+    }
+    wait_until(
+        "the agents to register",
+        Duration::from_secs(30),
+        || async {
+            admin
+                .status()
+                .await
+                .map(|s| {
+                    s.nodes
+                        .iter()
+                        .filter(|n| n.state == LeaseState::Alive)
+                        .count()
+                        == a.nodes
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+
+    // The demo service.
+    let spec_toml = demo_spec(a, &site, app_port);
+    std::fs::write(base.join("demo.toml"), &spec_toml)?;
+    let spec: ServiceSpec = toml::from_str(&spec_toml).context("the demo service")?;
+    let _: serde_json::Value = admin
+        .send(reqwest::Method::PUT, "/v1/services/demo", &spec)
+        .await?;
+    let dport = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dlisten = format!("127.0.0.1:{dport}");
+    children.push(spawn(
+        "dispatcher",
+        &[
+            "dispatch".into(),
+            "--manager".into(),
+            format!("https://{listen}"),
+            "--dir".into(),
+            dir.clone(),
+            "--service".into(),
+            "demo".into(),
+            "--listen".into(),
+            dlisten.clone(),
+        ],
+        &base.join("dispatcher.log"),
+    )?);
+    wait_until(
+        "the first backend to serve",
+        Duration::from_secs(60),
+        || async {
+            reqwest::get(format!("http://{dlisten}/index.html"))
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    Ok(Started {
+        admin,
+        dlisten,
+        dash_url,
+        objects,
+    })
+}
+
+/// The load generator, until the end of `duration` or a stop signal;
+/// returns the summary.
+async fn load_phase(
+    a: &UpArgs,
+    c: &Started,
+    curve: &[f64],
+    step: f64,
+    duration: Duration,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    say: &impl Fn(&str),
+) -> anyhow::Result<serde_json::Value> {
+    let stats = Arc::new(LoadStats::default());
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let start = Instant::now();
+    let mut node_seconds = 0.0;
+    let mut last_tick = Instant::now();
+    let mut next_print = Instant::now();
+    let mut debt = 0.0f64;
+    let inflight = Arc::new(tokio::sync::Semaphore::new(512));
+    let mut last_alloc = 0usize;
+    let mut max_alloc = 0usize;
+    let mut pacer = tokio::time::interval(Duration::from_millis(10));
+    while start.elapsed() < duration && !*stop.borrow() {
+        pacer.tick().await;
+        let now = Instant::now();
+        let dt = now.duration_since(last_tick).as_secs_f64();
+        last_tick = now;
+        let wt = start.elapsed().as_secs_f64() * a.speed;
+        let rps = a.peak_rps * rate_at(curve, step, wt);
+        debt += rps * dt;
+        node_seconds += last_alloc as f64 * dt;
+        while debt >= 1.0 {
+            debt -= 1.0;
+            // Objects follow a skewed popularity, as web objects do.
+            let r: f64 = rand::random();
+            let obj = ((r * r) * c.objects as f64) as usize;
+            let url = format!("http://{}/obj/{obj}.html", c.dlisten);
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                // Open loop: a request the generator cannot even send
+                // counts as failed.
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let (cl, st) = (client.clone(), stats.clone());
+            st.sent.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = cl.get(&url).send().await;
+                let ok = match r {
+                    Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
+                    Ok(resp) => {
+                        *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("HTTP {}", resp.status()));
+                        false
+                    }
+                    Err(e) => {
+                        *st.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(e.to_string());
+                        false
+                    }
+                };
+                if ok {
+                    st.ok.fetch_add(1, Ordering::Relaxed);
+                    let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    st.latencies_us
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(us);
+                } else {
+                    st.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit);
+            });
+        }
+        if now >= next_print {
+            next_print = now + Duration::from_secs(2);
+            if let Ok(s) = c.admin.status().await {
+                let svc = s.services.iter().find(|x| x.name == "demo");
+                last_alloc = svc.map(|x| x.nodes.len()).unwrap_or(0);
+                max_alloc = max_alloc.max(last_alloc);
+                let alive = s
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state == LeaseState::Alive)
+                    .count();
+                let line = format!(
+                    "t={:>5.0}s  target {:>5.0} req/s  sent {:>7}  errors {:>3}  demo nodes {:>2}/{} [{}]",
+                    start.elapsed().as_secs_f64(),
+                    rps,
+                    stats.sent.load(Ordering::Relaxed),
+                    stats.errors.load(Ordering::Relaxed),
+                    last_alloc,
+                    alive,
+                    svc.map(|x| x.nodes.join(",")).unwrap_or_default()
+                );
+                say(&line);
+            }
+        }
+    }
+    // Let requests in flight finish.
+    let _ = tokio::time::timeout(Duration::from_secs(10), inflight.acquire_many(512)).await;
+    let events: Vec<Event> = c.admin.get("/v1/events").await.unwrap_or_default();
+    // Nodes added plus nodes released, as the simulator counts them:
+    // each decision reads "...: add(k): reason" or "...: release(k): ...".
+    let reallocs: u64 = events
+        .iter()
+        .filter(|e| e.kind == "decision")
+        .filter_map(|e| {
+            let m = &e.message;
+            let i = m
+                .find("add(")
+                .map(|i| i + 4)
+                .or_else(|| m.find("release(").map(|i| i + 8))?;
+            m[i..].split(')').next()?.parse::<u64>().ok()
+        })
+        .sum();
+    let mut l = std::mem::take(&mut *stats.latencies_us.lock().unwrap_or_else(|p| p.into_inner()));
+    l.sort_unstable();
+    let summary = serde_json::json!({
+        "seconds": start.elapsed().as_secs_f64(),
+        "requests": stats.sent.load(Ordering::Relaxed),
+        "ok": stats.ok.load(Ordering::Relaxed),
+        "errors": stats.errors.load(Ordering::Relaxed),
+        "last_error": *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+        "latency_p50_ms": pct(&l, 0.5),
+        "latency_p99_ms": pct(&l, 0.99),
+        "node_seconds": node_seconds,
+        "nodes_max": max_alloc,
+        "nodes_end": last_alloc,
+        "reallocations": reallocs,
+        "interrupted": *stop.borrow(),
+    });
+    Ok(summary)
 }
 
 async fn wait_until<F, Fut>(what: &str, within: Duration, mut f: F) -> anyhow::Result<()>

@@ -64,10 +64,28 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
     let dashboard = line_after(&out, "dashboard").unwrap().to_string();
     let tmp_root = PathBuf::from(&dir).parent().unwrap().display().to_string();
 
-    // The browser test runs against the live system.
-    let shot_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    // A broken app on node1, for the dashboard to show in red with its
+    // restarts and reason.
+    let (ok, out, err) = run(&[
+        "node",
+        "assign",
+        "node1",
+        "--dir",
+        &dir,
+        "--adaptor",
+        "process",
+        "--id",
+        "broken",
+        "--param",
+        "command=/nonexistent/program",
+    ]);
+    assert!(ok, "{out}{err}");
+    // The browser test runs against the live system; its screenshots are
+    // the ones in docs/img.
+    let shot_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/img");
     std::fs::create_dir_all(&shot_dir).unwrap();
     let shot = shot_dir.join("dashboard.png");
+    let node_shot = shot_dir.join("dashboard-node.png");
     let browser_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
     assert!(
         browser_dir.join("node_modules/playwright-core").exists(),
@@ -77,6 +95,7 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
         .arg(browser_dir.join("dashboard.mjs"))
         .arg(&dashboard)
         .arg(&shot)
+        .arg(&node_shot)
         .output()
         .expect("node");
     let bout = String::from_utf8_lossy(&browser.stdout);
@@ -86,6 +105,7 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
         "browser test failed: {bout}{berr}"
     );
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    assert!(std::fs::metadata(&node_shot).unwrap().len() > 10_000);
     println!("dashboard screenshot: {} ({bout})", shot.display());
 
     // From `shoal status --json` in another process: the demo service grows
@@ -193,4 +213,138 @@ fn up_with_netns_makes_real_hosts_sized_on_their_own_interfaces_and_cleans_up() 
     assert_eq!(summary["errors"], 0, "{summary}");
     assert!(summary["nodes_max"].as_u64().unwrap() >= 2, "{summary}");
     assert!(tag_ns().is_empty(), "namespaces left behind");
+}
+
+/// A private TMPDIR, so that what `up` leaves behind is visible.
+fn private_tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// Asserts `up` left no process and no directory under `tmp`.
+fn assert_nothing_left(tmp: &std::path::Path, what: &str) {
+    let root = tmp.display().to_string();
+    wait_for(
+        &format!("no process left ({what})"),
+        Duration::from_secs(15),
+        || processes_mentioning(&root).is_empty().then_some(()),
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{what}: left behind {left:?}");
+}
+
+fn up_cmd(tmp: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(BIN);
+    c.arg("up")
+        .args(["--dashboard", "127.0.0.1:0"])
+        .args(args)
+        .env("TMPDIR", tmp);
+    c
+}
+
+#[test]
+fn up_refuses_bad_flags_before_starting_anything() {
+    for (args, needle) in [
+        (&["--policy", "magic"][..], "policy"),
+        (&["--dashboard", "nowhere"], "--dashboard"),
+        (&["--duration", "5parsecs"], "5parsecs"),
+        (&["--peak-rps", "0"], "--peak-rps"),
+    ] {
+        let tmp = private_tmp();
+        let t = Instant::now();
+        let o = up_cmd(tmp.path(), args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{args:?} was refused only after {:?}",
+            t.elapsed()
+        );
+        assert_nothing_left(tmp.path(), &format!("{args:?}"));
+    }
+}
+
+#[test]
+fn up_stops_everything_on_a_signal_at_any_moment_start_up_included() {
+    use nix::sys::signal::Signal;
+    // (signal, a file or line that marks the moment to send it)
+    for (sig, moment) in [
+        (Signal::SIGTERM, "cluster/config.toml"),
+        (Signal::SIGINT, "node1.log"),
+        (Signal::SIGHUP, "dispatcher.log"),
+        (Signal::SIGTERM, "Ctrl-C stops everything"),
+    ] {
+        let tmp = private_tmp();
+        let mut up = Proc::spawn_cmd(
+            "up",
+            &mut up_cmd(tmp.path(), &["--nodes", "2", "--duration", "120s"]),
+        );
+        let what = format!("{sig} at {moment}");
+        wait_for(&what, Duration::from_secs(60), || {
+            if moment.contains(' ') {
+                return up.output().contains(moment).then_some(());
+            }
+            std::fs::read_dir(tmp.path())
+                .ok()?
+                .flatten()
+                .any(|d| d.path().join(moment).exists())
+                .then_some(())
+        });
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.pid()), sig);
+        up.wait_exit(Duration::from_secs(30));
+        assert_nothing_left(tmp.path(), &what);
+    }
+}
+
+#[test]
+fn timeout_term_5_up_leaves_no_process_and_no_directory() {
+    let tmp = private_tmp();
+    let t = Instant::now();
+    let o = std::process::Command::new("timeout")
+        .args(["-s", "TERM", "5", BIN, "up", "--dashboard", "127.0.0.1:0"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    // timeout's own status 124 says the signal was sent: `up` was still
+    // starting or running at 5 s, as this test means.
+    assert_eq!(o.status.code(), Some(124), "{o:?}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_nothing_left(tmp.path(), "timeout -s TERM 5 shoal up");
+}
+
+#[test]
+fn two_ups_side_by_side_both_serve_with_no_failed_request_and_json_alone_on_stdout() {
+    let tmp = private_tmp();
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = up_cmd(
+                tmp.path(),
+                &[
+                    "--nodes",
+                    "2",
+                    "--duration",
+                    "15s",
+                    "--peak-rps",
+                    "100",
+                    "--json",
+                ],
+            );
+            std::thread::spawn(move || c.output().unwrap())
+        })
+        .collect();
+    for (i, r) in runs.into_iter().enumerate() {
+        let o = r.join().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "up #{i} failed: {out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("up #{i}: stdout is not only JSON ({e}): {out}"));
+        assert_eq!(v["errors"], 0, "up #{i}: {v}");
+        assert!(v["requests"].as_u64().unwrap() > 100, "up #{i}: {v}");
+    }
+    assert_nothing_left(tmp.path(), "two ups");
 }

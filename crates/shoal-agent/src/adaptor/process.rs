@@ -384,6 +384,23 @@ impl ProcessApp {
     }
 }
 
+/// The last non-empty line of an app's output, shortened for a status line.
+fn last_output_line(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    let mut line: String = line.chars().filter(|c| !c.is_control()).collect();
+    if line.chars().count() > 240 {
+        line = line.chars().take(240).collect::<String>() + "...";
+    }
+    Some(line)
+}
+
 async fn http_ok(url: &str) -> bool {
     let Ok(c) = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
@@ -451,7 +468,15 @@ impl Adaptor for ProcessApp {
     async fn status(&mut self) -> AppStatus {
         if let Some(child) = self.child.as_mut() {
             match child.try_wait() {
-                Ok(Some(st)) => self.schedule_restart(format!("exited ({st})")),
+                Ok(Some(st)) => {
+                    // The app's own last words say why, so that status and
+                    // describe can without anyone reading output.log.
+                    let why = match last_output_line(&self.dir.join("output.log")) {
+                        Some(l) => format!("exited ({st}): {l}"),
+                        None => format!("exited ({st})"),
+                    };
+                    self.schedule_restart(why)
+                }
                 Ok(None) => {}
                 Err(e) => self.schedule_restart(format!("lost track of the process: {e}")),
             }

@@ -36,6 +36,11 @@ pub struct LoadSample {
     pub mem_used_bytes: u64,
     /// Memory installed, bytes.
     pub mem_total_bytes: u64,
+    /// CPU used by this node's own processes (the agent and the apps it
+    /// started, their whole process tree), 0..1 of all cores: what tells
+    /// nodes apart when several share a host, where `cpu` is the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_cpu: Option<f64>,
 }
 
 /// A service item in the lookup service: one node and its attributes.
