@@ -446,6 +446,8 @@ async fn lease_loop(
     let mut registered = false;
     let mut attempt: u32 = 0;
     let mut desired: Vec<AppAssignment> = Vec::new();
+    // The generation of `desired`, once a renewal has brought one.
+    let mut applied: Option<u64> = None;
     let mut next_renew = tokio::time::Instant::now();
     let mut reconcile_tick = tokio::time::interval(Duration::from_millis(500));
     reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -477,6 +479,7 @@ async fn lease_loop(
             let req = RenewRequest {
                 load: load_rx.borrow().clone(),
                 apps: sup.statuses().await,
+                applied,
             };
             client
                 .post::<_, RenewResponse>(&format!("/v1/nodes/{}/renew", reg.name), &req)
@@ -490,6 +493,7 @@ async fn lease_loop(
                     ttl_ms = r.lease_ttl_ms;
                     desired = r.desired;
                     sup.reconcile(&desired).await;
+                    applied = Some(r.generation);
                 }
                 next_renew = tokio::time::Instant::now()
                     + Duration::from_millis(renew_interval_ms(ttl_ms, rand::random()));

@@ -355,6 +355,7 @@ impl Registry {
             node: name.to_string(),
             load: req.load,
             apps: req.apps,
+            applied: req.applied,
         };
         match self.shell.handle(input)? {
             Reply::Renewed(r) => Ok(r),

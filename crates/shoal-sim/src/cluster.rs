@@ -783,6 +783,7 @@ impl Sim {
             node: n.name.clone(),
             load: None,
             apps,
+            applied: (n.generation != u64::MAX).then_some(n.generation),
         };
         let r = self.input(input);
         self.nodes[i as usize].last_heard_ms = self.now_ms;

@@ -212,6 +212,7 @@ pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
                         ..Default::default()
                     }),
                     apps: Vec::new(),
+                    applied: None,
                 };
                 let t = Instant::now();
                 let r = c.post::<_, RenewResponse>(&path, &req).await;

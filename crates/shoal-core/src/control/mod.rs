@@ -101,6 +101,9 @@ pub enum Input {
         load: Option<LoadSample>,
         /// Its apps as its adaptors report them.
         apps: Vec<AppStatus>,
+        /// The desired-apps generation those states are of, when the agent
+        /// says.
+        applied: Option<u64>,
     },
     /// A node cancelled its registration.
     Cancel(String),
@@ -264,6 +267,8 @@ struct Node {
     apps: Vec<AppStatus>,
     /// The service holding this node, if any (an index over allocations).
     service: Option<String>,
+    /// The desired generation its agent last said it applied.
+    applied: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -414,6 +419,7 @@ impl Controller {
                     load: None,
                     apps: Vec::new(),
                     service: None,
+                    applied: None,
                 },
             );
         }
@@ -583,7 +589,12 @@ impl Controller {
     pub fn handle(&mut self, now: Now, input: Input) -> Result<Reply, ControlError> {
         match input {
             Input::Register(reg) => Ok(self.register(now, reg)),
-            Input::Renew { node, load, apps } => self.renew(now, &node, load, apps),
+            Input::Renew {
+                node,
+                load,
+                apps,
+                applied,
+            } => self.renew(now, &node, load, apps, applied),
             Input::Cancel(node) => self.cancel(&node),
             Input::AssignApps { node, apps } => self.assign_apps(&node, apps),
             Input::Report { service, report } => {
@@ -633,6 +644,7 @@ impl Controller {
                         load: None,
                         apps: Vec::new(),
                         service: None,
+                        applied: None,
                     },
                 );
                 "registered"
@@ -671,10 +683,12 @@ impl Controller {
         name: &str,
         load: Option<LoadSample>,
         apps: Vec<AppStatus>,
+        applied: Option<u64>,
     ) -> Result<Reply, ControlError> {
         let Some(n) = self.nodes.get_mut(name) else {
             return Err(ControlError::NotRegistered(name.to_string()));
         };
+        n.applied = applied;
         if load.is_some() {
             n.load = load;
         }

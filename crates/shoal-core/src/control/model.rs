@@ -70,6 +70,11 @@ pub struct RenewRequest {
     /// Actual state of every application the agent runs.
     #[serde(default)]
     pub apps: Vec<AppStatus>,
+    /// The desired-apps generation the agent has applied: the states above
+    /// are of that generation's apps, so the controller does not take the
+    /// state of an app the agent has not started yet for its new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<u64>,
 }
 
 /// The answer to a renewal: the lease and the node's desired state.

@@ -197,7 +197,11 @@ impl Controller {
                         continue;
                     }
                     AllocPhase::Starting => {
-                        let app = n.apps.iter().find(|x| x.id == id);
+                        // Only states of the apps the agent was told to
+                        // run: an older report may still show the previous
+                        // instance of the same app id.
+                        let current = n.applied.is_none_or(|g| g >= n.record.generation);
+                        let app = n.apps.iter().find(|x| x.id == id).filter(|_| current);
                         match app.map(|x| x.state) {
                             Some(AppState::Running) => {
                                 a.phase = AllocPhase::Serving;

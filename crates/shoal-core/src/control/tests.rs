@@ -98,6 +98,7 @@ impl Rig {
                 node: n.name.clone(),
                 load: None,
                 apps,
+                applied: None,
             })
             .unwrap();
         }
