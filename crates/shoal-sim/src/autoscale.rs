@@ -50,6 +50,10 @@ Workloads:
               held 3 min, then leaving at 300/min; noisy 2 s monitor samples.
   diurnal     three days of web traffic, each compressed into an hour, with a
               time-of-day profile, day-to-day drift and flash crowds.
+  flash-crowd two hours of a quiet service (~150 Mbit/s) hit by about four
+              crowds of 4-8 times its size, arriving within 20 s.
+  noisy-wave  two hours of a 20-minute wave (200..800 Mbit/s) under 15 %
+              correlated noise.
   csv:PATH    `time,demand` lines (seconds, load in units of --capacity); an
               optional header line; resampled onto --step.
 
@@ -77,7 +81,7 @@ Examples:
 #[derive(Debug, Clone, clap::Args)]
 #[command(after_help = AFTER_HELP)]
 pub struct AutoscaleArgs {
-    /// lama-audio, diurnal, or csv:PATH.
+    /// lama-audio, diurnal, flash-crowd, noisy-wave, or csv:PATH.
     #[arg(long, default_value = "lama-audio")]
     pub workload: WorkloadSpec,
     /// Policy to run.
