@@ -22,7 +22,7 @@ enum Cmd {
     Up(up::UpArgs),
     /// Create a cluster identity: CA, manager and administrator certificates, join token.
     Init(admin::InitArgs),
-    /// Print the join token alone, for scripts.
+    /// Join tokens: print the first, create, list, revoke.
     Token(admin::TokenArgs),
     /// Run the manager: lookup service with leases, HTTPS API.
     Manager(shoal_manager::ManagerArgs),
@@ -30,6 +30,9 @@ enum Cmd {
     Agent(shoal_agent::AgentArgs),
     /// Show nodes, leases, load, apps and services.
     Status(admin::StatusArgs),
+    /// Certificates for dispatchers, and revocation.
+    #[command(subcommand)]
+    Cert(admin::CertCmd),
     /// Node administration.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -58,6 +61,8 @@ enum Cmd {
 enum NodeCmd {
     /// Set (or with --remove, drop) an app in a node's desired state.
     Assign(admin::AssignArgs),
+    /// Remove a node: its registration, its name and its certificate.
+    Remove(admin::RemoveArgs),
 }
 
 #[derive(Subcommand)]
@@ -96,6 +101,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Autoscale(a)) => shoal_sim::autoscale::run(&a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
+        Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
         Cmd::Www(a) => shoal_agent::www::run(a),
         other => runtime().and_then(|rt| {
             rt.block_on(async move {
@@ -110,11 +116,17 @@ fn main() -> std::process::ExitCode {
                     Cmd::Agent(a) => shoal_agent::run(a).await,
                     Cmd::Status(a) => admin::status(a).await,
                     Cmd::Node(NodeCmd::Assign(a)) => admin::assign(a).await,
+                    Cmd::Node(NodeCmd::Remove(a)) => admin::remove(a).await,
+                    Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
-                    Cmd::Sim(_) | Cmd::Init(_) | Cmd::Token(_) | Cmd::Www(_) => {
+                    Cmd::Sim(_)
+                    | Cmd::Init(_)
+                    | Cmd::Token(_)
+                    | Cmd::Www(_)
+                    | Cmd::Cert(admin::CertCmd::Dispatcher(_)) => {
                         unreachable!("handled above")
                     }
                 }

@@ -87,7 +87,7 @@ pub struct UpArgs {
     pub json: bool,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 0.001)
@@ -448,6 +448,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         },
         false,
     )?;
+    shoal_manager::store_identity::create(&cd)?;
     let dir = cd.path.display().to_string();
     let mut children: Vec<Child2> = Vec::new();
     let stopping = Arc::new(AtomicBool::new(false));
@@ -483,7 +484,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             admin.status().await.is_ok()
         })
         .await?;
-        let token = cd.token()?.to_string();
+        // In a file, not on the agents' command lines (`ps` shows those).
+        let token_file = cd.path.join("token");
         let site = base.join("site");
         let objects = make_site(&site)?;
         // Each node gets its own address, as separate hosts would: its own
@@ -495,8 +497,8 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 "agent".into(),
                 "--join".into(),
                 format!("https://{listen}"),
-                "--token".into(),
-                token.clone(),
+                "--token-file".into(),
+                token_file.display().to_string(),
                 "--name".into(),
                 name.clone(),
                 "--roles".into(),
