@@ -136,6 +136,19 @@ pub fn router(
         .layer(axum::middleware::from_fn(check_host))
 }
 
+/// A snapshot every second, plus every registry event as it happens.
+fn live(ctx: Ctx) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let events = crate::api::event_stream(&ctx.registry, Some("event"));
+    let ticks =
+        tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)))
+            .map(move |_| {
+                Ok(SseEvent::default()
+                    .event("snapshot")
+                    .data(serde_json::to_string(&snapshot(&ctx)).unwrap_or_default()))
+            });
+    futures_util::stream::select(events, ticks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,17 +176,4 @@ mod tests {
         }
         assert!(s.contains("\"app\""), "{s}");
     }
-}
-
-/// A snapshot every second, plus every registry event as it happens.
-fn live(ctx: Ctx) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let events = crate::api::event_stream(&ctx.registry, Some("event"));
-    let ticks =
-        tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)))
-            .map(move |_| {
-                Ok(SseEvent::default()
-                    .event("snapshot")
-                    .data(serde_json::to_string(&snapshot(&ctx)).unwrap_or_default()))
-            });
-    futures_util::stream::select(events, ticks)
 }

@@ -54,7 +54,16 @@ async fn show(
     Path(name): Path<String>,
 ) -> ApiResult<axum::Json<ServiceDetail>> {
     need_any(&ctx, &peer)?;
-    Ok(axum::Json(ctx.services.detail(&name)?))
+    let mut d = ctx.services.detail(&name)?;
+    // A service's secret parameters go to its nodes, not to readers.
+    if let Some(spec) = d.spec.as_mut() {
+        for (k, v) in spec.app.params.iter_mut() {
+            if is_secret_param(k) {
+                *v = REDACTED.to_string();
+            }
+        }
+    }
+    Ok(axum::Json(d))
 }
 
 async fn apply(
