@@ -20,7 +20,7 @@ use tokio::sync::watch;
 /// `shoal agent` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  shoal agent --join https://10.0.0.1:7400 --token $(shoal token --dir /var/lib/shoal) --name web1 --roles web\n  shoal agent --discover --token shoal1.... --name web2"
+    after_help = "Examples:\n  shoal token create --dir /var/lib/shoal --ttl 1h --uses 1 > /root/join.token\n  shoal agent --join https://10.0.0.1:7400 --token-file /root/join.token --name web1 --roles web\n  SHOAL_TOKEN=shoal1.... shoal agent --discover --name web2"
 )]
 pub struct AgentArgs {
     /// The manager's URL (not needed with --discover, or once joined).
@@ -29,9 +29,15 @@ pub struct AgentArgs {
     /// Find the manager by multicast discovery instead of --join.
     #[arg(long)]
     pub discover: bool,
-    /// The join token (needed on the first start only).
-    #[arg(long, env = "SHOAL_TOKEN")]
+    /// The join token (needed on the first start only). Prefer
+    /// --token-file or SHOAL_TOKEN: a command line is visible to every user
+    /// of the machine (ps, /proc/PID/cmdline).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A file whose first line is the join token (keep it mode 0600);
+    /// wins over --token and SHOAL_TOKEN.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// This node's name (default: the one recorded at join).
     #[arg(long)]
     pub name: Option<String>,
@@ -118,9 +124,9 @@ async fn find_manager(args: &AgentArgs, token: Option<&Token>) -> anyhow::Result
         return Ok(u.clone());
     }
     if args.discover {
-        let token = token.context("--discover needs the token (--token or SHOAL_TOKEN): the manager only answers probes keyed with it")?;
+        let token = token.context("--discover needs the token (--token-file, SHOAL_TOKEN or --token): the manager only answers probes keyed with it")?;
         let url = shoal_net::discovery::discover(
-            token.secret,
+            token,
             args.discovery_port,
             Duration::from_secs_f64(args.discover_timeout),
         )
@@ -134,7 +140,18 @@ async fn find_manager(args: &AgentArgs, token: Option<&Token>) -> anyhow::Result
 async fn join_or_load(args: &AgentArgs) -> anyhow::Result<Identity> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create the agent directory {}", args.dir.display()))?;
-    let token = args.token.as_deref().map(Token::parse).transpose()?;
+    // It holds the node's key and its apps' secrets.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&args.dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private (mode 0700)", args.dir.display()))?;
+    }
+    let token = match &args.token_file {
+        Some(f) => Some(Token::parse(&read_file(f).with_context(|| {
+            "--token-file: cannot read the join token; copy it from `shoal token create` on the manager's machine"
+        })?)?),
+        None => args.token.as_deref().map(Token::parse).transpose()?,
+    };
     if let Some(mut id) = load_identity(&args.dir)? {
         if let Some(n) = &args.name
             && *n != id.membership.name
@@ -159,10 +176,10 @@ async fn join_or_load(args: &AgentArgs) -> anyhow::Result<Identity> {
         .context("--name is required on the first start")?;
     validate_node_name(&name).map_err(anyhow::Error::msg)?;
     let token = token.context(
-        "--token is required to join (print it with `shoal token --dir DIR` on the manager's machine)",
+        "a join token is required to join: pass --token-file FILE or set SHOAL_TOKEN (create one with `shoal token create --dir DIR` on the manager's machine)",
     )?;
     let url = find_manager(args, Some(&token)).await?;
-    let (ca, key, cert) = shoal_net::client::join(&url, &token, &name).await?;
+    let (ca, key, cert) = shoal_net::client::join(&url, &token, &name, &args.roles).await?;
     write_file(&args.dir.join("ca.pem"), &ca, false)?;
     write_file(&args.dir.join("node.key"), &key, true)?;
     write_file(&args.dir.join("node.pem"), &cert, false)?;

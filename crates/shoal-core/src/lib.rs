@@ -16,3 +16,5 @@ pub mod lease;
 pub mod policy;
 /// Request selection (dispatch) algorithms and locality analysis.
 pub mod select;
+/// Trust at the edge: join tokens, name claims, discovery freshness.
+pub mod trust;

@@ -5,8 +5,10 @@
 //! flight, mean in flight, requests per second) so the manager can size the
 //! service on a per-backend metric and know when a draining backend is idle.
 //!
-//! For now the dispatcher authenticates with the cluster directory's
-//! administrator certificate (`--dir`).
+//! The dispatcher authenticates with a dispatcher certificate (`shoal cert
+//! dispatcher --service NAME --out DIR`, then `--dir DIR`), which reads this
+//! service's backend list and reports its load and nothing else; a cluster
+//! directory's administrator certificate works too.
 
 use crate::backends::Backends;
 use anyhow::Context as _;
@@ -40,7 +42,7 @@ pub struct Target {
 
 impl Target {
     fn client(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::admin(&ClusterDir::new(&self.dir), self.manager.as_deref()).with_context(|| {
+        ApiClient::for_dir(&ClusterDir::new(&self.dir), self.manager.as_deref()).with_context(|| {
             format!(
                 "--dir {}: reading a service's backend list needs the cluster directory's admin certificate",
                 self.dir.display()

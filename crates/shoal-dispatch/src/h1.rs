@@ -210,24 +210,24 @@ fn framing(
         if h.remove(header::CONTENT_LENGTH).is_some() {
             keep_alive = false;
         }
-        let last = h
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty());
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => (Framing::Chunked, keep_alive),
-            _ => (Framing::Close, false),
-        });
+        // Only a lone `chunked` is decoded and re-framed: any other coding
+        // would be lost when hop-by-hop fields are dropped (HAProxy answers
+        // 502 too), and `chunked` twice is not allowed (RFC 9112 6.1).
+        return match transfer_codings(h) {
+            Codings::Chunked => Ok((Framing::Chunked, keep_alive)),
+            _ => Err(BackendError::Malformed(
+                "a transfer coding other than a single chunked",
+            )),
+        };
     }
     let mut len: Option<u64> = None;
+    let mut values = 0;
     for v in h.get_all(header::CONTENT_LENGTH) {
         let s = v
             .to_str()
             .map_err(|_| BackendError::Malformed("invalid Content-Length"))?;
         for part in s.split(',') {
+            values += 1;
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(BackendError::Malformed("invalid Content-Length"));
@@ -241,10 +241,130 @@ fn framing(
             len = Some(n);
         }
     }
+    // Repeated identical lengths are one length (RFC 9110 8.6): sent on as
+    // one, so no client downstream has to know that rule.
+    if values > 1
+        && let Some(n) = len
+    {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     Ok(match len {
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Close, false),
     })
+}
+
+/// What a message's Transfer-Encoding fields list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codings {
+    /// No Transfer-Encoding field.
+    None,
+    /// Exactly one coding, chunked.
+    Chunked,
+    /// `chunked` more than once.
+    ChunkedTwice,
+    /// A coding other than chunked (gzip, chunked; gzip; ...).
+    Other,
+}
+
+/// Classifies the Transfer-Encoding fields of `h`.
+pub fn transfer_codings(h: &HeaderMap) -> Codings {
+    let mut chunked = 0;
+    let mut other = false;
+    let mut any = false;
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        any = true;
+        let Ok(s) = v.to_str() else {
+            other = true;
+            continue;
+        };
+        for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if t.eq_ignore_ascii_case("chunked") {
+                chunked += 1;
+            } else {
+                other = true;
+            }
+        }
+    }
+    match (any, chunked, other) {
+        (false, _, _) => Codings::None,
+        (_, _, true) => Codings::Other,
+        (_, 1, false) => Codings::Chunked,
+        (_, 0, false) => Codings::Other,
+        _ => Codings::ChunkedTwice,
+    }
+}
+
+/// Why a client's request is answered by the dispatcher itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The status to answer with.
+    pub status: StatusCode,
+    /// The reason, for the body.
+    pub message: &'static str,
+}
+
+fn refuse(status: StatusCode, message: &'static str) -> Refusal {
+    Refusal { status, message }
+}
+
+/// Checks a client's request line and framing fields (RFC 9112 3.2, 6.1,
+/// RFC 9110 7.2) before anything goes to a backend: one Host; an
+/// absolute-form target must name the same authority as Host (the Host to
+/// send is returned when there was none); no authority-form outside
+/// CONNECT; no transfer coding but one chunked. `transfer` is what the
+/// request's Transfer-Encoding fields list.
+pub fn check_request(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+) -> Result<Option<HeaderValue>, Refusal> {
+    let bad = StatusCode::BAD_REQUEST;
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(refuse(bad, "more than one Host header\n"));
+    }
+    match transfer_codings(headers) {
+        Codings::None | Codings::Chunked => {}
+        Codings::ChunkedTwice => {
+            return Err(refuse(
+                bad,
+                "the chunked transfer coding is applied twice\n",
+            ));
+        }
+        Codings::Other => {
+            return Err(refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not implemented\n",
+            ));
+        }
+    }
+    if *method == Method::CONNECT {
+        return Ok(None);
+    }
+    let Some(authority) = uri.authority() else {
+        return Ok(None);
+    };
+    if uri.scheme().is_none() {
+        return Err(refuse(
+            bad,
+            "an authority-form target (host:port) is only for CONNECT\n",
+        ));
+    }
+    match host {
+        Some(h)
+            if h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            Ok(None)
+        }
+        Some(_) => Err(refuse(
+            bad,
+            "the absolute-form target names another host than the Host header\n",
+        )),
+        None => Ok(HeaderValue::from_str(authority.as_str()).ok()),
+    }
 }
 
 /// One step of a body decoder over the bytes received so far.
@@ -829,6 +949,38 @@ impl ResponseBody {
         }
     }
 
+    /// For a chunked body, reads until its first chunk-size line is in and
+    /// checks it, so that a backend whose body is malformed from its first
+    /// byte gets a 502 with a status line rather than a cut connection
+    /// (the head is not yet sent then). Usually the line came with the
+    /// head and nothing is read.
+    pub async fn check_first_chunk(&mut self) -> Result<(), BackendError> {
+        if !matches!(self.left, Left::Chunked(Chunked::Size)) {
+            return Ok(());
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            match httparse::parse_chunk_size(&conn.rbuf) {
+                Ok(httparse::Status::Complete(_)) => return Ok(()),
+                Err(_) => return Err(BackendError::Malformed("invalid chunk size")),
+                Ok(httparse::Status::Partial) if conn.rbuf.len() > MAX_CHUNK_LINE => {
+                    return Err(BackendError::Malformed("chunk-size line too long"));
+                }
+                Ok(httparse::Status::Partial) => {
+                    let n = std::future::poll_fn(|cx| {
+                        poll_fill(&mut conn.io, &mut conn.rbuf, cx, READ_MIN)
+                    })
+                    .await?;
+                    if n == 0 {
+                        return Err(BackendError::Truncated);
+                    }
+                }
+            }
+        }
+    }
+
     /// The connection, once the body is complete and the connection may be
     /// reused (keep-alive, nothing extra received).
     pub fn take_conn(&mut self) -> Option<BackendConn> {
@@ -1001,11 +1153,6 @@ mod tests {
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
                 (Framing::Chunked, true),
             ),
-            // A final coding other than chunked: the body runs to the close.
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
-                (Framing::Close, false),
-            ),
             ("HTTP/1.1 200 OK\r\n\r\n", (Framing::Close, false)),
             (
                 "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
@@ -1048,6 +1195,88 @@ mod tests {
             .unwrap();
         assert_eq!(h.framing, Framing::Empty);
         assert_eq!(h.parts.headers["content-length"], "9");
+        // Identical lengths go on as one field with one value.
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        let v: Vec<_> = h.parts.headers.get_all("content-length").iter().collect();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0], "5");
+        // Codings other than one chunked would be lost: refused (502).
+        for te in [
+            "gzip",
+            "gzip, chunked",
+            "chunked, chunked",
+            "chunked\r\ntransfer-encoding: chunked",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert!(
+                matches!(head(&text, false), Err(BackendError::Malformed(_))),
+                "{te}"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_as_rfc_9112_says() {
+        let check = |m: Method, target: &str, fields: &[(&str, &str)]| {
+            let uri: http::Uri = target.parse().unwrap();
+            let mut h = HeaderMap::new();
+            for (k, v) in fields {
+                h.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            check_request(&m, &uri, &h).map_err(|r| r.status.as_u16())
+        };
+        let get = Method::GET;
+        assert_eq!(check(get.clone(), "/a", &[("host", "x")]), Ok(None));
+        assert_eq!(
+            check(get.clone(), "/a", &[("host", "x"), ("host", "y")]),
+            Err(400)
+        );
+        assert_eq!(check(get.clone(), "http://x/a", &[("host", "x")]), Ok(None));
+        assert_eq!(check(get.clone(), "http://x/a", &[("host", "y")]), Err(400));
+        assert_eq!(
+            check(get.clone(), "http://x:81/a", &[]),
+            Ok(Some(HeaderValue::from_static("x:81")))
+        );
+        assert_eq!(
+            check(get.clone(), "other.example:80", &[("host", "x")]),
+            Err(400)
+        );
+        let post = Method::POST;
+        assert_eq!(
+            check(post.clone(), "/", &[("transfer-encoding", "chunked")]),
+            Ok(None)
+        );
+        assert_eq!(
+            check(post.clone(), "/", &[("transfer-encoding", "gzip, chunked")]),
+            Err(501)
+        );
+        assert_eq!(
+            check(
+                post.clone(),
+                "/",
+                &[("transfer-encoding", "chunked, chunked")]
+            ),
+            Err(400)
+        );
+        assert_eq!(
+            check(
+                post,
+                "/",
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked")
+                ]
+            ),
+            Err(400)
+        );
     }
 
     #[test]

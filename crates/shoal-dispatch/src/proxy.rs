@@ -436,6 +436,17 @@ async fn forward(
             "CONNECT is not supported\n",
         ));
     }
+    match h1::check_request(&parts.method, &parts.uri, &parts.headers) {
+        Ok(None) => {}
+        // An absolute-form target without Host: its authority is the Host.
+        Ok(Some(host)) => {
+            parts.headers.insert(header::HOST, host);
+        }
+        Err(r) => {
+            sh.metrics.error(ErrorKind::ClientParse);
+            return Err(local(r.status, r.message));
+        }
+    }
     let pq = match parts.uri.path_and_query() {
         Some(pq) if pq.as_str().starts_with('/') => pq.as_str(),
         Some(pq) if pq.as_str() == "*" => "*", // OPTIONS *
@@ -575,6 +586,15 @@ async fn forward(
                 strip_hop_by_hop(&mut rp.headers);
                 rp.version = Version::HTTP_11;
                 let mut rb = ResponseBody::new(c, h.framing, h.keep_alive, up);
+                if let Err(e) = rb.check_first_chunk().await {
+                    tracing::debug!("backend {addr}: {e}");
+                    sh.metrics.error(ErrorKind::BackendReset);
+                    sh.backends.on_status(&table, i, 502);
+                    return Err(local(
+                        StatusCode::BAD_GATEWAY,
+                        "the backend's response was malformed\n",
+                    ));
+                }
                 if rb.is_end_stream()
                     && let Some(c) = rb.take_conn()
                 {

@@ -495,26 +495,54 @@ async fn admin(
             json,
             serde_json::to_string(&backends.status()).unwrap_or_default(),
         ),
-        (&Method::POST, "/route") => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(r) => return Ok(r),
-            };
-            match serde_json::from_slice::<Vec<String>>(&body) {
-                Ok(urls) => text(
-                    StatusCode::OK,
-                    json,
-                    serde_json::to_string(&crate::explain_live(&backends, &urls))
-                        .unwrap_or_default(),
-                ),
-                Err(e) => text(
-                    StatusCode::BAD_REQUEST,
-                    plain,
-                    format!("expected a JSON list of URLs or paths, like [\"/index.html\"]: {e}\n"),
-                ),
+        (_, "/route" | "/backends") if req.method() != Method::GET => {
+            // Everything but a GET is refused to browsers and needs a JSON
+            // body: a cross-site form or fetch can send neither without a
+            // CORS preflight this listener never grants.
+            if let Err((code, why)) =
+                admin_request_guard(req.method(), req.uri().path(), req.headers())
+            {
+                let mut r = text(code, plain, why);
+                if code == StatusCode::METHOD_NOT_ALLOWED {
+                    let allow = if req.uri().path() == "/route" {
+                        "POST"
+                    } else {
+                        "GET, PUT"
+                    };
+                    r.headers_mut()
+                        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                }
+                return Ok(r);
             }
-        }
-        (&Method::PUT, "/backends") | (&Method::POST, "/backends") => {
+            if req.uri().path() == "/route" {
+                let body = match read_body(req, ROUTE_BODY_LIMIT).await {
+                    Ok(b) => b,
+                    Err(r) => return Ok(r),
+                };
+                return Ok(match serde_json::from_slice::<Vec<String>>(&body) {
+                    Ok(urls) if urls.len() > ROUTE_URLS_LIMIT => text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        plain,
+                        format!(
+                            "{} URLs in one call; POST /route explains at most {ROUTE_URLS_LIMIT} at a time, split the list\n",
+                            urls.len()
+                        ),
+                    ),
+                    Ok(urls) => text(
+                        StatusCode::OK,
+                        json,
+                        serde_json::to_string(&crate::explain_live(&backends, &urls))
+                            .unwrap_or_default(),
+                    ),
+                    Err(e) => text(
+                        StatusCode::BAD_REQUEST,
+                        plain,
+                        format!(
+                            "expected a JSON list of URLs or paths, like [\"/index.html\"]: {e}\n"
+                        ),
+                    ),
+                });
+            }
             if let Err((code, why)) =
                 auth.may_change(peer.ip(), req.headers().get(header::AUTHORIZATION))
             {
@@ -527,7 +555,7 @@ async fn admin(
                 }
                 return Ok(r);
             }
-            let body = match read_body(req).await {
+            let body = match read_body(req, BACKENDS_BODY_LIMIT).await {
                 Ok(b) => b,
                 Err(r) => return Ok(r),
             };
@@ -551,14 +579,86 @@ async fn admin(
     })
 }
 
-/// An admin request's body, up to 1 MiB (or the 400 to answer).
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
-    match Limited::new(req.into_body(), 1 << 20).collect().await {
+/// Largest `PUT /backends` body: room for some 4,000 backends.
+pub const BACKENDS_BODY_LIMIT: usize = 256 << 10;
+/// Largest `POST /route` body.
+pub const ROUTE_BODY_LIMIT: usize = 64 << 10;
+/// Most URLs one `POST /route` explains: each answer is some 20 times its
+/// URL, so the cap bounds the work and the answer a caller can ask for.
+pub const ROUTE_URLS_LIMIT: usize = 256;
+
+/// Checks a non-GET admin request before its body is read: the method is
+/// the one the path takes, the body is JSON, and it does not come from a
+/// browser page (an `Origin` header, or `Sec-Fetch-Site` other than `none`,
+/// which a browser sends for a typed-in URL).
+pub fn admin_request_guard(
+    method: &Method,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<(), (StatusCode, String)> {
+    let want = if path == "/route" {
+        Method::POST
+    } else {
+        Method::PUT
+    };
+    if *method != want {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{path} takes {want} (and GET for /backends), not {method}\n"),
+        ));
+    }
+    if headers.contains_key(header::ORIGIN) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "requests from web pages (with an Origin header) are refused: the admin listener is for `curl`, `shoal route` and scripts\n".into(),
+        ));
+    }
+    if let Some(site) = headers.get("sec-fetch-site")
+        && site.as_bytes() != b"none"
+    {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "requests a browser sends on a page's behalf (Sec-Fetch-Site) are refused: the admin listener is for `curl`, `shoal route` and scripts\n".into(),
+        ));
+    }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("{method} {path} takes a JSON body: send `Content-Type: application/json`\n"),
+        ));
+    }
+    Ok(())
+}
+
+/// An admin request's body, up to `limit` bytes (or the 413/400 to answer).
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Full<Bytes>>> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "text/plain; charset=utf-8",
+            format!("the body is larger than this request takes ({limit} bytes)\n"),
+        )
+    };
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(text(
             StatusCode::BAD_REQUEST,
             "text/plain; charset=utf-8",
-            format!("reading the body (at most 1 MiB): {e}\n"),
+            format!("reading the body: {e}\n"),
         )),
     }
 }

@@ -21,8 +21,8 @@ pub struct Ctx {
     pub registry: Arc<Registry>,
     /// The CA that signs node certificates.
     pub ca: CertAuthority,
-    /// The join token.
-    pub token: Token,
+    /// Join tokens and the keys node names are bound to.
+    pub trust: Arc<crate::trust::Trust>,
     /// Services on the shared pool.
     pub services: Arc<crate::services::Services>,
     /// Counters behind `GET /metrics`.
@@ -74,8 +74,16 @@ pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     })
 }
 
-pub(crate) fn need_any(peer: &Peer) -> ApiResult<()> {
+/// Any certificate of this cluster that has not been revoked.
+pub(crate) fn need_any(ctx: &Ctx, peer: &Peer) -> ApiResult<()> {
+    check_revoked(ctx, peer)?;
+    if let Some(s) = peer.dispatcher() {
+        return Err(dispatcher_scope(s));
+    }
     if peer.cn.is_some() {
+        if let Some(n) = peer.node() {
+            check_node_cert(ctx, peer, n)?;
+        }
         Ok(())
     } else {
         Err(ApiErr(
@@ -85,8 +93,56 @@ pub(crate) fn need_any(peer: &Peer) -> ApiResult<()> {
     }
 }
 
-pub(crate) fn need_admin(peer: &Peer) -> ApiResult<()> {
-    need_any(peer)?;
+fn dispatcher_scope(service: &str) -> ApiErr {
+    ApiErr(
+        StatusCode::FORBIDDEN,
+        format!(
+            "a dispatcher certificate (service {service:?}) only reads its service's backend list and reports its load; other calls need the administrator certificate"
+        ),
+    )
+}
+
+/// Refuses a certificate on the deny list (`shoal cert revoke`).
+fn check_revoked(ctx: &Ctx, peer: &Peer) -> ApiResult<()> {
+    match &peer.key_fp {
+        Some(k) if ctx.trust.is_revoked(k) => Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            "this certificate was revoked by an administrator (`shoal cert revoke`); ask for a new one".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The administrator, or the dispatcher of `service`: reading its backend
+/// list and reporting its load is all a dispatcher certificate may do.
+pub(crate) fn need_service_dispatch(ctx: &Ctx, peer: &Peer, service: &str) -> ApiResult<()> {
+    check_revoked(ctx, peer)?;
+    match peer.dispatcher() {
+        Some(s) if s == service => Ok(()),
+        Some(s) => Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("this dispatcher certificate is for service {s:?}, not {service:?}"),
+        )),
+        None => need_admin(ctx, peer),
+    }
+}
+
+/// Refuses a node certificate whose node was removed or whose key is not
+/// the one the name is bound to: revocation, checked on every request.
+fn check_node_cert(ctx: &Ctx, peer: &Peer, name: &str) -> ApiResult<()> {
+    ctx.trust
+        .check_node(peer, name)
+        .map_err(|e| ApiErr(StatusCode::FORBIDDEN, e.to_string()))
+}
+
+pub(crate) fn need_admin(ctx: &Ctx, peer: &Peer) -> ApiResult<()> {
+    check_revoked(ctx, peer)?;
+    if peer.cn.is_none() {
+        return Err(ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "a client certificate of this cluster is required: administrators use admin.pem from the cluster directory (--dir or SHOAL_DIR)".into(),
+        ));
+    }
     if peer.is_admin() {
         Ok(())
     } else {
@@ -98,8 +154,8 @@ pub(crate) fn need_admin(peer: &Peer) -> ApiResult<()> {
     }
 }
 
-fn need_node(peer: &Peer, name: &str) -> ApiResult<()> {
-    need_any(peer)?;
+fn need_node(ctx: &Ctx, peer: &Peer, name: &str) -> ApiResult<()> {
+    need_any(ctx, peer)?;
     match peer.node() {
         Some(n) if n == name => Ok(()),
         Some(n) => Err(ApiErr(
@@ -122,6 +178,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/nodes/{name}/renew", post(renew))
         .route("/v1/nodes/{name}/apps", put(assign))
         .route("/v1/lookup", get(lookup))
+        .route("/v1/revoked/{key}", put(revoke_cert))
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
         .route("/v1/watch", get(watch))
@@ -162,7 +219,7 @@ async fn metrics_tls(
     State(ctx): State<Arc<Ctx>>,
     Extension(peer): Extension<Peer>,
 ) -> ApiResult<Response> {
-    need_any(&peer)?;
+    need_admin(&ctx, &peer)?;
     Ok(metrics(State(ctx)).await)
 }
 
@@ -180,7 +237,7 @@ async fn app_log(
     Path((name, app)): Path<(String, String)>,
     Query(q): Query<LogQuery>,
 ) -> ApiResult<axum::Json<LogChunk>> {
-    need_admin(&peer)?;
+    need_admin(&ctx, &peer)?;
     validate_node_name(&app).map_err(|e| bad(format!("app id: {e}")))?;
     let Some(node) = ctx.registry.nodes().into_iter().find(|n| n.name == name) else {
         return Err(ApiErr(
@@ -209,7 +266,7 @@ async fn log_requests(
     Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
 ) -> ApiResult<axum::Json<Vec<LogRequest>>> {
-    need_node(&peer, &name)?;
+    need_node(&ctx, &peer, &name)?;
     Ok(axum::Json(ctx.logs.poll(&name).await))
 }
 
@@ -220,7 +277,7 @@ async fn log_answer(
     Path((name, id)): Path<(String, u64)>,
     body: Bytes,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    need_node(&peer, &name)?;
+    need_node(&ctx, &peer, &name)?;
     let chunk: LogChunk = decode(&body)?;
     let delivered = ctx.logs.answer(&name, id, chunk);
     Ok(axum::Json(serde_json::json!({"delivered": delivered})))
@@ -234,19 +291,53 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<
     let req: JoinRequest = decode(&body)?;
     let token =
         Token::parse(&req.token).map_err(|e| ApiErr(StatusCode::UNAUTHORIZED, e.to_string()))?;
-    if !token.secret_matches(&ctx.token) {
-        return Err(ApiErr(
-            StatusCode::UNAUTHORIZED,
-            "wrong join token: it is not this cluster's; print the right one with `shoal token --dir DIR` on the manager's machine".into(),
-        ));
-    }
+    let refused =
+        |e: shoal_core::trust::JoinRefusal| ApiErr(StatusCode::UNAUTHORIZED, e.to_string());
+    let unavailable = |e: anyhow::Error| {
+        ApiErr(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e:#}; nothing was changed, retry later"),
+        )
+    };
+    // Checked first without spending a use, so a refused name costs none.
+    ctx.trust
+        .admit_token(&token, &req.roles, false)
+        .map_err(unavailable)?
+        .map_err(refused)?;
     validate_node_name(&req.name).map_err(bad)?;
     let cert_pem = ctx
         .ca
         .issue_node(&req.name, &req.csr_pem)
         .map_err(|e| bad(format!("cannot sign the certificate request: {e}")))?;
-    ctx.registry
-        .event("joined", Some(&req.name), "node certificate issued".into());
+    let key = shoal_net::identity::first_cert_der(&cert_pem)
+        .ok()
+        .and_then(|der| shoal_net::tls::cert_key_fingerprint(&der))
+        .ok_or_else(|| bad("cannot read the public key of the certificate request"))?;
+    let alive = ctx
+        .registry
+        .nodes()
+        .iter()
+        .any(|n| n.name == req.name && n.state == LeaseState::Alive);
+    let bound = ctx.trust.key_of(&req.name);
+    let holder = shoal_core::trust::NameHolder {
+        alive,
+        bound_key: bound.as_deref(),
+    };
+    shoal_core::trust::admit_name(&req.name, &holder, &key)
+        .map_err(|e| ApiErr(StatusCode::CONFLICT, e.to_string()))?;
+    let id = ctx
+        .trust
+        .admit_token(&token, &req.roles, true)
+        .map_err(unavailable)?
+        .map_err(refused)?;
+    ctx.trust
+        .bind(&req.name, &key)
+        .map_err(RegistryError::from)?;
+    ctx.registry.event(
+        "joined",
+        Some(&req.name),
+        format!("node certificate issued (join token {id})"),
+    );
     Ok(axum::Json(JoinResponse { cert_pem }))
 }
 
@@ -256,7 +347,7 @@ async fn register(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<axum::Json<LeaseGrant>> {
-    need_node(&peer, &name)?;
+    need_node(&ctx, &peer, &name)?;
     let reg: Registration = decode(&body)?;
     if reg.name != name {
         return Err(bad(format!(
@@ -294,11 +385,53 @@ async fn cancel(
     Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    if !peer.is_admin() {
-        need_node(&peer, &name)?;
+    if peer.is_admin() {
+        need_admin(&ctx, &peer)?;
+    } else {
+        need_node(&ctx, &peer, &name)?;
+        ctx.registry.cancel(&name)?;
+        return Ok(axum::Json(serde_json::json!({"cancelled": name})));
     }
-    ctx.registry.cancel(&name)?;
-    Ok(axum::Json(serde_json::json!({"cancelled": name})))
+    // An administrator's removal forgets a node that is failed (the
+    // controller refuses an alive one, naming the drain), and frees the
+    // name: the node's certificate is refused from the next request on.
+    let was_bound = ctx.trust.is_held(&name);
+    match ctx
+        .registry
+        .node_action(shoal_core::control::Input::Remove(name.clone()))
+    {
+        Err(RegistryError::NotRegistered(_)) if was_bound => {}
+        r => r?,
+    }
+    ctx.trust.unbind(&name).map_err(RegistryError::from)?;
+    Ok(axum::Json(
+        serde_json::json!({"cancelled": name, "revoked": was_bound}),
+    ))
+}
+
+/// Puts a certificate's key on the deny list, checked on every request.
+async fn revoke_cert(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(key): Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    need_admin(&ctx, &peer)?;
+    if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(format!(
+            "{key:?} is not a certificate id: give the 64 hex digits `shoal cert list` shows"
+        )));
+    }
+    if peer.key_fp.as_deref() == Some(key.as_str()) {
+        return Err(bad(
+            "refusing to revoke the certificate this request is made with",
+        ));
+    }
+    ctx.trust
+        .revoke_key(&key.to_ascii_lowercase())
+        .map_err(RegistryError::from)?;
+    ctx.registry
+        .event("revoked", None, format!("certificate {key} revoked"));
+    Ok(axum::Json(serde_json::json!({"revoked": key})))
 }
 
 async fn renew(
@@ -307,7 +440,7 @@ async fn renew(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<axum::Json<RenewResponse>> {
-    need_node(&peer, &name)?;
+    need_node(&ctx, &peer, &name)?;
     let req: RenewRequest = decode(&body)?;
     use std::sync::atomic::Ordering::Relaxed;
     match ctx.registry.renew(&name, req) {
@@ -328,8 +461,9 @@ async fn assign(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    need_admin(&peer)?;
-    let req: AssignRequest = decode(&body)?;
+    need_admin(&ctx, &peer)?;
+    let mut req: AssignRequest = decode(&body)?;
+    keep_redacted_secrets(&ctx, &name, &mut req.apps);
     let mut seen = std::collections::HashSet::new();
     for a in &req.apps {
         if !seen.insert(&a.id) {
@@ -352,7 +486,7 @@ async fn lookup(
     Extension(peer): Extension<Peer>,
     Query(q): Query<Vec<(String, String)>>,
 ) -> ApiResult<axum::Json<Vec<NodeStatus>>> {
-    need_any(&peer)?;
+    need_any(&ctx, &peer)?;
     let mut l = Lookup::default();
     for (k, v) in q {
         match k.as_str() {
@@ -380,22 +514,64 @@ async fn lookup(
             }
         }
     }
+    // Only an administrator sees desired states (without secrets); other
+    // certificates see the service items alone.
+    let admin = peer.is_admin();
     Ok(axum::Json(
         ctx.registry
             .nodes()
             .into_iter()
             .filter(|n| l.matches(n))
+            .map(|mut n| {
+                if admin {
+                    n.redacted(is_secret_param)
+                } else {
+                    n.desired.clear();
+                    n
+                }
+            })
             .collect(),
     ))
+}
+
+/// A secret parameter comes back from `status` as [`REDACTED`]; an
+/// assignment that sends that marker back keeps the value already stored,
+/// so `shoal node assign` can edit one app without knowing the others'
+/// secrets.
+fn keep_redacted_secrets(ctx: &Ctx, node: &str, apps: &mut [AppAssignment]) {
+    let Some(current) = ctx.registry.nodes().into_iter().find(|n| n.name == node) else {
+        return;
+    };
+    for a in apps.iter_mut() {
+        let old = current.desired.iter().find(|o| o.id == a.id);
+        a.params.retain(|k, v| {
+            if is_secret_param(k) && v == REDACTED {
+                match old.and_then(|o| o.params.get(k)) {
+                    Some(o) => {
+                        *v = o.clone();
+                        true
+                    }
+                    None => false,
+                }
+            } else {
+                true
+            }
+        });
+    }
 }
 
 async fn status(
     State(ctx): State<Arc<Ctx>>,
     Extension(peer): Extension<Peer>,
 ) -> ApiResult<axum::Json<StatusResponse>> {
-    need_any(&peer)?;
+    need_admin(&ctx, &peer)?;
     Ok(axum::Json(StatusResponse {
-        nodes: ctx.registry.nodes(),
+        nodes: ctx
+            .registry
+            .nodes()
+            .into_iter()
+            .map(|n| n.redacted(is_secret_param))
+            .collect(),
         services: ctx.services.statuses(),
         events: ctx.registry.recent_events(50),
     }))
@@ -405,7 +581,7 @@ async fn events(
     State(ctx): State<Arc<Ctx>>,
     Extension(peer): Extension<Peer>,
 ) -> ApiResult<axum::Json<Vec<Event>>> {
-    need_any(&peer)?;
+    need_admin(&ctx, &peer)?;
     Ok(axum::Json(ctx.registry.recent_events(1000)))
 }
 
@@ -415,7 +591,7 @@ async fn watch(
     State(ctx): State<Arc<Ctx>>,
     Extension(peer): Extension<Peer>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    need_any(&peer)?;
+    need_admin(&ctx, &peer)?;
     Ok(Sse::new(event_stream(&ctx.registry, None)).keep_alive(KeepAlive::default()))
 }
 

@@ -2,6 +2,12 @@
 //! third-party code; charts are the page's own SVG) fed by server-sent
 //! events. Served over plain HTTP on loopback so a person on the machine
 //! opens it without a certificate warning; nothing here changes state.
+//!
+//! Unauthenticated, so it shows nothing secret: app parameters that carry
+//! secrets, environments or file contents (`secret.*`, `env.*`, `file.*`)
+//! are redacted, and a request whose Host header is not one of the names
+//! the dashboard was bound to is refused (a DNS-rebinding page would send
+//! its own domain there).
 
 use crate::state::Registry;
 use axum::Router;
@@ -26,16 +32,94 @@ struct Ctx {
 }
 
 fn snapshot(ctx: &Ctx) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "now_ms": shoal_net::wire::unix_ms(),
         "nodes": ctx.registry.nodes(),
         "services": (ctx.services)(),
-    })
+    });
+    redact(&mut v);
+    v
 }
 
-/// The dashboard's routes.
-pub fn router(registry: Arc<Registry>, services: ServicesView) -> Router {
+/// Replaces, anywhere in `v`, the values of private parameters inside a
+/// `params` object: nodes' desired apps and services' app templates alike.
+fn redact(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if k == "params"
+                    && let serde_json::Value::Object(p) = x
+                {
+                    for (pk, pv) in p.iter_mut() {
+                        if shoal_net::wire::is_private_param(pk) {
+                            *pv = shoal_net::wire::REDACTED.into();
+                        }
+                    }
+                } else {
+                    redact(x);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Whether a Host header names the dashboard: one of `names` (with the
+/// bound port, or none).
+pub fn host_allowed(host: &str, names: &[String], port: u16) -> bool {
+    let (name, p) = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((n, "")) => (n, None),
+            Some((n, tail)) => match tail.strip_prefix(':') {
+                Some(p) => (n, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        }
+    };
+    !name.is_empty()
+        && p.is_none_or(|p| p.parse::<u16>() == Ok(port))
+        && names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// The dashboard's routes; requests must name it by one of `names` in
+/// their Host header.
+pub fn router(
+    registry: Arc<Registry>,
+    services: ServicesView,
+    names: Vec<String>,
+    port: u16,
+) -> Router {
     let ctx = Ctx { registry, services };
+    let names = Arc::new(names);
+    let check_host = move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let names = names.clone();
+        async move {
+            let host = req
+                .headers()
+                .get(axum::http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            if host_allowed(host, &names, port) {
+                next.run(req).await
+            } else {
+                (
+                    axum::http::StatusCode::MISDIRECTED_REQUEST,
+                    format!(
+                        "this dashboard answers only to the names it was bound to ({}), not Host {host:?}; open it by one of those\n",
+                        names.join(", ")
+                    ),
+                )
+                    .into_response()
+            }
+        }
+    };
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route(
@@ -49,6 +133,7 @@ pub fn router(registry: Arc<Registry>, services: ServicesView) -> Router {
             "/api/live",
             get(move || async move { Sse::new(live(ctx)).keep_alive(KeepAlive::default()) }),
         )
+        .layer(axum::middleware::from_fn(check_host))
 }
 
 /// A snapshot every second, plus every registry event as it happens.
@@ -62,4 +147,33 @@ fn live(ctx: Ctx) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                     .data(serde_json::to_string(&snapshot(&ctx)).unwrap_or_default()))
             });
     futures_util::stream::select(events, ticks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_bound_names_are_hosts() {
+        let names = vec!["127.0.0.1".to_string(), "localhost".into(), "::1".into()];
+        assert!(host_allowed("127.0.0.1:7480", &names, 7480));
+        assert!(host_allowed("localhost", &names, 7480));
+        assert!(host_allowed("[::1]:7480", &names, 7480));
+        assert!(!host_allowed("127.0.0.1:7481", &names, 7480));
+        assert!(!host_allowed("evil.example:7480", &names, 7480));
+        assert!(!host_allowed("", &names, 7480));
+    }
+
+    #[test]
+    fn private_params_are_redacted_wherever_they_are() {
+        let mut v = serde_json::json!({"nodes": [{"desired": [{"params":
+            {"env.PASSWORD": "hunter2", "file.app.conf": "key=1", "secret.TOKEN": "t", "command": "app"}}]}],
+            "services": [{"app": {"params": {"env.X": "y"}}}]});
+        redact(&mut v);
+        let s = v.to_string();
+        for secret in ["hunter2", "key=1", "\"t\"", "\"y\""] {
+            assert!(!s.contains(secret), "{s}");
+        }
+        assert!(s.contains("\"app\""), "{s}");
+    }
 }

@@ -10,9 +10,11 @@ pub mod node_api;
 pub mod service_api;
 pub mod services;
 pub mod state;
+pub mod store_identity;
+pub mod trust;
 
 use shoal_net::identity::ClusterDir;
-use shoal_store::{SqliteStore, Store};
+use shoal_store::Store;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,6 +51,10 @@ pub struct ManagerArgs {
     /// the HTTPS API with a cluster certificate instead). Off by default.
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Start with an empty registry when registry.db is missing, empty or
+    /// another cluster's (every service, assignment and node is lost).
+    #[arg(long)]
+    pub reset_store: bool,
 }
 
 /// The dashboard's view of every service: details, series, backends and the
@@ -125,22 +131,24 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     }
     let ttl_ms = (ttl_secs * 1000.0) as u64;
     let ca = dir.ca()?;
-    let token = dir.token()?;
+    shoal_net::identity::make_private_dir(&dir.path)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let store: Arc<dyn Store> = Arc::new(metrics::TimedStore::new(
-        Arc::new(
-            SqliteStore::open(&dir.db_path())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.db_path().display()))?,
-        ),
+        Arc::new(store_identity::open(&dir, args.reset_store)?),
         metrics.clone(),
     ));
     // Twice the TTL plus slack: an agent retrying with capped back-off
     // reaches a restarted manager well within it.
     let grace_ms = ttl_ms * 2 + 2000;
-    let shell = state::Shell::open(store, ttl_ms, grace_ms)
+    let shell = state::Shell::open(store.clone(), ttl_ms, grace_ms)
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.db_path().display()))?;
     let registry = Arc::new(state::Registry::new(shell.clone()));
     let services = Arc::new(services::Services::new(shell.clone()));
+    let trust = Arc::new(trust::Trust::open(
+        dir.clone(),
+        store.clone(),
+        registry.nodes().into_iter().map(|n| n.name),
+    )?);
 
     let listener = shoal_net::server::bind(&listen).await?;
     let local = listener.local_addr()?;
@@ -151,7 +159,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(api::Ctx {
         registry: registry.clone(),
         ca,
-        token: token.clone(),
+        trust: trust.clone(),
         services: services.clone(),
         metrics: metrics.clone(),
         logs: Default::default(),
@@ -178,8 +186,21 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     if let Some((addr, explicit)) = dash_addr {
         match shoal_net::server::bind(&addr).await {
             Ok(l) => {
-                dashboard_url = Some(format!("http://{}/", l.local_addr()?));
-                let r = dashboard::router(registry.clone(), services_view(services.clone()));
+                let at = l.local_addr()?;
+                dashboard_url = Some(format!("http://{at}/"));
+                if !at.ip().is_loopback() {
+                    eprintln!(
+                        "warning: the dashboard at http://{at}/ is reachable from other machines without authentication; it shows no secrets, but it shows the whole pool: bind it to 127.0.0.1 (--dashboard 127.0.0.1:7480) unless that is what you want"
+                    );
+                }
+                let mut names = server_names(&at, &cfg.manager_url);
+                names.push("::1".into());
+                let r = dashboard::router(
+                    registry.clone(),
+                    services_view(services.clone()),
+                    names,
+                    at.port(),
+                );
                 tokio::spawn(shoal_net::server::serve_plain(l, r));
             }
             Err(e) if explicit => return Err(e.context("--dashboard")),
@@ -191,7 +212,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
 
     if !args.no_discovery {
         let port = args.discovery_port.unwrap_or(cfg.discovery_port);
-        let secret = token.secret;
+        let trust = trust.clone();
         tokio::spawn(async move {
             let url_for = move |peer: SocketAddr| {
                 let ip: IpAddr = if local.ip().is_unspecified() {
@@ -201,7 +222,10 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 };
                 format!("https://{}", SocketAddr::new(ip, local.port()))
             };
-            if let Err(e) = shoal_net::discovery::respond(secret, port, url_for).await {
+            if let Err(e) =
+                shoal_net::discovery::respond(move |id| trust.discovery_key(id), port, url_for)
+                    .await
+            {
                 tracing::warn!("{e:#}");
             }
         });

@@ -1,8 +1,9 @@
 //! HTTP API of an operator's node actions (`shoal node cordon|uncordon|
-//! drain|remove`), with kubectl's meaning: a cordoned node takes no new
-//! allocation; drain cordons it and moves its allocation elsewhere through
-//! the normal drain; remove forgets a failed node. The controller decides;
-//! this only checks the caller and answers.
+//! drain`), with kubectl's meaning: a cordoned node takes no new
+//! allocation; drain cordons it and moves its allocation elsewhere (a
+//! replacement first, then the normal drain). Removal is `DELETE
+//! /v1/nodes/NAME` (api.rs), which also revokes the node's certificate. The
+//! controller decides; this only checks the caller and answers.
 
 use crate::api::{ApiErr, Ctx, need_admin};
 use axum::Router;
@@ -23,16 +24,17 @@ async fn act(
     Extension(peer): Extension<Peer>,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<axum::Json<serde_json::Value>, ApiErr> {
-    need_admin(&peer)?;
+    need_admin(&ctx, &peer)?;
     let input = match action.as_str() {
         "cordon" => Input::Cordon(name.clone()),
         "uncordon" => Input::Uncordon(name.clone()),
         "drain" => Input::Drain(name.clone()),
-        "remove" => Input::Remove(name.clone()),
         other => {
             return Err(ApiErr(
                 StatusCode::NOT_FOUND,
-                format!("unknown node action {other:?}; use cordon, uncordon, drain or remove"),
+                format!(
+                    "unknown node action {other:?}; use cordon, uncordon or drain (remove is DELETE /v1/nodes/NAME)"
+                ),
             ));
         }
     };

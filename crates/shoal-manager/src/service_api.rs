@@ -1,7 +1,7 @@
 //! HTTP API of services: definitions, details with the monitor series,
 //! backend lists (long-polled by dispatchers) and dispatcher reports.
 
-use crate::api::{ApiErr, Ctx, decode, need_admin, need_any};
+use crate::api::{ApiErr, Ctx, decode, need_admin, need_any, need_service_dispatch};
 use crate::services::ServiceError;
 use axum::Router;
 use axum::extract::{Extension, Path, Query, State};
@@ -44,7 +44,7 @@ async fn list(
     State(ctx): State<Arc<Ctx>>,
     Extension(peer): Extension<Peer>,
 ) -> ApiResult<axum::Json<Vec<ServiceStatus>>> {
-    need_any(&peer)?;
+    need_any(&ctx, &peer)?;
     Ok(axum::Json(ctx.services.statuses()))
 }
 
@@ -53,8 +53,17 @@ async fn show(
     Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
 ) -> ApiResult<axum::Json<ServiceDetail>> {
-    need_any(&peer)?;
-    Ok(axum::Json(ctx.services.detail(&name)?))
+    need_any(&ctx, &peer)?;
+    let mut d = ctx.services.detail(&name)?;
+    // A service's secret parameters go to its nodes, not to readers.
+    if let Some(spec) = d.spec.as_mut() {
+        for (k, v) in spec.app.params.iter_mut() {
+            if is_secret_param(k) {
+                *v = REDACTED.to_string();
+            }
+        }
+    }
+    Ok(axum::Json(d))
 }
 
 async fn apply(
@@ -63,7 +72,7 @@ async fn apply(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, axum::Json<serde_json::Value>)> {
-    need_admin(&peer)?;
+    need_admin(&ctx, &peer)?;
     let spec: ServiceSpec = decode(&body)?;
     if spec.name != name {
         return Err(ApiErr(
@@ -98,7 +107,7 @@ async fn delete(
     Extension(peer): Extension<Peer>,
     Path(name): Path<String>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    need_admin(&peer)?;
+    need_admin(&ctx, &peer)?;
     ctx.services.delete(&name)?;
     ctx.registry.event(
         "service",
@@ -116,7 +125,7 @@ async fn backends(
     Path(name): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
 ) -> ApiResult<axum::Json<BackendList>> {
-    need_any(&peer)?;
+    need_service_dispatch(&ctx, &peer, &name)?;
     let mut after: Option<u64> = None;
     let mut wait = 0.0f64;
     for (k, v) in q {
@@ -172,7 +181,7 @@ async fn report(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    need_admin(&peer)?;
+    need_service_dispatch(&ctx, &peer, &name)?;
     let r: DispatchReport = decode(&body)?;
     if r.dispatcher.trim().is_empty() {
         return Err(ApiErr(

@@ -120,6 +120,21 @@ impl ApiClient {
         )
     }
 
+    /// The client a directory's identity makes: the administrator's in a
+    /// cluster directory, a dispatcher's in a directory `shoal cert
+    /// dispatcher` wrote.
+    pub fn for_dir(dir: &ClusterDir, manager: Option<&str>) -> Result<Self, ApiError> {
+        let setup = |e: crate::identity::IdentityError| ApiError::Setup(e.to_string());
+        let cfg = dir.config().map_err(setup)?;
+        let (cert, key) = dir.client_identity().map_err(setup)?;
+        let ca = dir.ca_pem().map_err(setup)?;
+        Self::new(
+            manager.unwrap_or(&cfg.manager_url),
+            &ca,
+            Some((&cert, &key)),
+        )
+    }
+
     /// The base URL.
     pub fn base(&self) -> &str {
         &self.base
@@ -283,6 +298,7 @@ pub async fn join(
     url: &str,
     token: &Token,
     name: &str,
+    roles: &[String],
 ) -> Result<(String, String, String), ApiError> {
     let base = url.trim_end_matches('/');
     let boot = ApiClient {
@@ -317,6 +333,7 @@ pub async fn join(
                 token: token.to_string(),
                 name: name.to_string(),
                 csr_pem,
+                roles: roles.to_vec(),
             },
         )
         .await?;

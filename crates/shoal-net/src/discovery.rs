@@ -5,6 +5,12 @@
 //! The answer is MACed over the same nonce, so the node does not follow a
 //! forged answer either (and the URL it learns is then pinned by the CA
 //! fingerprint when it joins).
+//!
+//! Version 2: the key is derived one-way from a join token's secret (the
+//! manager stores only that), the probe names the token's id, and carries a
+//! timestamp and a nonce under the MAC. The manager answers a probe only
+//! within 30 s of its stamp and only once per nonce, so a probe captured on
+//! the LAN is worth nothing later (`shoal_core::trust::ProbeGuard`).
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -19,14 +25,21 @@ pub const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 74, 76);
 /// Default discovery port.
 pub const DEFAULT_PORT: u16 = 7401;
 
+/// How far a probe's stamp may be from the manager's clock, either way.
+pub const PROBE_WINDOW_MS: u64 = 30_000;
+
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Probe {
     v: u8,
+    id: String,
+    ts: u64,
     nonce: String,
     mac: String,
 }
 
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Answer {
     v: u8,
     url: String,
@@ -72,11 +85,43 @@ fn multicast_interfaces() -> Vec<Ipv4Addr> {
     out
 }
 
+/// Answers one datagram: `Some(answer)` for a probe MACed with the key of
+/// the token it names (`key_for`), stamped within the window and never seen
+/// before; `None` (silence) for anything else. Pure apart from `guard`.
+pub fn answer_probe(
+    datagram: &[u8],
+    now_ms: u64,
+    guard: &mut shoal_core::trust::ProbeGuard,
+    key_for: &dyn Fn(&str) -> Option<[u8; 32]>,
+    url: &dyn Fn() -> String,
+) -> Option<Vec<u8>> {
+    let p = serde_json::from_slice::<Probe>(datagram).ok()?;
+    if p.v != 2 || p.nonce.len() != 32 || p.id.len() > 64 {
+        return None;
+    }
+    let key = key_for(&p.id)?;
+    let ts = p.ts.to_string();
+    if !verify(&key, &["probe", &p.id, &ts, &p.nonce], &p.mac) {
+        return None;
+    }
+    // Only after the MAC: a stranger cannot fill the nonce memory.
+    guard.check(p.ts, &p.nonce, now_ms).ok()?;
+    let url = url();
+    let a = Answer {
+        v: 2,
+        mac: mac(&key, &["answer", &p.nonce, &url]),
+        url,
+    };
+    serde_json::to_vec(&a).ok()
+}
+
 /// The manager's side: answers valid probes on `port` with `url_for(peer)`,
-/// the URL the prober should use. Runs until dropped.
-pub async fn respond<F>(secret: [u8; 32], port: u16, url_for: F) -> anyhow::Result<()>
+/// the URL the prober should use; `key_for(id)` is the discovery key of the
+/// usable join token with that id. Runs until dropped.
+pub async fn respond<F, K>(key_for: K, port: u16, url_for: F) -> anyhow::Result<()>
 where
     F: Fn(SocketAddr) -> String + Send + 'static,
+    K: Fn(&str) -> Option<[u8; 32]> + Send + 'static,
 {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
@@ -96,26 +141,33 @@ where
         );
     }
     let sock = UdpSocket::from_std(s.into())?;
+    let mut guard = shoal_core::trust::ProbeGuard::new(PROBE_WINDOW_MS, 65_536);
     let mut buf = vec![0u8; 2048];
     loop {
         let (n, from) = sock.recv_from(&mut buf).await?;
-        let Ok(p) = serde_json::from_slice::<Probe>(&buf[..n]) else {
-            continue;
-        };
-        if p.v != 1 || p.nonce.len() != 32 || !verify(&secret, &["probe", &p.nonce], &p.mac) {
-            // Silence: a prober without the key learns nothing.
-            continue;
-        }
-        let url = url_for(from);
-        let a = Answer {
-            v: 1,
-            mac: mac(&secret, &["answer", &p.nonce, &url]),
-            url,
-        };
-        if let Ok(bytes) = serde_json::to_vec(&a) {
+        let now = crate::wire::unix_ms();
+        let answer = answer_probe(&buf[..n], now, &mut guard, &key_for, &|| url_for(from));
+        if let Some(bytes) = answer {
             let _ = sock.send_to(&bytes, from).await;
         }
     }
+}
+
+/// A probe for the token with this id and discovery key, stamped `ts_ms`.
+/// Returns (datagram, nonce).
+pub fn make_probe(id: &str, key: &[u8; 32], ts_ms: u64) -> (Vec<u8>, String) {
+    let mut nonce = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+    let nonce = hex::encode(nonce);
+    let ts = ts_ms.to_string();
+    let probe = Probe {
+        v: 2,
+        id: id.to_string(),
+        ts: ts_ms,
+        mac: mac(key, &["probe", id, &ts, &nonce]),
+        nonce: nonce.clone(),
+    };
+    (serde_json::to_vec(&probe).expect("probes serialize"), nonce)
 }
 
 /// The local address this host uses to reach `peer`: what the manager should
@@ -128,7 +180,12 @@ pub fn local_ip_towards(peer: IpAddr) -> Option<IpAddr> {
 
 /// The node's side: probes every multicast interface until a manager holding
 /// the same key answers, or `timeout` passes.
-pub async fn discover(secret: [u8; 32], port: u16, timeout: Duration) -> anyhow::Result<String> {
+pub async fn discover(
+    token: &crate::identity::Token,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let (id, key) = (token.id(), token.discovery_key());
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     sock.set_multicast_loop_v4(true)?;
     sock.set_multicast_ttl_v4(1)?;
@@ -136,14 +193,7 @@ pub async fn discover(secret: [u8; 32], port: u16, timeout: Duration) -> anyhow:
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; 2048];
     loop {
-        let mut nonce = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-        let nonce = hex::encode(nonce);
-        let probe = serde_json::to_vec(&Probe {
-            v: 1,
-            mac: mac(&secret, &["probe", &nonce]),
-            nonce: nonce.clone(),
-        })?;
+        let (probe, nonce) = make_probe(&id, &key, crate::wire::unix_ms());
         let ifs = multicast_interfaces();
         if ifs.is_empty() {
             anyhow::bail!("discovery: no multicast-capable interface is up; use --join URL");
@@ -158,8 +208,8 @@ pub async fn discover(secret: [u8; 32], port: u16, timeout: Duration) -> anyhow:
             tokio::time::timeout_at(round_end, sock.recv_from(&mut buf)).await
         {
             if let Ok(a) = serde_json::from_slice::<Answer>(&buf[..n])
-                && a.v == 1
-                && verify(&secret, &["answer", &nonce, &a.url], &a.mac)
+                && a.v == 2
+                && verify(&key, &["answer", &nonce, &a.url], &a.mac)
             {
                 return Ok(a.url);
             }
@@ -185,5 +235,31 @@ mod tests {
         assert!(!verify(&k, &["probe", "abd"], &m));
         assert!(!verify(&k, &["answer", "abc"], &m));
         assert!(!verify(&k, &["probe", "abc"], "zz"));
+    }
+
+    #[test]
+    fn a_probe_is_answered_once_and_only_while_fresh() {
+        let key = [3u8; 32];
+        let key_for = |id: &str| (id == "t1").then_some(key);
+        let url = || "https://127.0.0.1:7400".to_string();
+        let mut g = shoal_core::trust::ProbeGuard::new(PROBE_WINDOW_MS, 16);
+        let (p, _) = make_probe("t1", &key, 1_000_000);
+        assert!(answer_probe(&p, 1_000_000, &mut g, &key_for, &url).is_some());
+        assert!(answer_probe(&p, 1_000_001, &mut g, &key_for, &url).is_none());
+        let (late, _) = make_probe("t1", &key, 1_000_000);
+        assert!(
+            answer_probe(
+                &late,
+                1_000_000 + PROBE_WINDOW_MS + 1,
+                &mut g,
+                &key_for,
+                &url
+            )
+            .is_none()
+        );
+        let (other, _) = make_probe("t2", &key, 1_000_000);
+        assert!(answer_probe(&other, 1_000_000, &mut g, &key_for, &url).is_none());
+        let (wrong, _) = make_probe("t1", &[4u8; 32], 1_000_000);
+        assert!(answer_probe(&wrong, 1_000_000, &mut g, &key_for, &url).is_none());
     }
 }

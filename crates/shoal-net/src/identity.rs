@@ -11,6 +11,7 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shoal_core::trust::JoinToken;
 use std::path::{Path, PathBuf};
 
 /// Errors about cluster identity.
@@ -83,6 +84,24 @@ pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+/// Opens (creating, mode 0600) a file for locking.
+fn private_open(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// Makes a directory that holds keys, tokens or secrets mode 0700.
+pub fn make_private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io_err(path))
+}
+
 /// The join token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
@@ -130,6 +149,47 @@ impl Token {
             secret: dec(sec, "secret")?,
             ca_fingerprint: dec(fp, "CA fingerprint")?,
         })
+    }
+
+    /// SHA-256 of the secret, hex: what the manager stores instead of it.
+    pub fn secret_hash(&self) -> String {
+        hex::encode(Sha256::digest(self.secret))
+    }
+
+    /// The token's public id: the first 16 hex digits of the secret's hash,
+    /// so a listing can name it without holding the secret.
+    pub fn id(&self) -> String {
+        self.secret_hash()[..16].to_string()
+    }
+
+    /// The key discovery probes and answers are MACed with, derived one-way
+    /// from the secret so the manager never stores the secret itself.
+    pub fn discovery_key(&self) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        m.update(b"shoal discovery v2");
+        m.finalize().into_bytes().into()
+    }
+
+    /// What the manager keeps of this token.
+    pub fn record(
+        &self,
+        now_ms: u64,
+        ttl_ms: Option<u64>,
+        uses: Option<u32>,
+        roles: Vec<String>,
+    ) -> JoinToken {
+        JoinToken {
+            id: self.id(),
+            secret_hash: self.secret_hash(),
+            discovery_key: hex::encode(self.discovery_key()),
+            created_ms: now_ms,
+            expires_ms: ttl_ms.map(|t| now_ms.saturating_add(t)),
+            uses_left: uses,
+            roles,
+            revoked: false,
+        }
     }
 
     /// Constant-time comparison of the secret part.
@@ -222,6 +282,19 @@ pub mod files {
     pub const CONFIG: &str = "config.toml";
     /// The registry database.
     pub const DB: &str = "registry.db";
+    /// Join tokens, hashed (`shoal token create|list|revoke`).
+    pub const TOKENS: &str = "tokens.json";
+    /// Serialises writers of `tokens.json` (the CLI and the manager).
+    pub const TOKENS_LOCK: &str = "tokens.lock";
+}
+
+/// How long the token `init` prints admits joins, as kubeadm's default.
+pub const DEFAULT_TOKEN_TTL_MS: u64 = 24 * 3600 * 1000;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    tokens: Vec<JoinToken>,
 }
 
 /// What `init` produced.
@@ -237,6 +310,15 @@ pub struct InitOutput {
 pub const ADMIN_CN: &str = "shoal-admin";
 /// Prefix of node identities' common names.
 pub const NODE_CN_PREFIX: &str = "node:";
+/// Prefix of dispatcher identities' common names (`dispatcher:<service>`).
+pub const DISPATCHER_CN_PREFIX: &str = "dispatcher:";
+/// Files of a dispatcher's directory (`shoal cert dispatcher --out DIR`).
+pub mod dispatcher_files {
+    /// The dispatcher's certificate.
+    pub const CERT: &str = "dispatcher.pem";
+    /// Its key.
+    pub const KEY: &str = "dispatcher.key";
+}
 
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = time::OffsetDateTime::now_utc();
@@ -272,6 +354,7 @@ impl ClusterDir {
             return Err(IdentityError::Exists(self.path.clone()));
         }
         std::fs::create_dir_all(&self.path).map_err(io_err(&self.path))?;
+        make_private_dir(&self.path)?;
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::default();
         ca.distinguished_name = dn("shoal cluster CA");
@@ -292,6 +375,18 @@ impl ClusterDir {
         let admin_cert = admin.signed_by(&admin_key, &ca_cert, &ca_key)?;
 
         let token = Token::generate(fingerprint(ca_cert.der()));
+        if force {
+            let _ = std::fs::remove_file(self.file(files::TOKENS));
+        }
+        self.update_tokens(|ts| {
+            ts.clear();
+            ts.push(token.record(
+                crate::wire::unix_ms(),
+                Some(DEFAULT_TOKEN_TTL_MS),
+                None,
+                Vec::new(),
+            ));
+        })?;
         write_file(&self.file(files::CA_CERT), &ca_cert.pem(), false)?;
         write_file(&self.file(files::CA_KEY), &ca_key.serialize_pem(), true)?;
         write_file(&self.file(files::ADMIN_CERT), &admin_cert.pem(), false)?;
@@ -348,6 +443,52 @@ impl ClusterDir {
         Token::parse(&self.need(files::TOKEN)?)
     }
 
+    /// Reads, changes and writes the join tokens under an exclusive lock, so
+    /// the CLI and a running manager (which spends uses) never lose each
+    /// other's writes. A directory from before tokens were stored hashed
+    /// gets its one token imported, expiring in 24 h.
+    pub fn update_tokens<R>(&self, f: impl FnOnce(&mut Vec<JoinToken>) -> R) -> Result<R> {
+        let lock_path = self.file(files::TOKENS_LOCK);
+        let lock = private_open(&lock_path)?;
+        lock.lock().map_err(io_err(&lock_path))?;
+        let path = self.file(files::TOKENS);
+        let mut file = if path.exists() {
+            let text = read_file(&path)?;
+            serde_json::from_str::<TokenFile>(&text).map_err(|e| IdentityError::Config {
+                path: path.clone(),
+                message: format!(
+                    "{e}; restore it from a backup or create a new token with `shoal token create`"
+                ),
+            })?
+        } else {
+            let mut f = TokenFile::default();
+            let legacy = self.file(files::TOKEN);
+            if legacy.exists()
+                && let Ok(t) = Token::parse(&read_file(&legacy)?)
+            {
+                f.tokens.push(t.record(
+                    crate::wire::unix_ms(),
+                    Some(DEFAULT_TOKEN_TTL_MS),
+                    None,
+                    Vec::new(),
+                ));
+            }
+            f
+        };
+        let before = file.tokens.clone();
+        let r = f(&mut file.tokens);
+        if file.tokens != before || !path.exists() {
+            let text = serde_json::to_string_pretty(&file).expect("tokens serialize");
+            write_file(&path, &text, true)?;
+        }
+        Ok(r)
+    }
+
+    /// The join tokens (a copy).
+    pub fn tokens(&self) -> Result<Vec<JoinToken>> {
+        self.update_tokens(|ts| ts.clone())
+    }
+
     /// The CA certificate, PEM.
     pub fn ca_pem(&self) -> Result<String> {
         self.need(files::CA_CERT)
@@ -356,6 +497,19 @@ impl ClusterDir {
     /// The administrator certificate and key, PEM.
     pub fn admin_identity(&self) -> Result<(String, String)> {
         Ok((self.need(files::ADMIN_CERT)?, self.need(files::ADMIN_KEY)?))
+    }
+
+    /// The client identity this directory holds: the administrator's in a
+    /// cluster directory, else a dispatcher's (written by `shoal cert
+    /// dispatcher`).
+    pub fn client_identity(&self) -> Result<(String, String)> {
+        if self.file(files::ADMIN_KEY).exists() || !self.file(dispatcher_files::KEY).exists() {
+            return self.admin_identity();
+        }
+        Ok((
+            self.need(dispatcher_files::CERT)?,
+            self.need(dispatcher_files::KEY)?,
+        ))
     }
 
     /// Loads the CA for signing.
@@ -405,6 +559,19 @@ impl CertAuthority {
             .collect::<std::result::Result<_, rcgen::Error>>()?;
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         validity(&mut p, 825);
+        let cert = p.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A client certificate and a fresh key for `cn` (a dispatcher's:
+    /// `dispatcher:<service>`), good for client authentication only.
+    /// Returns (cert PEM, key PEM).
+    pub fn issue_client(&self, cn: &str, days: i64) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = dn(cn);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut p, days);
         let cert = p.signed_by(&key, &self.cert, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
     }

@@ -15,6 +15,8 @@ use tower::ServiceExt;
 pub struct Peer {
     /// Common name of the verified client certificate, if one was presented.
     pub cn: Option<String>,
+    /// SHA-256 of the client certificate's public key, hex.
+    pub key_fp: Option<String>,
     /// Remote address.
     pub addr: SocketAddr,
 }
@@ -25,6 +27,12 @@ impl Peer {
         self.cn
             .as_deref()
             .and_then(|c| c.strip_prefix(crate::identity::NODE_CN_PREFIX))
+    }
+    /// The service, when the peer is a dispatcher.
+    pub fn dispatcher(&self) -> Option<&str> {
+        self.cn
+            .as_deref()
+            .and_then(|c| c.strip_prefix(crate::identity::DISPATCHER_CN_PREFIX))
     }
     /// Whether the peer holds the administrator certificate.
     pub fn is_admin(&self) -> bool {
@@ -72,13 +80,13 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ro
                     }
                     Err(_) => return,
                 };
-            let cn = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(crate::tls::peer_common_name);
+            let certs = tls.get_ref().1.peer_certificates();
+            let cn = certs.and_then(crate::tls::peer_common_name);
+            let key_fp = certs
+                .and_then(|c| c.first())
+                .and_then(|c| crate::tls::cert_key_fingerprint(c.as_ref()));
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let peer = Peer { cn, addr };
+            let peer = Peer { cn, key_fp, addr };
             if h2 {
                 serve_conn(TokioIo::new(tls), router, peer).await;
             } else {
@@ -97,7 +105,16 @@ pub async fn serve_plain(listener: TcpListener, router: Router) {
         };
         let router = router.clone();
         tokio::spawn(async move {
-            serve_conn(TokioIo::new(tcp), router, Peer { cn: None, addr }).await;
+            serve_conn(
+                TokioIo::new(tcp),
+                router,
+                Peer {
+                    cn: None,
+                    key_fp: None,
+                    addr,
+                },
+            )
+            .await;
         });
     }
 }

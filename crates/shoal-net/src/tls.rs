@@ -178,3 +178,17 @@ pub fn peer_common_name(certs: &[CertificateDer<'_>]) -> Option<String> {
     let cn = x.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
 }
+
+/// SHA-256 of the public key (subject public key bits) of a DER
+/// certificate, hex: what binds a node name to the key that joined it.
+pub fn cert_key_fingerprint(der: &[u8]) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let (_, x) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(hex::encode(Sha256::digest(
+        x.tbs_certificate
+            .subject_pki
+            .subject_public_key
+            .data
+            .as_ref(),
+    )))
+}

@@ -17,6 +17,9 @@ pub struct JoinRequest {
     pub name: String,
     /// A PKCS#10 certificate signing request for the node's key, PEM.
     pub csr_pem: String,
+    /// The roles the node will register with; a token may limit them.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 /// The answer to a join.

@@ -184,7 +184,10 @@ fn bad_inputs_are_clear_errors() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("lama-audio, diurnal, flash-crowd, noisy-wave or csv:PATH"), "{e}");
+    assert!(
+        e.contains("lama-audio, diurnal, flash-crowd, noisy-wave or csv:PATH"),
+        "{e}"
+    );
     let cli = Cli::try_parse_from(["autoscale", "--min-nodes", "5", "--max-nodes", "2"]).unwrap();
     let e = format!("{:#}", run(&cli.args).unwrap_err());
     assert!(e.contains("--min-nodes"), "{e}");

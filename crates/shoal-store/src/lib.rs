@@ -12,6 +12,9 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("registry database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The database file could not be created or made private.
+    #[error("registry database: {0}")]
+    Io(String),
     /// A stored row could not be decoded.
     #[error("registry database holds a corrupt row for {key}: {detail}")]
     Corrupt {
@@ -53,8 +56,11 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`. The database and
+    /// its WAL hold the apps' secret parameters: they are made mode 0600
+    /// (SQLite gives the WAL and shared-memory files the database's mode).
     pub fn open(path: &Path) -> Result<Self> {
+        private_file(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -73,6 +79,14 @@ impl SqliteStore {
                 PRIMARY KEY (kind, key)
             );",
         )?;
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let p = std::path::PathBuf::from(p);
+            if p.exists() {
+                private_file(&p)?;
+            }
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -83,6 +97,19 @@ impl SqliteStore {
         // (every write is one statement), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Creates `path` with mode 0600 if missing, and makes it 0600 if not.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, text: &str) -> Result<T> {

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use shoal_net::client::ApiClient;
-use shoal_net::identity::{ClusterConfig, ClusterDir};
+use shoal_net::identity::{ClusterConfig, ClusterDir, Token, validate_node_name};
 use shoal_net::wire::*;
 use std::path::PathBuf;
 
@@ -113,15 +113,23 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let dir = cluster_dir(a.dir.as_deref())?;
-    let out = ClusterDir::new(dir).init(cfg, a.force)?;
+    let cd = ClusterDir::new(dir);
+    let out = cd.init(cfg, a.force)?;
+    // The registry exists from the start, with its identity recorded, so a
+    // manager never mistakes a lost registry for a new cluster.
+    shoal_manager::store_identity::create(&cd)?;
     println!("cluster identity written to {}", dir.display());
-    println!("join token: {}", out.token);
+    println!(
+        "join token: {} (id {}, admits joins for 24 h; more with `shoal token create`)",
+        out.token,
+        out.token.id()
+    );
     println!();
     println!("start the manager:");
     println!("  shoal manager --dir {}", dir.display());
     println!("join a node:");
     println!(
-        "  shoal agent --join {url} --token {} --name NODE --dir ./agent-NODE",
+        "  SHOAL_TOKEN={} shoal agent --join {url} --name NODE --dir ./agent-NODE",
         out.token
     );
     Ok(())
@@ -130,19 +138,160 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
 /// `shoal token` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  shoal token --dir ./c\n  shoal agent --join https://127.0.0.1:7400 --token $(shoal token --dir ./c) --name n1 --dir ./n1"
+    args_conflicts_with_subcommands = true,
+    after_help = "Without a subcommand, prints the token `init` printed (if it still admits joins). `shoal token revoke --dir DIR ID` revokes one by the id `token list` shows.\n\nExamples:\n  shoal token --dir ./c\n  shoal token create --dir ./c --ttl 1h --uses 1 --roles web\n  shoal token list --dir ./c"
 )]
 pub struct TokenArgs {
     /// The cluster directory.
-    #[arg(long, env = "SHOAL_DIR")]
+    #[arg(long, env = "SHOAL_DIR", global = true)]
     pub dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Option<TokenCmd>,
+}
+
+/// `shoal token` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokenCmd {
+    /// Create a join token and print it (the only time it is shown).
+    Create {
+        /// How long it admits joins (500ms, 6s, 2m, 1h; default 24h).
+        #[arg(long, default_value = "24h", value_parser = shoal_core::duration::parse_positive_duration)]
+        ttl: std::time::Duration,
+        /// How many joins it admits (default: any number until it expires).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// Node roles a node joining with it may hold, comma-separated
+        /// (default: any).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Print {"id", "token", "expires_ms", ...} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tokens: id, state, expiry, uses left, roles (never secrets).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id: it admits no join from now on.
+    Revoke {
+        /// The token's id (from `shoal token list`).
+        id: String,
+    },
 }
 
 pub fn token(a: TokenArgs) -> anyhow::Result<()> {
-    println!(
-        "{}",
-        ClusterDir::new(cluster_dir(a.dir.as_deref())?).token()?
-    );
+    let dir = cluster_dir(a.dir.as_deref())?.to_path_buf();
+    let cd = ClusterDir::new(&dir);
+    cd.ca_pem()?;
+    let now = unix_ms();
+    match a.cmd {
+        None => {
+            let t = cd.token()?;
+            let tokens = cd.tokens()?;
+            match tokens.iter().find(|r| r.id == t.id()) {
+                Some(r) => {
+                    if let Err(e) = r.usable(now) {
+                        anyhow::bail!("the token `init` printed no longer admits joins: {e}");
+                    }
+                }
+                None => anyhow::bail!(
+                    "the token `init` printed was deleted; create a new one with `shoal token create --dir {}`",
+                    dir.display()
+                ),
+            }
+            println!("{t}");
+        }
+        Some(TokenCmd::Create {
+            ttl,
+            uses,
+            roles,
+            json,
+        }) => {
+            if uses == Some(0) {
+                anyhow::bail!(
+                    "--uses 0 would make a token that admits nothing; give 1 or more, or leave it out"
+                );
+            }
+            let t = Token::generate(shoal_net::identity::pem_fingerprint(&cd.ca_pem()?)?);
+            let rec = t.record(now, Some(ttl.as_millis() as u64), uses, roles);
+            cd.update_tokens(|ts| ts.push(rec.clone()))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": rec.id, "token": t.to_string(), "expires_ms": rec.expires_ms,
+                        "uses_left": rec.uses_left, "roles": rec.roles,
+                    })
+                );
+            } else {
+                println!("{t}");
+                eprintln!(
+                    "token {} admits joins for {:?}{}; give it to agents with --token-file or SHOAL_TOKEN",
+                    rec.id,
+                    ttl,
+                    uses.map(|n| format!(", {n} time(s)")).unwrap_or_default()
+                );
+            }
+        }
+        Some(TokenCmd::List { json }) => {
+            let ts = cd.tokens()?;
+            if json {
+                let v: Vec<_> = ts
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id, "state": t.state(now), "created_ms": t.created_ms,
+                            "expires_ms": t.expires_ms, "uses_left": t.uses_left, "roles": t.roles,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<16}  {:<8}  {:>12}  {:>9}  ROLES",
+                    "ID", "STATE", "EXPIRES IN", "USES LEFT"
+                );
+                for t in &ts {
+                    let exp = match t.expires_ms {
+                        Some(e) if e > now => format!("{}s", (e - now) / 1000),
+                        Some(_) => "-".into(),
+                        None => "never".into(),
+                    };
+                    println!(
+                        "{:<16}  {:<8}  {:>12}  {:>9}  {}",
+                        t.id,
+                        t.state(now),
+                        exp,
+                        t.uses_left.map(|n| n.to_string()).unwrap_or("any".into()),
+                        if t.roles.is_empty() {
+                            "any".into()
+                        } else {
+                            t.roles.join(",")
+                        }
+                    );
+                }
+            }
+        }
+        Some(TokenCmd::Revoke { id }) => {
+            let found = cd.update_tokens(|ts| {
+                ts.iter_mut()
+                    .find(|t| t.id == id)
+                    .map(|t| t.revoked = true)
+                    .is_some()
+            })?;
+            if !found {
+                anyhow::bail!(
+                    "no token has id {id:?}; see `shoal token list --dir {}`",
+                    dir.display()
+                );
+            }
+            println!(
+                "revoked token {id}; it admits no join from now on (nodes that joined with it keep their certificates)"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -351,5 +500,140 @@ pub async fn assign(a: AssignArgs) -> anyhow::Result<()> {
         a.node,
         r["generation"]
     );
+    Ok(())
+}
+
+/// `shoal node remove` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Removes the node's registration and desired state, frees its name and revokes its\ncertificate (refused from the next request on). To bring the machine back, delete its\nagent directory and join again with a token.\n\nExample:\n  shoal node remove n1 --dir /var/lib/shoal"
+)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// The node.
+    pub node: String,
+}
+
+pub async fn remove(a: RemoveArgs) -> anyhow::Result<()> {
+    let c = a.target.client()?;
+    let r: serde_json::Value = c
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/v1/nodes/{}", a.node),
+            &serde_json::Value::Null,
+        )
+        .await?;
+    println!(
+        "removed node {}{}",
+        a.node,
+        if r["revoked"] == true {
+            "; its certificate is revoked"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `shoal cert` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CertCmd {
+    /// Issue a dispatcher certificate: it reads one service's backend list
+    /// and reports that service's load, nothing else.
+    #[command(
+        after_help = "Example:\n  shoal cert dispatcher --dir /var/lib/shoal --service web --out /etc/shoal-dispatch\n  shoal dispatch --dir /etc/shoal-dispatch --service web --listen 0.0.0.0:80"
+    )]
+    Dispatcher(DispatcherCertArgs),
+    /// Revoke a certificate (by the id `shoal cert dispatcher` printed, or
+    /// its PEM file): the manager refuses it from the next request on.
+    /// Nodes are revoked with `shoal node remove`.
+    #[command(
+        after_help = "Example:\n  shoal cert revoke --dir /var/lib/shoal /etc/shoal-dispatch/dispatcher.pem"
+    )]
+    Revoke(RevokeCertArgs),
+}
+
+/// `shoal cert dispatcher` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DispatcherCertArgs {
+    /// The cluster directory (holds the CA key).
+    #[arg(long, env = "SHOAL_DIR")]
+    pub dir: PathBuf,
+    /// The service the dispatcher fronts.
+    #[arg(long)]
+    pub service: String,
+    /// Where to write ca.pem, dispatcher.pem, dispatcher.key and config.toml
+    /// (created mode 0700); give it to `shoal dispatch --dir`.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `shoal cert revoke` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RevokeCertArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// The certificate's id (64 hex digits) or its PEM file.
+    pub cert: String,
+}
+
+pub fn cert_dispatcher(a: DispatcherCertArgs) -> anyhow::Result<()> {
+    validate_node_name(&a.service).map_err(|e| anyhow::anyhow!("--service: {e}"))?;
+    let cd = ClusterDir::new(&a.dir);
+    let ca = cd.ca()?;
+    let cfg = cd.config()?;
+    let (cert, key) = ca.issue_client(
+        &format!("{}{}", shoal_net::identity::DISPATCHER_CN_PREFIX, a.service),
+        825,
+    )?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
+    shoal_net::identity::make_private_dir(&a.out)?;
+    let out = ClusterDir::new(&a.out);
+    shoal_net::identity::write_file(&a.out.join("ca.pem"), &ca.pem, false)?;
+    shoal_net::identity::write_file(
+        &a.out.join(shoal_net::identity::dispatcher_files::CERT),
+        &cert,
+        false,
+    )?;
+    shoal_net::identity::write_file(
+        &a.out.join(shoal_net::identity::dispatcher_files::KEY),
+        &key,
+        true,
+    )?;
+    out.write_config(&cfg)?;
+    println!(
+        "dispatcher certificate for service {} written to {} (id {})",
+        a.service,
+        a.out.display(),
+        cert_id(&cert)?
+    );
+    Ok(())
+}
+
+fn cert_id(pem: &str) -> anyhow::Result<String> {
+    let der = shoal_net::identity::first_cert_der(pem)?;
+    shoal_net::tls::cert_key_fingerprint(&der)
+        .ok_or_else(|| anyhow::anyhow!("cannot read the certificate's public key"))
+}
+
+pub async fn cert_revoke(a: RevokeCertArgs) -> anyhow::Result<()> {
+    let id = if std::path::Path::new(&a.cert).exists() {
+        cert_id(&shoal_net::identity::read_file(std::path::Path::new(
+            &a.cert,
+        ))?)?
+    } else {
+        a.cert.to_ascii_lowercase()
+    };
+    let _: serde_json::Value = a
+        .target
+        .client()?
+        .send(
+            reqwest::Method::PUT,
+            &format!("/v1/revoked/{id}"),
+            &serde_json::Value::Null,
+        )
+        .await?;
+    println!("revoked certificate {id}: the manager refuses it from now on");
     Ok(())
 }

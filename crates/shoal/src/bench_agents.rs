@@ -80,6 +80,7 @@ async fn start_cluster(ttl: f64) -> anyhow::Result<BenchCluster> {
         },
         false,
     )?;
+    shoal_manager::store_identity::create(&cd)?;
     let exe = std::env::current_exe()?;
     let mgr = Manager {
         child: std::process::Command::new(&exe)
@@ -184,7 +185,8 @@ pub async fn run(a: BenchAgentsArgs) -> anyhow::Result<()> {
             let name = format!("v{i:05}");
             let c = {
                 let _permit = gate.acquire().await?;
-                let (ca, key, cert) = shoal_net::client::join(&url, &token, &name).await?;
+                let (ca, key, cert) =
+                    shoal_net::client::join(&url, &token, &name, &["bench".to_string()]).await?;
                 let c = ApiClient::new(&url, &ca, Some((&cert, &key)))?;
                 let reg = Registration {
                     name: name.clone(),

@@ -24,7 +24,7 @@ enum Cmd {
     Up(up::UpArgs),
     /// Create a cluster identity: CA, manager and administrator certificates, join token.
     Init(admin::InitArgs),
-    /// Print the join token alone, for scripts.
+    /// Join tokens: print the first, create, list, revoke.
     Token(admin::TokenArgs),
     /// Run the manager: lookup service with leases, HTTPS API.
     Manager(shoal_manager::ManagerArgs),
@@ -39,6 +39,9 @@ enum Cmd {
     /// One service or node in detail: apps, last errors, decisions, events.
     #[command(subcommand)]
     Describe(inspect::DescribeCmd),
+    /// Certificates for dispatchers, and revocation.
+    #[command(subcommand)]
+    Cert(admin::CertCmd),
     /// Node administration.
     #[command(subcommand)]
     Node(NodeCmd),
@@ -73,8 +76,9 @@ enum NodeCmd {
     Uncordon(node::NodeActionArgs),
     /// Cordon the node and move its allocation elsewhere through a drain.
     Drain(node::NodeActionArgs),
-    /// Forget a failed node (an alive one must be drained and stopped first).
-    Remove(node::NodeActionArgs),
+    /// Forget a failed node (an alive one must be drained and stopped
+    /// first): its registration, its name and its certificate.
+    Remove(admin::RemoveArgs),
 }
 
 #[derive(Subcommand)]
@@ -120,6 +124,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Cluster(a)) => shoal_sim::cluster::run(&a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
+        Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
         Cmd::Www(a) => shoal_agent::www::run(a),
         other => runtime().and_then(|rt| {
             rt.block_on(async move {
@@ -140,12 +145,17 @@ fn main() -> std::process::ExitCode {
                     Cmd::Node(NodeCmd::Cordon(a)) => node::act("cordon", a).await,
                     Cmd::Node(NodeCmd::Uncordon(a)) => node::act("uncordon", a).await,
                     Cmd::Node(NodeCmd::Drain(a)) => node::act("drain", a).await,
-                    Cmd::Node(NodeCmd::Remove(a)) => node::act("remove", a).await,
+                    Cmd::Node(NodeCmd::Remove(a)) => admin::remove(a).await,
+                    Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
-                    Cmd::Sim(_) | Cmd::Init(_) | Cmd::Token(_) | Cmd::Www(_) => {
+                    Cmd::Sim(_)
+                    | Cmd::Init(_)
+                    | Cmd::Token(_)
+                    | Cmd::Www(_)
+                    | Cmd::Cert(admin::CertCmd::Dispatcher(_)) => {
                         unreachable!("handled above")
                     }
                 }

@@ -1,4 +1,4 @@
-//! `shoal node cordon|uncordon|drain|remove NODE`: an operator's actions on
+//! `shoal node cordon|uncordon|drain NODE`: an operator's actions on
 //! a node, decided by the manager's controller.
 
 use crate::admin::AdminTarget;
@@ -8,8 +8,7 @@ use crate::admin::AdminTarget;
 #[command(after_help = "Examples:
   shoal node cordon n1 --dir ./c     # takes no new allocation
   shoal node drain n1 --dir ./c      # cordon, and move its allocation elsewhere
-  shoal node uncordon n1 --dir ./c   # may take allocations again
-  shoal node remove n1 --dir ./c     # forget a failed node")]
+  shoal node uncordon n1 --dir ./c   # may take allocations again")]
 pub struct NodeActionArgs {
     #[command(flatten)]
     pub target: AdminTarget,
@@ -32,7 +31,7 @@ pub async fn act(action: &str, a: NodeActionArgs) -> anyhow::Result<()> {
         "drain" => {
             "draining: cordoned, and its allocation moves elsewhere through the normal drain (watch `shoal status`)"
         }
-        _ => "removed",
+        _ => "done",
     };
     println!("{} {what}", a.node);
     Ok(())

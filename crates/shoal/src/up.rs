@@ -649,6 +649,7 @@ async fn start_cluster(
         },
         false,
     )?;
+    shoal_manager::store_identity::create(&cd)?;
     let dir = cd.path.display().to_string();
     let dash = match std::net::TcpListener::bind(&a.dashboard) {
         Ok(l) => {
@@ -681,7 +682,8 @@ async fn start_cluster(
         admin.status().await.is_ok()
     })
     .await?;
-    let token = cd.token()?.to_string();
+    // In a file, not on the agents' command lines (`ps` shows those).
+    let token_file = cd.path.join("token");
     let site = base.join("site");
     let objects = make_site(&site)?;
     // Each node gets its own address, as separate hosts would: its own
@@ -693,8 +695,8 @@ async fn start_cluster(
             "agent".into(),
             "--join".into(),
             format!("https://{listen}"),
-            "--token".into(),
-            token.clone(),
+            "--token-file".into(),
+            token_file.display().to_string(),
             "--name".into(),
             name.clone(),
             "--roles".into(),

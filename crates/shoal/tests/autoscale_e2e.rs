@@ -247,6 +247,22 @@ lower = 0.5
         t0.elapsed().as_secs_f64()
     );
 
+    // The dispatcher follows the service with its own certificate, which
+    // reads this service's backends and reports its load, nothing else
+    // (issue 15): the scaling below runs on those reports.
+    let disp_dir = c.tmp.path().join("dispatcher");
+    let (ok, _, err) = run(&[
+        "cert",
+        "dispatcher",
+        "--dir",
+        &c.dir_str(),
+        "--service",
+        "web",
+        "--out",
+        disp_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(!disp_dir.join("admin.key").exists());
     let dport = free_port();
     let daddr = format!("127.0.0.1:{dport}");
     let dispatcher = Proc::spawn(
@@ -258,7 +274,7 @@ lower = 0.5
             "--service",
             "web",
             "--dir",
-            &c.dir_str(),
+            disp_dir.to_str().unwrap(),
             "--listen",
             &daddr,
             "--admin",

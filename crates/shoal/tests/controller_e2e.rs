@@ -265,8 +265,8 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
         dispatcher.output()
     );
     assert_eq!(c.node(&second).unwrap()["cordoned"], true);
-    // A cordoned node is refused removal while alive, with the way out.
-    let (ok, _, err) = run(&[
+    // The drained node, empty now, is removed; its certificate with it.
+    let (ok, out, err) = run(&[
         "node",
         "remove",
         &second,
@@ -275,7 +275,8 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
         "--manager",
         &c.url,
     ]);
-    assert!(!ok && err.contains("drain it first"), "{err}");
+    assert!(ok && out.contains("removed"), "{out}{err}");
+    assert!(c.node(&second).is_none());
     drop(client);
 
     // The monitor's series survives a manager restart: the new manager

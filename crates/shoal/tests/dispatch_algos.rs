@@ -420,6 +420,7 @@ async fn route_asks_the_live_dispatcher_and_changes_nothing() {
     }
     // A bad request body to the admin endpoint names the expected shape.
     let req = hyper::Request::post(format!("{}/route", d.admin))
+        .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
         .unwrap();
     let r = c.send(req).await.unwrap();

@@ -914,7 +914,8 @@ async fn admin_token_guards_backend_list_changes() {
     let d = Dispatcher::start(&[&a], &["--admin-token-file", file.to_str().unwrap()]);
     let c = Client::new();
     let put = |auth: Option<String>| {
-        let mut req = Request::put(format!("{}/backends", d.admin));
+        let mut req = Request::put(format!("{}/backends", d.admin))
+            .header("content-type", "application/json");
         if let Some(v) = auth {
             req = req.header("authorization", v);
         }

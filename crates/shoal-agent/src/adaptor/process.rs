@@ -153,6 +153,9 @@ fn spec(
             for (k, v) in params {
                 if let Some(name) = k.strip_prefix("env.") {
                     envs.push((name.to_string(), render(&env, k, v, &ctx)?));
+                } else if let Some(name) = k.strip_prefix("secret.") {
+                    // Passed as is: a secret is no template.
+                    envs.push((name.to_string(), v.clone()));
                 } else if let Some(name) = k.strip_prefix("file.") {
                     files.push((app_dir.join(name), render(&env, k, v, &ctx)?));
                 }
@@ -302,10 +305,24 @@ impl ProcessApp {
             }
         }
         for (path, text) in &self.spec.files {
-            std::fs::write(path, text).map_err(|source| AdaptorError::Io {
+            // Config files may hold credentials: only the agent's user
+            // reads them (an existing file keeps its mode on open, so set it).
+            use std::io::Write;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let io = |source| AdaptorError::Io {
                 path: path.clone(),
                 source,
-            })?;
+            };
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(io)?;
+            f.write_all(text.as_bytes()).map_err(io)?;
         }
         Ok(())
     }

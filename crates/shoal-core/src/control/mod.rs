@@ -1000,17 +1000,21 @@ impl Controller {
         }
     }
 
+    /// Forgets a node. A failed node is the usual case; an alive one is
+    /// forgotten too (an operator evicting a compromised machine, whose
+    /// certificate the shell revokes at the same time), its allocation
+    /// dropped at once, as for a failure.
     fn remove(&mut self, name: &str) -> Result<Reply, ControlError> {
-        let Some(n) = self.nodes.get(name) else {
-            return Err(ControlError::NotRegistered(name.to_string()));
-        };
-        let alive = self.leases.state(name) == Some(LeaseState::Alive);
-        if alive && !n.flags.failed {
-            return Err(ControlError::Refused(format!(
-                "node {name:?} is alive; drain it first (`shoal node drain {name}`) and stop its agent, or wait for its lease to expire"
-            )));
-        }
+        let alive = self.nodes.get(name).is_some_and(|n| !n.flags.failed);
         self.cancel(name)?;
+        if alive {
+            self.note(
+                "removed",
+                Some(name),
+                None,
+                "removed while alive: its allocation, if any, was dropped at once (drain first to move it without failed requests)".into(),
+            );
+        }
         Ok(Reply::Done)
     }
 }

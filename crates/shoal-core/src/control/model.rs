@@ -206,6 +206,43 @@ pub struct ServiceStatus {
     pub deleting: bool,
 }
 
+/// What stands for a secret parameter's value wherever it is shown.
+pub const REDACTED: &str = "(redacted)";
+
+/// Whether a parameter holds a secret (`secret.NAME`): its value goes only
+/// to the node that runs the app, never into status or the dashboard.
+pub fn is_secret_param(key: &str) -> bool {
+    key.starts_with("secret.")
+}
+
+/// Whether a parameter's value stays off the unauthenticated dashboard:
+/// secrets, and the environment and file contents apps are configured with.
+pub fn is_private_param(key: &str) -> bool {
+    is_secret_param(key) || key.starts_with("env.") || key.starts_with("file.")
+}
+
+impl AppAssignment {
+    /// This assignment with the values of parameters `hide` selects
+    /// replaced by [`REDACTED`].
+    pub fn redacted(&self, hide: fn(&str) -> bool) -> Self {
+        let mut a = self.clone();
+        for (k, v) in a.params.iter_mut() {
+            if hide(k) {
+                *v = REDACTED.to_string();
+            }
+        }
+        a
+    }
+}
+
+impl NodeStatus {
+    /// This node with its desired apps' parameters redacted by `hide`.
+    pub fn redacted(mut self, hide: fn(&str) -> bool) -> Self {
+        self.desired = self.desired.iter().map(|a| a.redacted(hide)).collect();
+        self
+    }
+}
+
 /// Adaptors every agent has built in.
 pub const ADAPTORS: &[&str] = &["process", "nginx", "www"];
 
@@ -229,11 +266,12 @@ pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
             let known = |k: &str| {
                 matches!(k, "command" | "args" | "health" | "endpoint")
                     || k.starts_with("env.")
+                    || k.starts_with("secret.")
                     || k.starts_with("file.")
             };
             if let Some(k) = params.keys().find(|k| !known(k)) {
                 return Err(format!(
-                    "unknown parameter {k:?} for the process adaptor; use command, args, env.NAME, file.NAME, health, endpoint"
+                    "unknown parameter {k:?} for the process adaptor; use command, args, env.NAME, secret.NAME, file.NAME, health, endpoint"
                 ));
             }
             need("command")?;

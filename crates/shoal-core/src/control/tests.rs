@@ -355,13 +355,21 @@ fn cordon_drain_and_remove_follow_kubectl() {
     assert!(!serving.contains(&"n2".to_string()), "{serving:?}");
     assert_eq!(serving.len(), 2);
     assert!(r.ctl.flags("n2").unwrap().cordoned);
-    // An alive node cannot be removed; a failed one can.
-    let e = r.input(Input::Remove("n2".into())).unwrap_err();
-    assert!(e.to_string().contains("drain it first"), "{e}");
+    // A failed node is removed and forgotten; an alive one too, with a
+    // note that says what that costs.
     r.crash("n2");
     r.run(7000);
     r.input(Input::Remove("n2".into())).unwrap();
     assert!(r.ctl.node("n2", r.now()).is_none());
+    let holder = r.serving("web")[0].clone();
+    r.input(Input::Remove(holder.clone())).unwrap();
+    assert!(!r.serving("web").contains(&holder));
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.message.contains("removed while alive"))
+    );
+    assert_eq!(r.ctl.check_invariants(), Vec::<String>::new());
 }
 
 #[test]

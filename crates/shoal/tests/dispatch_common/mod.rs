@@ -378,6 +378,7 @@ impl Client {
     /// PUTs a backend list (JSON) to the admin listener.
     pub async fn put_backends(&self, admin: &str, json: serde_json::Value) -> Reply {
         let req = Request::put(format!("{admin}/backends"))
+            .header("content-type", "application/json")
             .body(Full::new(Bytes::from(json.to_string())))
             .unwrap();
         let r = self.send(req).await.expect("admin PUT /backends");

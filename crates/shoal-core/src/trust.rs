@@ -1,0 +1,325 @@
+//! Trust decisions at the edge of the cluster: whether a join token admits a
+//! join (kubeadm bootstrap tokens, Consul ACL tokens: an id, an expiry, a use
+//! count, the roles it may grant), whether a key may claim a node name, and
+//! whether a discovery probe is fresh. The caller hashes, reads files and the
+//! clock; every time here is Unix milliseconds passed in.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// A join token as the manager stores it: never the secret, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinToken {
+    /// Public id (shown by `shoal token list`, given to `revoke`).
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_hash: String,
+    /// The key discovery probes are MACed with, derived from the secret
+    /// (one-way), hex.
+    pub discovery_key: String,
+    /// When it was created.
+    pub created_ms: u64,
+    /// When it stops admitting joins; `None` never (only on request).
+    pub expires_ms: Option<u64>,
+    /// Joins it still admits; `None` any number.
+    pub uses_left: Option<u32>,
+    /// Node roles a node joining with it may hold; empty means any.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Revoked by an administrator.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl JoinToken {
+    /// Whether it would admit a join at `now_ms` (ignoring roles).
+    pub fn usable(&self, now_ms: u64) -> Result<(), JoinRefusal> {
+        if self.revoked {
+            return Err(JoinRefusal::Revoked(self.id.clone()));
+        }
+        if let Some(e) = self.expires_ms
+            && now_ms >= e
+        {
+            return Err(JoinRefusal::Expired {
+                id: self.id.clone(),
+                ago_s: (now_ms - e) / 1000,
+            });
+        }
+        if self.uses_left == Some(0) {
+            return Err(JoinRefusal::UsedUp(self.id.clone()));
+        }
+        Ok(())
+    }
+
+    /// A one-word state for listings.
+    pub fn state(&self, now_ms: u64) -> &'static str {
+        match self.usable(now_ms) {
+            Ok(()) => "valid",
+            Err(JoinRefusal::Revoked(_)) => "revoked",
+            Err(JoinRefusal::Expired { .. }) => "expired",
+            Err(JoinRefusal::UsedUp(_)) => "used-up",
+            Err(_) => "invalid",
+        }
+    }
+}
+
+/// Why a join token was not accepted. Each message names the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefusal {
+    /// No token has this id and secret.
+    #[error(
+        "wrong join token: it is not one of this cluster's; print a valid one with `shoal token create --dir DIR` on the manager's machine"
+    )]
+    Unknown,
+    /// Revoked by an administrator.
+    #[error(
+        "join token {0} was revoked; create a new one with `shoal token create --dir DIR` on the manager's machine"
+    )]
+    Revoked(String),
+    /// Past its expiry.
+    #[error(
+        "join token {id} expired {ago_s} s ago; create a new one with `shoal token create --dir DIR [--ttl 24h]`"
+    )]
+    Expired {
+        /// The token.
+        id: String,
+        /// How long ago.
+        ago_s: u64,
+    },
+    /// Its use count is spent.
+    #[error(
+        "join token {0} has been used as many times as it allowed; create a new one with `shoal token create --dir DIR [--uses N]`"
+    )]
+    UsedUp(String),
+    /// The joining node asks for a role the token does not grant.
+    #[error(
+        "join token {id} does not grant role {role:?} (it grants [{allowed}]); join with --roles among those, or create a token with `shoal token create --roles ...`"
+    )]
+    Role {
+        /// The token.
+        id: String,
+        /// The role asked for.
+        role: String,
+        /// What it grants.
+        allowed: String,
+    },
+}
+
+/// Constant-time equality of two strings (hashes, MACs).
+pub fn ct_eq(a: &str, b: &str) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// Admits a join presenting the secret whose hash is `secret_hash`, for a
+/// node that will hold `roles`: finds the token, checks it, spends one use.
+/// Returns the index of the token that admitted it.
+pub fn admit_join(
+    tokens: &mut [JoinToken],
+    secret_hash: &str,
+    roles: &[String],
+    now_ms: u64,
+) -> Result<usize, JoinRefusal> {
+    let i = tokens
+        .iter()
+        .position(|t| ct_eq(&t.secret_hash, secret_hash))
+        .ok_or(JoinRefusal::Unknown)?;
+    let t = &mut tokens[i];
+    t.usable(now_ms)?;
+    if !t.roles.is_empty()
+        && let Some(r) = roles.iter().find(|r| !t.roles.contains(r))
+    {
+        return Err(JoinRefusal::Role {
+            id: t.id.clone(),
+            role: r.clone(),
+            allowed: t.roles.join(", "),
+        });
+    }
+    if let Some(n) = &mut t.uses_left {
+        *n -= 1;
+    }
+    Ok(i)
+}
+
+/// What the manager knows about a name someone wants to join as.
+#[derive(Debug, Clone, Default)]
+pub struct NameHolder<'a> {
+    /// Registered with a lease that is alive.
+    pub alive: bool,
+    /// The key fingerprint the name is bound to, if it was ever joined.
+    pub bound_key: Option<&'a str>,
+}
+
+/// Why a name was not given to a joining key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameRefusal {
+    /// A live node holds the name.
+    #[error(
+        "node {0:?} is registered and alive; join under another --name, or, if this machine replaces it, stop the old one and run `shoal node remove {0}` first"
+    )]
+    Alive(String),
+    /// The name belongs to another key.
+    #[error(
+        "node name {0:?} belongs to the key that first joined it; join under another --name, or run `shoal node remove {0}` (administrator) to free it"
+    )]
+    BoundToOtherKey(String),
+}
+
+/// Whether the key with fingerprint `key` may take the name `name`.
+pub fn admit_name(name: &str, holder: &NameHolder<'_>, key: &str) -> Result<(), NameRefusal> {
+    if holder.alive {
+        return Err(NameRefusal::Alive(name.to_string()));
+    }
+    match holder.bound_key {
+        Some(k) if !ct_eq(k, key) => Err(NameRefusal::BoundToOtherKey(name.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// Why a discovery probe was ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeRefusal {
+    /// Its timestamp is too far from the manager's clock.
+    #[error("probe timestamp outside the accepted window")]
+    Stale,
+    /// Its nonce was already answered.
+    #[error("probe nonce already answered (a replay)")]
+    Replayed,
+    /// Too many fresh nonces to remember: fail closed.
+    #[error("too many probes in the window")]
+    Full,
+}
+
+/// Refuses discovery probes outside a time window and probes whose nonce
+/// was already answered inside it: a captured probe is worth nothing later.
+#[derive(Debug)]
+pub struct ProbeGuard {
+    window_ms: u64,
+    capacity: usize,
+    seen: HashMap<String, u64>,
+}
+
+impl ProbeGuard {
+    /// Accepts probes stamped within `window_ms` of now (either way),
+    /// remembering at most `capacity` nonces.
+    pub fn new(window_ms: u64, capacity: usize) -> Self {
+        Self {
+            window_ms,
+            capacity,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Checks (and on success records) a MAC-valid probe.
+    pub fn check(&mut self, stamp_ms: u64, nonce: &str, now_ms: u64) -> Result<(), ProbeRefusal> {
+        if stamp_ms.abs_diff(now_ms) > self.window_ms {
+            return Err(ProbeRefusal::Stale);
+        }
+        if self.seen.contains_key(nonce) {
+            return Err(ProbeRefusal::Replayed);
+        }
+        if self.seen.len() >= self.capacity {
+            // A nonce may be forgotten once its probe's stamp has left the
+            // window: it would be refused as stale from then on.
+            let w = self.window_ms;
+            self.seen.retain(|_, s| s.abs_diff(now_ms) <= w);
+            if self.seen.len() >= self.capacity {
+                return Err(ProbeRefusal::Full);
+            }
+        }
+        self.seen.insert(nonce.to_string(), stamp_ms);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok(id: &str, hash: &str) -> JoinToken {
+        JoinToken {
+            id: id.into(),
+            secret_hash: hash.into(),
+            discovery_key: "00".into(),
+            created_ms: 0,
+            expires_ms: Some(1000),
+            uses_left: Some(2),
+            roles: vec![],
+            revoked: false,
+        }
+    }
+
+    #[test]
+    fn a_token_admits_until_expiry_or_use_count() {
+        let mut ts = vec![tok("a", "aa"), tok("b", "bb")];
+        assert_eq!(admit_join(&mut ts, "bb", &[], 10), Ok(1));
+        assert_eq!(ts[1].uses_left, Some(1));
+        assert_eq!(admit_join(&mut ts, "bb", &[], 10), Ok(1));
+        assert_eq!(
+            admit_join(&mut ts, "bb", &[], 10),
+            Err(JoinRefusal::UsedUp("b".into()))
+        );
+        assert!(matches!(
+            admit_join(&mut ts, "aa", &[], 1000),
+            Err(JoinRefusal::Expired { .. })
+        ));
+        assert_eq!(admit_join(&mut ts, "cc", &[], 0), Err(JoinRefusal::Unknown));
+        ts[0].revoked = true;
+        assert_eq!(
+            admit_join(&mut ts, "aa", &[], 0),
+            Err(JoinRefusal::Revoked("a".into()))
+        );
+        assert_eq!(ts[0].state(0), "revoked");
+    }
+
+    #[test]
+    fn a_token_grants_only_its_roles() {
+        let mut ts = vec![tok("a", "aa")];
+        ts[0].roles = vec!["web".into()];
+        assert!(admit_join(&mut ts, "aa", &["web".into()], 0).is_ok());
+        let e = admit_join(&mut ts, "aa", &["db".into()], 0).unwrap_err();
+        assert!(e.to_string().contains("\"db\""), "{e}");
+        assert_eq!(ts[0].uses_left, Some(1), "a refused join spends no use");
+    }
+
+    #[test]
+    fn a_name_is_refused_while_alive_or_bound_to_another_key() {
+        let free = NameHolder::default();
+        assert!(admit_name("n1", &free, "k1").is_ok());
+        let alive = NameHolder {
+            alive: true,
+            bound_key: Some("k1"),
+        };
+        assert!(matches!(
+            admit_name("n1", &alive, "k1"),
+            Err(NameRefusal::Alive(_))
+        ));
+        let bound = NameHolder {
+            alive: false,
+            bound_key: Some("k1"),
+        };
+        assert!(admit_name("n1", &bound, "k1").is_ok());
+        assert!(matches!(
+            admit_name("n1", &bound, "k2"),
+            Err(NameRefusal::BoundToOtherKey(_))
+        ));
+    }
+
+    #[test]
+    fn probes_outside_the_window_or_replayed_are_refused() {
+        let mut g = ProbeGuard::new(30_000, 2);
+        assert_eq!(g.check(100_000, "n1", 100_000), Ok(()));
+        assert_eq!(g.check(100_000, "n1", 100_001), Err(ProbeRefusal::Replayed));
+        assert_eq!(g.check(50_000, "n2", 100_000), Err(ProbeRefusal::Stale));
+        assert_eq!(g.check(140_000, "n2", 100_000), Err(ProbeRefusal::Stale));
+        assert_eq!(g.check(100_000, "n2", 100_000), Ok(()));
+        assert_eq!(g.check(100_000, "n3", 100_000), Err(ProbeRefusal::Full));
+        // Once the first two have left the window there is room again, and
+        // their nonces are refused as stale rather than remembered.
+        assert_eq!(g.check(200_000, "n3", 200_000), Ok(()));
+        assert_eq!(g.check(100_000, "n1", 200_000), Err(ProbeRefusal::Stale));
+    }
+}
