@@ -2,9 +2,8 @@
 //! `service`), their allocations (durable, kind `allocation`), their backend
 //! lists as dispatchers follow them, and the API for all of it.
 //!
-//! Decisions live in shoal-core ([`shoal_core::policy`]); the engine
-//! ([`crate::engine`]) applies them. This module only holds state and checks
-//! input.
+//! Decisions live in the controller ([`shoal_core::control`]); this module
+//! checks input and hands it over.
 
 use crate::state::{RegistryError, Shell};
 use shoal_core::control::{Input, Reply, app_id, render};
@@ -101,6 +100,27 @@ pub fn validate(s: &ServiceSpec) -> Result<(), SpecError> {
                 format!("must be between {lo} and {hi} s, got {v}"),
             ));
         }
+    }
+    let f = &s.forecast;
+    if !(f.k.is_finite() && f.k >= 0.0) {
+        return Err(err(
+            "forecast.k",
+            format!(
+                "must be a number of standard deviations, at least 0, got {}",
+                f.k
+            ),
+        ));
+    }
+    if let Some(season) = f.season_secs
+        && !(season.is_finite() && season >= 10.0 * s.period_secs)
+    {
+        return Err(err(
+            "forecast.season_secs",
+            format!(
+                "must be at least ten sampling periods ({} s), got {season}; omit it for demand without a season",
+                10.0 * s.period_secs
+            ),
+        ));
     }
     if let Some(r) = &s.role
         && r.trim().is_empty()
@@ -321,5 +341,14 @@ capacity = 4
         assert_eq!(e.field, "dispatch.algo", "{e}");
         let e = parse_toml(&GOOD.replace("name = \"web\"", "name = \"a b\"")).unwrap_err();
         assert_eq!(e.field, "name", "{e}");
+        let e = parse_toml(&format!("{GOOD}\n[forecast]\nk = -1\n")).unwrap_err();
+        assert_eq!(e.field, "forecast.k", "{e}");
+        let e = parse_toml(&format!("{GOOD}\n[forecast]\nseason_secs = 1\n")).unwrap_err();
+        assert_eq!(e.field, "forecast.season_secs", "{e}");
+        let s = parse_toml(&format!(
+            "{GOOD}\n[forecast]\nk = 1.5\nseason_secs = 86400\n"
+        ))
+        .unwrap();
+        assert_eq!(s.forecast.season_secs, Some(86400.0));
     }
 }

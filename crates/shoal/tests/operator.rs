@@ -209,7 +209,8 @@ fn a_missing_dir_names_shoal_dir_and_help_examples_run_as_printed() {
         let examples: Vec<&str> = out
             .lines()
             .map(str::trim)
-            .filter(|l| l.starts_with("shoal "))
+            // Usage lines name placeholders (<COMMAND>); examples do not.
+            .filter(|l| l.starts_with("shoal ") && !l.contains('<'))
             .collect();
         assert!(!examples.is_empty(), "{cmd:?} --help has no example: {out}");
         for ex in examples {
@@ -479,6 +480,8 @@ fn service_apply_help_shows_a_readable_example_in_h_and_help_and_every_doc_examp
         "capacity",
         "upper",
         "lower",
+        "k",
+        "season_secs",
     ] {
         assert!(doc.contains(&format!("| `{key}` |")), "{key} undocumented");
     }

@@ -772,7 +772,13 @@ impl Controller {
         let Some(n) = self.nodes.get_mut(name) else {
             return Err(ControlError::NotRegistered(name.to_string()));
         };
-        if let Some(a) = apps.iter().find(|a| a.id.starts_with(APP_PREFIX)) {
+        // A service's app may come back as the node has it (a client that
+        // read the node's list and sent it back with one app changed);
+        // any other app id with the services' prefix is refused.
+        if let Some(a) = apps
+            .iter()
+            .find(|a| a.id.starts_with(APP_PREFIX) && !n.record.desired.contains(a))
+        {
             return Err(ControlError::Refused(format!(
                 "app id {:?} starts with {APP_PREFIX:?}, which is reserved for services; choose another id",
                 a.id
@@ -780,7 +786,10 @@ impl Controller {
         }
         // The operator's apps replace the hand-assigned ones; the service's
         // app, if the node serves one, stays.
-        let mut desired = apps;
+        let mut desired: Vec<AppAssignment> = apps
+            .into_iter()
+            .filter(|a| !a.id.starts_with(APP_PREFIX))
+            .collect();
         desired.extend(
             n.record
                 .desired
