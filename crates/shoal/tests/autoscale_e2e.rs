@@ -26,27 +26,6 @@ use std::time::{Duration, Instant};
 const FILE_BYTES: usize = 512 * 1024;
 const CLIENTS: usize = 10;
 
-fn agent(c: &Cluster, name: &str, address: &str) -> Proc {
-    let dir = c.agent_dir(name);
-    let token = c.token();
-    Proc::spawn(
-        &format!("agent-{name}"),
-        &[
-            "agent",
-            "--join",
-            &c.url,
-            "--token",
-            &token,
-            "--name",
-            name,
-            "--dir",
-            dir.to_str().unwrap(),
-            "--address",
-            address,
-        ],
-    )
-}
-
 fn service(c: &Cluster, name: &str) -> Option<serde_json::Value> {
     c.try_status()?["services"]
         .as_array()?
@@ -175,7 +154,7 @@ impl Load {
 fn service_scales_out_and_in_through_real_agents_and_dispatcher() {
     let mut c = Cluster::start(2.0);
     let mut agents: Vec<Proc> = (1..=4)
-        .map(|i| agent(&c, &format!("n{i}"), &format!("127.0.0.{}", 10 + i)))
+        .map(|i| c.agent_at(&format!("n{i}"), &format!("127.0.0.{}", 10 + i)))
         .collect();
     c.wait_alive(&["n1", "n2", "n3", "n4"]);
 

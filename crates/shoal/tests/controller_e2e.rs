@@ -12,27 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-fn agent(c: &Cluster, name: &str, address: &str) -> Proc {
-    let dir = c.agent_dir(name);
-    let token = c.token();
-    Proc::spawn(
-        &format!("agent-{name}"),
-        &[
-            "agent",
-            "--join",
-            &c.url,
-            "--token",
-            &token,
-            "--name",
-            name,
-            "--dir",
-            dir.to_str().unwrap(),
-            "--address",
-            address,
-        ],
-    )
-}
-
 fn service(c: &Cluster) -> Option<serde_json::Value> {
     c.try_status()?["services"]
         .as_array()?
@@ -153,7 +132,7 @@ capacity = 1000
 fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_restart() {
     let mut c = Cluster::start(2.0);
     let _agents: Vec<Proc> = (1..=3)
-        .map(|i| agent(&c, &format!("n{i}"), &format!("127.0.0.{}", 20 + i)))
+        .map(|i| c.agent_at(&format!("n{i}"), &format!("127.0.0.{}", 20 + i)))
         .collect();
     c.wait_alive(&["n1", "n2", "n3"]);
     let (v1, v2) = (c.tmp.path().join("v1"), c.tmp.path().join("v2"));

@@ -303,6 +303,11 @@ impl Controller {
                 ch.relist.insert(name.clone());
             }
         }
+        self.settle_released(ch);
+    }
+
+    /// Nodes the pass took out of a service hold nothing now.
+    fn settle_released(&mut self, ch: &mut Changes) {
         for node in std::mem::take(&mut ch.released) {
             if let Some(n) = self.nodes.get_mut(&node) {
                 n.service = None;
@@ -453,12 +458,7 @@ impl Controller {
                 }
             }
         }
-        for node in std::mem::take(&mut ch.released) {
-            if let Some(n) = self.nodes.get_mut(&node) {
-                n.service = None;
-            }
-            self.dirty.insert(node);
-        }
+        self.settle_released(ch);
         want
     }
 
@@ -752,12 +752,7 @@ impl Controller {
     /// Writes what the pass changed, forgets drained-out services, and
     /// brings the nodes' desired apps in line with the allocations.
     fn finish(&mut self, now: Now, mut ch: Changes) {
-        for node in std::mem::take(&mut ch.released) {
-            if let Some(n) = self.nodes.get_mut(&node) {
-                n.service = None;
-            }
-            self.dirty.insert(node);
-        }
+        self.settle_released(&mut ch);
         let notes = std::mem::take(&mut ch.notes);
         self.out.extend(notes.into_iter().map(Command::Note));
         for name in &ch.changed {

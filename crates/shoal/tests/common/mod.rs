@@ -273,6 +273,29 @@ impl Cluster {
         Proc::spawn(&format!("agent-{name}"), &a)
     }
 
+    /// An agent that registers `address` as its own (one loopback address
+    /// per node, as separate hosts would have).
+    pub fn agent_at(&self, name: &str, address: &str) -> Proc {
+        let dir = self.agent_dir(name);
+        let token = self.token();
+        Proc::spawn(
+            &format!("agent-{name}"),
+            &[
+                "agent",
+                "--join",
+                &self.url,
+                "--token",
+                &token,
+                "--name",
+                name,
+                "--dir",
+                dir.to_str().unwrap(),
+                "--address",
+                address,
+            ],
+        )
+    }
+
     fn status_cmd(&self) -> (bool, String, String) {
         run(&[
             "status",
