@@ -297,7 +297,7 @@ pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
             }
             let listen = need("listen")?;
             listen
-                .parse::<std::net::SocketAddr>()
+                .parse::<core::net::SocketAddr>()
                 .map_err(|_| format!("listen must be IP:PORT, got {listen:?}"))?;
             need("root")?;
             Ok(())
