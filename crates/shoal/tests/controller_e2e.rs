@@ -142,15 +142,7 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
     let file = c.tmp.path().join("web.toml");
     let apply = |c: &Cluster, root: &std::path::Path| {
         write(&file, &spec(port, root));
-        let (ok, out, err) = run(&[
-            "service",
-            "apply",
-            file.to_str().unwrap(),
-            "--dir",
-            &c.dir_str(),
-            "--manager",
-            &c.url,
-        ]);
+        let (ok, out, err) = c.cli(&["service", "apply", file.to_str().unwrap()]);
         assert!(ok, "apply failed: {out}{err}");
     };
     apply(&c, &v1);
@@ -209,15 +201,7 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
     assert!(events.contains("rolling update"), "{events}");
 
     // An operator drains the serving node: the service moves elsewhere.
-    let (ok, out, err) = run(&[
-        "node",
-        "drain",
-        &second,
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
-    ]);
+    let (ok, out, err) = c.cli(&["node", "drain", &second]);
     assert!(ok && out.contains("draining"), "{out}{err}");
     let third = wait_for(
         "the drain moves the service",
@@ -245,15 +229,7 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
     );
     assert_eq!(c.node(&second).unwrap()["cordoned"], true);
     // The drained node, empty now, is removed; its certificate with it.
-    let (ok, out, err) = run(&[
-        "node",
-        "remove",
-        &second,
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
-    ]);
+    let (ok, out, err) = c.cli(&["node", "remove", &second]);
     assert!(ok && out.contains("removed"), "{out}{err}");
     assert!(c.node(&second).is_none());
     drop(client);
@@ -261,16 +237,7 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
     // The monitor's series survives a manager restart: the new manager
     // shows history at once instead of starting cold.
     let series_len = |c: &Cluster| -> usize {
-        let (ok, out, _) = run(&[
-            "service",
-            "show",
-            "web",
-            "--json",
-            "--dir",
-            &c.dir_str(),
-            "--manager",
-            &c.url,
-        ]);
+        let (ok, out, _) = c.cli(&["service", "show", "web", "--json"]);
         let d: serde_json::Value = if ok {
             serde_json::from_str(&out).unwrap_or_default()
         } else {

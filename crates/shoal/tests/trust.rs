@@ -161,15 +161,7 @@ fn join_tokens_expire_count_their_uses_and_never_take_over_a_name() {
         "{out}"
     );
     // Until an administrator removes the node.
-    let (ok, out, err) = run(&[
-        "node",
-        "remove",
-        "n1",
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
-    ]);
+    let (ok, out, err) = c.cli(&["node", "remove", "n1"]);
     assert!(ok && out.contains("revoked"), "{out}{err}");
     let _new = agent_with_file(
         &c,
@@ -205,14 +197,10 @@ fn a_removed_node_is_refused_and_a_node_reads_no_other_node() {
     let _n1 = c.agent("n1", "");
     let _n2 = c.agent("n2", "");
     c.wait_alive(&["n1", "n2"]);
-    let (ok, out, err) = run(&[
+    let (ok, out, err) = c.cli(&[
         "node",
         "assign",
         "n2",
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
         "--adaptor",
         "process",
         "--id",
@@ -241,15 +229,7 @@ fn a_removed_node_is_refused_and_a_node_reads_no_other_node() {
     );
 
     // The administrator removes n1: its certificate is refused at once.
-    let (ok, out, err) = run(&[
-        "node",
-        "remove",
-        "n1",
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
-    ]);
+    let (ok, out, err) = c.cli(&["node", "remove", "n1"]);
     assert!(ok, "{out}{err}");
     let reg = shoal_net::wire::Registration {
         name: "n1".into(),
@@ -278,14 +258,10 @@ fn the_dashboard_and_status_redact_secrets_and_check_the_host() {
     let c = Cluster::start(2.0);
     let _n1 = c.agent("n1", "");
     c.wait_alive(&["n1"]);
-    let (ok, out, err) = run(&[
+    let (ok, out, err) = c.cli(&[
         "node",
         "assign",
         "n1",
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
         "--adaptor",
         "process",
         "--id",
@@ -351,14 +327,10 @@ fn the_dashboard_and_status_redact_secrets_and_check_the_host() {
     assert!(raw(&format!("evil.example:{port}")).starts_with("HTTP/1.1 421"));
     assert!(raw(&format!("localhost:{port}")).starts_with("HTTP/1.1 200"));
     // Editing the node's apps keeps the secret it cannot see.
-    let (ok, out, err) = run(&[
+    let (ok, out, err) = c.cli(&[
         "node",
         "assign",
         "n1",
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
         "--adaptor",
         "www",
         "--id",
@@ -417,14 +389,10 @@ fn keys_tokens_secrets_and_the_registry_are_private() {
     let c = Cluster::start(2.0);
     let _n1 = c.agent("n1", "");
     c.wait_alive(&["n1"]);
-    let (ok, out, err) = run(&[
+    let (ok, out, err) = c.cli(&[
         "node",
         "assign",
         "n1",
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
         "--adaptor",
         "process",
         "--id",
@@ -661,15 +629,7 @@ fn a_dispatcher_certificate_reads_only_its_service() {
     .unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
     // Revoked: refused from the next request on.
-    let (ok, out, err) = run(&[
-        "cert",
-        "revoke",
-        "--dir",
-        &c.dir_str(),
-        "--manager",
-        &c.url,
-        &s(&out_dir.join("dispatcher.pem")),
-    ]);
+    let (ok, out, err) = c.cli(&["cert", "revoke", &s(&out_dir.join("dispatcher.pem"))]);
     assert!(ok, "{out}{err}");
     let e = block(d.get::<Value>("/v1/services/web/backends")).unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");

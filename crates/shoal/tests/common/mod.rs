@@ -273,6 +273,15 @@ impl Cluster {
         Proc::spawn(&format!("agent-{name}"), &a)
     }
 
+    /// Runs an administrator's `shoal ARGS --dir DIR --manager URL` against
+    /// this cluster.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let dir = self.dir_str();
+        let mut all = args.to_vec();
+        all.extend(["--dir", &dir, "--manager", &self.url]);
+        run(&all)
+    }
+
     /// An agent that registers `address` as its own (one loopback address
     /// per node, as separate hosts would have).
     pub fn agent_at(&self, name: &str, address: &str) -> Proc {
