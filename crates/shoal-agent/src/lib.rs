@@ -508,7 +508,9 @@ async fn lease_loop(
                 attempt = 0;
                 if let Some(r) = resp {
                     ttl_ms = r.lease_ttl_ms;
-                    desired = r.desired;
+                    if !r.unchanged {
+                        desired = r.desired;
+                    }
                     sup.reconcile(&desired).await;
                     applied = Some(r.generation);
                 }

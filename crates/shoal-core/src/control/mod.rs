@@ -714,10 +714,16 @@ impl Controller {
             }
             n.apps = apps;
         }
+        let unchanged = applied == Some(n.record.generation);
         let resp = RenewResponse {
             lease_ttl_ms: self.cfg.ttl_ms,
-            desired: n.record.desired.clone(),
+            desired: if unchanged {
+                Vec::new()
+            } else {
+                n.record.desired.clone()
+            },
             generation: n.record.generation,
+            unchanged,
         };
         let failed = n.flags.failed;
         let renewal = match self.leases.renew(name, now.mono_ms) {
@@ -1154,6 +1160,12 @@ impl Controller {
                 .map(|m| m.series().cloned().collect())
                 .unwrap_or_default(),
         })
+    }
+
+    /// The name of the forecaster feeding a service's policy (None for a
+    /// policy that decides on no forecast, or no running monitor).
+    pub fn forecaster_name(&self, name: &str) -> Option<String> {
+        self.services.get(name)?.monitor.as_ref()?.forecaster_name()
     }
 
     /// A service's backend list.

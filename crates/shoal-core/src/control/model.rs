@@ -83,10 +83,16 @@ pub struct RenewRequest {
 pub struct RenewResponse {
     /// Lease duration, milliseconds.
     pub lease_ttl_ms: u64,
-    /// What should run on this node.
+    /// What should run on this node (empty when `unchanged`).
     pub desired: Vec<AppAssignment>,
     /// Increases whenever `desired` changes.
     pub generation: u64,
+    /// The renewal said it had applied this generation already, so
+    /// `desired` is left out: the agent keeps what it has (as an etcd or
+    /// Consul watch answers "nothing new since your index"). Renewals at
+    /// 10,000 nodes then carry no app parameters at all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// One application the manager wants on a node.

@@ -251,9 +251,11 @@ impl Monitor {
         self.policy.name()
     }
 
-    /// The forecaster's name.
-    pub fn forecaster_name(&self) -> String {
-        self.forecaster.name()
+    /// The forecaster's name, when the policy decides on a forecast.
+    pub fn forecaster_name(&self) -> Option<String> {
+        self.policy
+            .forecast_horizon()
+            .map(|_| self.forecaster.name())
     }
 }
 

@@ -465,3 +465,53 @@ fn the_invariant_check_fires_on_a_state_it_must_not_accept() {
     let v = r.ctl.check_invariants();
     assert!(v.iter().any(|x| x.contains("above max_nodes")), "{v:?}");
 }
+
+#[test]
+fn a_renewal_that_has_applied_the_generation_gets_no_desired_state_back() {
+    let mut r = Rig::new();
+    r.node("n1", "10.0.0.1");
+    r.input(Input::ApplyService(spec("web", 1, 1, 0))).unwrap();
+    r.run(500);
+    let renew = |r: &mut Rig, applied| match r
+        .input(Input::Renew {
+            node: "n1".into(),
+            load: None,
+            apps: Vec::new(),
+            applied,
+        })
+        .unwrap()
+    {
+        Reply::Renewed(resp) => resp,
+        other => panic!("{other:?}"),
+    };
+    // A fresh agent (nothing applied) and one a generation behind get the
+    // whole desired state.
+    let full = renew(&mut r, None);
+    assert!(!full.unchanged);
+    assert_eq!(full.desired.len(), 1);
+    let behind = renew(&mut r, Some(full.generation - 1));
+    assert!(!behind.unchanged);
+    assert_eq!(behind.desired, full.desired);
+    // One that applied it gets the lease and the generation only; on the
+    // wire the flag is left out when false, so older agents read it.
+    let same = renew(&mut r, Some(full.generation));
+    assert!(same.unchanged && same.desired.is_empty());
+    assert_eq!(same.generation, full.generation);
+    let json = serde_json::to_value(&behind).unwrap();
+    assert!(json.get("unchanged").is_none(), "{json}");
+    // A change of the node's apps brings the new state back at once.
+    let mut p = Params::new();
+    p.insert("root".into(), "/srv/x".into());
+    r.input(Input::AssignApps {
+        node: "n1".into(),
+        apps: vec![AppAssignment {
+            id: "mine".into(),
+            adaptor: "www".into(),
+            params: p,
+        }],
+    })
+    .unwrap();
+    let next = renew(&mut r, Some(full.generation));
+    assert!(!next.unchanged && next.generation > full.generation);
+    assert_eq!(next.desired.len(), 2);
+}
