@@ -3,6 +3,7 @@
 //! manager runs live.
 
 pub mod engine;
+pub mod frontier;
 pub mod plot;
 pub mod workload;
 
@@ -120,6 +121,38 @@ pub struct AutoscaleArgs {
     /// Per-node monitor noise (sd as a fraction of the node's load).
     #[arg(long, default_value_t = 0.05)]
     pub noise: f64,
+    /// Sweep instead: threshold and AR, HPA at every --hpa-targets, the
+    /// predictive policy at every --ks, each the mean of --seeds.
+    #[arg(long)]
+    pub frontier: bool,
+    /// HPA targets the frontier sweeps.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.5,0.6,0.7,0.8,0.9",
+        requires = "frontier"
+    )]
+    pub hpa_targets: Vec<f64>,
+    /// Predictive k values the frontier sweeps.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,1,2,3",
+        requires = "frontier"
+    )]
+    pub ks: Vec<f64>,
+    /// Predictive provisioning thresholds the frontier sweeps (its
+    /// `sla.upper`; violations are still measured at ut = 0.9).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.7,0.8,0.9,1",
+        requires = "frontier"
+    )]
+    pub predictive_uts: Vec<f64>,
+    /// Seeds the frontier averages (A..B, inclusive).
+    #[arg(long, default_value = "1..5", value_parser = crate::cluster::seeds_arg, requires = "frontier")]
+    pub seeds: (u64, u64),
 }
 
 impl AutoscaleArgs {
@@ -173,6 +206,29 @@ pub fn summary_json(runs: &[Run], several: bool) -> serde_json::Value {
 
 /// Runs the simulation.
 pub fn run(args: &AutoscaleArgs) -> anyhow::Result<()> {
+    if args.frontier {
+        let f = frontier::sweep(
+            &args.workload,
+            args.step,
+            &args.config(),
+            &frontier::Sweep {
+                hpa_targets: args.hpa_targets.clone(),
+                ks: args.ks.clone(),
+                predictive_uts: args.predictive_uts.clone(),
+                seeds: args.seeds,
+            },
+        )?;
+        if let Some(dir) = &args.out {
+            frontier::write(dir, &f)?;
+        }
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&f)?)?;
+        } else {
+            write!(out, "{}", frontier::table(&f))?;
+        }
+        return Ok(());
+    }
     let kinds = args.policy.kinds();
     let cfg = args.config();
     let (w, runs) = run_all(&args.workload, args.step, &kinds, &cfg)?;

@@ -191,8 +191,15 @@ pub struct ClusterConfig {
     pub period_s: f64,
     /// SLA upper threshold (violations are measured against it).
     pub ut: f64,
+    /// SLA lower threshold (threshold and predictive policies release
+    /// below it).
+    pub lt: f64,
     /// Target of the HPA policy (its `sla.upper`), when it runs.
     pub hpa_target: f64,
+    /// The other policies' `sla.upper`, when it is not `ut` (violations
+    /// are still measured against `ut`); `sla.lower` keeps the distance
+    /// between `ut` and `lt` below it.
+    pub policy_ut: Option<f64>,
     /// Predictive policy's k.
     pub k: f64,
     /// Floor and ceiling of every service.
@@ -207,6 +214,10 @@ pub struct ClusterConfig {
     pub drain_timeout_s: f64,
     /// Record one step per measurement (for plots; single service only).
     pub record_steps: bool,
+    /// Seconds the cluster runs before the workload starts, its demand held
+    /// at the workload's first value, with nothing measured: the services
+    /// are already running when measurement begins (`shoal sim autoscale`).
+    pub warmup_s: f64,
 }
 
 impl ClusterConfig {
@@ -232,7 +243,9 @@ impl ClusterConfig {
             capacity: 100.0,
             period_s: if nodes <= 2000 { 2.0 } else { 5.0 },
             ut: 0.9,
+            lt: Sla::default().lower,
             hpa_target: 0.8,
+            policy_ut: None,
             k: 2.0,
             min_nodes: 1,
             max_nodes: 0,
@@ -240,6 +253,7 @@ impl ClusterConfig {
             common_noise: 0.03,
             drain_timeout_s: 30.0,
             record_steps: false,
+            warmup_s: 0.0,
         }
     }
 }
@@ -270,6 +284,8 @@ pub struct Step {
     pub forecast: Option<f64>,
     /// Nodes allocated (starting + serving).
     pub allocated: u32,
+    /// Nodes held: allocated plus draining (what node-seconds count).
+    pub held: u32,
     /// Backends the dispatcher sends to that really serve.
     pub ready: u32,
     /// Demand above ut x serving capacity.
@@ -334,8 +350,8 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Pass,
+    /// A renewal arrives at the manager (sent one network delay earlier).
     Renew(u32),
-    RenewArrives(u32),
     AppReady(u32, u64),
     Report(u32),
     Deliver(u32, u64),
@@ -364,6 +380,8 @@ struct VNode {
     /// When the controller last heard this node (simulated ms).
     last_heard_ms: u64,
     crashed_at_ms: Option<u64>,
+    /// Network delay of the renewal in flight.
+    renew_delay_ms: u64,
 }
 
 #[derive(Debug)]
@@ -558,6 +576,7 @@ impl Sim {
     }
 
     fn persist(&mut self, d: Doc) {
+        let measuring = self.measuring();
         let st = &mut self.store;
         match d {
             Doc::Registration(r) => {
@@ -596,18 +615,33 @@ impl Sim {
             }
             Doc::Allocation { service, doc } => {
                 let before = st.allocs.get(&service);
-                let had = |n: &str| before.is_some_and(|b| b.allocs.iter().any(|a| a.node == n));
-                let adds = doc.allocs.iter().filter(|a| !had(&a.node)).count() as u64;
+                // A node is added when it becomes allocated (starting or
+                // serving) and released when it stops being so: when its
+                // drain starts, not when the drain ends.
+                let allocated = |d: &AllocDoc, n: &str| {
+                    d.allocs
+                        .iter()
+                        .any(|a| a.node == n && a.phase != AllocPhase::Draining)
+                };
+                let adds = doc
+                    .allocs
+                    .iter()
+                    .filter(|a| a.phase != AllocPhase::Draining)
+                    .filter(|a| before.is_none_or(|b| !allocated(b, &a.node)))
+                    .count() as u64;
                 let releases = before.map_or(0, |b| {
                     b.allocs
                         .iter()
-                        .filter(|a| !doc.allocs.iter().any(|x| x.node == a.node))
+                        .filter(|a| a.phase != AllocPhase::Draining)
+                        .filter(|a| !allocated(&doc, &a.node))
                         .count() as u64
                 });
-                self.report.adds += adds;
-                self.report.releases += releases;
-                let held = doc.allocs.len() as u32;
-                self.report.peak_nodes = self.report.peak_nodes.max(held);
+                if measuring {
+                    self.report.adds += adds;
+                    self.report.releases += releases;
+                    let held = doc.allocs.len() as u32;
+                    self.report.peak_nodes = self.report.peak_nodes.max(held);
+                }
                 st.allocs.insert(service, doc);
             }
             Doc::AllocationDeleted(n) => {
@@ -628,7 +662,6 @@ impl Sim {
         match ev {
             Ev::Pass => self.pass(),
             Ev::Renew(i) => self.renew(i),
-            Ev::RenewArrives(i) => self.renew_arrives(i),
             Ev::AppReady(i, token) => self.app_ready(i, token),
             Ev::Report(i) => self.dispatch_report(i),
             Ev::Deliver(i, v) => self.deliver(i, v),
@@ -639,6 +672,15 @@ impl Sim {
             Ev::Update => self.update(),
             Ev::Measure => self.measure(),
         }
+    }
+
+    /// Whether the warm-up is over and what happens counts.
+    fn measuring(&self) -> bool {
+        self.now_ms >= self.warmup_ms()
+    }
+
+    fn warmup_ms(&self) -> u64 {
+        (self.cfg.warmup_s * 1000.0) as u64
     }
 
     fn renew_period_ms(&self) -> u64 {
@@ -747,18 +789,26 @@ impl Sim {
         self.ctl.as_ref().map_or(0, |c| c.config().grace_ms)
     }
 
+    /// A renewal arrives; the agent's next one is sent a renewal period
+    /// (less jitter) after this one was, and arrives a fresh delay later.
+    /// One event per renewal: at 10,000 nodes renewals are most events.
     fn renew(&mut self, i: u32) {
         if !self.nodes[i as usize].up {
             return;
         }
         let period = self.renew_period_ms();
         let jitter = (self.rng.uniform() * period as f64 * 0.1) as u64;
-        self.after(period - jitter, Ev::Renew(i));
+        let sent_delay = self.nodes[i as usize].renew_delay_ms;
+        let d = self.delay();
+        self.nodes[i as usize].renew_delay_ms = d;
+        self.after(
+            (period - jitter + d).saturating_sub(sent_delay).max(1),
+            Ev::Renew(i),
+        );
         if self.lost() {
             return;
         }
-        let d = self.delay();
-        self.after(d, Ev::RenewArrives(i));
+        self.renew_arrives(i);
     }
 
     fn renew_arrives(&mut self, i: u32) {
@@ -885,7 +935,8 @@ impl Sim {
             return 0.0;
         }
         let step = self.cfg.period_s;
-        let idx = ((self.now_ms as f64 / 1000.0 / step) as usize + d.offset) % d.demand.len();
+        let t = self.now_ms.saturating_sub(self.warmup_ms()) as f64 / 1000.0;
+        let idx = ((t / step + 1e-6) as usize + d.offset) % d.demand.len();
         d.demand[idx] * d.scale
     }
 
@@ -1017,7 +1068,8 @@ impl Sim {
         // A fresh agent registers, then renews.
         self.register(i);
         let d = self.delay();
-        self.after(d, Ev::Renew(i));
+        self.nodes[i as usize].renew_delay_ms = d;
+        self.after(2 * d, Ev::Renew(i));
     }
 
     fn manager_down(&mut self) {
@@ -1146,11 +1198,12 @@ impl Sim {
                 let changed = reason != self.last_reason;
                 self.last_reason.clone_from(&reason);
                 self.report.steps.push(Step {
-                    time: self.now_ms as f64 / 1000.0,
+                    time: (self.now_ms - self.warmup_ms()) as f64 / 1000.0,
                     demand,
                     observed: st.as_ref().and_then(|x| x.usage).unwrap_or(0.0),
                     forecast: st.as_ref().and_then(|x| x.forecast),
                     allocated: allocated as u32,
+                    held: held as u32,
                     ready,
                     violated,
                     reason: reason.filter(|_| changed),
@@ -1262,16 +1315,20 @@ impl ClusterConfig {
             self.capacity.is_finite() && self.capacity > 0.0,
             "--capacity must be positive"
         );
+        anyhow::ensure!(
+            self.warmup_s.is_finite() && self.warmup_s >= 0.0,
+            "the warm-up must not be negative"
+        );
         Ok(())
     }
 
     /// The services' definition (all alike but for name, scale and the
     /// policy's settings).
     pub fn service_spec(&self, name: &str, max_nodes: u32, season: Option<f64>) -> ServiceSpec {
-        let upper = if self.policy == PolicyKind::Hpa {
-            self.hpa_target
-        } else {
-            self.ut
+        let (upper, lower) = match (self.policy, self.policy_ut) {
+            (PolicyKind::Hpa, _) => (self.hpa_target, self.lt.min(self.hpa_target)),
+            (_, Some(u)) => (u, (u - (self.ut - self.lt)).max(0.01)),
+            (_, None) => (self.ut, self.lt.min(self.ut)),
         };
         let mut params = Params::new();
         params.insert("command".into(), "/usr/bin/server".into());
@@ -1295,10 +1352,7 @@ impl ClusterConfig {
             min_nodes: self.min_nodes,
             max_nodes,
             priority: 0,
-            sla: Sla {
-                upper,
-                lower: Sla::default().lower.min(upper),
-            },
+            sla: Sla { upper, lower },
             policy: self.policy,
             lead_time_secs: self.lead_s,
             drain_timeout_secs: self.drain_timeout_s,
@@ -1315,9 +1369,22 @@ impl ClusterConfig {
 /// Runs one simulation.
 pub fn simulate(cfg: &ClusterConfig) -> anyhow::Result<Report> {
     cfg.validate()?;
+    let w: Workload = cfg.workload.build(cfg.period_s, cfg.seed)?;
+    simulate_workload(cfg, &w)
+}
+
+/// Runs one simulation of `w` (built on `cfg.period_s`); `cfg.workload`
+/// is not read.
+pub fn simulate_workload(cfg: &ClusterConfig, w: &Workload) -> anyhow::Result<Report> {
+    cfg.validate()?;
+    anyhow::ensure!(
+        (w.step - cfg.period_s).abs() < 1e-9,
+        "the workload's step {} s differs from the sampling period {} s",
+        w.step,
+        cfg.period_s
+    );
     let wall = std::time::Instant::now();
     let mut rng = Rng::new(cfg.seed, 0x5eed);
-    let w: Workload = cfg.workload.build(cfg.period_s, cfg.seed)?;
     anyhow::ensure!(!w.demand.is_empty(), "the workload is empty");
     let peak = w.demand.iter().copied().fold(0.0, f64::max).max(1e-9);
     let single = cfg.services == 1;
@@ -1405,10 +1472,13 @@ pub fn simulate(cfg: &ClusterConfig) -> anyhow::Result<Report> {
             generation: u64::MAX,
             last_heard_ms: 0,
             crashed_at_ms: None,
+            renew_delay_ms: 0,
         });
         sim.register(i);
         let first = (rng.uniform() * sim.renew_period_ms() as f64) as u64;
-        sim.at(first, Ev::Renew(i));
+        let d = sim.delay();
+        sim.nodes[i as usize].renew_delay_ms = d;
+        sim.at(first + d, Ev::Renew(i));
         sim.schedule_crash(i);
     }
     // Service demand: the workload, each service at its own phase, scaled
@@ -1444,9 +1514,8 @@ pub fn simulate(cfg: &ClusterConfig) -> anyhow::Result<Report> {
         sim.input(Input::ApplyService(spec));
         sim.at(500 + (rng.uniform() * 1000.0) as u64, Ev::Report(s));
     }
-    sim.report.forecaster = None;
     sim.at(0, Ev::Pass);
-    sim.at(0, Ev::Measure);
+    sim.at(sim.warmup_ms(), Ev::Measure);
     let f = &cfg.faults;
     if f.restart_manager_per_s > 0.0 {
         let t = sim.exp_ms(1.0 / f.restart_manager_per_s);
@@ -1456,7 +1525,7 @@ pub fn simulate(cfg: &ClusterConfig) -> anyhow::Result<Report> {
         let t = sim.exp_ms(1.0 / f.update_per_s);
         sim.at(t.max(1), Ev::Update);
     }
-    let end = (cfg.duration_s * 1000.0) as u64;
+    let end = ((cfg.warmup_s + cfg.duration_s) * 1000.0).round() as u64;
     while let Some(Reverse((t, _, ev))) = sim.queue.pop() {
         if t >= end {
             break;
@@ -1468,7 +1537,13 @@ pub fn simulate(cfg: &ClusterConfig) -> anyhow::Result<Report> {
     if sim.ctl.is_some() {
         sim.check();
     }
+    let forecaster = sim
+        .ctl
+        .as_ref()
+        .zip(sim.services.first())
+        .and_then(|(c, s)| c.forecaster_name(s));
     let mut r = sim.report;
+    r.forecaster = forecaster.filter(|_| single);
     r.decisions = sim.ctl.as_ref().map_or(0, Controller::decisions) + sim.decisions_before;
     r.reallocations = r.adds + r.releases;
     r.trace_sha256 = hex(&sim.hash.finalize());
@@ -1559,7 +1634,7 @@ fn duration_arg(s: &str) -> Result<f64, String> {
     shoal_core::duration::parse_secs(s).map_err(|e| e.to_string())
 }
 
-fn seeds_arg(s: &str) -> Result<(u64, u64), String> {
+pub(crate) fn seeds_arg(s: &str) -> Result<(u64, u64), String> {
     let (a, b) = s
         .split_once("..")
         .ok_or_else(|| format!("{s:?} is not a range; use A..B, e.g. 1..200"))?;

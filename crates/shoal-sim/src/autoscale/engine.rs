@@ -1,16 +1,17 @@
-//! The discrete-time autoscale simulation: a virtual clock stepping every
-//! sampling period, a monitor that sums noisy per-node load samples, and
-//! shoal-core's forecasters and policies deciding on them, exactly as the
-//! manager's reallocation engine does live.
+//! `shoal sim autoscale`'s engine: a front end over the whole-cluster
+//! simulator ([`crate::cluster`]). One service on a pool with room to
+//! spare, no faults, lead times fixed at `--lead-time`: every decision
+//! (the monitor's sum, the forecast, the policy, starts, drains and
+//! releases) is the manager's own [`shoal_core::control::Controller`], so
+//! these figures are those of the loop that runs live, not of a model of
+//! it.
 
 use serde::Serialize;
-use shoal_core::forecast::{Ar, ArConfig, Forecaster, Seasonal, SeasonalConfig};
-use shoal_core::policy::{
-    Action, Hpa, HpaConfig, Observation, Policy, Predictive, PredictiveConfig, Threshold,
-    choose_victim,
-};
+use shoal_core::control::model::PolicyKind as ServicePolicy;
+use shoal_core::policy::{HpaConfig, PredictiveConfig, Threshold};
 
-use super::workload::{Rng, Workload};
+use super::workload::Workload;
+use crate::cluster::{ClusterConfig, Faults, simulate_workload};
 
 /// The policies the simulator can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -39,6 +40,16 @@ impl PolicyKind {
             Self::Predictive => "predictive",
         }
     }
+
+    /// The service policy this stands for.
+    pub fn service_policy(self) -> ServicePolicy {
+        match self {
+            Self::Threshold => ServicePolicy::Threshold,
+            Self::Ar => ServicePolicy::Ar,
+            Self::Hpa => ServicePolicy::Hpa,
+            Self::Predictive => ServicePolicy::Predictive,
+        }
+    }
 }
 
 /// Simulation parameters.
@@ -60,6 +71,9 @@ pub struct SimConfig {
     pub hpa_target: f64,
     /// Predictive policy's k (standard deviations provisioned for).
     pub k: f64,
+    /// The predictive policy's provisioning threshold, when it is not `ut`
+    /// (violations are measured against `ut` all the same).
+    pub predictive_ut: Option<f64>,
     /// Per-node measurement noise, as a fraction of the node's load (sd).
     pub node_noise: f64,
     /// Noise common to all nodes (bitrate and ACK fluctuation), fraction (sd).
@@ -79,6 +93,7 @@ impl Default for SimConfig {
             lt: Threshold::LT,
             hpa_target: HpaConfig::default().target,
             k: PredictiveConfig::default().k,
+            predictive_ut: None,
             node_noise: 0.05,
             common_noise: 0.03,
             seed: 1,
@@ -97,8 +112,10 @@ pub struct StepRecord {
     pub observed: f64,
     /// Forecast mean the policy decided on, if any.
     pub forecast: Option<f64>,
-    /// Nodes allocated after the decision.
+    /// Nodes allocated (starting or serving).
     pub allocated: u32,
+    /// Nodes held: allocated plus draining.
+    pub held: u32,
     /// Nodes serving during this step.
     pub ready: u32,
     /// Whether demand exceeded ut x serving capacity.
@@ -112,7 +129,7 @@ pub struct StepRecord {
 pub struct Summary {
     /// Seconds in which demand exceeded ut x serving capacity.
     pub violation_seconds: f64,
-    /// Integral of allocated nodes (serving or starting) over time.
+    /// Integral of held nodes (starting, serving or draining) over time.
     pub node_seconds: f64,
     /// Nodes added plus nodes released.
     pub reallocations: u32,
@@ -137,79 +154,13 @@ pub struct Run {
     pub steps: Vec<StepRecord>,
 }
 
-fn samples_for(secs: f64, step: f64) -> usize {
-    (secs / step).round().max(1.0) as usize
+/// How long the cluster runs before the workload starts: the first nodes
+/// start (one lead time), and the forecasters fill their 40 s of history.
+fn warmup(cfg: &SimConfig) -> f64 {
+    cfg.lead_time + 60.0
 }
 
-/// A policy and the forecaster feeding it, if it uses one.
-type Brain = (Box<dyn Policy>, Option<Box<dyn Forecaster>>);
-
-/// The policy and forecaster a kind stands for, configured for `w`.
-fn build(kind: PolicyKind, w: &Workload, cfg: &SimConfig) -> anyhow::Result<Brain> {
-    // LAMA's AR(1): 40 s of history.
-    let lama_ar = ArConfig {
-        order: 1,
-        window: samples_for(40.0, w.step).max(ArConfig::default().min_window()),
-        period: w.step,
-        trend: false,
-    };
-    Ok(match kind {
-        PolicyKind::Threshold => (Box::new(Threshold::new(cfg.ut, cfg.lt)?), None),
-        PolicyKind::Ar => (
-            Box::new(Threshold::new(cfg.ut, cfg.lt)?.on_forecast(Threshold::AR_HORIZON)?),
-            Some(Box::new(Ar::new(lama_ar)?)),
-        ),
-        PolicyKind::Hpa => (
-            Box::new(Hpa::new(HpaConfig {
-                target: cfg.hpa_target,
-                ..HpaConfig::default()
-            })?),
-            None,
-        ),
-        PolicyKind::Predictive => {
-            let policy = Predictive::new(PredictiveConfig {
-                ut: cfg.ut,
-                lt: cfg.lt,
-                k: cfg.k,
-                lead_time: cfg.lead_time,
-                horizon_margin: w.step,
-                release_hold: None,
-            })?;
-            // Same 40 s history as LAMA, with a trend so ramps are followed.
-            let trend_ar = ArConfig {
-                trend: true,
-                ..lama_ar
-            };
-            let fc: Box<dyn Forecaster> = match w.season {
-                Some(season) => Box::new(Seasonal::new(SeasonalConfig {
-                    season,
-                    residual: trend_ar,
-                    ..SeasonalConfig::default()
-                })?),
-                None => Box::new(Ar::new(trend_ar)?),
-            };
-            (Box::new(policy), Some(fc))
-        }
-    })
-}
-
-/// Common-mode noise of the monitor, a function of the step only, so every
-/// policy sees the same noise on the same demand.
-fn common_noise(w: &Workload, cfg: &SimConfig) -> Vec<f64> {
-    let mut rng = Rng::new(cfg.seed, 0xc0);
-    let phi: f64 = 0.7;
-    let innov = cfg.common_noise * (1.0 - phi * phi).sqrt();
-    let mut x = 0.0;
-    w.demand
-        .iter()
-        .map(|_| {
-            x = phi * x + innov * rng.normal();
-            x
-        })
-        .collect()
-}
-
-/// Runs `kind` over `w`.
+/// Runs `kind` over `w`: one service through the cluster simulator.
 pub fn simulate(w: &Workload, kind: PolicyKind, cfg: &SimConfig) -> anyhow::Result<Run> {
     anyhow::ensure!(
         cfg.min_nodes <= cfg.max_nodes,
@@ -217,6 +168,7 @@ pub fn simulate(w: &Workload, kind: PolicyKind, cfg: &SimConfig) -> anyhow::Resu
         cfg.min_nodes,
         cfg.max_nodes
     );
+    anyhow::ensure!(cfg.max_nodes >= 1, "--max-nodes must be at least 1");
     anyhow::ensure!(
         cfg.capacity.is_finite() && cfg.capacity > 0.0,
         "--capacity must be positive"
@@ -226,110 +178,73 @@ pub fn simulate(w: &Workload, kind: PolicyKind, cfg: &SimConfig) -> anyhow::Resu
         "--lead-time must be non-negative"
     );
     anyhow::ensure!(
-        w.step.is_finite() && w.step > 0.0,
-        "--step must be positive"
+        w.step.is_finite() && w.step >= 0.1,
+        "--step must be at least 100ms"
     );
-    let (mut policy, mut forecaster) = build(kind, w, cfg)?;
-    let horizon = policy.forecast_horizon();
-    let common = common_noise(w, cfg);
-    let c = cfg.capacity;
-    // Each node is the time it starts serving.
-    let mut nodes: Vec<f64> = vec![f64::NEG_INFINITY; cfg.min_nodes as usize];
-    let mut s = Summary {
-        violation_seconds: 0.0,
-        node_seconds: 0.0,
-        reallocations: 0,
-        adds: 0,
-        releases: 0,
-        peak_nodes: cfg.min_nodes,
-    };
-    let mut steps = Vec::with_capacity(w.demand.len());
-    for (i, &demand) in w.demand.iter().enumerate() {
-        let t = i as f64 * w.step;
-        let ready = nodes.iter().filter(|&&r| r <= t + 1e-9).count() as u32;
-        let violated = demand > cfg.ut * f64::from(ready) * c + 1e-9;
-        if violated {
-            s.violation_seconds += w.step;
-        }
-        // The dispatcher spreads the load over serving nodes; a node cannot
-        // carry more than C. Each monitor sample is noisy.
-        let per_node = if ready > 0 {
-            (demand / f64::from(ready)).min(c)
-        } else {
-            0.0
-        };
-        let mut rng = Rng::new(cfg.seed, 1 + i as u64);
-        let samples: Vec<f64> = nodes
-            .iter()
-            .map(|&r| {
-                let z = rng.normal();
-                if r <= t + 1e-9 {
-                    (per_node * (1.0 + common[i] + cfg.node_noise * z)).clamp(0.0, c)
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let usage = Observation::sum_usage(samples.iter().copied());
-        let forecast = match (&mut forecaster, horizon) {
-            (Some(f), Some(h)) => {
-                f.observe(t, usage);
-                f.forecast(h)
-            }
-            _ => None,
-        };
-        let obs = Observation {
-            time: t,
-            usage,
-            allocated: nodes.len() as u32,
-            ready,
-            capacity: c,
-            min_nodes: cfg.min_nodes,
-            max_nodes: cfg.max_nodes,
-            lead_time: cfg.lead_time,
-            forecast,
-        };
-        let decision = policy.decide(&obs)?;
-        let mut samples = samples;
-        match decision.action {
-            Action::Hold => {}
-            Action::Add(k) => {
-                for _ in 0..k {
-                    nodes.push(t + cfg.lead_time);
-                    samples.push(0.0);
-                }
-                s.adds += k;
-            }
-            Action::Release(k) => {
-                for _ in 0..k {
-                    let victim = choose_victim(samples.iter().copied().enumerate());
-                    if let Some(v) = victim {
-                        nodes.remove(v);
-                        samples.remove(v);
-                        s.releases += 1;
-                    }
-                }
-            }
-        }
-        let allocated = nodes.len() as u32;
-        s.peak_nodes = s.peak_nodes.max(allocated);
-        s.node_seconds += f64::from(allocated) * w.step;
-        steps.push(StepRecord {
-            time: t,
-            demand,
-            observed: usage,
-            forecast: forecast.map(|f| f.mean),
-            allocated,
-            ready,
-            violated,
-            reason: (decision.action != Action::Hold).then_some(decision.reason),
-        });
+    // Twice the ceiling: released nodes drain while their replacements
+    // start, and the pool never limits the policy.
+    let mut c = ClusterConfig::new(cfg.max_nodes * 2 + 2, 1);
+    c.duration_s = w.demand.len() as f64 * w.step;
+    c.warmup_s = warmup(cfg);
+    c.faults = Faults::none();
+    c.seed = cfg.seed;
+    c.policy = kind.service_policy();
+    c.lead_s = cfg.lead_time;
+    c.lead_spread = 0.0;
+    c.capacity = cfg.capacity;
+    c.period_s = w.step;
+    c.ut = cfg.ut;
+    c.lt = cfg.lt;
+    c.hpa_target = cfg.hpa_target;
+    c.policy_ut = cfg.predictive_ut.filter(|_| kind == PolicyKind::Predictive);
+    c.k = cfg.k;
+    c.min_nodes = cfg.min_nodes;
+    c.max_nodes = cfg.max_nodes;
+    c.node_noise = cfg.node_noise;
+    c.common_noise = cfg.common_noise;
+    c.record_steps = true;
+    let r = simulate_workload(&c, w)?;
+    if let Some(v) = r.invariant_violations.first() {
+        anyhow::bail!(
+            "the controller broke an invariant at {:.1} s (step {}, seed {}): {}",
+            v.time_s,
+            v.step,
+            v.seed,
+            v.what
+        );
     }
-    s.reallocations = s.adds + s.releases;
+    let steps: Vec<StepRecord> = r
+        .steps
+        .iter()
+        .map(|s| StepRecord {
+            time: s.time,
+            demand: s.demand,
+            observed: s.observed,
+            forecast: s.forecast,
+            allocated: s.allocated,
+            held: s.held,
+            ready: s.ready,
+            violated: s.violated,
+            reason: s.reason.clone(),
+        })
+        .collect();
+    let summary = Summary {
+        violation_seconds: r.violation_seconds,
+        node_seconds: r.node_seconds,
+        reallocations: r.reallocations as u32,
+        adds: r.adds as u32,
+        releases: r.releases as u32,
+        peak_nodes: steps
+            .iter()
+            .map(|s| s.held)
+            .max()
+            .unwrap_or(0)
+            .max(r.peak_nodes),
+    };
     Ok(Run {
         policy: kind,
-        forecaster: forecaster.map(|f| f.name()),
-        summary: s,
+        forecaster: r.forecaster,
+        summary,
         steps,
     })
 }

@@ -17,7 +17,7 @@ const PANEL: u32 = 170;
 
 /// The embedded font (DejaVu Sans), registered once for plotters' ab_glyph
 /// text: no system font lookup, so no fontconfig.
-fn font_ready() -> bool {
+pub(super) fn font_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
@@ -25,7 +25,7 @@ fn font_ready() -> bool {
     })
 }
 
-fn colour(kind: PolicyKind) -> RGBColor {
+pub(super) fn colour(kind: PolicyKind) -> RGBColor {
     match kind {
         PolicyKind::Threshold => RGBColor(214, 39, 40),
         PolicyKind::Ar => RGBColor(31, 119, 180),
@@ -52,7 +52,7 @@ pub fn plot(path: &Path, w: &Workload, runs: &[Run], cfg: &SimConfig) -> anyhow:
     }
 }
 
-fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+pub(super) fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
 
@@ -96,7 +96,7 @@ fn draw<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc("time (s)")
-        .y_desc("load")
+        .y_desc(format!("load ({})", w.unit))
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.0}"))
         .light_line_style(WHITE.mix(0.0))

@@ -14,7 +14,12 @@ pub struct Workload {
     pub demand: Vec<f64>,
     /// Length of a season (a compressed day) if the workload has one.
     pub season: Option<f64>,
+    /// The demand's unit, for axes and reports.
+    pub unit: &'static str,
 }
+
+/// The built-in workloads' unit: LAMA's, with nodes of 100 Mbit/s.
+const UNIT: &str = "Mbit/s";
 
 /// Which workload, as given on the command line.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,6 +196,7 @@ pub fn lama_audio(p: &LamaAudio, step: f64, seed: u64) -> Workload {
         step,
         demand,
         season: None,
+        unit: UNIT,
     }
 }
 
@@ -253,6 +259,7 @@ pub fn diurnal(step: f64, seed: u64) -> Workload {
         step,
         demand,
         season: Some(DIURNAL_DAY),
+        unit: UNIT,
     }
 }
 
@@ -296,6 +303,7 @@ pub fn flash_crowd(step: f64, seed: u64) -> Workload {
         step,
         demand,
         season: None,
+        unit: UNIT,
     }
 }
 
@@ -321,6 +329,7 @@ pub fn noisy_wave(step: f64, seed: u64) -> Workload {
         step,
         demand,
         season: None,
+        unit: UNIT,
     }
 }
 
@@ -340,6 +349,7 @@ pub fn csv(path: &Path, step: f64) -> anyhow::Result<Workload> {
         step,
         demand: resample(&points, step),
         season: None,
+        unit: "capacity units",
     })
 }
 
