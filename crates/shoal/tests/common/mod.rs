@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod load;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_shoal");
 
 /// A child process whose output is captured; killed (whole group) on drop.
