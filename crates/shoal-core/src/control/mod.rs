@@ -366,6 +366,10 @@ pub struct Controller {
     /// Node names by registered host address: nodes sharing a host are the
     /// only ones whose backends can collide.
     hosts: BTreeMap<String, BTreeSet<String>>,
+    /// Nodes an operator drains (their `flags.drain`): every pass asks of
+    /// every allocation whether its node drains, and this is nearly always
+    /// empty, so the question costs no lookup among all nodes.
+    drains: BTreeSet<String>,
     next_pass_ms: u64,
     next_full_ms: u64,
     decisions: u64,
@@ -383,6 +387,7 @@ impl Controller {
             dirty: BTreeSet::new(),
             free: BTreeSet::new(),
             hosts: BTreeMap::new(),
+            drains: BTreeSet::new(),
             next_pass_ms: 0,
             next_full_ms: 0,
             decisions: 0,
@@ -411,6 +416,9 @@ impl Controller {
                 .entry(record.registration.address.clone())
                 .or_default()
                 .insert(name.clone());
+            if flags.drain {
+                c.drains.insert(name.clone());
+            }
             c.nodes.insert(
                 name,
                 Node {
@@ -763,6 +771,7 @@ impl Controller {
         }
         self.dirty.remove(name);
         self.free.remove(name);
+        self.drains.remove(name);
         self.leases.remove(name);
         self.persist(Doc::NodeDeleted(name.to_string()));
         self.note(
@@ -925,6 +934,11 @@ impl Controller {
         let changed = n.flags.cordoned != on || n.flags.drain != drain;
         n.flags.cordoned = on;
         n.flags.drain = drain;
+        if drain {
+            self.drains.insert(name.to_string());
+        } else {
+            self.drains.remove(name);
+        }
         let flags = n.flags;
         let holder = n.service.clone();
         self.dirty.insert(name.to_string());
@@ -1212,6 +1226,19 @@ impl Controller {
         // Every allocation's node points back at its service, and as many
         // nodes point at a service as there are allocations: so no node is
         // in two services and no node claims a service that lost it.
+        // The drain index is the nodes' drain flags, no more, no less.
+        let drains: BTreeSet<&String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.flags.drain)
+            .map(|(k, _)| k)
+            .collect();
+        if drains.len() != self.drains.len() || drains.iter().any(|n| !self.drains.contains(*n)) {
+            v.push(format!(
+                "drain index {:?} differs from the nodes' drain flags {drains:?}",
+                self.drains
+            ));
+        }
         let mut allocations = 0;
         for (name, s) in &self.services {
             allocations += s.doc.allocs.len();

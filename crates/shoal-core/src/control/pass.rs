@@ -114,22 +114,20 @@ impl Controller {
         for name in &surging {
             // No free node came for the surge: update in place, one node at
             // a time, while at least one other node serves.
-            let nodes = &self.nodes;
+            let drains = &self.drains;
             let Some(s) = self.services.get_mut(name) else {
                 continue;
             };
             if s.doc.surge {
                 continue;
             }
-            let Some(i) = stale_victim(s, nodes) else {
+            let Some(i) = stale_victim(s, drains) else {
                 continue;
             };
-            let why = to_replace(s, &s.doc.allocs[i], nodes).unwrap_or_default();
+            let why = to_replace(s, &s.doc.allocs[i], drains).unwrap_or_default();
             // An operator's drain goes ahead even for the last node; an
             // update waits until another node serves.
-            let drained = nodes
-                .get(&s.doc.allocs[i].node)
-                .is_some_and(|n| n.flags.drain);
+            let drained = drains.contains(&s.doc.allocs[i].node);
             if drained || s.count(AllocPhase::Serving) >= 2 {
                 let node = start_drain(s, i, now, None);
                 ch.note(
@@ -436,7 +434,7 @@ impl Controller {
                         continue;
                     }
                     // An out-of-date node goes first during a rolling update.
-                    let Some(i) = stale_victim(s, nodes).or_else(|| victim(s)) else {
+                    let Some(i) = stale_victim(s, &self.drains).or_else(|| victim(s)) else {
                         break;
                     };
                     let u = s
@@ -473,7 +471,7 @@ impl Controller {
         ch: &mut Changes,
     ) -> BTreeSet<String> {
         let mut surging = BTreeSet::new();
-        let nodes = &self.nodes;
+        let drains = &self.drains;
         for (name, s) in self.services.iter_mut() {
             if s.spec.is_none() {
                 continue;
@@ -482,7 +480,7 @@ impl Controller {
                 .doc
                 .allocs
                 .iter()
-                .filter(|a| a.phase != AllocPhase::Draining && to_replace(s, a, nodes).is_some())
+                .filter(|a| a.phase != AllocPhase::Draining && to_replace(s, a, drains).is_some())
                 .count();
             if stale == 0 {
                 if s.doc.surge {
@@ -497,8 +495,8 @@ impl Controller {
                 continue;
             }
             if s.doc.surge {
-                if let Some(i) = stale_victim(s, nodes) {
-                    let why = to_replace(s, &s.doc.allocs[i], nodes).unwrap_or_default();
+                if let Some(i) = stale_victim(s, drains) {
+                    let why = to_replace(s, &s.doc.allocs[i], drains).unwrap_or_default();
                     let node = start_drain(s, i, now, None);
                     s.doc.surge = false;
                     ch.note(
@@ -1013,8 +1011,8 @@ fn victim(s: &Service) -> Option<usize> {
 
 /// Why an allocation must be replaced, if it must: its app is out of date
 /// (a rolling update), or an operator drains its node.
-fn to_replace(s: &Service, a: &Allocation, nodes: &BTreeMap<String, Node>) -> Option<&'static str> {
-    if nodes.get(&a.node).is_some_and(|n| n.flags.drain) {
+fn to_replace(s: &Service, a: &Allocation, drains: &BTreeSet<String>) -> Option<&'static str> {
+    if !drains.is_empty() && drains.contains(&a.node) {
         Some("drained by an operator")
     } else if a.app_epoch < s.doc.app_epoch {
         Some("its app is out of date")
@@ -1024,13 +1022,13 @@ fn to_replace(s: &Service, a: &Allocation, nodes: &BTreeMap<String, Node>) -> Op
 }
 
 /// The least utilized serving node that must be replaced.
-fn stale_victim(s: &Service, nodes: &BTreeMap<String, Node>) -> Option<usize> {
+fn stale_victim(s: &Service, drains: &BTreeSet<String>) -> Option<usize> {
     choose_victim(
         s.doc
             .allocs
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.phase == AllocPhase::Serving && to_replace(s, a, nodes).is_some())
+            .filter(|(_, a)| a.phase == AllocPhase::Serving && to_replace(s, a, drains).is_some())
             .map(|(i, a)| (i, s.util.get(&a.node).copied().unwrap_or(f64::NAN))),
     )
 }
