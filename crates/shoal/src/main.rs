@@ -94,6 +94,11 @@ enum SimCmd {
     /// The manager's controller on a virtual clock: a whole pool with
     /// virtual agents and dispatchers, faults and invariants.
     Cluster(shoal_sim::cluster::ClusterArgs),
+    /// SMON's self-deployment from one seeded peer, against the paper's
+    /// analysis (Y_r, E(X'), one ping per peer per round, Table II).
+    ///
+    /// Example: shoal sim overlay --hosts 10000 --seed 1 --json
+    Overlay(shoal_sim::overlay::OverlayArgs),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +127,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Locality(a)) => shoal_sim::locality::run(&a),
         Cmd::Sim(SimCmd::Autoscale(a)) => shoal_sim::autoscale::run(&a),
         Cmd::Sim(SimCmd::Cluster(a)) => shoal_sim::cluster::run(&a),
+        Cmd::Sim(SimCmd::Overlay(a)) => shoal_sim::overlay::run(&a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
