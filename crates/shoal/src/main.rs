@@ -6,6 +6,7 @@ mod admin;
 mod bench_agents;
 mod inspect;
 mod node;
+mod overlay;
 mod service;
 mod up;
 
@@ -58,6 +59,9 @@ enum Cmd {
     ///
     /// Example: shoal route --backends a:1,b:2,c:3 --algo url-hash --replicas 2 /prog/x.html /stat/x.html
     Route(shoal_dispatch::RouteArgs),
+    /// The epidemic overlay (SMON): run a peer, set the target list, ask a peer.
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCmd),
     /// Simulations that run shoal-core's policies on a virtual clock.
     #[command(subcommand)]
     Sim(SimCmd),
@@ -155,6 +159,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
+                    Cmd::Overlay(c) => overlay::run(c).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
                     Cmd::Sim(_)
