@@ -211,3 +211,23 @@ mod tests {
         assert!(decode(&[], 0).is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use crate::seal::{Opener, OverlayKey};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Nothing a host sends can panic a peer: not a datagram, not a
+        /// plaintext that passed authentication.
+        #[test]
+        fn any_bytes_are_dropped_without_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut o = Opener::new(&OverlayKey::generate());
+            let mut framed = b"SHO1".to_vec();
+            framed.extend_from_slice(&bytes);
+            prop_assert!(o.open(&bytes).is_err());
+            prop_assert!(o.open(&framed).is_err());
+            let _ = super::decode(&bytes, 0);
+        }
+    }
+}

@@ -401,3 +401,84 @@ fn target_lists_are_validated() {
     let l: TargetList = serde_json::from_value(json).unwrap();
     assert_eq!((l.targets()[0].ssh_port, l.overlay_port()), (22, 7946));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Advance(u64),
+        Answer(usize),
+        Outcome(usize, u8),
+        PingFrom(usize),
+    }
+
+    fn ev() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            (1u64..2500).prop_map(Ev::Advance),
+            (0usize..8).prop_map(Ev::Answer),
+            (0usize..8, 0u8..6).prop_map(|(t, o)| Ev::Outcome(t, o)),
+            (0usize..8).prop_map(Ev::PingFrom),
+        ]
+    }
+
+    proptest! {
+        /// Whatever arrives in whatever order: at most one ping per interval,
+        /// never a self-ping, and never a second contact to a target whose
+        /// first has not ended.
+        #[test]
+        fn pings_are_paced_and_contacts_never_overlap(events in proptest::collection::vec(ev(), 1..300)) {
+            let mut p = peer("h2", 8);
+            let mut rng = Lcg(11);
+            let mut now = 0u64;
+            let mut pings = 0u64;
+            let mut open: std::collections::BTreeSet<usize> = Default::default();
+            let mut last_seq: Vec<(usize, u64)> = Vec::new();
+            for e in events {
+                match e {
+                    Ev::Advance(d) => {
+                        now += d;
+                        p.handle_timeout(now, &mut rng);
+                    }
+                    Ev::Answer(t) => {
+                        if let Some(&(target, seq)) = last_seq.iter().find(|(x, _)| *x == t) {
+                            p.handle_answer(target, seq, &Versions::default(), now);
+                        }
+                    }
+                    Ev::Outcome(t, o) => {
+                        let o = match o {
+                            0 => Outcome::Deployed,
+                            1 => Outcome::Recovered,
+                            2 => Outcome::AlreadyRunning,
+                            3 => Outcome::Unreachable("x".into()),
+                            4 => Outcome::WrongHostKey("x".into()),
+                            _ => Outcome::Failed("x".into()),
+                        };
+                        if open.remove(&t) {
+                            p.handle_outcome(t, Version::new(1, 0), o, now);
+                        }
+                    }
+                    Ev::PingFrom(t) => {
+                        p.handle_ping(t, &Versions::default(), now);
+                    }
+                }
+                while let Some(c) = p.poll() {
+                    match c {
+                        Command::Ping { target, seq, .. } => {
+                            prop_assert_ne!(target, 2);
+                            pings += 1;
+                            last_seq.retain(|(x, _)| *x != target);
+                            last_seq.push((target, seq));
+                        }
+                        Command::Contact { target, .. } => {
+                            prop_assert!(open.insert(target), "second contact to {}", target);
+                        }
+                        _ => {}
+                    }
+                }
+                prop_assert!(pings <= now / 1000 + 1, "{} pings by {} ms", pings, now);
+            }
+        }
+    }
+}
