@@ -12,6 +12,8 @@ pub mod duration;
 pub mod forecast;
 /// Leases: TTL bookkeeping, expiry, grace after a restart.
 pub mod lease;
+/// SMON's epidemic overlay: target list, versions, the peer's step, section IV.
+pub mod overlay;
 /// Allocation policies (LAMA Algorithm 1, HPA baseline, predictive).
 pub mod policy;
 /// Request selection (dispatch) algorithms and locality analysis.

@@ -6,3 +6,5 @@ pub mod autoscale;
 pub mod cluster;
 /// `shoal sim locality`: locality loss of subset rebuilding on backend failure.
 pub mod locality;
+/// `shoal sim overlay`: SMON's self-deployment against section IV's analysis.
+pub mod overlay;

@@ -6,6 +6,7 @@ mod admin;
 mod bench_agents;
 mod inspect;
 mod node;
+mod overlay;
 mod service;
 mod up;
 
@@ -58,6 +59,9 @@ enum Cmd {
     ///
     /// Example: shoal route --backends a:1,b:2,c:3 --algo url-hash --replicas 2 /prog/x.html /stat/x.html
     Route(shoal_dispatch::RouteArgs),
+    /// The epidemic overlay (SMON): run a peer, set the target list, ask a peer.
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCmd),
     /// Simulations that run shoal-core's policies on a virtual clock.
     #[command(subcommand)]
     Sim(SimCmd),
@@ -94,6 +98,11 @@ enum SimCmd {
     /// The manager's controller on a virtual clock: a whole pool with
     /// virtual agents and dispatchers, faults and invariants.
     Cluster(shoal_sim::cluster::ClusterArgs),
+    /// SMON's self-deployment from one seeded peer, against the paper's
+    /// analysis (Y_r, E(X'), one ping per peer per round, Table II).
+    ///
+    /// Example: shoal sim overlay --hosts 10000 --seed 1 --json
+    Overlay(shoal_sim::overlay::OverlayArgs),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +131,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Locality(a)) => shoal_sim::locality::run(&a),
         Cmd::Sim(SimCmd::Autoscale(a)) => shoal_sim::autoscale::run(&a),
         Cmd::Sim(SimCmd::Cluster(a)) => shoal_sim::cluster::run(&a),
+        Cmd::Sim(SimCmd::Overlay(a)) => shoal_sim::overlay::run(&a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -149,6 +159,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
+                    Cmd::Overlay(c) => overlay::run(c).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
                     Cmd::Sim(_)

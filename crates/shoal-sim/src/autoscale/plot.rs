@@ -17,7 +17,7 @@ const PANEL: u32 = 170;
 
 /// The embedded font (DejaVu Sans), registered once for plotters' ab_glyph
 /// text: no system font lookup, so no fontconfig.
-pub(super) fn font_ready() -> bool {
+pub(crate) fn font_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())

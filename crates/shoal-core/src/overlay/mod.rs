@@ -1,0 +1,26 @@
+//! The epidemic overlay of SMON (Gao et al.): peers that deploy shoal onto
+//! every machine of a target list over SSH and restart any peer that dies.
+//!
+//! - [`version`]: versions of the package, the target list and the livetag;
+//!   the higher version wins (II-A-3, II-A-4, II-C).
+//! - [`targets`]: the target list with each machine's SSH host key (II-C).
+//! - [`peer`]: one peer's epidemic step, Fig. 2 (pick, ping, judge, remedy).
+//! - [`analysis`]: the formulas of section IV.
+//!
+//! The live peer (`shoal agent`'s overlay) and `shoal sim overlay` drive the
+//! same [`peer::Peer`].
+
+pub mod analysis;
+pub mod peer;
+pub mod targets;
+pub mod version;
+
+#[cfg(test)]
+mod tests;
+
+pub use peer::{
+    Command, Config, Counters, Inspection, Millis, Outcome, Peer, Random, Remedy, State, View,
+    remedy,
+};
+pub use targets::{DEFAULT_OVERLAY_PORT, RawTargetList, Target, TargetError, TargetList};
+pub use version::{Livetag, Newer, Version, Versions, compare};

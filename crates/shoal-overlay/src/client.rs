@@ -1,0 +1,107 @@
+//! One request to one peer, as the client utility (SMON II-E) makes it:
+//! sealed with the overlay key, resent a few times (UDP may drop it), and
+//! an error naming the likely cause when no answer comes.
+
+use crate::seal::{Opener, OverlayKey, Sealer};
+use crate::wire::{self, Body, Message, StatusReport};
+use anyhow::Context;
+use shoal_core::overlay::{TargetList, Version};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+/// Sends `body` to `peer` and returns the first answer `accept` takes.
+pub async fn request<T>(
+    peer: SocketAddr,
+    key: &OverlayKey,
+    body: Body,
+    timeout: Duration,
+    accept: impl Fn(Body) -> Option<T>,
+) -> anyhow::Result<T> {
+    let bind: SocketAddr = if peer.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = UdpSocket::bind(bind)
+        .await
+        .context("cannot open a UDP socket")?;
+    let mut sealer = Sealer::new(key);
+    let mut opener = Opener::new(key);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; wire::MAX_DATAGRAM + 64];
+    let tries = 4u32;
+    for attempt in 0..tries {
+        let m = Message {
+            sent_ms: crate::now_ms(),
+            from: "shoal".into(),
+            body: body.clone(),
+        };
+        sock.send_to(&sealer.seal(&wire::encode(&m)?), peer)
+            .await
+            .with_context(|| format!("cannot send to {peer}"))?;
+        let until = (tokio::time::Instant::now() + timeout / tries).min(deadline);
+        while let Ok(r) = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await {
+            let (n, src) = r?;
+            if src != peer {
+                continue;
+            }
+            let Ok(plain) = opener.open(&buf[..n]) else {
+                continue;
+            };
+            let Ok(m) = wire::decode(&plain, crate::now_ms()) else {
+                continue;
+            };
+            if let Some(t) = accept(m.body) {
+                return Ok(t);
+            }
+        }
+        if attempt + 1 == tries || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    anyhow::bail!(
+        "no answer from {peer} within {:?}: is an overlay peer running there, with this overlay key?",
+        timeout
+    )
+}
+
+/// `shoal overlay status`: the peer's view.
+pub async fn status(
+    peer: SocketAddr,
+    key: &OverlayKey,
+    timeout: Duration,
+) -> anyhow::Result<StatusReport> {
+    let id: u64 = rand::random();
+    request(peer, key, Body::Status { id }, timeout, |b| match b {
+        Body::StatusReport { id: i, report } if i == id => Some(*report),
+        _ => None,
+    })
+    .await
+}
+
+/// `shoal overlay targets set`: whether the peer adopted `list`, and the
+/// version it holds.
+pub async fn set_targets(
+    peer: SocketAddr,
+    key: &OverlayKey,
+    list: TargetList,
+    timeout: Duration,
+) -> anyhow::Result<(bool, Version)> {
+    let id: u64 = rand::random();
+    request(
+        peer,
+        key,
+        Body::SetTargets { id, list },
+        timeout,
+        |b| match b {
+            Body::TargetsSet {
+                id: i,
+                adopted,
+                version,
+            } if i == id => Some((adopted, version)),
+            _ => None,
+        },
+    )
+    .await
+}

@@ -1,0 +1,27 @@
+//! shoal-overlay: the live SMON peer around [`shoal_core::overlay::Peer`].
+//!
+//! - [`seal`]: the overlay key (SMON's K_E) and the sealed envelope every
+//!   datagram travels in: ChaCha20-Poly1305 under a per-sender key, counter
+//!   nonces, a replay window.
+//! - [`wire`]: the messages (ping, answer, target list, status) and their
+//!   codec.
+//! - [`files`]: the target list file an operator writes, and what a peer
+//!   keeps in its directory.
+//! - [`peer`]: the UDP loop that feeds the sans-I/O peer and carries out its
+//!   commands.
+//! - [`client`]: one request to one peer (`shoal overlay status`,
+//!   `shoal overlay targets set`).
+
+pub mod client;
+pub mod files;
+pub mod peer;
+pub mod seal;
+pub mod wire;
+
+/// Unix time in milliseconds: the live clock the sans-I/O peer is handed.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
