@@ -1630,7 +1630,8 @@ pub struct ClusterArgs {
     pub out: Option<std::path::PathBuf>,
 }
 
-fn duration_arg(s: &str) -> Result<f64, String> {
+/// The `--duration`-style flags' parser (`500ms`, `6s`, `2m`, `1h`).
+pub(crate) fn duration_arg(s: &str) -> Result<f64, String> {
     shoal_core::duration::parse_secs(s).map_err(|e| e.to_string())
 }
 

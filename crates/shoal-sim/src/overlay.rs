@@ -732,11 +732,11 @@ pub struct OverlayArgs {
     #[arg(long, default_value_t = 1000)]
     pub hosts: u32,
     /// Ping interval, one round (500ms, 1s, 5s).
-    #[arg(long, default_value = "1s", value_parser = duration_arg)]
+    #[arg(long, default_value = "1s", value_parser = crate::cluster::duration_arg)]
     pub interval: f64,
     /// Ping timeout before a target is contacted (0s: detection at once, as
     /// the analysis assumes).
-    #[arg(long, default_value = "0s", value_parser = duration_arg)]
+    #[arg(long, default_value = "0s", value_parser = crate::cluster::duration_arg)]
     pub timeout: f64,
     /// Time a deployment takes, drawn once per host.
     #[arg(long, default_value = "instant")]
@@ -750,10 +750,6 @@ pub struct OverlayArgs {
     /// Write overlay-SEED.json and the plots here.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
-}
-
-fn duration_arg(s: &str) -> Result<f64, String> {
-    shoal_core::duration::parse_secs(s).map_err(|e| e.to_string())
 }
 
 impl OverlayArgs {

@@ -21,14 +21,6 @@ use common::*;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-fn service(c: &Cluster, name: &str) -> Option<serde_json::Value> {
-    c.try_status()?["services"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == name)
-        .cloned()
-}
-
 fn count(v: &serde_json::Value, field: &str) -> usize {
     v[field].as_array().map_or(0, |a| a.len())
 }
@@ -101,7 +93,7 @@ lower = 0.5
     // min_nodes = 1: one node is allocated and serves.
     let t0 = Instant::now();
     wait_for("first node serving", Duration::from_secs(60), || {
-        let s = service(&c, "web")?;
+        let s = c.service("web")?;
         (count(&s, "serving") == 1).then_some(())
     });
     eprintln!(
@@ -196,7 +188,7 @@ lower = 0.5
     let mut first_add = None;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let s = service(&c, "web");
+        let s = c.service("web");
         if let Some(s) = &s {
             if first_add.is_none() && count(s, "nodes") > 1 {
                 first_add = Some(t_up.elapsed());
@@ -276,7 +268,7 @@ lower = 0.5
     load.level.store(1, Relaxed);
     let t_down = Instant::now();
     wait_for("scale-in to 1 node", Duration::from_secs(120), || {
-        let s = service(&c, "web")?;
+        let s = c.service("web")?;
         (count(&s, "nodes") == 1 && count(&s, "serving") == 1).then_some(())
     });
     eprintln!(
@@ -317,7 +309,7 @@ lower = 0.5
     // Released once the dispatcher confirmed the node idle, not by timeout.
     assert!(all.contains("released after draining"), "{all}");
     assert!(all.contains("(Idle)"), "{all}");
-    let s = service(&c, "web").unwrap();
+    let s = c.service("web").unwrap();
     let kept = s["nodes"][0].as_str().unwrap().to_string();
     for n in st["nodes"].as_array().unwrap() {
         let has = n["desired"]
@@ -333,7 +325,7 @@ lower = 0.5
     c.manager.as_mut().unwrap().terminate();
     c.start_manager(&listen);
     let s = wait_for("service restored", Duration::from_secs(20), || {
-        service(&c, "web")
+        c.service("web")
     });
     assert_eq!(s["nodes"][0].as_str(), Some(kept.as_str()), "{s}");
 

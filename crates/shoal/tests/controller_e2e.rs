@@ -12,25 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-fn service(c: &Cluster) -> Option<serde_json::Value> {
-    c.try_status()?["services"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == "web")
-        .cloned()
-}
-
-fn names(v: &serde_json::Value, field: &str) -> Vec<String> {
-    v[field]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A client fetching `/v.txt` through the dispatcher in a loop, counting
 /// answers by body and failures.
 struct Client {
@@ -147,7 +128,7 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
     };
     apply(&c, &v1);
     let first = wait_for("one node serving v1", Duration::from_secs(60), || {
-        let s = service(&c)?;
+        let s = c.service("web")?;
         let serving = names(&s, "serving");
         (serving.len() == 1).then(|| serving[0].clone())
     });
@@ -180,7 +161,7 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
     // moment.
     apply(&c, &v2);
     let second = wait_for("the update finishes", Duration::from_secs(60), || {
-        let s = service(&c)?;
+        let s = c.service("web")?;
         let serving = names(&s, "serving");
         (serving.len() == 1
             && names(&s, "draining").is_empty()
@@ -207,7 +188,7 @@ fn rolling_update_and_node_drain_fail_no_request_and_the_series_survives_a_resta
         "the drain moves the service",
         Duration::from_secs(60),
         || {
-            let s = service(&c)?;
+            let s = c.service("web")?;
             let serving = names(&s, "serving");
             (serving.len() == 1 && names(&s, "draining").is_empty() && serving[0] != second)
                 .then(|| serving[0].clone())

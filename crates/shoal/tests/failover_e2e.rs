@@ -15,25 +15,6 @@ use common::*;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-fn service(c: &Cluster, name: &str) -> Option<serde_json::Value> {
-    c.try_status()?["services"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == name)
-        .cloned()
-}
-
-fn names(v: &serde_json::Value, field: &str) -> Vec<String> {
-    v[field]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The nodes in the manager's published backend list of `name`.
 fn listed(c: &Cluster, name: &str) -> Option<Vec<String>> {
     let (ok, out, _) = c.cli(&["service", "show", name, "--json"]);
@@ -152,7 +133,7 @@ fn a_node_whose_lease_expires_under_load_is_replaced_failing_only_its_requests_i
         &spec("web", 0, 2, 2, 100000.0, free_port(), &root),
     );
     wait_for("two nodes serving", Duration::from_secs(60), || {
-        (names(&service(&c, "web")?, "serving").len() == 2).then_some(())
+        (names(&c.service("web")?, "serving").len() == 2).then_some(())
     });
     let (disp, daddr) = dispatcher(&c, "web");
     let load = Load::start(daddr.clone(), "/big.bin");
@@ -161,7 +142,7 @@ fn a_node_whose_lease_expires_under_load_is_replaced_failing_only_its_requests_i
         (load.ok.load(Relaxed) > 50).then_some(())
     });
 
-    let s = service(&c, "web").unwrap();
+    let s = c.service("web").unwrap();
     let victim = names(&s, "serving")[0].clone();
     let spare = ["n1", "n2", "n3"]
         .into_iter()
@@ -188,7 +169,7 @@ fn a_node_whose_lease_expires_under_load_is_replaced_failing_only_its_requests_i
         "the spare node replaces it",
         Duration::from_secs(60),
         || {
-            let s = service(&c, "web")?;
+            let s = c.service("web")?;
             let serving = names(&s, "serving");
             (serving.len() == 2 && serving.contains(&spare) && !serving.contains(&victim))
                 .then_some(())
@@ -243,7 +224,7 @@ fn a_higher_priority_service_takes_a_lower_ones_nodes_through_drain() {
     apply(&c, "low", &spec("low", 0, 1, 3, 5.0, free_port(), &root));
     apply(&c, "high", &spec("high", 10, 1, 3, 5.0, free_port(), &root));
     wait_for("one node each", Duration::from_secs(60), || {
-        let (l, h) = (service(&c, "low")?, service(&c, "high")?);
+        let (l, h) = (c.service("low")?, c.service("high")?);
         (names(&l, "serving").len() == 1 && names(&h, "serving").len() == 1).then_some(())
     });
     let (_dl, low_addr) = dispatcher(&c, "low");
@@ -254,9 +235,9 @@ fn a_higher_priority_service_takes_a_lower_ones_nodes_through_drain() {
     // The low-priority service grows into the rest of the pool.
     low_load.level.store(CLIENTS, Relaxed);
     wait_for("low holds three nodes", Duration::from_secs(90), || {
-        (names(&service(&c, "low")?, "serving").len() == 3).then_some(())
+        (names(&c.service("low")?, "serving").len() == 3).then_some(())
     });
-    let before = names(&service(&c, "low").unwrap(), "serving");
+    let before = names(&c.service("low").unwrap(), "serving");
 
     // The high-priority service's demand rises: the pool is empty, so it
     // takes nodes of the lower one, each drained first.
@@ -266,7 +247,7 @@ fn a_higher_priority_service_takes_a_lower_ones_nodes_through_drain() {
         "high takes nodes from low",
         Duration::from_secs(120),
         || {
-            let (l, h) = (service(&c, "low")?, service(&c, "high")?);
+            let (l, h) = (c.service("low")?, c.service("high")?);
             let hs = names(&h, "serving");
             let moved: Vec<String> = hs.iter().filter(|n| before.contains(n)).cloned().collect();
             (hs.len() == 3 && names(&l, "nodes").len() == 1 && moved.len() == 2).then_some(moved)
@@ -291,7 +272,7 @@ fn a_higher_priority_service_takes_a_lower_ones_nodes_through_drain() {
         );
     }
     // low keeps its floor.
-    assert_eq!(names(&service(&c, "low").unwrap(), "serving").len(), 1);
+    assert_eq!(names(&c.service("low").unwrap(), "serving").len(), 1);
 
     // Both keep serving, and no request failed on either side.
     let (lo, hi) = (low_load.ok.load(Relaxed), high_load.ok.load(Relaxed));

@@ -342,6 +342,15 @@ impl Cluster {
             .cloned()
     }
 
+    /// Service `name`'s summary from `shoal status --json`, if it answers.
+    pub fn service(&self, name: &str) -> Option<Value> {
+        self.try_status()?["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    }
+
     pub fn wait_alive(&self, names: &[&str]) {
         wait_for(
             &format!("nodes {names:?} alive"),
@@ -411,4 +420,16 @@ pub fn alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.split_whitespace().nth(2) == Some("Z"))
             .unwrap_or(true)
+}
+
+/// The strings of array `field` of `v` (node names in a service summary).
+pub fn names(v: &Value, field: &str) -> Vec<String> {
+    v[field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
