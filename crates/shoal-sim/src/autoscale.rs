@@ -1,6 +1,6 @@
-//! `shoal sim autoscale`: allocation policies over demand workloads, on a
-//! virtual clock, with the same shoal-core forecasters and policies the
-//! manager runs live.
+//! `shoal sim autoscale`: allocation policies over demand workloads, run by
+//! the manager's own controller through the cluster simulator
+//! ([`crate::cluster`]) on a virtual clock.
 
 pub mod engine;
 pub mod frontier;
@@ -58,10 +58,16 @@ Workloads:
   csv:PATH    `time,demand` lines (seconds, load in units of --capacity); an
               optional header line; resampled onto --step.
 
+The run is the manager's controller driven by `shoal sim cluster`: one
+service, a pool of twice --max-nodes, no faults, virtual agents renewing every
+2 s that start the app --lead-time after they learn of it, and a virtual
+dispatcher reporting each backend's load every second. A warm-up of one lead
+time + 60 s at the workload's first value comes before measurement.
+
 Measured: violation_seconds = seconds in which demand exceeded ut x the capacity
-of serving nodes (a node serves --lead-time seconds after it is allocated);
-node_seconds = integral of allocated nodes (serving or starting); reallocations
-= nodes added + nodes released.
+of the backends really serving; node_seconds = integral of nodes held
+(starting, serving or draining); reallocations = nodes added + nodes released
+(a release counts when its drain starts).
 
 --json prints, for one policy:
   {\"violation_seconds\": F, \"node_seconds\": F, \"reallocations\": N,
@@ -73,8 +79,15 @@ and for --policy all an object keyed by policy:
 autoscale-NAME.png and .svg (demand, observed load, forecasts, and nodes per
 policy, in the manner of LAMA Fig. 8) and autoscale-NAME.json (the summary).
 
+--frontier sweeps instead: threshold and AR, HPA at every --hpa-targets, the
+predictive policy at every --predictive-uts x --ks, each the mean of --seeds;
+for every HPA target, the cheapest predictive setting that violates no more,
+and which dominates. --json prints the sweep; --out writes frontier-NAME.json,
+.svg and .png.
+
 Examples:
   shoal sim autoscale --workload lama-audio --policy all --out /tmp/sim
+  shoal sim autoscale --workload noisy-wave --frontier --out /tmp/sim
   shoal sim autoscale --workload diurnal --policy predictive --json
   shoal sim autoscale --workload csv:trace.csv --capacity 100 --lead-time 60";
 

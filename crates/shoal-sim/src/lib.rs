@@ -1,6 +1,7 @@
 //! shoal-sim: the simulator. It drives shoal-core's policies on a virtual clock.
 
-/// `shoal sim autoscale`: allocation policies over demand workloads.
+/// `shoal sim autoscale`: allocation policies over demand workloads, a front
+/// end over [`cluster`].
 pub mod autoscale;
 /// `shoal sim cluster`: the controller on a virtual clock with faults.
 pub mod cluster;

@@ -91,7 +91,8 @@ enum SimCmd {
     ///
     /// Example: shoal sim locality --nodes 10 --replicas 1 --json
     Locality(shoal_sim::locality::LocalityArgs),
-    /// Autoscaling policies over a workload.
+    /// Autoscaling policies over a workload, run by the controller (one
+    /// service through `sim cluster`); --frontier sweeps their settings.
     ///
     /// Example: shoal sim autoscale --workload lama-audio --policy ar --out /tmp/sim
     Autoscale(shoal_sim::autoscale::AutoscaleArgs),
