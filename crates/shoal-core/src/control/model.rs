@@ -343,20 +343,68 @@ pub enum PolicyKind {
 /// `node_name`, `node_address`, `port`, `service`, `app_id` and
 /// `first_server` (the backend address of the service's first serving node:
 /// LAMA's RelayFrom).
+///
+/// Secrets come as `secret.NAME` parameters or as an `[app.secrets]` table
+/// (`NAME = "value"`), which is read into the same parameters: one form is
+/// stored, redacted and sent to nodes. Secrets are not templates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ServiceAppFile")]
 pub struct ServiceApp {
     /// The adaptor: `process`, `nginx` or `www`.
     pub adaptor: String,
     /// The port the app serves on (`{{ port }}` in templates).
-    #[serde(default)]
     pub port: Option<u16>,
     /// The address dispatchers send requests to, a template.
-    #[serde(default = "default_backend")]
     pub backend: String,
-    /// Control parameters (templates).
-    #[serde(default)]
+    /// Control parameters (templates, but for `secret.*`).
     pub params: Params,
+}
+
+/// [`ServiceApp`] as written in a service file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceAppFile {
+    adaptor: String,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default = "default_backend")]
+    backend: String,
+    #[serde(default)]
+    params: Params,
+    #[serde(default)]
+    secrets: Params,
+}
+
+impl TryFrom<ServiceAppFile> for ServiceApp {
+    type Error = String;
+    fn try_from(f: ServiceAppFile) -> Result<Self, String> {
+        let mut params = f.params;
+        for (name, value) in f.secrets {
+            let ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                return Err(format!(
+                    "app.secrets.{name}: a secret's name is an environment variable's: letters, digits and '_', not starting with a digit"
+                ));
+            }
+            let key = format!("secret.{name}");
+            if params.contains_key(&key) {
+                return Err(format!(
+                    "app.secrets.{name} is also given as app.params.\"{key}\"; give it once"
+                ));
+            }
+            params.insert(key, value);
+        }
+        Ok(Self {
+            adaptor: f.adaptor,
+            port: f.port,
+            backend: f.backend,
+            params,
+        })
+    }
 }
 
 fn default_backend() -> String {
