@@ -381,9 +381,7 @@ impl TryFrom<ServiceAppFile> for ServiceApp {
         let mut params = f.params;
         for (name, value) in f.secrets {
             let ok = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
             if !ok {
                 return Err(format!(
@@ -737,4 +735,22 @@ pub struct ServiceDetail {
     pub backends: BackendList,
     /// Monitor time series, oldest first.
     pub series: Vec<SeriesPoint>,
+}
+
+impl ServiceDetail {
+    /// This detail with secret parameters replaced by [`REDACTED`]: in the
+    /// definition and in every allocation's rendered app.
+    pub fn redacted(mut self) -> Self {
+        if let Some(spec) = self.spec.as_mut() {
+            for (k, v) in spec.app.params.iter_mut() {
+                if is_secret_param(k) {
+                    *v = REDACTED.to_string();
+                }
+            }
+        }
+        for a in &mut self.allocations {
+            a.app = a.app.as_ref().map(|x| x.redacted(is_secret_param));
+        }
+        self
+    }
 }
