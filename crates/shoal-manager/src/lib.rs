@@ -55,6 +55,11 @@ pub struct ManagerArgs {
     /// another cluster's (every service, assignment and node is lost).
     #[arg(long)]
     pub reset_store: bool,
+    /// How long the node certificates issued at join and at rotation live
+    /// (2160h, 90 days, by default; at least 10s). Agents ask for a new one
+    /// at 70-90 % of it, without joining again.
+    #[arg(long, default_value = "2160h", value_parser = shoal_core::duration::parse_positive_duration)]
+    pub node_cert_ttl: std::time::Duration,
 }
 
 /// The dashboard's view of every service: details, series, backends and the
@@ -130,6 +135,12 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         anyhow::bail!("--lease-ttl must be between 0.3 and 3600 seconds, got {ttl_secs}");
     }
     let ttl_ms = (ttl_secs * 1000.0) as u64;
+    if args.node_cert_ttl < std::time::Duration::from_secs(10) {
+        anyhow::bail!(
+            "--node-cert-ttl {:?} is too short: agents need time to rotate; give 10s or more (the default is 2160h, 90 days)",
+            args.node_cert_ttl
+        );
+    }
     let ca = dir.ca()?;
     shoal_net::identity::make_private_dir(&dir.path)?;
     let metrics = Arc::new(metrics::Metrics::default());
@@ -163,6 +174,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         services: services.clone(),
         metrics: metrics.clone(),
         logs: Default::default(),
+        node_cert_ttl: args.node_cert_ttl,
     });
     let mut metrics_url = None;
     if let Some(addr) = &args.metrics {

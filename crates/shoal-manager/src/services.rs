@@ -149,8 +149,7 @@ pub fn validate(s: &ServiceSpec) -> Result<(), SpecError> {
         ));
     }
     let uses_port = s.app.backend.contains("port")
-        || s
-            .app
+        || s.app
             .params
             .iter()
             .any(|(k, v)| !is_secret_param(k) && v.contains("port"));
