@@ -648,6 +648,22 @@ fn dashboard_addr(m: &Proc) -> String {
         .to_string()
 }
 
+/// A raw HTTP/1.1 GET with extra header lines; returns the whole answer.
+fn raw_get(addr: &str, path: &str, host: &str, headers: &[String]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut b = String::new();
+    let _ = s.read_to_string(&mut b);
+    b
+}
+
 /// Gap left by the first pass on roles: a node that joined with a token
 /// granting role `web` could register again claiming `db` (and so be
 /// given db's apps and secrets). The roles granted at join bind every
@@ -857,4 +873,96 @@ capacity = 1
     // Stored only where the manager's user can read it.
     assert_eq!(mode(&c.dir().join("registry.db")), 0o600);
     assert_eq!(mode(&c.dir()), 0o700);
+}
+
+/// The dashboard can require a token (a bearer header, or a cookie set by
+/// opening `/?token=` once); without the flag it needs none.
+#[test]
+fn the_dashboard_can_require_a_token() {
+    let mut c = Cluster::start(2.0);
+    c.manager.take().unwrap().terminate();
+    // Too short a token: refused, with the fix.
+    let short = c.tmp.path().join("short.token");
+    std::fs::write(&short, "abc\n").unwrap();
+    let (ok, _, err) = run(&[
+        "manager",
+        "--dir",
+        &c.dir_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+        "--dashboard-token-file",
+        &s(&short),
+    ]);
+    assert!(
+        !ok && err.contains("at least 16") && err.contains("openssl rand"),
+        "{err}"
+    );
+    // A missing file gets a fresh random token, mode 0600.
+    let file = c.tmp.path().join("dash.token");
+    c.start_manager_with("127.0.0.1:0", &["--dashboard-token-file", &s(&file)]);
+    let m = c.manager.as_ref().unwrap();
+    m.wait_output("wrote a new dashboard token", Duration::from_secs(5));
+    m.wait_output("token required", Duration::from_secs(5));
+    assert_eq!(mode(&file), 0o600);
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64);
+    let dash = dashboard_addr(m);
+    let get = |path: &str, headers: &[String]| raw_get(&dash, path, &dash, headers);
+    let status = |answer: &str| answer.split_whitespace().nth(1).unwrap_or("").to_string();
+    // Nothing without the token, the page included.
+    for path in ["/", "/api/snapshot", "/api/live"] {
+        let a = get(path, &[]);
+        assert_eq!(status(&a), "401", "{path}: {a}");
+        assert!(a.contains("?token=TOKEN"), "{a}");
+    }
+    assert_eq!(
+        status(&get(
+            "/api/snapshot",
+            &["Authorization: Bearer wrong-wrong-wrong".into()]
+        )),
+        "401"
+    );
+    assert_eq!(status(&get("/?token=wrong-wrong-wrong-wrong", &[])), "401");
+    // Scripts: a bearer token.
+    let a = get("/api/snapshot", &[format!("Authorization: Bearer {token}")]);
+    assert_eq!(status(&a), "200", "{a}");
+    assert!(a.contains("\"nodes\""), "{a}");
+    // Browsers: the token once, then a cookie, and the token leaves the URL.
+    let a = get(&format!("/?token={token}"), &[]);
+    assert_eq!(status(&a), "303", "{a}");
+    let lower = a.to_ascii_lowercase();
+    assert!(lower.contains("\r\nlocation: /\r\n"), "{a}");
+    let port = dash.rsplit(':').next().unwrap();
+    let set = a
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {a}"));
+    assert!(
+        set.contains(&format!("shoal_dashboard_{port}="))
+            && set.contains("HttpOnly")
+            && set.contains("SameSite=Strict")
+            && !set.contains(&token),
+        "{set}"
+    );
+    let cookie = set
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap();
+    for path in ["/", "/api/snapshot"] {
+        let a = get(path, &[format!("Cookie: {cookie}")]);
+        assert_eq!(status(&a), "200", "{path}: {a}");
+    }
+    // The Host check still comes first.
+    let a = raw_get(
+        &dash,
+        "/api/snapshot",
+        &format!("evil.example:{port}"),
+        &[format!("Authorization: Bearer {token}")],
+    );
+    assert_eq!(status(&a), "421", "{a}");
 }
