@@ -41,10 +41,14 @@ pub enum CertRefusal {
     Removed(String),
     /// Another key holds the name.
     #[error(
-        "this certificate's key is not the one node {0:?} is bound to (it was replaced by a rotated certificate, or revoked); the agent's directory holds the current one"
+        "this certificate's key is not the one node {0:?} is bound to: it was replaced by a rotated certificate (the agent's directory holds the current one) or revoked; if this agent did not rotate it, another holder of its key did: run `shoal node remove {0}` and join the machine again"
     )]
     OtherKey(String),
 }
+
+/// A token that admits a join: its id, and the roles it grants (`None`:
+/// any).
+pub type Admitted = (String, Option<Vec<String>>);
 
 /// What identifies one version of a file: a rewrite (write and rename)
 /// changes its inode, and an edit in place its length or mtime.
@@ -143,7 +147,7 @@ impl Trust {
         token: &Token,
         roles: &[String],
         spend: bool,
-    ) -> anyhow::Result<Result<(String, Option<Vec<String>>), JoinRefusal>> {
+    ) -> anyhow::Result<Result<Admitted, JoinRefusal>> {
         let now = shoal_net::wire::unix_ms();
         let hash = token.secret_hash();
         let grant = |t: &JoinToken| (t.id.clone(), (!t.roles.is_empty()).then(|| t.roles.clone()));
