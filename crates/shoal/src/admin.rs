@@ -555,7 +555,7 @@ pub enum CertCmd {
     /// List the node certificates the manager accepts: id, expiry, a
     /// rotation in progress, the roles each node may register with.
     #[command(
-        after_help = "Agents rotate their certificates at 70-90 % of their lifetime (`shoal manager\n--node-cert-ttl`, 90 days by default); the previous certificate is refused once the new\none is used.\n\nExamples:\n  shoal cert list --dir /var/lib/shoal\n  shoal cert list --dir /var/lib/shoal --json"
+        after_help = "Agents rotate their certificates at 70-90 % of their lifetime (`shoal manager\n--node-cert-ttl`, 90 days by default); the previous certificate is refused once the new\none is used.\n\nExamples:\n  shoal cert list --dir ./c\n  shoal cert list --dir ./c --json\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
     )]
     List(CertListArgs),
 }
@@ -613,7 +613,7 @@ pub async fn cert_list(a: CertListArgs) -> anyhow::Result<()> {
 /// `shoal node roles` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "A node registers only with the roles its join token granted (`shoal token create\n--roles`); this changes what it may register with from its next registration on.\n\nExamples:\n  shoal node roles n1 --allow web,db --dir /var/lib/shoal\n  shoal node roles n1 --any --dir /var/lib/shoal"
+    after_help = "A node registers only with the roles its join token granted (`shoal token create\n--roles`); this changes what it may register with from its next registration on.\n\nExamples:\n  shoal node roles n1 --allow web,db --dir ./c\n  shoal node roles n1 --any --dir ./c\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
 )]
 pub struct RolesArgs {
     #[command(flatten)]
