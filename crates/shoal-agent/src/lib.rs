@@ -403,10 +403,16 @@ async fn rotate_loop(
             tracing::warn!("cannot read node.pem's validity; no rotation");
             return;
         };
+        // One jitter per certificate; the wait in steps of at most an hour
+        // follows the wall clock (a suspended machine, a clock set right)
+        // and stays far below tokio's longest timer.
         let due = shoal_core::trust::rotation_due_ms(nb, na, rand::random());
-        let now = unix_ms();
-        if due > now {
-            tokio::time::sleep(Duration::from_millis(due - now)).await;
+        loop {
+            let now = unix_ms();
+            if now >= due {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis((due - now).min(3_600_000))).await;
         }
         match rotate_once(&dir, &name, &url, &ca, &clients).await {
             Ok(new) => {
@@ -448,10 +454,10 @@ async fn rotate_once(
     save_rotated(dir, &key, &r.cert_pem)?;
     let next = ApiClient::new(url, ca, Some((&r.cert_pem, &key)))?;
     clients.send_replace(next);
-    let expires = shoal_net::identity::cert_validity_ms(&r.cert_pem)
-        .map(|(_, na)| na.to_string())
+    let left = shoal_net::identity::cert_validity_ms(&r.cert_pem)
+        .map(|(_, na)| format!("{} s", na.saturating_sub(unix_ms()) / 1000))
         .unwrap_or("?".into());
-    eprintln!("rotated the node certificate (expires at {expires} unix ms)");
+    eprintln!("rotated the node certificate (the new one is valid for {left})");
     Ok(r.cert_pem)
 }
 

@@ -398,8 +398,8 @@ async fn rotate_cert(
         "certificate",
         Some(&name),
         format!(
-            "certificate {key} issued for rotation (expires {})",
-            expires_ms.map(|e| e.to_string()).unwrap_or("?".into())
+            "certificate {key} issued for rotation (valid for {} s); it takes over at its first use",
+            ctx.node_cert_ttl.as_secs()
         ),
     );
     Ok(axum::Json(JoinResponse { cert_pem }))
