@@ -100,11 +100,47 @@ struct Identity {
     key: String,
 }
 
+/// Files of a rotation in progress: the new key and certificate are
+/// written beside the current ones, then renamed over them, key first.
+const NEXT_KEY: &str = "node.next.key";
+const NEXT_CERT: &str = "node.next.pem";
+
+/// Saves a rotated key and certificate so that a crash at any point leaves
+/// a matching pair: the old one, or the new one once its certificate is
+/// written (finished by [`finish_rotation`] at the next start). The manager
+/// accepts the old certificate until the new one is used, so falling back
+/// to it is safe.
+fn save_rotated(dir: &Path, key: &str, cert: &str) -> anyhow::Result<()> {
+    write_file(&dir.join(NEXT_KEY), key, true)?;
+    write_file(&dir.join(NEXT_CERT), cert, false)?;
+    finish_rotation(dir)
+}
+
+/// Completes a rotation a crash interrupted, or drops one whose
+/// certificate never arrived.
+fn finish_rotation(dir: &Path) -> anyhow::Result<()> {
+    let (nk, nc) = (dir.join(NEXT_KEY), dir.join(NEXT_CERT));
+    let mv = |from: &Path, to: &str| {
+        std::fs::rename(from, dir.join(to))
+            .with_context(|| format!("cannot move {} to {to}", from.display()))
+    };
+    if nc.exists() {
+        if nk.exists() {
+            mv(&nk, "node.key")?;
+        }
+        mv(&nc, "node.pem")?;
+    } else if nk.exists() {
+        let _ = std::fs::remove_file(&nk);
+    }
+    Ok(())
+}
+
 fn load_identity(dir: &Path) -> anyhow::Result<Option<Identity>> {
     let m = dir.join("agent.toml");
     if !m.exists() {
         return Ok(None);
     }
+    finish_rotation(dir)?;
     let membership: Membership = toml::from_str(&read_file(&m)?).with_context(|| {
         format!(
             "{}: invalid; delete the agent directory to join again",
@@ -270,6 +306,9 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
         &id.ca,
         Some((&id.cert, &id.key)),
     )?;
+    // Every task takes the current client from here: a rotated certificate
+    // replaces it.
+    let (client_tx, clients) = watch::channel(client);
     let mut capacities: BTreeMap<String, f64> = BTreeMap::new();
     capacities.insert(
         "cpus".into(),
@@ -323,18 +362,103 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
 
     let mut sup = adaptor::Supervisor::new(args.dir.join("apps"), name.clone());
     let logs = tokio::spawn(serve_logs(
-        client.clone(),
+        clients.clone(),
         name.clone(),
         args.dir.join("apps"),
     ));
+    let rotation = tokio::spawn(rotate_loop(
+        args.dir.clone(),
+        name.clone(),
+        id.membership.manager_url.clone(),
+        id.ca.clone(),
+        id.cert.clone(),
+        client_tx,
+    ));
     tokio::select! {
-        r = lease_loop(&client, &reg, load_rx, &mut sup, &mut on_registered) => r?,
+        r = lease_loop(&clients, &reg, load_rx, &mut sup, &mut on_registered) => r?,
         _ = shutdown() => {}
     }
     logs.abort();
+    rotation.abort();
     sup.stop_all().await;
     eprintln!("agent {name} stopped");
     Ok(())
+}
+
+/// Rotates the node's certificate at 70-90 % of its lifetime (kubelet's
+/// client certificate rotation): a new key, a CSR signed with the current
+/// certificate, the new pair saved, and every task switched to it. The
+/// manager accepts the old certificate until the new one is first used.
+async fn rotate_loop(
+    dir: PathBuf,
+    name: String,
+    url: String,
+    ca: String,
+    mut cert: String,
+    clients: watch::Sender<ApiClient>,
+) {
+    let mut attempt: u32 = 0;
+    loop {
+        let Some((nb, na)) = shoal_net::identity::cert_validity_ms(&cert) else {
+            tracing::warn!("cannot read node.pem's validity; no rotation");
+            return;
+        };
+        // One jitter per certificate; the wait in steps of at most an hour
+        // follows the wall clock (a suspended machine, a clock set right)
+        // and stays far below tokio's longest timer.
+        let due = shoal_core::trust::rotation_due_ms(nb, na, rand::random());
+        loop {
+            let now = unix_ms();
+            if now >= due {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis((due - now).min(3_600_000))).await;
+        }
+        match rotate_once(&dir, &name, &url, &ca, &clients).await {
+            Ok(new) => {
+                attempt = 0;
+                cert = new;
+            }
+            Err(e) => {
+                // Retry well before expiry: a tenth of what is left, capped.
+                let left = na.saturating_sub(unix_ms());
+                let wait = backoff_ms(
+                    attempt,
+                    1000,
+                    (left / 10).clamp(1000, 300_000),
+                    rand::random(),
+                );
+                attempt = attempt.saturating_add(1);
+                eprintln!("cannot rotate the node certificate: {e:#}; retrying in {wait} ms");
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+        }
+    }
+}
+
+async fn rotate_once(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    ca: &str,
+    clients: &watch::Sender<ApiClient>,
+) -> anyhow::Result<String> {
+    let (key, csr_pem) = shoal_net::identity::node_key_and_csr(name)?;
+    let client = clients.borrow().clone();
+    let r: JoinResponse = client
+        .post(
+            &format!("/v1/nodes/{name}/certificate"),
+            &CertRequest { csr_pem },
+        )
+        .await?;
+    save_rotated(dir, &key, &r.cert_pem)?;
+    let next = ApiClient::new(url, ca, Some((&r.cert_pem, &key)))?;
+    clients.send_replace(next);
+    let left = shoal_net::identity::cert_validity_ms(&r.cert_pem)
+        .map(|(_, na)| format!("{} s", na.saturating_sub(unix_ms()) / 1000))
+        .unwrap_or("?".into());
+    eprintln!("rotated the node certificate (the new one is valid for {left})");
+    Ok(r.cert_pem)
 }
 
 /// The most output one answer carries.
@@ -342,9 +466,10 @@ const LOG_CHUNK_MAX: u64 = 1 << 20;
 
 /// Answers `shoal logs`: collects the manager's output requests on a long
 /// poll and posts each answer back, over the agent's own mutual TLS.
-async fn serve_logs(client: ApiClient, name: String, apps_dir: PathBuf) {
+async fn serve_logs(clients: watch::Receiver<ApiClient>, name: String, apps_dir: PathBuf) {
     let poll = format!("/v1/nodes/{name}/log-requests");
     loop {
+        let client = clients.borrow().clone();
         let reqs: Vec<LogRequest> = match client.get(&poll).await {
             Ok(r) => r,
             Err(e) => {
@@ -453,7 +578,7 @@ async fn register(client: &ApiClient, reg: &Registration) -> Result<u64, ApiErro
 /// jittered back-off; a manager that forgot us (404) gets a new
 /// registration. A refusal (401/403/400) is fatal: retrying cannot fix it.
 async fn lease_loop(
-    client: &ApiClient,
+    clients: &watch::Receiver<ApiClient>,
     reg: &Registration,
     load_rx: watch::Receiver<Option<LoadSample>>,
     sup: &mut adaptor::Supervisor,
@@ -478,6 +603,7 @@ async fn lease_loop(
                 continue;
             }
         }
+        let client = &clients.borrow().clone();
         let result = if !registered {
             register(client, reg)
                 .await
@@ -541,5 +667,49 @@ async fn lease_loop(
                 next_renew = tokio::time::Instant::now() + Duration::from_millis(wait);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotation_interrupted_anywhere_leaves_a_matching_pair() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let put = |f: &str, s: &str| std::fs::write(p.join(f), s).unwrap();
+        let get = |f: &str| std::fs::read_to_string(p.join(f)).unwrap();
+        put("node.key", "k1");
+        put("node.pem", "c1");
+        // Died before the certificate arrived: the old pair stays.
+        put(NEXT_KEY, "k2");
+        finish_rotation(p).unwrap();
+        assert_eq!(
+            (get("node.key"), get("node.pem")),
+            ("k1".into(), "c1".into())
+        );
+        assert!(!p.join(NEXT_KEY).exists());
+        // Died after the key was moved, before the certificate: finished.
+        put("node.key", "k2");
+        put(NEXT_CERT, "c2");
+        finish_rotation(p).unwrap();
+        assert_eq!(
+            (get("node.key"), get("node.pem")),
+            ("k2".into(), "c2".into())
+        );
+        // The whole path.
+        save_rotated(p, "k3", "c3").unwrap();
+        assert_eq!(
+            (get("node.key"), get("node.pem")),
+            ("k3".into(), "c3".into())
+        );
+        assert!(!p.join(NEXT_KEY).exists() && !p.join(NEXT_CERT).exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(p.join("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -1,8 +1,10 @@
 //! Trust decisions at the edge of the cluster: whether a join token admits a
 //! join (kubeadm bootstrap tokens, Consul ACL tokens: an id, an expiry, a use
-//! count, the roles it may grant), whether a key may claim a node name, and
-//! whether a discovery probe is fresh. The caller hashes, reads files and the
-//! clock; every time here is Unix milliseconds passed in.
+//! count, the roles it may grant), whether a key may claim a node name,
+//! which roles a joined node may register with, when a node rotates its
+//! certificate and which of its keys speaks for it, and whether a discovery
+//! probe is fresh. The caller hashes, reads files and the clock; every time
+//! here is Unix milliseconds passed in.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -179,6 +181,130 @@ pub fn admit_name(name: &str, holder: &NameHolder<'_>, key: &str) -> Result<(), 
     }
 }
 
+/// What the manager keeps about a joined node name: the key that holds it,
+/// the key it is rotating to, the roles its join granted, and when their
+/// certificates expire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeBinding {
+    /// Fingerprint of the key that speaks for the node.
+    pub key: String,
+    /// A key a rotated certificate was issued for, not used yet: it takes
+    /// over from `key` at its first request (until then both are accepted,
+    /// so an agent that dies mid-rotation keeps its old certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<String>,
+    /// The roles the node may register with; `None`: any (its token granted
+    /// any, or it joined before roles were recorded).
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    /// When the certificate of `key` expires, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    /// When the certificate of `next_key` expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_expires_ms: Option<u64>,
+}
+
+/// Which of a binding's keys a certificate presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMatch {
+    /// The current key.
+    Current,
+    /// The rotated-to key: it becomes the current one, and the old key is
+    /// refused from now on.
+    Next,
+    /// Neither: refuse.
+    Other,
+}
+
+impl NodeBinding {
+    /// A binding made at join.
+    pub fn joined(key: &str, roles: Option<Vec<String>>, expires_ms: Option<u64>) -> Self {
+        Self {
+            key: key.to_string(),
+            next_key: None,
+            roles,
+            expires_ms,
+            next_expires_ms: None,
+        }
+    }
+
+    /// Which key `presented` is.
+    pub fn match_key(&self, presented: &str) -> KeyMatch {
+        if ct_eq(&self.key, presented) {
+            KeyMatch::Current
+        } else if self
+            .next_key
+            .as_deref()
+            .is_some_and(|k| ct_eq(k, presented))
+        {
+            KeyMatch::Next
+        } else {
+            KeyMatch::Other
+        }
+    }
+
+    /// The first use of the rotated-to key: it replaces the old one.
+    pub fn promote(&mut self) {
+        if let Some(k) = self.next_key.take() {
+            self.key = k;
+            self.expires_ms = self.next_expires_ms.take();
+        }
+    }
+}
+
+/// Why a registration's roles were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "node {node:?} may register only with roles [{granted}] (what its join token granted), not {role:?}: drop {role:?} from the agent's --roles, or have an administrator grant it with `shoal node roles {node} --allow {widened}`, or join the node again with a token that grants it (`shoal node remove {node}`, then `shoal token create --roles {widened}`)"
+)]
+pub struct RoleRefusal {
+    /// The node.
+    pub node: String,
+    /// The first role it may not hold.
+    pub role: String,
+    /// What it may hold, comma-separated.
+    pub granted: String,
+    /// What it may hold plus the role asked for.
+    pub widened: String,
+}
+
+/// Whether node `name`, granted `granted` at join (`None`: any), may
+/// register with `claimed`.
+pub fn admit_roles(
+    name: &str,
+    granted: Option<&[String]>,
+    claimed: &[String],
+) -> Result<(), RoleRefusal> {
+    let Some(granted) = granted else {
+        return Ok(());
+    };
+    match claimed.iter().find(|r| !granted.contains(r)) {
+        None => Ok(()),
+        Some(role) => {
+            let mut widened = granted.to_vec();
+            widened.push(role.clone());
+            Err(RoleRefusal {
+                node: name.to_string(),
+                role: role.clone(),
+                granted: granted.join(","),
+                widened: widened.join(","),
+            })
+        }
+    }
+}
+
+/// When a node should ask for a new certificate: at 70 to 90 % of its
+/// certificate's lifetime, jittered by `jitter` in [0, 1) so a pool joined
+/// at once does not rotate at once (kubelet's client certificate rotation
+/// does the same).
+pub fn rotation_due_ms(not_before_ms: u64, not_after_ms: u64, jitter: f64) -> u64 {
+    let life = not_after_ms.saturating_sub(not_before_ms) as u128;
+    let permille = 700 + (200.0 * jitter.clamp(0.0, 1.0)).round() as u128;
+    not_before_ms.saturating_add((life * permille / 1000) as u64)
+}
+
 /// Why a discovery probe was ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProbeRefusal {
@@ -306,6 +432,46 @@ mod tests {
             admit_name("n1", &bound, "k2"),
             Err(NameRefusal::BoundToOtherKey(_))
         ));
+    }
+
+    #[test]
+    fn a_node_registers_only_with_the_roles_its_join_granted() {
+        assert!(admit_roles("n1", None, &["db".into()]).is_ok());
+        let web = vec!["web".to_string()];
+        assert!(admit_roles("n1", Some(&web), &["web".into()]).is_ok());
+        assert!(admit_roles("n1", Some(&web), &[]).is_ok());
+        let e = admit_roles("n1", Some(&web), &["web".into(), "db".into()]).unwrap_err();
+        assert_eq!(e.role, "db");
+        let m = e.to_string();
+        assert!(m.contains("--allow web,db") && m.contains("[web]"), "{m}");
+        assert!(admit_roles("n1", Some(&[]), &["web".into()]).is_err());
+    }
+
+    #[test]
+    fn a_rotated_key_takes_over_at_its_first_use() {
+        let mut b = NodeBinding::joined("k1", None, Some(100));
+        assert_eq!(b.match_key("k1"), KeyMatch::Current);
+        assert_eq!(b.match_key("k2"), KeyMatch::Other);
+        b.next_key = Some("k2".into());
+        b.next_expires_ms = Some(200);
+        // Both speak for the node until the new one is used...
+        assert_eq!(b.match_key("k1"), KeyMatch::Current);
+        assert_eq!(b.match_key("k2"), KeyMatch::Next);
+        b.promote();
+        // ...then only the new one.
+        assert_eq!(b.match_key("k2"), KeyMatch::Current);
+        assert_eq!(b.match_key("k1"), KeyMatch::Other);
+        assert_eq!(b.expires_ms, Some(200));
+        assert_eq!(b.next_key, None);
+    }
+
+    #[test]
+    fn rotation_is_due_between_70_and_90_percent_of_the_lifetime() {
+        assert_eq!(rotation_due_ms(1000, 11_000, 0.0), 8000);
+        assert_eq!(rotation_due_ms(1000, 11_000, 1.0), 10_000);
+        assert_eq!(rotation_due_ms(1000, 11_000, 0.5), 9000);
+        // A certificate that makes no sense is due at once.
+        assert_eq!(rotation_due_ms(5000, 1000, 0.5), 5000);
     }
 
     #[test]

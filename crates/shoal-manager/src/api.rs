@@ -29,6 +29,8 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// `shoal logs` requests on their way to agents and back.
     pub logs: Arc<crate::logs::LogHub>,
+    /// How long the node certificates it issues live.
+    pub node_cert_ttl: std::time::Duration,
 }
 
 /// An API error: an HTTP status and a message that names the fix.
@@ -130,9 +132,21 @@ pub(crate) fn need_service_dispatch(ctx: &Ctx, peer: &Peer, service: &str) -> Ap
 /// Refuses a node certificate whose node was removed or whose key is not
 /// the one the name is bound to: revocation, checked on every request.
 fn check_node_cert(ctx: &Ctx, peer: &Peer, name: &str) -> ApiResult<()> {
-    ctx.trust
+    let rotated = ctx
+        .trust
         .check_node(peer, name)
-        .map_err(|e| ApiErr(StatusCode::FORBIDDEN, e.to_string()))
+        .map_err(|e| ApiErr(StatusCode::FORBIDDEN, e.to_string()))?;
+    if rotated {
+        ctx.registry.event(
+            "certificate",
+            Some(name),
+            format!(
+                "rotated certificate {} in use; the previous one is refused from now on",
+                peer.key_fp.as_deref().unwrap_or("?")
+            ),
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn need_admin(ctx: &Ctx, peer: &Peer) -> ApiResult<()> {
@@ -176,6 +190,9 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/join", post(join))
         .route("/v1/nodes/{name}", put(register).delete(cancel))
         .route("/v1/nodes/{name}/renew", post(renew))
+        .route("/v1/nodes/{name}/certificate", post(rotate_cert))
+        .route("/v1/nodes/{name}/roles", put(set_roles))
+        .route("/v1/certs", get(list_certs))
         .route("/v1/nodes/{name}/apps", put(assign))
         .route("/v1/lookup", get(lookup))
         .route("/v1/revoked/{key}", put(revoke_cert))
@@ -305,14 +322,7 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<
         .map_err(unavailable)?
         .map_err(refused)?;
     validate_node_name(&req.name).map_err(bad)?;
-    let cert_pem = ctx
-        .ca
-        .issue_node(&req.name, &req.csr_pem)
-        .map_err(|e| bad(format!("cannot sign the certificate request: {e}")))?;
-    let key = shoal_net::identity::first_cert_der(&cert_pem)
-        .ok()
-        .and_then(|der| shoal_net::tls::cert_key_fingerprint(&der))
-        .ok_or_else(|| bad("cannot read the public key of the certificate request"))?;
+    let (cert_pem, key, expires_ms) = issue_node(&ctx, &req.name, &req.csr_pem)?;
     let alive = ctx
         .registry
         .nodes()
@@ -325,13 +335,13 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<
     };
     shoal_core::trust::admit_name(&req.name, &holder, &key)
         .map_err(|e| ApiErr(StatusCode::CONFLICT, e.to_string()))?;
-    let id = ctx
+    let (id, granted) = ctx
         .trust
         .admit_token(&token, &req.roles, true)
         .map_err(unavailable)?
         .map_err(refused)?;
     ctx.trust
-        .bind(&req.name, &key)
+        .bind(&req.name, &key, granted, expires_ms)
         .map_err(RegistryError::from)?;
     ctx.registry.event(
         "joined",
@@ -339,6 +349,121 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<
         format!("node certificate issued (join token {id})"),
     );
     Ok(axum::Json(JoinResponse { cert_pem }))
+}
+
+/// Signs a node's CSR for the manager's node certificate lifetime.
+/// Returns (cert PEM, its key's fingerprint, its expiry in Unix ms).
+fn issue_node(ctx: &Ctx, name: &str, csr_pem: &str) -> ApiResult<(String, String, Option<u64>)> {
+    let cert_pem = ctx
+        .ca
+        .issue_node(name, csr_pem, ctx.node_cert_ttl)
+        .map_err(|e| bad(format!("cannot sign the certificate request: {e}")))?;
+    let key = shoal_net::identity::first_cert_der(&cert_pem)
+        .ok()
+        .and_then(|der| shoal_net::tls::cert_key_fingerprint(&der))
+        .ok_or_else(|| bad("cannot read the public key of the certificate request"))?;
+    let expires = shoal_net::identity::cert_validity_ms(&cert_pem).map(|v| v.1);
+    Ok((cert_pem, key, expires))
+}
+
+/// A node's new certificate, asked for with its current one before that
+/// expires (kubelet's client certificate rotation). The new key takes over
+/// at its first request; until then the old certificate still works, so a
+/// node that dies mid-rotation is not locked out.
+async fn rotate_cert(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<JoinResponse>> {
+    need_node(&ctx, &peer, &name)?;
+    let req: CertRequest = decode(&body)?;
+    let (cert_pem, key, expires_ms) = issue_node(&ctx, &name, &req.csr_pem)?;
+    if peer.key_fp.as_deref() == Some(key.as_str()) {
+        return Err(bad(
+            "the certificate request is for the key this request is made with; a rotation needs a new key",
+        ));
+    }
+    if !ctx
+        .trust
+        .rotate_to(&name, &key, expires_ms)
+        .map_err(RegistryError::from)?
+    {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("node {name:?} has no key binding; join it again"),
+        ));
+    }
+    ctx.registry.event(
+        "certificate",
+        Some(&name),
+        format!(
+            "certificate {key} issued for rotation (valid for {} s); it takes over at its first use",
+            ctx.node_cert_ttl.as_secs()
+        ),
+    );
+    Ok(axum::Json(JoinResponse { cert_pem }))
+}
+
+/// Every node certificate the manager binds a name to: id, expiry, a
+/// pending rotation, the roles granted.
+async fn list_certs(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+) -> ApiResult<axum::Json<Vec<NodeCertInfo>>> {
+    need_admin(&ctx, &peer)?;
+    Ok(axum::Json(
+        ctx.trust
+            .bindings()
+            .into_iter()
+            .map(|(node, b)| NodeCertInfo {
+                node,
+                id: b.key,
+                expires_ms: b.expires_ms,
+                next_id: b.next_key,
+                roles: b.roles,
+            })
+            .collect(),
+    ))
+}
+
+/// An administrator widens (or narrows) the roles a node may register with.
+async fn set_roles(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    need_admin(&ctx, &peer)?;
+    let req: RolesRequest = decode(&body)?;
+    if let Some(r) = req.roles.iter().flatten().find(|r| r.trim().is_empty()) {
+        return Err(bad(format!("role {r:?} is empty; give role names")));
+    }
+    if !ctx
+        .trust
+        .set_roles(&name, req.roles.clone())
+        .map_err(RegistryError::from)?
+    {
+        return Err(ApiErr(
+            StatusCode::NOT_FOUND,
+            format!(
+                "node {name:?} has not joined (no certificate is bound to it); see `shoal cert list`"
+            ),
+        ));
+    }
+    let shown = req
+        .roles
+        .as_ref()
+        .map(|r| format!("[{}]", r.join(",")))
+        .unwrap_or("any".into());
+    ctx.registry.event(
+        "operator",
+        Some(&name),
+        format!("roles it may register with set to {shown} by an administrator"),
+    );
+    Ok(axum::Json(
+        serde_json::json!({"node": name, "roles": req.roles}),
+    ))
 }
 
 async fn register(
@@ -355,6 +480,10 @@ async fn register(
             reg.name
         )));
     }
+    // The roles the join granted bound every later registration: a node
+    // cannot take a service's role (and its secrets) it was not given.
+    shoal_core::trust::admit_roles(&name, ctx.trust.granted_roles(&name).as_deref(), &reg.roles)
+        .map_err(|e| ApiErr(StatusCode::FORBIDDEN, e.to_string()))?;
     if reg.address.trim().is_empty() {
         return Err(bad(
             "address must not be empty: give the host at which the node's apps are reachable",

@@ -3,11 +3,20 @@
 //! events. Served over plain HTTP on loopback so a person on the machine
 //! opens it without a certificate warning; nothing here changes state.
 //!
-//! Unauthenticated, so it shows nothing secret: app parameters that carry
-//! secrets, environments or file contents (`secret.*`, `env.*`, `file.*`)
-//! are redacted, and a request whose Host header is not one of the names
-//! the dashboard was bound to is refused (a DNS-rebinding page would send
-//! its own domain there).
+//! Unauthenticated by default, so it shows nothing secret: app parameters
+//! that carry secrets, environments or file contents (`secret.*`, `env.*`,
+//! `file.*`) are redacted, and a request whose Host header is not one of the
+//! names the dashboard was bound to is refused (a DNS-rebinding page would
+//! send its own domain there).
+//!
+//! With `--dashboard-token-file` every request needs the token, as
+//! Jupyter's does: a browser opens `/?token=TOKEN` once and is sent back to
+//! `/` with an HttpOnly, SameSite=Strict session cookie (so the token leaves
+//! the address bar and history, and no other site's page can use the
+//! cookie); scripts send `Authorization: Bearer TOKEN`. A token rather than
+//! the administrator certificate: a browser presents a client certificate
+//! only once it is imported as PKCS#12 and the page is served over TLS,
+//! which would cost every operator a certificate warning and a key export.
 
 use crate::state::Registry;
 use axum::Router;
@@ -88,15 +97,110 @@ pub fn host_allowed(host: &str, names: &[String], port: u16) -> bool {
         && names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// Checks a dashboard token: long enough to resist guessing, and made of
+/// characters a URL carries as they are.
+pub fn check_token(t: &str) -> Result<(), String> {
+    if t.len() < 16 {
+        return Err(format!(
+            "the token has {} characters; it needs at least 16",
+            t.len()
+        ));
+    }
+    if let Some(c) = t
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._~-".contains(*c)))
+    {
+        return Err(format!(
+            "the token holds {c:?}; use only A-Z a-z 0-9 . _ ~ - (it travels in a URL)"
+        ));
+    }
+    Ok(())
+}
+
+/// What the session cookie holds: derived from the token, one way, so the
+/// browser's cookie store never holds the token itself.
+fn session_value(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("shoal dashboard session\n{token}")))
+}
+
+/// Whether a request carries the token (bearer) or the session cookie.
+fn authorized(headers: &axum::http::HeaderMap, token: &str, cookie: &str) -> bool {
+    use shoal_core::trust::ct_eq;
+    let bearer = headers
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.strip_prefix("Bearer "))
+        .any(|t| ct_eq(t.trim(), token));
+    let session = session_value(token);
+    let cookie = headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .any(|(k, v)| k == cookie && ct_eq(v, &session));
+    bearer || cookie
+}
+
+/// The token in a `?token=` query, if any.
+fn query_token(uri: &axum::http::Uri) -> Option<&str> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+}
+
 /// The dashboard's routes; requests must name it by one of `names` in
-/// their Host header.
+/// their Host header, and carry `token` when one is given.
 pub fn router(
     registry: Arc<Registry>,
     services: ServicesView,
     names: Vec<String>,
     port: u16,
+    token: Option<String>,
 ) -> Router {
     let ctx = Ctx { registry, services };
+    // Cookies are shared by every port of a host: one name per dashboard,
+    // so two managers on one machine do not log each other out.
+    let cookie = format!("shoal_dashboard_{port}");
+    let check_token = move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let token = token.clone();
+        let cookie = cookie.clone();
+        async move {
+            use axum::http::{StatusCode, header};
+            let Some(token) = token else {
+                return next.run(req).await;
+            };
+            if let Some(t) = query_token(req.uri()) {
+                if shoal_core::trust::ct_eq(t, &token) {
+                    return (
+                        StatusCode::SEE_OTHER,
+                        [
+                            (header::LOCATION, req.uri().path().to_string()),
+                            (
+                                header::SET_COOKIE,
+                                format!(
+                                    "{cookie}={}; Path=/; HttpOnly; SameSite=Strict",
+                                    session_value(&token)
+                                ),
+                            ),
+                            (header::CACHE_CONTROL, "no-store".to_string()),
+                        ],
+                    )
+                        .into_response();
+                }
+            } else if authorized(req.headers(), &token, &cookie) {
+                return next.run(req).await;
+            }
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"shoal dashboard\"")],
+                "this dashboard needs its token: open /?token=TOKEN once in the browser (TOKEN is the first line of the manager's --dashboard-token-file), or send Authorization: Bearer TOKEN\n",
+            )
+                .into_response()
+        }
+    };
     let names = Arc::new(names);
     let check_host = move |req: axum::extract::Request, next: axum::middleware::Next| {
         let names = names.clone();
@@ -133,6 +237,7 @@ pub fn router(
             "/api/live",
             get(move || async move { Sse::new(live(ctx)).keep_alive(KeepAlive::default()) }),
         )
+        .layer(axum::middleware::from_fn(check_token))
         .layer(axum::middleware::from_fn(check_host))
 }
 
@@ -162,6 +267,30 @@ mod tests {
         assert!(!host_allowed("127.0.0.1:7481", &names, 7480));
         assert!(!host_allowed("evil.example:7480", &names, 7480));
         assert!(!host_allowed("", &names, 7480));
+    }
+
+    #[test]
+    fn a_token_is_long_and_url_safe_and_checked_by_bearer_or_cookie() {
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token("short").is_err());
+        assert!(check_token("0123456789abcdef&x").is_err());
+        let t = "0123456789abcdef";
+        let mut h = axum::http::HeaderMap::new();
+        assert!(!authorized(&h, t, "c"));
+        h.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        assert!(authorized(&h, t, "c"));
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(
+            "cookie",
+            format!("a=b; c={}", session_value(t)).parse().unwrap(),
+        );
+        assert!(authorized(&h, t, "c"));
+        assert!(!authorized(&h, t, "other"), "another dashboard's cookie");
+        h.insert("cookie", format!("c={t}").parse().unwrap());
+        assert!(
+            !authorized(&h, t, "c"),
+            "the cookie holds the session, not the token"
+        );
     }
 
     #[test]

@@ -55,6 +55,44 @@ pub struct ManagerArgs {
     /// another cluster's (every service, assignment and node is lost).
     #[arg(long)]
     pub reset_store: bool,
+    /// Require this token to open the dashboard: the first line of FILE
+    /// (16 or more of A-Z a-z 0-9 . _ ~ -), created with a random one
+    /// (mode 0600) when FILE does not exist. A browser opens
+    /// http://DASHBOARD/?token=TOKEN once and keeps a cookie; scripts send
+    /// `Authorization: Bearer TOKEN`. Without it the dashboard (read-only,
+    /// redacted) needs no token.
+    #[arg(long)]
+    pub dashboard_token_file: Option<PathBuf>,
+    /// How long the node certificates issued at join and at rotation live
+    /// (2160h, 90 days, by default; at least 10s). Agents ask for a new one
+    /// at 70-90 % of it, without joining again.
+    #[arg(long, default_value = "2160h", value_parser = shoal_core::duration::parse_positive_duration)]
+    pub node_cert_ttl: std::time::Duration,
+}
+
+/// Reads the dashboard token from `path`, or writes a fresh random one
+/// there (mode 0600) when the file does not exist.
+fn dashboard_token(path: &std::path::Path) -> anyhow::Result<String> {
+    if !path.exists() {
+        let mut b = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+        let t = hex::encode(b);
+        shoal_net::identity::write_file(path, &format!("{t}\n"), true)?;
+        eprintln!(
+            "wrote a new dashboard token to {} (mode 0600)",
+            path.display()
+        );
+        return Ok(t);
+    }
+    let text = shoal_net::identity::read_file(path)?;
+    let t = text.lines().next().unwrap_or("").trim().to_string();
+    dashboard::check_token(&t).map_err(|e| {
+        anyhow::anyhow!(
+            "--dashboard-token-file {}: {e}; write one with `openssl rand -hex 32 > {0}`, or delete the file to have the manager write one",
+            path.display()
+        )
+    })?;
+    Ok(t)
 }
 
 /// The dashboard's view of every service: details, series, backends and the
@@ -130,6 +168,17 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         anyhow::bail!("--lease-ttl must be between 0.3 and 3600 seconds, got {ttl_secs}");
     }
     let ttl_ms = (ttl_secs * 1000.0) as u64;
+    if args.node_cert_ttl < std::time::Duration::from_secs(10) {
+        anyhow::bail!(
+            "--node-cert-ttl {:?} is too short: agents need time to rotate; give 10s or more (the default is 2160h, 90 days)",
+            args.node_cert_ttl
+        );
+    }
+    let dash_token = args
+        .dashboard_token_file
+        .as_deref()
+        .map(dashboard_token)
+        .transpose()?;
     let ca = dir.ca()?;
     shoal_net::identity::make_private_dir(&dir.path)?;
     let metrics = Arc::new(metrics::Metrics::default());
@@ -163,6 +212,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         services: services.clone(),
         metrics: metrics.clone(),
         logs: Default::default(),
+        node_cert_ttl: args.node_cert_ttl,
     });
     let mut metrics_url = None;
     if let Some(addr) = &args.metrics {
@@ -189,9 +239,15 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 let at = l.local_addr()?;
                 dashboard_url = Some(format!("http://{at}/"));
                 if !at.ip().is_loopback() {
-                    eprintln!(
-                        "warning: the dashboard at http://{at}/ is reachable from other machines without authentication; it shows no secrets, but it shows the whole pool: bind it to 127.0.0.1 (--dashboard 127.0.0.1:7480) unless that is what you want"
-                    );
+                    if dash_token.is_some() {
+                        eprintln!(
+                            "warning: the dashboard at http://{at}/ is reachable from other machines over plain HTTP: its token and the pool it shows cross the network unencrypted; bind it to 127.0.0.1 and reach it through an SSH tunnel unless the network is trusted"
+                        );
+                    } else {
+                        eprintln!(
+                            "warning: the dashboard at http://{at}/ is reachable from other machines without authentication; it shows no secrets, but it shows the whole pool: bind it to 127.0.0.1 (--dashboard 127.0.0.1:7480), or require a token with --dashboard-token-file, unless that is what you want"
+                        );
+                    }
                 }
                 let mut names = server_names(&at, &cfg.manager_url);
                 names.push("::1".into());
@@ -200,6 +256,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                     services_view(services.clone()),
                     names,
                     at.port(),
+                    dash_token.clone(),
                 );
                 tokio::spawn(shoal_net::server::serve_plain(l, r));
             }
@@ -236,7 +293,13 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         registry.len()
     );
     if let Some(u) = &dashboard_url {
-        println!("dashboard (read-only) at {u}");
+        match &args.dashboard_token_file {
+            Some(f) => println!(
+                "dashboard (read-only) at {u} (token required: open {u}?token=TOKEN once, TOKEN being the first line of {})",
+                f.display()
+            ),
+            None => println!("dashboard (read-only) at {u}"),
+        }
     }
     if let Some(u) = &metrics_url {
         println!("metrics at {u}");

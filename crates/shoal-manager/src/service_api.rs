@@ -54,16 +54,9 @@ async fn show(
     Path(name): Path<String>,
 ) -> ApiResult<axum::Json<ServiceDetail>> {
     need_any(&ctx, &peer)?;
-    let mut d = ctx.services.detail(&name)?;
-    // A service's secret parameters go to its nodes, not to readers.
-    if let Some(spec) = d.spec.as_mut() {
-        for (k, v) in spec.app.params.iter_mut() {
-            if is_secret_param(k) {
-                *v = REDACTED.to_string();
-            }
-        }
-    }
-    Ok(axum::Json(d))
+    // A service's secret parameters go to its nodes, not to readers: not
+    // in the definition, nor in the apps rendered for each allocation.
+    Ok(axum::Json(ctx.services.detail(&name)?.redacted()))
 }
 
 async fn apply(

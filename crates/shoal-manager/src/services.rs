@@ -148,8 +148,11 @@ pub fn validate(s: &ServiceSpec) -> Result<(), SpecError> {
             ),
         ));
     }
-    let uses_port =
-        s.app.backend.contains("port") || s.app.params.values().any(|v| v.contains("port"));
+    let uses_port = s.app.backend.contains("port")
+        || s.app
+            .params
+            .iter()
+            .any(|(k, v)| !is_secret_param(k) && v.contains("port"));
     if uses_port && s.app.port.is_none() {
         return Err(err(
             "app.port",
@@ -318,6 +321,38 @@ capacity = 4
         assert_eq!(s.sla.upper, 0.9);
         assert_eq!(s.dispatch.algo, "url-hash");
         assert_eq!(s.period_secs, 2.0);
+    }
+
+    #[test]
+    fn secrets_come_as_a_table_or_as_parameters_and_are_no_templates() {
+        let text = GOOD
+            .replace("adaptor = \"www\"", "adaptor = \"process\"")
+            .replace(
+                "listen = \"{{ node_address }}:{{ port }}\"\nroot = \"/srv/www\"",
+                "command = \"app\"\n\"secret.A\" = \"a\"\n[app.secrets]\nDB_PASSWORD = \"p{{w{#port\"",
+            );
+        let s = parse_toml(&text).unwrap();
+        assert_eq!(s.app.params["secret.DB_PASSWORD"], "p{{w{#port");
+        assert_eq!(s.app.params["secret.A"], "a");
+        // One form on the wire and in the store.
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json["app"].get("secrets").is_none(), "{json}");
+        let back: ServiceSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+        let sample = RenderCtx {
+            node_name: "n".into(),
+            node_address: "127.0.0.1".into(),
+            port: s.app.port,
+            service: s.name.clone(),
+            app_id: app_id(&s.name),
+            first_server: String::new(),
+        };
+        let (_, a) = render(&s, &sample).unwrap();
+        assert_eq!(a.params["secret.DB_PASSWORD"], "p{{w{#port");
+        let e = parse_toml(&text.replace("DB_PASSWORD =", "A =")).unwrap_err();
+        assert!(e.problem.contains("give it once"), "{e}");
+        let e = parse_toml(&text.replace("DB_PASSWORD =", "\"DB.PASSWORD\" =")).unwrap_err();
+        assert!(e.problem.contains("environment variable"), "{e}");
     }
 
     #[test]

@@ -321,9 +321,29 @@ pub mod dispatcher_files {
 }
 
 fn validity(params: &mut CertificateParams, days: i64) {
+    lifetime(params, std::time::Duration::from_secs(days as u64 * 86_400));
+}
+
+/// Valid from a little before now (an hour, or a tenth of a short
+/// lifetime, for clocks that lag the CA's) until `life` from now.
+fn lifetime(params: &mut CertificateParams, life: std::time::Duration) {
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(days);
+    let back = (life / 10).min(std::time::Duration::from_secs(3600));
+    params.not_before = now - back;
+    params.not_after = now + life;
+}
+
+/// How long a node certificate lives unless the manager is told otherwise
+/// (`shoal manager --node-cert-ttl`); agents rotate theirs at 70-90 % of it.
+pub const DEFAULT_NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
+
+/// The validity of the first certificate in a PEM text, as Unix
+/// milliseconds (not before, not after).
+pub fn cert_validity_ms(pem: &str) -> Option<(u64, u64)> {
+    let der = first_cert_der(pem).ok()?;
+    let (_, x) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let ms = |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64).saturating_mul(1000);
+    Some((ms(x.validity().not_before), ms(x.validity().not_after)))
 }
 
 fn dn(cn: &str) -> DistinguishedName {
@@ -566,25 +586,31 @@ impl CertAuthority {
     /// A client certificate and a fresh key for `cn` (a dispatcher's:
     /// `dispatcher:<service>`), good for client authentication only.
     /// Returns (cert PEM, key PEM).
-    pub fn issue_client(&self, cn: &str, days: i64) -> Result<(String, String)> {
+    pub fn issue_client(&self, cn: &str, life: std::time::Duration) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         p.distinguished_name = dn(cn);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        validity(&mut p, days);
+        lifetime(&mut p, life);
         let cert = p.signed_by(&key, &self.cert, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    /// Signs a node's CSR. The request's own subject and extensions are
-    /// ignored: the certificate names exactly `node:<name>` and is good for
-    /// client authentication only, so a node can never pose as the manager.
-    pub fn issue_node(&self, name: &str, csr_pem: &str) -> Result<String> {
+    /// Signs a node's CSR, valid for `life`. The request's own subject and
+    /// extensions are ignored: the certificate names exactly `node:<name>`
+    /// and is good for client authentication only, so a node can never pose
+    /// as the manager.
+    pub fn issue_node(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        life: std::time::Duration,
+    ) -> Result<String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let mut p = CertificateParams::default();
         p.distinguished_name = dn(&format!("{NODE_CN_PREFIX}{name}"));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        validity(&mut p, 825);
+        lifetime(&mut p, life);
         let cert = p.signed_by(&csr.public_key, &self.cert, &self.key)?;
         Ok(cert.pem())
     }
@@ -651,7 +677,16 @@ mod tests {
             "the token pins the CA on disk"
         );
         let (_key, csr) = node_key_and_csr("n1").unwrap();
-        let cert = ca.issue_node("n1", &csr).unwrap();
+        let cert = ca
+            .issue_node("n1", &csr, std::time::Duration::from_secs(60))
+            .unwrap();
+        let (nb, na) = cert_validity_ms(&cert).unwrap();
+        let now = crate::wire::unix_ms();
+        assert!(na > now + 50_000 && na <= now + 61_000, "{na} vs {now}");
+        assert!(
+            nb >= now - 7_000 && nb < now,
+            "a short life is back-dated a tenth"
+        );
         let der = first_cert_der(&cert).unwrap();
         let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
         let cn = x.subject().iter_common_name().next().unwrap();

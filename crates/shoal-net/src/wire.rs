@@ -30,6 +30,40 @@ pub struct JoinResponse {
     pub cert_pem: String,
 }
 
+/// A joined node's request for a new certificate before its own expires
+/// (made with the current one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertRequest {
+    /// A PKCS#10 certificate signing request for the node's new key, PEM.
+    pub csr_pem: String,
+}
+
+/// A node certificate as `shoal cert list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCertInfo {
+    /// The node.
+    pub node: String,
+    /// Its certificate's id: SHA-256 of its public key, hex.
+    pub id: String,
+    /// When it expires, Unix ms (unknown for nodes joined before this was
+    /// recorded).
+    pub expires_ms: Option<u64>,
+    /// A rotated certificate issued but not used yet.
+    pub next_id: Option<String>,
+    /// The roles the node may register with; `None`: any.
+    pub roles: Option<Vec<String>>,
+}
+
+/// An administrator's change of the roles a node may register with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolesRequest {
+    /// The roles; `None`: any.
+    pub roles: Option<Vec<String>>,
+}
+
 /// The lease granted by a registration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -552,6 +552,108 @@ pub enum CertCmd {
         after_help = "Example:\n  shoal cert revoke --dir /var/lib/shoal /etc/shoal-dispatch/dispatcher.pem"
     )]
     Revoke(RevokeCertArgs),
+    /// List the node certificates the manager accepts: id, expiry, a
+    /// rotation in progress, the roles each node may register with.
+    #[command(
+        after_help = "Agents rotate their certificates at 70-90 % of their lifetime (`shoal manager\n--node-cert-ttl`, 90 days by default); the previous certificate is refused once the new\none is used.\n\nExamples:\n  shoal cert list --dir ./c\n  shoal cert list --dir ./c --json\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+    )]
+    List(CertListArgs),
+}
+
+/// `shoal cert list` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CertListArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Print JSON: [{"node", "id", "expires_ms", "next_id", "roles"}].
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn cert_list(a: CertListArgs) -> anyhow::Result<()> {
+    let certs: Vec<NodeCertInfo> = a.target.client()?.get("/v1/certs").await?;
+    if a.json {
+        return write_stdout(&(serde_json::to_string_pretty(&certs)? + "\n"));
+    }
+    use std::fmt::Write;
+    let now = unix_ms();
+    let mut o = format!(
+        "{:<14} {:<16} {:<12} {:<9} ROLES\n",
+        "NODE", "ID", "EXPIRES IN", "ROTATING"
+    );
+    for c in &certs {
+        let exp = match c.expires_ms {
+            Some(e) if e > now => fmt_secs((e - now) as f64 / 1000.0),
+            Some(_) => "expired".into(),
+            None => "unknown".into(),
+        };
+        let _ = writeln!(
+            o,
+            "{:<14} {:<16} {:<12} {:<9} {}",
+            c.node,
+            &c.id[..c.id.len().min(16)],
+            exp,
+            if c.next_id.is_some() { "yes" } else { "-" },
+            c.roles
+                .as_ref()
+                .map(|r| if r.is_empty() {
+                    "none".into()
+                } else {
+                    r.join(",")
+                })
+                .unwrap_or("any".into())
+        );
+    }
+    if certs.is_empty() {
+        o.push_str("(no node has joined)\n");
+    }
+    write_stdout(&o)
+}
+
+/// `shoal node roles` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "A node registers only with the roles its join token granted (`shoal token create\n--roles`); this changes what it may register with from its next registration on.\n\nExamples:\n  shoal node roles n1 --allow web,db --dir ./c\n  shoal node roles n1 --any --dir ./c\n(--dir may be left out when SHOAL_DIR names the cluster directory.)"
+)]
+pub struct RolesArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// The node.
+    pub node: String,
+    /// The roles it may register with, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "any",
+        conflicts_with = "any"
+    )]
+    pub allow: Vec<String>,
+    /// Any role at all.
+    #[arg(long)]
+    pub any: bool,
+}
+
+pub async fn node_roles(a: RolesArgs) -> anyhow::Result<()> {
+    let roles = (!a.any).then(|| a.allow.clone());
+    let _: serde_json::Value = a
+        .target
+        .client()?
+        .send(
+            reqwest::Method::PUT,
+            &format!("/v1/nodes/{}/roles", a.node),
+            &RolesRequest {
+                roles: roles.clone(),
+            },
+        )
+        .await?;
+    println!(
+        "{} may register with roles {} (from its next registration: restart its agent with --roles to use them)",
+        a.node,
+        roles
+            .map(|r| format!("[{}]", r.join(",")))
+            .unwrap_or("of any name".into())
+    );
+    Ok(())
 }
 
 /// `shoal cert dispatcher` arguments.
@@ -567,6 +669,11 @@ pub struct DispatcherCertArgs {
     /// (created mode 0700); give it to `shoal dispatch --dir`.
     #[arg(long)]
     pub out: PathBuf,
+    /// How long the certificate lives (default 19800h, 825 days). To rotate
+    /// it, issue a new one into another directory, restart the dispatcher
+    /// with it, and `shoal cert revoke` the old one.
+    #[arg(long, default_value = "19800h", value_parser = shoal_core::duration::parse_positive_duration)]
+    pub ttl: std::time::Duration,
 }
 
 /// `shoal cert revoke` arguments.
@@ -585,7 +692,7 @@ pub fn cert_dispatcher(a: DispatcherCertArgs) -> anyhow::Result<()> {
     let cfg = cd.config()?;
     let (cert, key) = ca.issue_client(
         &format!("{}{}", shoal_net::identity::DISPATCHER_CN_PREFIX, a.service),
-        825,
+        a.ttl,
     )?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     shoal_net::identity::make_private_dir(&a.out)?;
@@ -602,8 +709,11 @@ pub fn cert_dispatcher(a: DispatcherCertArgs) -> anyhow::Result<()> {
         true,
     )?;
     out.write_config(&cfg)?;
+    let expires = shoal_net::identity::cert_validity_ms(&cert)
+        .map(|(_, na)| fmt_at_ms(na) + " UTC")
+        .unwrap_or("?".into());
     println!(
-        "dispatcher certificate for service {} written to {} (id {})",
+        "dispatcher certificate for service {} written to {} (id {}, expires {expires})",
         a.service,
         a.out.display(),
         cert_id(&cert)?

@@ -40,7 +40,7 @@ enum Cmd {
     /// One service or node in detail: apps, last errors, decisions, events.
     #[command(subcommand)]
     Describe(inspect::DescribeCmd),
-    /// Certificates for dispatchers, and revocation.
+    /// Certificates: dispatchers', the nodes' (listed), revocation.
     #[command(subcommand)]
     Cert(admin::CertCmd),
     /// Node administration.
@@ -83,6 +83,9 @@ enum NodeCmd {
     /// Forget a failed node (an alive one must be drained and stopped
     /// first): its registration, its name and its certificate.
     Remove(admin::RemoveArgs),
+    /// Set the roles a node may register with (its join token's, until
+    /// changed here).
+    Roles(admin::RolesArgs),
 }
 
 #[derive(Subcommand)]
@@ -157,6 +160,8 @@ fn main() -> std::process::ExitCode {
                     Cmd::Node(NodeCmd::Uncordon(a)) => node::act("uncordon", a).await,
                     Cmd::Node(NodeCmd::Drain(a)) => node::act("drain", a).await,
                     Cmd::Node(NodeCmd::Remove(a)) => admin::remove(a).await,
+                    Cmd::Node(NodeCmd::Roles(a)) => admin::node_roles(a).await,
+                    Cmd::Cert(admin::CertCmd::List(a)) => admin::cert_list(a).await,
                     Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,

@@ -201,6 +201,8 @@ fn a_missing_dir_names_shoal_dir_and_help_examples_run_as_printed() {
         &["describe", "node"],
         &["events"],
         &["service", "delete"],
+        &["cert", "list"],
+        &["node", "roles"],
     ] {
         let mut help = cmd.to_vec();
         help.push("--help");

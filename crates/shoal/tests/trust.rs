@@ -635,3 +635,334 @@ fn a_dispatcher_certificate_reads_only_its_service() {
     assert_eq!(e.status(), Some(403), "{e}");
     assert!(e.to_string().contains("revoked"), "{e}");
 }
+
+/// The dashboard's address, from the manager's output.
+fn dashboard_addr(m: &Proc) -> String {
+    let out = m.wait_output("dashboard (read-only) at http://", Duration::from_secs(5));
+    out.split("dashboard (read-only) at http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A raw HTTP/1.1 GET with extra header lines; returns the whole answer.
+fn raw_get(addr: &str, path: &str, host: &str, headers: &[String]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut b = String::new();
+    let _ = s.read_to_string(&mut b);
+    b
+}
+
+/// Gap left by the first pass on roles: a node that joined with a token
+/// granting role `web` could register again claiming `db` (and so be
+/// given db's apps and secrets). The roles granted at join bind every
+/// later registration, until an administrator widens them.
+#[test]
+fn a_node_registers_only_with_the_roles_its_join_granted() {
+    let c = Cluster::start(1.0);
+    let (_, web) = token_create(&c, &["--roles", "web"]);
+    let web = write_token(&c, "web.token", &web);
+    let dir = c.agent_dir("n1");
+    let mut n1 = agent_with_file(&c, "n1", &dir, &web, &["--roles", "web"]);
+    c.wait_alive(&["n1"]);
+    // The node's own certificate, re-registering with a role more.
+    let client = node_client(&c, &dir);
+    let reg = shoal_net::wire::Registration {
+        name: "n1".into(),
+        address: "127.0.0.1".into(),
+        roles: vec!["web".into(), "db".into()],
+        ..Default::default()
+    };
+    let e = block(client.send::<_, Value>(reqwest::Method::PUT, "/v1/nodes/n1", &reg)).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let m = e.to_string();
+    assert!(
+        m.contains("may register only with roles [web]")
+            && m.contains("shoal node roles n1 --allow web,db"),
+        "{m}"
+    );
+    assert_eq!(c.node("n1").unwrap()["roles"], serde_json::json!(["web"]));
+    // Its agent restarted with --roles web,db stops, saying why.
+    n1.terminate();
+    let restart =
+        |roles: &str| Proc::spawn("agent-n1", &["agent", "--dir", &s(&dir), "--roles", roles]);
+    let mut again = restart("web,db");
+    assert!(!again.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        again
+            .output()
+            .contains("may register only with roles [web]"),
+        "{}",
+        again.output()
+    );
+    // The certificate listing shows what it may hold.
+    let (ok, out, err) = c.cli(&["cert", "list", "--json"]);
+    assert!(ok, "{err}");
+    let certs: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(certs[0]["node"], "n1");
+    assert_eq!(certs[0]["roles"], serde_json::json!(["web"]));
+    // An administrator widens them; the same agent then registers as db too.
+    let (ok, out, err) = c.cli(&["node", "roles", "n1", "--allow", "web,db"]);
+    assert!(ok, "{out}{err}");
+    let _n1 = restart("web,db");
+    wait_for("n1 as web and db", Duration::from_secs(20), || {
+        let n = c.node("n1")?;
+        (n["state"] == "alive" && n["roles"] == serde_json::json!(["web", "db"])).then_some(())
+    });
+    // An unknown node has no roles to set.
+    let (ok, _, err) = c.cli(&["node", "roles", "nobody", "--any"]);
+    assert!(!ok && err.contains("has not joined"), "{err}");
+}
+
+/// Node certificates have a lifetime, and an agent replaces its own before
+/// it ends, without joining again; the old one is refused once the new one
+/// is in use.
+#[test]
+fn agents_rotate_their_certificates_before_expiry_without_joining_again() {
+    let mut c = Cluster::start(2.0);
+    c.manager.take().unwrap().terminate();
+    c.start_manager_with("127.0.0.1:0", &["--node-cert-ttl", "12s"]);
+    let n1 = c.agent("n1", "");
+    c.wait_alive(&["n1"]);
+    let dir = c.agent_dir("n1");
+    let r = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let (old_cert, old_key, ca) = (r("node.pem"), r("node.key"), r("ca.pem"));
+    let (_, old_expiry) = shoal_net::identity::cert_validity_ms(&old_cert).unwrap();
+    let now = shoal_net::wire::unix_ms();
+    assert!(old_expiry <= now + 12_500, "{old_expiry} vs {now}");
+    let old_id = shoal_net::tls::cert_key_fingerprint(
+        &shoal_net::identity::first_cert_der(&old_cert).unwrap(),
+    )
+    .unwrap();
+    // Listed with its lifetime.
+    let list = || -> Value {
+        let (ok, out, err) = c.cli(&["cert", "list", "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let l = list();
+    assert_eq!(l[0]["id"], old_id.as_str());
+    assert_eq!(l[0]["expires_ms"], old_expiry);
+    let (ok, out, _) = c.cli(&["cert", "list"]);
+    assert!(
+        ok && out.contains("EXPIRES IN") && out.contains(" s "),
+        "{out}"
+    );
+
+    // The agent rotates at 70-90 % of the lifetime.
+    n1.wait_output("rotated the node certificate", Duration::from_secs(20));
+    assert_ne!(r("node.pem"), old_cert);
+    assert!(!dir.join("node.next.key").exists() && !dir.join("node.next.pem").exists());
+    assert_eq!(mode(&dir.join("node.key")), 0o600);
+    // Once the new one is used (its next renewal), the old one is refused.
+    let old = shoal_net::client::ApiClient::new(&c.url, &ca, Some((&old_cert, &old_key))).unwrap();
+    let e = wait_for(
+        "the old certificate refused",
+        Duration::from_secs(10),
+        || {
+            block(old.get::<Value>("/v1/lookup"))
+                .err()
+                .filter(|e| e.status() == Some(403))
+        },
+    );
+    assert!(e.to_string().contains("rotated"), "{e}");
+    let l = list();
+    assert_ne!(l[0]["id"], old_id.as_str());
+    assert!(l[0]["expires_ms"].as_u64().unwrap() > old_expiry);
+    assert_eq!(l[0]["next_id"], Value::Null);
+    // Past the old certificate's end, n1 is the same node, alive, never
+    // joined again.
+    wait_for(
+        "the old certificate expired",
+        Duration::from_secs(15),
+        || (shoal_net::wire::unix_ms() > old_expiry + 1000).then_some(()),
+    );
+    wait_for("n1 renewing", Duration::from_secs(5), || {
+        let n = c.node("n1")?;
+        (n["state"] == "alive" && n["lease_remaining_ms"].as_u64()? > 0).then_some(())
+    });
+    assert_eq!(n1.output().matches("joined the cluster").count(), 1);
+}
+
+/// Secrets of a service file's `[app.secrets]` table reach the node that
+/// runs the app, and nothing else: not status, service show, the lookup
+/// service or the dashboard, and not another node's certificate.
+#[test]
+fn service_secrets_reach_only_the_node_that_runs_the_app() {
+    let c = Cluster::start(2.0);
+    let _n1 = c.agent("n1", "vault");
+    let _n2 = c.agent("n2", "");
+    c.wait_alive(&["n1", "n2"]);
+    let file = c.tmp.path().join("vault.toml");
+    std::fs::write(
+        &file,
+        r#"name = "vault"
+max_nodes = 1
+role = "vault"
+[app]
+adaptor = "process"
+port = 9000
+[app.params]
+command = "/bin/sh"
+args = "-c 'echo \"$DB_PASSWORD\" > got-secret; exec sleep 600'"
+[app.secrets]
+DB_PASSWORD = "svc-secret-hunter2"
+[metric]
+kind = "cpu"
+capacity = 1
+"#,
+    )
+    .unwrap();
+    let (ok, out, err) = c.cli(&["service", "apply", &s(&file)]);
+    assert!(ok, "{out}{err}");
+    let got = c.agent_dir("n1").join("apps/svc-vault/got-secret");
+    wait_for("the app got its secret", Duration::from_secs(30), || {
+        std::fs::read_to_string(&got)
+            .ok()
+            .filter(|s| s.trim() == "svc-secret-hunter2")
+    });
+    let secret = "svc-secret-hunter2";
+    let st = c.status().to_string();
+    assert!(
+        !st.contains(secret) && st.contains("secret.DB_PASSWORD"),
+        "{st}"
+    );
+    let (ok, out, err) = c.cli(&["service", "show", "vault", "--json"]);
+    assert!(ok, "{err}");
+    assert!(
+        !out.contains(secret) && out.contains("secret.DB_PASSWORD"),
+        "{out}"
+    );
+    let v: Value = block(c.admin().get("/v1/lookup?name=n1")).unwrap();
+    assert!(!v.to_string().contains(secret), "{v}");
+    let dash = dashboard_addr(c.manager.as_ref().unwrap());
+    let (code, body) = http_get(&dash, "/api/snapshot").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        !body.contains(secret) && body.contains("svc-vault"),
+        "{body}"
+    );
+    // Another node's certificate cannot read n1's desired state.
+    let n2 = node_client(&c, &c.agent_dir("n2"));
+    let renew = shoal_net::wire::RenewRequest {
+        load: None,
+        apps: vec![],
+        applied: None,
+    };
+    let e = block(n2.post::<_, Value>("/v1/nodes/n1/renew", &renew)).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    for path in ["/v1/lookup", "/v1/lookup?name=n1", "/v1/services/vault"] {
+        let v: Value = block(n2.get(path)).unwrap();
+        assert!(!v.to_string().contains(secret), "{path}: {v}");
+    }
+    for path in ["/v1/status", "/v1/events"] {
+        let e = block(n2.get::<Value>(path)).unwrap_err();
+        assert_eq!(e.status(), Some(403), "{path}: {e}");
+    }
+    // Stored only where the manager's user can read it.
+    assert_eq!(mode(&c.dir().join("registry.db")), 0o600);
+    assert_eq!(mode(&c.dir()), 0o700);
+}
+
+/// The dashboard can require a token (a bearer header, or a cookie set by
+/// opening `/?token=` once); without the flag it needs none.
+#[test]
+fn the_dashboard_can_require_a_token() {
+    let mut c = Cluster::start(2.0);
+    c.manager.take().unwrap().terminate();
+    // Too short a token: refused, with the fix.
+    let short = c.tmp.path().join("short.token");
+    std::fs::write(&short, "abc\n").unwrap();
+    let (ok, _, err) = run(&[
+        "manager",
+        "--dir",
+        &c.dir_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-discovery",
+        "--dashboard-token-file",
+        &s(&short),
+    ]);
+    assert!(
+        !ok && err.contains("at least 16") && err.contains("openssl rand"),
+        "{err}"
+    );
+    // A missing file gets a fresh random token, mode 0600.
+    let file = c.tmp.path().join("dash.token");
+    c.start_manager_with("127.0.0.1:0", &["--dashboard-token-file", &s(&file)]);
+    let m = c.manager.as_ref().unwrap();
+    m.wait_output("wrote a new dashboard token", Duration::from_secs(5));
+    m.wait_output("token required", Duration::from_secs(5));
+    assert_eq!(mode(&file), 0o600);
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64);
+    let dash = dashboard_addr(m);
+    let get = |path: &str, headers: &[String]| raw_get(&dash, path, &dash, headers);
+    let status = |answer: &str| answer.split_whitespace().nth(1).unwrap_or("").to_string();
+    // Nothing without the token, the page included.
+    for path in ["/", "/api/snapshot", "/api/live"] {
+        let a = get(path, &[]);
+        assert_eq!(status(&a), "401", "{path}: {a}");
+        assert!(a.contains("?token=TOKEN"), "{a}");
+    }
+    assert_eq!(
+        status(&get(
+            "/api/snapshot",
+            &["Authorization: Bearer wrong-wrong-wrong".into()]
+        )),
+        "401"
+    );
+    assert_eq!(status(&get("/?token=wrong-wrong-wrong-wrong", &[])), "401");
+    // Scripts: a bearer token.
+    let a = get("/api/snapshot", &[format!("Authorization: Bearer {token}")]);
+    assert_eq!(status(&a), "200", "{a}");
+    assert!(a.contains("\"nodes\""), "{a}");
+    // Browsers: the token once, then a cookie, and the token leaves the URL.
+    let a = get(&format!("/?token={token}"), &[]);
+    assert_eq!(status(&a), "303", "{a}");
+    let lower = a.to_ascii_lowercase();
+    assert!(lower.contains("\r\nlocation: /\r\n"), "{a}");
+    let port = dash.rsplit(':').next().unwrap();
+    let set = a
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {a}"));
+    assert!(
+        set.contains(&format!("shoal_dashboard_{port}="))
+            && set.contains("HttpOnly")
+            && set.contains("SameSite=Strict")
+            && !set.contains(&token),
+        "{set}"
+    );
+    let cookie = set
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap();
+    for path in ["/", "/api/snapshot"] {
+        let a = get(path, &[format!("Cookie: {cookie}")]);
+        assert_eq!(status(&a), "200", "{path}: {a}");
+    }
+    // The Host check still comes first.
+    let a = raw_get(
+        &dash,
+        "/api/snapshot",
+        &format!("evil.example:{port}"),
+        &[format!("Authorization: Bearer {token}")],
+    );
+    assert_eq!(status(&a), "421", "{a}");
+}

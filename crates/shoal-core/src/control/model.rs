@@ -349,20 +349,66 @@ pub enum PolicyKind {
 /// `node_name`, `node_address`, `port`, `service`, `app_id` and
 /// `first_server` (the backend address of the service's first serving node:
 /// LAMA's RelayFrom).
+///
+/// Secrets come as `secret.NAME` parameters or as an `[app.secrets]` table
+/// (`NAME = "value"`), which is read into the same parameters: one form is
+/// stored, redacted and sent to nodes. Secrets are not templates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ServiceAppFile")]
 pub struct ServiceApp {
     /// The adaptor: `process`, `nginx` or `www`.
     pub adaptor: String,
     /// The port the app serves on (`{{ port }}` in templates).
-    #[serde(default)]
     pub port: Option<u16>,
     /// The address dispatchers send requests to, a template.
-    #[serde(default = "default_backend")]
     pub backend: String,
-    /// Control parameters (templates).
-    #[serde(default)]
+    /// Control parameters (templates, but for `secret.*`).
     pub params: Params,
+}
+
+/// [`ServiceApp`] as written in a service file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceAppFile {
+    adaptor: String,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default = "default_backend")]
+    backend: String,
+    #[serde(default)]
+    params: Params,
+    #[serde(default)]
+    secrets: Params,
+}
+
+impl TryFrom<ServiceAppFile> for ServiceApp {
+    type Error = String;
+    fn try_from(f: ServiceAppFile) -> Result<Self, String> {
+        let mut params = f.params;
+        for (name, value) in f.secrets {
+            let ok = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                return Err(format!(
+                    "app.secrets.{name}: a secret's name is an environment variable's: letters, digits and '_', not starting with a digit"
+                ));
+            }
+            let key = format!("secret.{name}");
+            if params.contains_key(&key) {
+                return Err(format!(
+                    "app.secrets.{name} is also given as app.params.\"{key}\"; give it once"
+                ));
+            }
+            params.insert(key, value);
+        }
+        Ok(Self {
+            adaptor: f.adaptor,
+            port: f.port,
+            backend: f.backend,
+            params,
+        })
+    }
 }
 
 fn default_backend() -> String {
@@ -695,4 +741,22 @@ pub struct ServiceDetail {
     pub backends: BackendList,
     /// Monitor time series, oldest first.
     pub series: Vec<SeriesPoint>,
+}
+
+impl ServiceDetail {
+    /// This detail with secret parameters replaced by [`REDACTED`]: in the
+    /// definition and in every allocation's rendered app.
+    pub fn redacted(mut self) -> Self {
+        if let Some(spec) = self.spec.as_mut() {
+            for (k, v) in spec.app.params.iter_mut() {
+                if is_secret_param(k) {
+                    *v = REDACTED.to_string();
+                }
+            }
+        }
+        for a in &mut self.allocations {
+            a.app = a.app.as_ref().map(|x| x.redacted(is_secret_param));
+        }
+        self
+    }
 }

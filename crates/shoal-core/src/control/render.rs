@@ -71,10 +71,14 @@ pub fn render(spec: &ServiceSpec, ctx: &RenderCtx) -> Result<(String, AppAssignm
     let backend = render_one(&env, "app.backend", &spec.app.backend, ctx)?;
     let mut params = Params::new();
     for (k, v) in &spec.app.params {
-        params.insert(
-            k.clone(),
-            render_one(&env, &format!("app.params.{k}"), v, ctx)?,
-        );
+        // A secret is passed as it is: a password holding `{{` or `{#` is
+        // no template error, and its value never appears in one.
+        let value = if is_secret_param(k) {
+            v.clone()
+        } else {
+            render_one(&env, &format!("app.params.{k}"), v, ctx)?
+        };
+        params.insert(k.clone(), value);
     }
     check_params(&spec.app.adaptor, &params).map_err(|problem| RenderError {
         field: "app.params".into(),

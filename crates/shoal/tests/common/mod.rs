@@ -212,20 +212,24 @@ impl Cluster {
     }
 
     pub fn start_manager(&mut self, listen: &str) {
+        self.start_manager_with(listen, &[]);
+    }
+
+    /// Starts the manager with `extra` flags besides the usual ones.
+    pub fn start_manager_with(&mut self, listen: &str, extra: &[&str]) {
         let dir = self.dir_str();
-        let m = Proc::spawn(
+        let mut args = vec![
             "manager",
-            &[
-                "manager",
-                "--dir",
-                &dir,
-                "--listen",
-                listen,
-                "--no-discovery",
-                "--dashboard",
-                "127.0.0.1:0",
-            ],
-        );
+            "--dir",
+            &dir,
+            "--listen",
+            listen,
+            "--no-discovery",
+            "--dashboard",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let m = Proc::spawn("manager", &args);
         let out = m.wait_output("listening on https://", Duration::from_secs(20));
         let url = out
             .split("listening on ")
