@@ -80,9 +80,15 @@ fn up_scales_out_and_back_with_no_failed_request_and_a_live_dashboard() {
         "command=/nonexistent/program",
     ]);
     assert!(ok, "{out}{err}");
-    // The browser test runs against the live system; its screenshots are
-    // the ones in docs/img.
-    let shot_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/img");
+    // The browser test runs against the live system. Its screenshots go to
+    // the test's own directory; with SHOAL_UPDATE_SCREENSHOTS=1 they
+    // replace the ones in docs/img (a test run leaves the tree as it was).
+    let shots = tempfile::tempdir().unwrap();
+    let shot_dir = if std::env::var_os("SHOAL_UPDATE_SCREENSHOTS").is_some() {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/img")
+    } else {
+        shots.path().to_path_buf()
+    };
     std::fs::create_dir_all(&shot_dir).unwrap();
     let shot = shot_dir.join("dashboard.png");
     let node_shot = shot_dir.join("dashboard-node.png");
