@@ -101,28 +101,8 @@ impl Default for SimConfig {
     }
 }
 
-/// One step of one policy's run.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    /// Virtual time, seconds.
-    pub time: f64,
-    /// True demand.
-    pub demand: f64,
-    /// Summed load reported by the monitor.
-    pub observed: f64,
-    /// Forecast mean the policy decided on, if any.
-    pub forecast: Option<f64>,
-    /// Nodes allocated (starting or serving).
-    pub allocated: u32,
-    /// Nodes held: allocated plus draining.
-    pub held: u32,
-    /// Nodes serving during this step.
-    pub ready: u32,
-    /// Whether demand exceeded ut x serving capacity.
-    pub violated: bool,
-    /// The decision's reason when it changed the allocation.
-    pub reason: Option<String>,
-}
+/// One step of one policy's run: the cluster simulator's own record.
+pub use crate::cluster::Step as StepRecord;
 
 /// What a run cost and how well it served.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -213,21 +193,7 @@ pub fn simulate(w: &Workload, kind: PolicyKind, cfg: &SimConfig) -> anyhow::Resu
             v.what
         );
     }
-    let steps: Vec<StepRecord> = r
-        .steps
-        .iter()
-        .map(|s| StepRecord {
-            time: s.time,
-            demand: s.demand,
-            observed: s.observed,
-            forecast: s.forecast,
-            allocated: s.allocated,
-            held: s.held,
-            ready: s.ready,
-            violated: s.violated,
-            reason: s.reason.clone(),
-        })
-        .collect();
+    let steps: Vec<StepRecord> = r.steps;
     let summary = Summary {
         violation_seconds: r.violation_seconds,
         node_seconds: r.node_seconds,
