@@ -262,7 +262,12 @@ impl Shell {
                 let report = Box::new(report(peer));
                 self.send(src, Body::StatusReport { id, report }).await;
             }
-            Body::TargetsSet { .. } | Body::StatusReport { .. } => {}
+            Body::TargetsSet { .. }
+            | Body::StatusReport { .. }
+            | Body::AgentKey { .. }
+            | Body::AgentPublicKey { .. }
+            | Body::AgentSign { .. }
+            | Body::AgentSigned { .. } => {}
         }
     }
 
