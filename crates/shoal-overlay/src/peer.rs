@@ -42,7 +42,9 @@ pub struct NoDeployer;
 #[async_trait::async_trait]
 impl Deployer for NoDeployer {
     async fn contact(&self, _target: Target) -> Outcome {
-        Outcome::Failed("no SSH deployer: deployment over SSH is not built yet".into())
+        Outcome::Failed(
+            "no SSH deployer: this peer was started without --package, so it only pings".into(),
+        )
     }
 }
 

@@ -170,7 +170,7 @@ impl Release {
             .map_err(|_| {
                 anyhow::anyhow!("the release manifest's signature does not verify: not a release")
             })?;
-        Ok(serde_json::from_slice(&self.manifest).context("manifest.json")?)
+        serde_json::from_slice(&self.manifest).context("manifest.json")
     }
 
     /// Checks that `binary` is the released one.

@@ -32,6 +32,7 @@ struct Net {
     subnet: u32,
     dir: PathBuf,
     hosts: usize,
+    sshds: Vec<std::process::Child>,
 }
 
 impl Net {
@@ -55,6 +56,7 @@ impl Net {
             subnet: (std::process::id() % 200) + 1,
             dir: dir.to_path_buf(),
             hosts,
+            sshds: Vec::new(),
         };
         let br = format!("shsb{tag}");
         sh(&["ip", "link", "add", &br, "type", "bridge"]);
@@ -95,7 +97,7 @@ impl Net {
 
     /// Starts host `i`'s sshd with its own host key; returns the key's
     /// fingerprint.
-    fn sshd(&self, i: usize) -> String {
+    fn sshd(&mut self, i: usize) -> String {
         let h = self.dir.join(format!("h{i}"));
         std::fs::create_dir_all(&h).unwrap();
         let key = h.join("ssh_host_ed25519_key");
@@ -126,7 +128,7 @@ impl Net {
         )
         .unwrap();
         let log = std::fs::File::create(h.join("sshd.log")).unwrap();
-        Command::new("ip")
+        let child = Command::new("ip")
             .args([
                 "netns",
                 "exec",
@@ -140,6 +142,7 @@ impl Net {
             .stderr(log)
             .spawn()
             .unwrap();
+        self.sshds.push(child);
         fp.split_whitespace().nth(1).unwrap().to_string()
     }
 
@@ -174,6 +177,10 @@ fn procs_with(needle: &str) -> Vec<(i32, String)> {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        for c in &mut self.sshds {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         // Every process this test started runs from its directory (sshds
         // by their config, peers by their prefix): end them by pid.
         for (pid, _) in procs_with(self.dir.to_str().unwrap()) {
@@ -226,7 +233,7 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let all = HOSTS + 1;
-    let net = Net::new(d, all);
+    let mut net = Net::new(d, all);
     let mut fps: Vec<String> = (1..=all).map(|i| net.sshd(i)).collect();
     // The last host's listed key is another host's: an impostor.
     fps[all - 1] = fps[0].clone();
