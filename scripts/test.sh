@@ -12,6 +12,8 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v node >/dev/null 2>&1 || need+=(nodejs npm)
 # promtool checks the manager's /metrics exposition.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# sshd in network namespaces: the overlay's SSH deploy test (overlay_ssh).
+[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "the tests need: ${need[*]}; run as root or install them (apt-get install -y ${need[*]})" >&2
@@ -26,6 +28,8 @@ if ((${#need[@]})); then
   systemctl stop nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || pkill -x nginx || true
   # Likewise the prometheus server; only its promtool is used.
   systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+  # And sshd: the tests start their own, one per namespace.
+  systemctl stop ssh >/dev/null 2>&1 || service ssh stop >/dev/null 2>&1 || true
 fi
 
 # The dashboard's browser test drives Debian's chromium with playwright-core

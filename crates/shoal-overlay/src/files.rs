@@ -99,13 +99,19 @@ pub fn load_stored(dir: &Path) -> anyhow::Result<Option<TargetList>> {
     ))
 }
 
+/// `list` as `targets.json.gz` holds it.
+pub fn compressed(list: &TargetList) -> anyhow::Result<Vec<u8>> {
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&serde_json::to_vec(list)?)?;
+    Ok(z.finish()?)
+}
+
 /// Stores `list` in `dir`, atomically (a crash leaves the old or the new).
 pub fn store(dir: &Path, list: &TargetList) -> anyhow::Result<()> {
     let p = dir.join("targets.json.gz");
     let tmp = dir.join(".targets.json.gz.tmp");
-    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    z.write_all(&serde_json::to_vec(list)?)?;
-    std::fs::write(&tmp, z.finish()?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, compressed(list)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &p).with_context(|| format!("cannot replace {}", p.display()))?;
     Ok(())
 }

@@ -11,11 +11,21 @@
 //!   commands.
 //! - [`client`]: one request to one peer (`shoal overlay status`,
 //!   `shoal overlay targets set`).
+//! - [`release`]: the signed release manifest of the shoal binary.
+//! - [`package`]: what a deployer copies, and the installer and starter
+//!   that run on the target.
+//! - [`ssh`]: deployment and recovery over SSH (russh, russh-sftp), logged
+//!   in through the auth agent.
+//! - [`authagent`]: `shoal auth-agent`, which signs the logins.
 
+pub mod authagent;
 pub mod client;
 pub mod files;
+pub mod package;
 pub mod peer;
+pub mod release;
 pub mod seal;
+pub mod ssh;
 pub mod wire;
 
 /// Unix time in milliseconds: the live clock the sans-I/O peer is handed.

@@ -42,7 +42,9 @@ pub struct NoDeployer;
 #[async_trait::async_trait]
 impl Deployer for NoDeployer {
     async fn contact(&self, _target: Target) -> Outcome {
-        Outcome::Failed("no SSH deployer: deployment over SSH is not built yet".into())
+        Outcome::Failed(
+            "no SSH deployer: this peer was started without --package, so it only pings".into(),
+        )
     }
 }
 
@@ -262,7 +264,12 @@ impl Shell {
                 let report = Box::new(report(peer));
                 self.send(src, Body::StatusReport { id, report }).await;
             }
-            Body::TargetsSet { .. } | Body::StatusReport { .. } => {}
+            Body::TargetsSet { .. }
+            | Body::StatusReport { .. }
+            | Body::AgentKey { .. }
+            | Body::AgentPublicKey { .. }
+            | Body::AgentSign { .. }
+            | Body::AgentSigned { .. } => {}
         }
     }
 

@@ -79,6 +79,40 @@ pub enum Body {
         /// The peer's view.
         report: Box<StatusReport>,
     },
+    /// To the auth agent: its public key, please.
+    AgentKey {
+        /// Echoed in the answer.
+        id: u64,
+    },
+    /// The auth agent's public key (OpenSSH format).
+    AgentPublicKey {
+        /// The request's.
+        id: u64,
+        /// `ssh-ed25519 AAAA...`.
+        key: String,
+    },
+    /// To the auth agent: sign this SSH user-authentication request for a
+    /// login into `target` (SMON's `resolve_challenge`).
+    AgentSign {
+        /// Echoed in the answer.
+        id: u64,
+        /// The target logged into, by name.
+        target: String,
+        /// The host key fingerprint the peer saw there.
+        host_key: String,
+        /// The target list version the peer holds (the agent fetches a
+        /// newer one from it).
+        list: Version,
+        /// The data to sign, hex.
+        data: String,
+    },
+    /// The auth agent's answer: the SSH signature blob, hex, or why not.
+    AgentSigned {
+        /// The request's.
+        id: u64,
+        /// The signature blob or the refusal.
+        result: Result<String, String>,
+    },
 }
 
 /// One peer's view of the overlay.

@@ -62,6 +62,11 @@ enum Cmd {
     /// The epidemic overlay (SMON): run a peer, set the target list, ask a peer.
     #[command(subcommand)]
     Overlay(overlay::OverlayCmd),
+    /// The overlay's auth agent (SMON II-B): holds the SSH key and signs
+    /// logins for overlay peers, only for hosts of its target list.
+    ///
+    /// Example: shoal auth-agent --dir ./agent --key id_ed25519 --listen 10.0.0.100:7947 --targets targets.toml
+    AuthAgent(overlay::AuthAgentArgs),
     /// Simulations that run shoal-core's policies on a virtual clock.
     #[command(subcommand)]
     Sim(SimCmd),
@@ -166,6 +171,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Overlay(c) => overlay::run(c).await,
+                    Cmd::AuthAgent(a) => overlay::auth_agent(a).await,
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
                     Cmd::Sim(_)

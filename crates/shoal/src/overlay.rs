@@ -25,6 +25,154 @@ pub enum OverlayCmd {
     ///
     /// Example: shoal overlay status --peer 127.0.0.11 --key overlay.key --json
     Status(StatusArgs),
+    /// Make a new release key (ed25519), which signs what the cluster
+    /// releases; it stays with the operator. Prints its public half.
+    ///
+    /// Example: shoal overlay release-key --out release.key
+    ReleaseKey(KeyArgs),
+    /// Sign a release of a shoal binary (this one by default) into a
+    /// directory: manifest.json, manifest.sig, release.pub.
+    ///
+    /// Example: shoal overlay release --release-key release.key --out ./release
+    Release(ReleaseArgs),
+    /// Deploy the first peer by hand (SMON II-E), through the same SSH
+    /// deploy as the peers', logged in through the auth agent.
+    ///
+    /// Example: shoal overlay seed h1 --targets targets.toml --key overlay.key --release ./release --auth-agent 10.0.0.100:7947
+    Seed(SeedArgs),
+    /// Run on a target by a deployer: check the copied package, take the
+    /// install lock, install, start the peer.
+    #[command(hide = true)]
+    Install(InstallArgs),
+    /// Start the installed peer detached; a running one is left alone.
+    ///
+    /// Example: shoal overlay start --prefix /opt/shoal
+    Start(StartArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ReleaseArgs {
+    /// The release key (`shoal overlay release-key`).
+    #[arg(long)]
+    release_key: PathBuf,
+    /// The binary to release (default: this one).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// The release directory to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct SeedArgs {
+    /// The target to deploy: its name (or address) in the target list.
+    host: String,
+    /// The target list file.
+    #[arg(long)]
+    targets: PathBuf,
+    /// The overlay key file.
+    #[arg(long)]
+    key: PathBuf,
+    /// The release directory (`shoal overlay release`).
+    #[arg(long)]
+    release: PathBuf,
+    /// The binary to ship (default: this one); must match the release.
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// The auth agent (UDP ADDR:PORT), which the peers use too.
+    #[arg(long)]
+    auth_agent: SocketAddr,
+    /// The peers' ping interval.
+    #[arg(long, default_value = "1s", value_parser = shoal_core::duration::parse_positive_duration)]
+    interval: Duration,
+    /// The peers' ping timeout.
+    #[arg(long, default_value = "500ms", value_parser = shoal_core::duration::parse_positive_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::Args)]
+pub struct InstallArgs {
+    /// The copied package directory.
+    #[arg(long)]
+    package: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct StartArgs {
+    /// The install prefix.
+    #[arg(long)]
+    prefix: PathBuf,
+}
+
+/// `shoal auth-agent`.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["key", "ssh_agent"])))]
+pub struct AuthAgentArgs {
+    /// Its directory: the target list it holds, audit.log.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The SSH private key (OpenSSH format, ed25519, no passphrase).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Sign with the user's ssh-agent (SSH_AUTH_SOCK) instead: its first
+    /// ed25519 key, which may stay in a hardware token.
+    #[arg(long)]
+    ssh_agent: bool,
+    /// Where to listen (UDP ADDR:PORT).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The overlay key file (default DIR/overlay.key).
+    #[arg(long)]
+    overlay_key: Option<PathBuf>,
+    /// A target list file; used if newer than the stored one.
+    #[arg(long)]
+    targets: Option<PathBuf>,
+    /// Signatures per second, on average.
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Signatures at once.
+    #[arg(long, default_value_t = 40)]
+    burst: u32,
+}
+
+/// Runs `shoal auth-agent`.
+pub async fn auth_agent(a: AuthAgentArgs) -> anyhow::Result<()> {
+    use shoal_overlay::authagent;
+    std::fs::create_dir_all(&a.dir)
+        .with_context(|| format!("cannot create {}", a.dir.display()))?;
+    if let Some(f) = &a.targets {
+        store_if_newer(&a.dir, f)?;
+    }
+    let overlay_key = files::read_key(&a.overlay_key.unwrap_or_else(|| a.dir.join("overlay.key")))?;
+    let key = match a.key {
+        Some(k) => authagent::KeySource::File(k),
+        None => authagent::KeySource::SshAgent,
+    };
+    authagent::run(authagent::AgentOptions {
+        dir: a.dir,
+        key,
+        listen: a.listen,
+        overlay_key,
+        rate: a.rate,
+        burst: a.burst,
+    })
+    .await
+}
+
+fn store_if_newer(dir: &std::path::Path, file: &std::path::Path) -> anyhow::Result<()> {
+    let list = files::read_targets(file)?;
+    let stored = files::load_stored(dir)?;
+    if stored.is_none_or(|s| list.version() > s.version()) {
+        files::store(dir, &list)?;
+    }
+    Ok(())
+}
+
+fn this_binary(b: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match b {
+        Some(b) => Ok(b),
+        None => std::env::current_exe().context("cannot find this binary; pass --binary"),
+    }
 }
 
 /// `shoal overlay targets` subcommands.
@@ -49,12 +197,17 @@ pub struct PeerArgs {
     /// The peer's directory (its stored target list and run lock).
     #[arg(long)]
     dir: PathBuf,
+    /// An installed package (PREFIX/current): its peer.json gives the name,
+    /// the timers and the auth agent, and the peer deploys and recovers
+    /// the others over SSH. Without it the peer only pings.
+    #[arg(long, conflicts_with_all = ["name", "key"])]
+    package: Option<PathBuf>,
     /// Its name in the target list.
-    #[arg(long)]
-    name: String,
+    #[arg(long, required_unless_present = "package")]
+    name: Option<String>,
     /// The overlay key file.
-    #[arg(long)]
-    key: PathBuf,
+    #[arg(long, required_unless_present = "package")]
+    key: Option<PathBuf>,
     /// A target list file (docs/overlay.md); used if newer than the stored one.
     #[arg(long)]
     targets: Option<PathBuf>,
@@ -121,23 +274,79 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
             std::fs::create_dir_all(&a.dir)
                 .with_context(|| format!("cannot create {}", a.dir.display()))?;
             if let Some(f) = &a.targets {
-                let list = files::read_targets(f)?;
-                let stored = files::load_stored(&a.dir)?;
-                if stored.is_none_or(|s| list.version() > s.version()) {
-                    files::store(&a.dir, &list)?;
-                }
+                store_if_newer(&a.dir, f)?;
             }
+            let mut config = shoal_core::overlay::Config {
+                interval_ms: a.interval.as_millis() as u64,
+                timeout_ms: a.timeout.as_millis() as u64,
+            };
+            let (name, key, deployer): (String, PathBuf, std::sync::Arc<dyn peer::Deployer>) =
+                match (&a.package, a.name, a.key) {
+                    (Some(pkg), _, _) => {
+                        let p = shoal_overlay::package::read_peer_file(pkg)?;
+                        config.interval_ms = p.interval_ms;
+                        config.timeout_ms = p.timeout_ms;
+                        if files::load_stored(&a.dir)?.is_none()
+                            && let Some(l) = files::load_stored(pkg)?
+                        {
+                            files::store(&a.dir, &l)?;
+                        }
+                        let key = pkg.join("overlay.key");
+                        let d = shoal_overlay::ssh::SshDeployer::new(
+                            &p.name,
+                            shoal_overlay::ssh::Source::Installed {
+                                package: pkg.clone(),
+                                state: a.dir.clone(),
+                            },
+                            files::read_key(&key)?,
+                        );
+                        (p.name, key, std::sync::Arc::new(d))
+                    }
+                    (None, Some(n), Some(k)) => (n, k, std::sync::Arc::new(peer::NoDeployer)),
+                    _ => anyhow::bail!("pass --package DIR, or --name and --key"),
+                };
             let opts = peer::PeerOptions {
                 dir: a.dir,
-                key: a.key,
-                name: a.name,
-                config: shoal_core::overlay::Config {
-                    interval_ms: a.interval.as_millis() as u64,
-                    timeout_ms: a.timeout.as_millis() as u64,
-                },
+                key,
+                name,
+                config,
                 bind: a.bind,
             };
-            peer::run(opts, std::sync::Arc::new(peer::NoDeployer)).await
+            peer::run(opts, deployer).await
+        }
+        OverlayCmd::ReleaseKey(a) => {
+            let public = shoal_overlay::release::write_new_key(&a.out)?;
+            println!(
+                "wrote a new release key to {}; its public key is {public}",
+                a.out.display()
+            );
+            Ok(())
+        }
+        OverlayCmd::Release(a) => {
+            let bin = this_binary(a.binary)?;
+            let m = shoal_overlay::release::sign(
+                &a.release_key,
+                &bin,
+                peer::package_version(),
+                &a.out,
+            )?;
+            println!(
+                "signed release {} of {} (sha256 {}) into {}",
+                m.version,
+                bin.display(),
+                m.binary_sha256,
+                a.out.display()
+            );
+            Ok(())
+        }
+        OverlayCmd::Seed(a) => seed(a).await,
+        OverlayCmd::Install(a) => {
+            let e = shoal_overlay::package::install(&a.package)?;
+            finish(e, true)
+        }
+        OverlayCmd::Start(a) => {
+            let e = shoal_overlay::package::start(&a.prefix)?;
+            finish(e, false)
         }
         OverlayCmd::Targets(TargetsCmd::Set(a)) => {
             let key = files::read_key(&a.key)?;
@@ -196,5 +405,91 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Prints how an install or a start ended and exits with its status; a
+/// second start of a running peer exits 0 (idempotent).
+fn finish(e: shoal_overlay::package::Ended, install: bool) -> anyhow::Result<()> {
+    use shoal_overlay::package::Ended;
+    match &e {
+        Ended::Started => println!("started"),
+        Ended::Already(why) => {
+            println!("already-running");
+            eprintln!("{why}");
+            if !install {
+                return Ok(());
+            }
+        }
+        Ended::Corrupt(why) => eprintln!("{why}"),
+    }
+    if e.code() != 0 {
+        std::process::exit(e.code());
+    }
+    Ok(())
+}
+
+async fn seed(a: SeedArgs) -> anyhow::Result<()> {
+    use shoal_overlay::package::{Package, Settings};
+    use shoal_overlay::ssh::{Source, SshDeployer};
+    let targets = files::read_targets(&a.targets)?;
+    let target = targets
+        .targets()
+        .iter()
+        .find(|t| t.name == a.host || t.address.to_string() == a.host)
+        .cloned()
+        .with_context(|| {
+            format!(
+                "{:?} is not in {}; name a target of the list",
+                a.host,
+                a.targets.display()
+            )
+        })?;
+    let release = shoal_overlay::release::read(&a.release)?;
+    let binary = this_binary(a.binary)?;
+    release.check_binary(&binary, None).with_context(|| {
+        format!(
+            "sign this binary first: shoal overlay release --out {}",
+            a.release.display()
+        )
+    })?;
+    let overlay_key = std::fs::read_to_string(&a.key)
+        .with_context(|| format!("cannot read the overlay key {}", a.key.display()))?;
+    let key = files::read_key(&a.key)?;
+    let pkg = Package {
+        binary,
+        overlay_key,
+        targets,
+        release,
+        settings: Settings {
+            interval_ms: a.interval.as_millis() as u64,
+            timeout_ms: a.timeout.as_millis() as u64,
+            auth_agent: a.auth_agent,
+        },
+    };
+    let d = SshDeployer::new("seed", Source::Fixed(Box::new(pkg)), key);
+    let started = std::time::Instant::now();
+    let outcome = peer::Deployer::contact(&d, target.clone()).await;
+    let took = started.elapsed().as_secs_f64();
+    use shoal_core::overlay::Outcome;
+    match outcome {
+        Outcome::Deployed => {
+            println!(
+                "deployed {} in {took:.2} s; the overlay deploys the rest",
+                target.name
+            );
+            Ok(())
+        }
+        Outcome::Recovered => {
+            println!("{} was installed; started it in {took:.2} s", target.name);
+            Ok(())
+        }
+        Outcome::AlreadyRunning => {
+            println!("{} already runs a peer; nothing to do", target.name);
+            Ok(())
+        }
+        Outcome::WrongHostKey(d) => anyhow::bail!("{}: wrong host key: {d}", target.name),
+        Outcome::Unreachable(d) => anyhow::bail!("{}: unreachable: {d}", target.name),
+        Outcome::Failed(d) => anyhow::bail!("{}: {d}", target.name),
     }
 }

@@ -6,11 +6,16 @@
 //! - [`targets`]: the target list with each machine's SSH host key (II-C).
 //! - [`peer`]: one peer's epidemic step, Fig. 2 (pick, ping, judge, remedy).
 //! - [`analysis`]: the formulas of section IV.
+//! - [`deploy`]: what a probe found, what an installer does against another
+//!   copy, what a remote exit status means (II-A-1, II-A-2).
+//! - [`auth`]: what the auth agent signs (II-B, Fig. 3, stricter).
 //!
 //! The live peer (`shoal agent`'s overlay) and `shoal sim overlay` drive the
 //! same [`peer::Peer`].
 
 pub mod analysis;
+pub mod auth;
+pub mod deploy;
 pub mod peer;
 pub mod targets;
 pub mod version;

@@ -1,0 +1,254 @@
+//! The package a deployer copies (SMON II-A-1: "the installation
+//! package"), and the installer and starter that run on the target.
+//!
+//! A package directory holds `shoal` (the binary), `overlay.key`,
+//! `targets.json.gz`, `peer.json` (the peer's name, prefix, timers and auth
+//! agent), the release (`manifest.json`, `manifest.sig`, `release.pub`) and
+//! `package.sha256`, written last by the deployer (a `sha256sum` file, so the
+//! target checks the transfer before it runs anything). The layout of the
+//! prefix is [`shoal_core::overlay::deploy`]'s.
+
+use crate::files;
+use crate::release::{self, Release};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use shoal_core::overlay::deploy::{EXIT_ALREADY, EXIT_CORRUPT, InstallStep, install_step};
+use shoal_core::overlay::{Target, TargetList};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `peer.json`: how the deployed peer runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    /// Its name in the target list.
+    pub name: String,
+    /// The target's prefix.
+    pub prefix: String,
+    /// Between two pings.
+    pub interval_ms: u64,
+    /// A ping's timeout.
+    pub timeout_ms: u64,
+    /// The auth agent's UDP address.
+    pub auth_agent: SocketAddr,
+}
+
+/// The settings every peer of a pool shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Between two pings.
+    pub interval_ms: u64,
+    /// A ping's timeout.
+    pub timeout_ms: u64,
+    /// The auth agent's UDP address.
+    pub auth_agent: SocketAddr,
+}
+
+/// What a deployer ships: the same for every target but `peer.json`.
+#[derive(Debug, Clone)]
+pub struct Package {
+    /// The binary to copy.
+    pub binary: PathBuf,
+    /// `overlay.key`, as its file reads.
+    pub overlay_key: String,
+    /// The target list the deployer holds now.
+    pub targets: TargetList,
+    /// The release the binary belongs to.
+    pub release: Release,
+    /// Timers and the auth agent.
+    pub settings: Settings,
+}
+
+impl Package {
+    /// The package of an installed peer: its package directory `pkg`, with
+    /// the target list it holds now in `state`.
+    pub fn installed(pkg: &Path, state: &Path) -> anyhow::Result<Package> {
+        let p = read_peer_file(pkg)?;
+        let targets = match files::load_stored(state)? {
+            Some(l) => l,
+            None => files::load_stored(pkg)?
+                .with_context(|| format!("no target list in {}", pkg.display()))?,
+        };
+        Ok(Package {
+            binary: pkg.join("shoal"),
+            overlay_key: std::fs::read_to_string(pkg.join("overlay.key"))
+                .with_context(|| format!("cannot read {}", pkg.join("overlay.key").display()))?,
+            targets,
+            release: release::read(pkg)?,
+            settings: Settings {
+                interval_ms: p.interval_ms,
+                timeout_ms: p.timeout_ms,
+                auth_agent: p.auth_agent,
+            },
+        })
+    }
+
+    /// The small files for `target` (everything but the binary and
+    /// `package.sha256`), by name.
+    pub fn files_for(&self, target: &Target) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
+        let peer = PeerFile {
+            name: target.name.clone(),
+            prefix: target.prefix.clone(),
+            interval_ms: self.settings.interval_ms,
+            timeout_ms: self.settings.timeout_ms,
+            auth_agent: self.settings.auth_agent,
+        };
+        Ok(vec![
+            ("overlay.key", self.overlay_key.clone().into_bytes()),
+            ("targets.json.gz", files::compressed(&self.targets)?),
+            ("peer.json", serde_json::to_vec_pretty(&peer)?),
+            ("manifest.json", self.release.manifest.clone()),
+            ("manifest.sig", self.release.signature.clone().into_bytes()),
+            ("release.pub", self.release.public_key.clone().into_bytes()),
+        ])
+    }
+}
+
+/// Reads `peer.json` in the package directory `pkg`.
+pub fn read_peer_file(pkg: &Path) -> anyhow::Result<PeerFile> {
+    let p = pkg.join("peer.json");
+    let t = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_slice(&t).with_context(|| format!("{}", p.display()))
+}
+
+/// What the installer or the starter ended as; the process exits with
+/// [`Ended::code`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Installed and started, or started.
+    Started,
+    /// Already running (start) or already installed (install).
+    Already(String),
+    /// The package failed its checks.
+    Corrupt(String),
+}
+
+impl Ended {
+    /// The exit status.
+    pub fn code(&self) -> i32 {
+        match self {
+            Ended::Started => 0,
+            Ended::Already(_) => EXIT_ALREADY as i32,
+            Ended::Corrupt(_) => EXIT_CORRUPT as i32,
+        }
+    }
+}
+
+fn lock(path: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// `shoal overlay install --package DIR`, run by the deployer on the target
+/// from the copied binary: checks the release, takes the install lock,
+/// installs (the marker last) and starts the peer; a copy that finds
+/// another installed or installing aborts and removes itself.
+pub fn install(pkg: &Path) -> anyhow::Result<Ended> {
+    let pkg =
+        std::fs::canonicalize(pkg).with_context(|| format!("no package {}", pkg.display()))?;
+    let peer = read_peer_file(&pkg)?;
+    let prefix = PathBuf::from(&peer.prefix);
+    let rel = release::read(&pkg)?;
+    if let Err(e) = rel.check_binary(&pkg.join("shoal"), None) {
+        let _ = std::fs::remove_dir_all(&pkg);
+        return Ok(Ended::Corrupt(format!("{e:#}")));
+    }
+    let held = lock(&prefix.join("install.lock"))?;
+    let marker = prefix.join("installed");
+    if install_step(held.is_some(), marker.exists()) == InstallStep::Abort {
+        let _ = std::fs::remove_dir_all(&pkg);
+        return Ok(Ended::Already(
+            "another deployer's copy is installed or installing; this copy aborted".into(),
+        ));
+    }
+    let state = prefix.join("state");
+    std::fs::create_dir_all(&state)?;
+    if let Some(shipped) = files::load_stored(&pkg)? {
+        let stored = files::load_stored(&state)?;
+        if stored.is_none_or(|s| shipped.version() > s.version()) {
+            files::store(&state, &shipped)?;
+        }
+    }
+    let tmp = prefix.join(".current.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&pkg, &tmp)?;
+    std::fs::rename(&tmp, prefix.join("current"))?;
+    // The completion marker, last and atomically: a crash before this line
+    // leaves a prefix that is "not installed", and the next deployer's copy
+    // takes over (the lock died with this process).
+    let mtmp = prefix.join(".installed.tmp");
+    let mut f = std::fs::File::create(&mtmp)?;
+    writeln!(f, "{}", pkg.display())?;
+    f.sync_all()?;
+    std::fs::rename(&mtmp, &marker)?;
+    drop(held);
+    start(&prefix)
+}
+
+/// `shoal overlay start --prefix P`: starts the installed peer detached
+/// (its own session, output to `P/state/peer.log`) and waits until it
+/// holds its run lock. Idempotent: a running peer is left alone.
+pub fn start(prefix: &Path) -> anyhow::Result<Ended> {
+    use std::os::unix::process::CommandExt;
+    let state = prefix.join("state");
+    let current = prefix.join("current");
+    std::fs::create_dir_all(&state)?;
+    match lock(&state.join("peer.lock"))? {
+        None => return Ok(Ended::Already("already-running".into())),
+        Some(l) => drop(l),
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("peer.log"))?;
+    let mut cmd = std::process::Command::new(current.join("shoal"));
+    cmd.args(["overlay", "peer", "--package"])
+        .arg(&current)
+        .arg("--dir")
+        .arg(&state)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the peer from the
+    // SSH session so it outlives the deployer's logout (nohup's job too).
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", current.join("shoal").display()))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if lock(&state.join("peer.lock"))?.is_none() {
+            return Ok(Ended::Started);
+        }
+        if let Some(s) = child.try_wait()? {
+            let tail = std::fs::read_to_string(state.join("peer.log")).unwrap_or_default();
+            let last = tail.lines().last().unwrap_or("").to_string();
+            if s.success() {
+                // It found another peer holding the lock.
+                return Ok(Ended::Already("already-running".into()));
+            }
+            anyhow::bail!("the peer exited ({s}): {last}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!(
+        "the peer did not take its run lock within 10 s; see {}/peer.log",
+        state.display()
+    )
+}

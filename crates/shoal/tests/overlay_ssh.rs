@@ -1,0 +1,480 @@
+//! SMON's self-deployment and self-recovery over real OpenSSH servers: one
+//! sshd per network namespace on a private bridge, each with its own host
+//! key and install prefix; the auth agent on the bridge holds the only SSH
+//! key. `shoal overlay seed` deploys the first peer; the pool deploys the
+//! rest, recovers peers killed with SIGKILL, never deploys to the host whose
+//! host key is not the listed one, and the agent refuses to sign for a host
+//! outside its list.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Hosts that should be deployed; one more has a wrong host key listed.
+const HOSTS: usize = 4;
+
+fn sh(args: &[&str]) -> String {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The namespaces, the bridge, the sshds and every process started under
+/// the test's directory; all removed on drop.
+struct Net {
+    tag: String,
+    subnet: u32,
+    dir: PathBuf,
+    hosts: usize,
+    sshds: Vec<std::process::Child>,
+}
+
+impl Net {
+    fn ns(&self, i: usize) -> String {
+        format!("shoal-s{i}-{}", self.tag)
+    }
+    fn ip(&self, i: usize) -> String {
+        format!("10.214.{}.{}", self.subnet, i)
+    }
+    fn bridge_ip(&self) -> String {
+        self.ip(254)
+    }
+    fn prefix(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("h{i}/opt"))
+    }
+
+    fn new(dir: &Path, hosts: usize) -> Net {
+        let tag = format!("{:x}", std::process::id() & 0xffff);
+        let n = Net {
+            tag: tag.clone(),
+            subnet: (std::process::id() % 200) + 1,
+            dir: dir.to_path_buf(),
+            hosts,
+            sshds: Vec::new(),
+        };
+        let br = format!("shsb{tag}");
+        sh(&["ip", "link", "add", &br, "type", "bridge"]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", n.bridge_ip()),
+            "dev",
+            &br,
+        ]);
+        sh(&["ip", "link", "set", &br, "up"]);
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        for i in 1..=hosts {
+            let ns = n.ns(i);
+            let host = format!("shs{i}{tag}");
+            sh(&["ip", "netns", "add", &ns]);
+            sh(&[
+                "ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            sh(&["ip", "link", "set", &host, "master", &br]);
+            sh(&["ip", "link", "set", &host, "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", n.ip(i)),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        n
+    }
+
+    /// Starts host `i`'s sshd with its own host key; returns the key's
+    /// fingerprint.
+    fn sshd(&mut self, i: usize) -> String {
+        let h = self.dir.join(format!("h{i}"));
+        std::fs::create_dir_all(&h).unwrap();
+        let key = h.join("ssh_host_ed25519_key");
+        sh(&[
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            key.to_str().unwrap(),
+        ]);
+        let fp = sh(&["ssh-keygen", "-lf", &format!("{}.pub", key.display())]);
+        let cfg = h.join("sshd_config");
+        std::fs::write(
+            &cfg,
+            format!(
+                "ListenAddress {ip}:22\nHostKey {key}\nPidFile {h}/sshd.pid\n\
+                 AuthorizedKeysFile {auth}\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 StrictModes no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                ip = self.ip(i),
+                key = key.display(),
+                h = h.display(),
+                auth = self.dir.join("authorized_keys").display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(h.join("sshd.log")).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(i),
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+            ])
+            .arg(&cfg)
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.sshds.push(child);
+        fp.split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    /// The peers running on host `i` (processes whose command line names
+    /// its prefix), by pid.
+    fn peers(&self, i: usize) -> Vec<i32> {
+        let needle = format!("{}/current", self.prefix(i).display());
+        procs_with(&needle)
+            .into_iter()
+            .filter(|(_, c)| c.contains("overlay\0peer"))
+            .map(|(p, _)| p)
+            .collect()
+    }
+}
+
+/// Processes whose command line contains `needle`.
+fn procs_with(needle: &str) -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).into_owned();
+            if c.contains(needle) {
+                v.push((pid, c));
+            }
+        }
+    }
+    v
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in &mut self.sshds {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Every process this test started runs from its directory (sshds
+        // by their config, peers by their prefix): end them by pid.
+        for (pid, _) in procs_with(self.dir.to_str().unwrap()) {
+            if pid as u32 != std::process::id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for i in 1..=self.hosts {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(i)])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("shsb{}", self.tag)])
+            .status();
+    }
+}
+
+fn status(net: &Net, i: usize, key: &str) -> Option<serde_json::Value> {
+    let (ok, out, _) = run(&[
+        "overlay",
+        "status",
+        "--peer",
+        &net.ip(i),
+        "--key",
+        key,
+        "--json",
+        "--wait",
+        "1s",
+    ]);
+    if !ok {
+        return None;
+    }
+    serde_json::from_str(&out).ok()
+}
+
+#[test]
+fn the_pool_deploys_and_heals_itself_over_ssh() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: this test needs root (network namespaces, sshd); run it as root");
+        return;
+    }
+    assert!(
+        Path::new("/usr/sbin/sshd").exists(),
+        "/usr/sbin/sshd is missing: apt-get install openssh-server (scripts/test.sh does)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let all = HOSTS + 1;
+    let mut net = Net::new(d, all);
+    let mut fps: Vec<String> = (1..=all).map(|i| net.sshd(i)).collect();
+    // The last host's listed key is another host's: an impostor.
+    fps[all - 1] = fps[0].clone();
+
+    // The only SSH key, for the auth agent alone.
+    let agent_dir = d.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let id = agent_dir.join("id_ed25519");
+    sh(&[
+        "ssh-keygen",
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        id.to_str().unwrap(),
+    ]);
+    std::fs::copy(format!("{}.pub", id.display()), d.join("authorized_keys")).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let key = s(&d.join("overlay.key"));
+    assert!(run(&["overlay", "key", "--out", &key]).0);
+    let rkey = s(&d.join("release.key"));
+    assert!(run(&["overlay", "release-key", "--out", &rkey]).0);
+    let rel = s(&d.join("release"));
+    let (ok, _, err) = run(&["overlay", "release", "--release-key", &rkey, "--out", &rel]);
+    assert!(ok, "{err}");
+    let mut toml = String::from("version = 1\n");
+    for i in 1..=all {
+        toml.push_str(&format!(
+            "[[target]]\nname = \"h{i}\"\naddress = \"{}\"\nprefix = \"{}\"\nhost_key = \"{}\"\n",
+            net.ip(i),
+            net.prefix(i).display(),
+            fps[i - 1]
+        ));
+    }
+    let targets = s(&d.join("targets.toml"));
+    std::fs::write(&targets, &toml).unwrap();
+    let agent_addr = format!("{}:7947", net.bridge_ip());
+    let agent = Proc::spawn(
+        "auth-agent",
+        &[
+            "auth-agent",
+            "--dir",
+            &s(&agent_dir),
+            "--key",
+            &s(&id),
+            "--listen",
+            &agent_addr,
+            "--overlay-key",
+            &key,
+            "--targets",
+            &targets,
+        ],
+    );
+    agent.wait_output("auth agent listening", Duration::from_secs(10));
+
+    // The seed: one deployment by hand, through the same deploy code.
+    let t0 = Instant::now();
+    let (ok, out, err) = run(&[
+        "overlay",
+        "seed",
+        "h1",
+        "--targets",
+        &targets,
+        "--key",
+        &key,
+        "--release",
+        &rel,
+        "--auth-agent",
+        &agent_addr,
+        "--interval",
+        "300ms",
+        "--timeout",
+        "200ms",
+    ]);
+    assert!(ok, "seed: {out}{err}");
+    assert!(out.contains("deployed h1"), "{out}");
+    let seeded = t0.elapsed();
+
+    // The pool deploys itself: every listed host with its right key runs
+    // exactly one peer.
+    let deployed = wait_for("all hosts deployed", Duration::from_secs(90), || {
+        let n: Vec<usize> = (1..=HOSTS).map(|i| net.peers(i).len()).collect();
+        assert!(n.iter().all(|&k| k <= 1), "a host runs two peers: {n:?}");
+        n.iter().all(|&k| k == 1).then(|| t0.elapsed())
+    });
+    eprintln!(
+        "measured: seed {:.2} s, all {HOSTS} deployed {:.2} s after the seed began (300 ms interval)",
+        seeded.as_secs_f64(),
+        deployed.as_secs_f64()
+    );
+    for i in 1..=HOSTS {
+        assert!(
+            net.prefix(i).join("installed").exists(),
+            "h{i} has no marker"
+        );
+    }
+
+    // The impostor is never deployed to, and is reported.
+    let impostor = format!("h{all}");
+    wait_for(
+        "the wrong host key reported",
+        Duration::from_secs(30),
+        || {
+            (1..=HOSTS).find(|&i| {
+                status(&net, i, &key).is_some_and(|r| {
+                    r["targets"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|t| t["name"] == impostor.as_str() && t["state"] == "wrong-host-key")
+                })
+            })
+        },
+    );
+    assert!(
+        !net.prefix(all).exists(),
+        "nothing may be written on the host with the wrong key"
+    );
+
+    // kill -9 of two peers: each recovered, one peer per host throughout.
+    for victim in [2, 3] {
+        let old = net.peers(victim);
+        assert_eq!(old.len(), 1);
+        let t = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_for("recovery", Duration::from_secs(30), || {
+            let now = net.peers(victim);
+            assert!(now.len() <= 1, "h{victim} runs two peers");
+            (now.len() == 1 && now[0] != old[0]).then_some(())
+        });
+        eprintln!(
+            "measured: h{victim} recovered {:.2} s after kill -9",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    for i in 1..=HOSTS {
+        assert_eq!(net.peers(i).len(), 1, "h{i}");
+    }
+
+    // The auth agent: no answer without the overlay key; a refusal for a
+    // host outside its list; an audit line for every request.
+    let audit = std::fs::read_to_string(agent_dir.join("audit.log")).unwrap();
+    let signed = audit
+        .lines()
+        .filter(|l| l.contains("\"signed\":true"))
+        .count();
+    assert!(signed > HOSTS, "one signature per login: {audit}");
+    assert!(
+        !audit.contains(&format!("\"target\":\"{impostor}\"")),
+        "the impostor's login never reached the agent: the host key check came first"
+    );
+    let addr: std::net::SocketAddr = agent_addr.parse().unwrap();
+    let k = shoal_overlay::files::read_key(Path::new(&key)).unwrap();
+    let r = sign_request(addr, &k, "nowhere").unwrap();
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("not in the auth agent's target list")),
+        "{r:?}"
+    );
+    let other = s(&d.join("other.key"));
+    assert!(run(&["overlay", "key", "--out", &other]).0);
+    let k2 = shoal_overlay::files::read_key(Path::new(&other)).unwrap();
+    let e = sign_request(addr, &k2, "h1").unwrap_err();
+    assert!(e.contains("no answer"), "{e}");
+    let audit = std::fs::read_to_string(agent_dir.join("audit.log")).unwrap();
+    assert!(audit.contains("\"target\":\"nowhere\"") && audit.contains("\"signed\":false"));
+
+    // The private key is in no package and no prefix.
+    let private = std::fs::read_to_string(&id).unwrap();
+    let secret_line = private.lines().nth(2).unwrap().to_string();
+    let hits = Command::new("grep")
+        .args(["-rlF", &secret_line])
+        .arg(d)
+        .output()
+        .unwrap();
+    let hits = String::from_utf8_lossy(&hits.stdout).into_owned();
+    assert_eq!(
+        hits.lines().collect::<Vec<_>>(),
+        vec![id.to_str().unwrap()],
+        "the private key is only in the auth agent's file"
+    );
+    drop(agent);
+}
+
+/// Asks the auth agent to sign a login into `target`.
+fn sign_request(
+    agent: std::net::SocketAddr,
+    key: &shoal_overlay::seal::OverlayKey,
+    target: &str,
+) -> Result<Result<String, String>, String> {
+    use shoal_overlay::wire::Body;
+    // A well-formed RFC 4252 publickey request.
+    let mut data = Vec::new();
+    let mut put = |b: &[u8]| {
+        data.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        data.extend_from_slice(b);
+    };
+    put(&[9; 32]);
+    let mut data2 = data.clone();
+    data2.push(50);
+    let mut rest = Vec::new();
+    for b in [&b"root"[..], b"ssh-connection", b"publickey"] {
+        rest.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        rest.extend_from_slice(b);
+    }
+    rest.push(1);
+    for b in [&b"ssh-ed25519"[..], b"blob"] {
+        rest.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        rest.extend_from_slice(b);
+    }
+    data2.extend_from_slice(&rest);
+    let body = Body::AgentSign {
+        id: 1,
+        target: target.into(),
+        host_key: String::new(),
+        list: shoal_core::overlay::Version::new(0, 0),
+        data: hex(&data2),
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(shoal_overlay::client::request(
+            agent,
+            key,
+            body,
+            Duration::from_secs(2),
+            |b| match b {
+                Body::AgentSigned { result, .. } => Some(result),
+                _ => None,
+            },
+        ))
+        .map_err(|e| format!("{e:#}"))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
