@@ -28,8 +28,9 @@ if ((${#need[@]})); then
   systemctl stop nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || pkill -x nginx || true
   # Likewise the prometheus server; only its promtool is used.
   systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
-  # And sshd: the tests start their own, one per namespace.
-  systemctl stop ssh >/dev/null 2>&1 || service ssh stop >/dev/null 2>&1 || true
+  # The sshd the package starts listens in the host's namespace only; the
+  # tests start their own in theirs, so it is left alone (stopping it could
+  # cut the session this runs in).
 fi
 
 # The dashboard's browser test drives Debian's chromium with playwright-core
