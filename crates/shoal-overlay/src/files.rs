@@ -64,8 +64,15 @@ pub fn read_key(path: &Path) -> anyhow::Result<OverlayKey> {
 /// Writes a new key file at `path`, readable by its owner only; refuses to
 /// overwrite one.
 pub fn write_new_key(path: &Path) -> anyhow::Result<()> {
+    let mut f = create_key_file(path)?;
+    writeln!(f, "{}", OverlayKey::generate().to_hex())?;
+    Ok(())
+}
+
+/// Creates a key file at `path`, 0600, refusing to replace one that exists.
+pub fn create_key_file(path: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -75,9 +82,7 @@ pub fn write_new_key(path: &Path) -> anyhow::Result<()> {
                 "cannot create {} (an existing key is never replaced)",
                 path.display()
             )
-        })?;
-    writeln!(f, "{}", OverlayKey::generate().to_hex())?;
-    Ok(())
+        })
 }
 
 /// The list a peer stored in `dir`, if any.

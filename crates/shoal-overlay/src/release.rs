@@ -61,23 +61,12 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<(String, u64)> {
 /// Writes a new release key (PKCS#8, hex, mode 0600) and returns its public
 /// half, hex. Never overwrites a key.
 pub fn write_new_key(path: &Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
         .map_err(|_| anyhow::anyhow!("cannot generate an ed25519 key"))?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
         .map_err(|_| anyhow::anyhow!("cannot load the new key"))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| {
-            format!(
-                "cannot create {} (an existing key is never replaced)",
-                path.display()
-            )
-        })?;
+    let mut f = crate::files::create_key_file(path)?;
     writeln!(f, "{}", hex::encode(pkcs8.as_ref()))?;
     Ok(hex::encode(pair.public_key().as_ref()))
 }
