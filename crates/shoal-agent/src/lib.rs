@@ -155,6 +155,32 @@ fn load_identity(dir: &Path) -> anyhow::Result<Option<Identity>> {
     }))
 }
 
+/// Asks the manager, as the node whose agent directory is `dir`, for a
+/// deploy token admitting node `node` (the host this node's overlay peer is
+/// deploying): single-use, ten minutes, no more roles than this node's.
+pub async fn deploy_token(dir: &Path, node: &str) -> anyhow::Result<String> {
+    let id = load_identity(dir)?.with_context(|| {
+        format!(
+            "{} holds no node identity yet (this agent has not joined), so it cannot ask for a deploy token",
+            dir.display()
+        )
+    })?;
+    let client = ApiClient::new(
+        &id.membership.manager_url,
+        &id.ca,
+        Some((&id.cert, &id.key)),
+    )?;
+    let r: shoal_net::wire::DeployTokenResponse = client
+        .post(
+            &format!("/v1/nodes/{}/deploy-token", id.membership.name),
+            &shoal_net::wire::DeployTokenRequest {
+                node: node.to_string(),
+            },
+        )
+        .await?;
+    Ok(r.token)
+}
+
 async fn find_manager(args: &AgentArgs, token: Option<&Token>) -> anyhow::Result<String> {
     if let Some(u) = &args.join {
         return Ok(u.clone());

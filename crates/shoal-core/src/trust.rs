@@ -32,6 +32,14 @@ pub struct JoinToken {
     /// Revoked by an administrator.
     #[serde(default)]
     pub revoked: bool,
+    /// The only node name it admits (a deploy token, minted for one host);
+    /// `None`: any name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The node that asked for it (a deploy token: its owner); `None`: an
+    /// administrator made it with `shoal token create`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minted_by: Option<String>,
 }
 
 impl JoinToken {
@@ -94,6 +102,18 @@ pub enum JoinRefusal {
         "join token {0} has been used as many times as it allowed; create a new one with `shoal token create --dir DIR [--uses N]`"
     )]
     UsedUp(String),
+    /// The token admits one node name and the join asks for another.
+    #[error(
+        "join token {id} was minted for node {bound:?} only, not {asked:?}: join as {bound:?}, or ask for a token for {asked:?}"
+    )]
+    Name {
+        /// The token.
+        id: String,
+        /// The name it admits.
+        bound: String,
+        /// The name asked for.
+        asked: String,
+    },
     /// The joining node asks for a role the token does not grant.
     #[error(
         "join token {id} does not grant role {role:?} (it grants [{allowed}]); join with --roles among those, or create a token with `shoal token create --roles ...`"
@@ -116,12 +136,14 @@ pub fn ct_eq(a: &str, b: &str) -> bool {
     a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
-/// Admits a join presenting the secret whose hash is `secret_hash`, for a
-/// node that will hold `roles`: finds the token, checks it, spends one use.
-/// Returns the index of the token that admitted it.
+/// Admits a join as node `name` presenting the secret whose hash is
+/// `secret_hash`, for a node that will hold `roles`: finds the token,
+/// checks it, spends one use. Returns the index of the token that admitted
+/// it.
 pub fn admit_join(
     tokens: &mut [JoinToken],
     secret_hash: &str,
+    name: &str,
     roles: &[String],
     now_ms: u64,
 ) -> Result<usize, JoinRefusal> {
@@ -131,6 +153,15 @@ pub fn admit_join(
         .ok_or(JoinRefusal::Unknown)?;
     let t = &mut tokens[i];
     t.usable(now_ms)?;
+    if let Some(bound) = &t.name
+        && bound != name
+    {
+        return Err(JoinRefusal::Name {
+            id: t.id.clone(),
+            bound: bound.clone(),
+            asked: name.to_string(),
+        });
+    }
     if !t.roles.is_empty()
         && let Some(r) = roles.iter().find(|r| !t.roles.contains(r))
     {
@@ -144,6 +175,113 @@ pub fn admit_join(
         *n -= 1;
     }
     Ok(i)
+}
+
+/// The role a node must have been granted at join to mint deploy tokens
+/// (a grant of any role includes it).
+pub const DEPLOY_ROLE: &str = "overlay";
+/// How long a deploy token admits its join: long enough for a copy and a
+/// start over a slow link, short enough that a leaked one is soon nothing.
+pub const DEPLOY_TOKEN_TTL_MS: u64 = 10 * 60 * 1000;
+/// Deploy tokens a node may hold unspent and unexpired at once: more than
+/// a peer's concurrent contacts ever need, and a bound on what a node that
+/// was taken over can mint.
+pub const DEPLOY_TOKENS_OUTSTANDING: usize = 16;
+
+/// A deploy token to create: the caller draws the secret and stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploySpec {
+    /// The one name it admits.
+    pub name: String,
+    /// Its owner.
+    pub minted_by: String,
+    /// Its expiry.
+    pub expires_ms: u64,
+    /// What it grants: the minter's own grant (empty: any), never more.
+    pub roles: Vec<String>,
+}
+
+/// Why a node may not mint a deploy token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeployRefusal {
+    /// The node's join did not grant the deploy role.
+    #[error(
+        "node {0:?} may not mint deploy tokens: its join token did not grant role \"overlay\"; grant it with `shoal node roles {0} --allow ...,overlay`, or join overlay peers with a token made by `shoal token create --roles ...,overlay`"
+    )]
+    NotDeployer(String),
+    /// A node asked for a token for itself.
+    #[error("node {0:?} asked for a deploy token for itself; it is already joined")]
+    Itself(String),
+    /// The host already joined: its identity lives in its agent directory.
+    #[error(
+        "node {0:?} has already joined; its agent keeps its identity in PREFIX/agent, so a restart needs no token. If the machine was wiped, run `shoal node remove {0}` first"
+    )]
+    AlreadyJoined(String),
+    /// Too many unspent tokens.
+    #[error(
+        "node {node:?} holds {held} unspent deploy tokens, the most allowed ({max}); they expire within 10 min, or revoke them with `shoal token revoke ID`"
+    )]
+    TooMany {
+        /// The minter.
+        node: String,
+        /// How many it holds.
+        held: usize,
+        /// The bound.
+        max: usize,
+    },
+}
+
+/// Whether node `minter`, granted `grant` at join (`None`: any), may mint a
+/// single-use token that admits only `name` (already bound to a key:
+/// `name_bound`), and what the token is. A deploy token can do no more than
+/// its minter: one fresh name, the minter's own roles, ten minutes.
+pub fn mint_deploy_token(
+    tokens: &[JoinToken],
+    minter: &str,
+    grant: Option<&[String]>,
+    name: &str,
+    name_bound: bool,
+    now_ms: u64,
+) -> Result<DeploySpec, DeployRefusal> {
+    if let Some(g) = grant
+        && !g.iter().any(|r| r == DEPLOY_ROLE)
+    {
+        return Err(DeployRefusal::NotDeployer(minter.to_string()));
+    }
+    if name == minter {
+        return Err(DeployRefusal::Itself(name.to_string()));
+    }
+    if name_bound {
+        return Err(DeployRefusal::AlreadyJoined(name.to_string()));
+    }
+    let held = tokens
+        .iter()
+        .filter(|t| t.minted_by.as_deref() == Some(minter) && t.usable(now_ms).is_ok())
+        .count();
+    if held >= DEPLOY_TOKENS_OUTSTANDING {
+        return Err(DeployRefusal::TooMany {
+            node: minter.to_string(),
+            held,
+            max: DEPLOY_TOKENS_OUTSTANDING,
+        });
+    }
+    Ok(DeploySpec {
+        name: name.to_string(),
+        minted_by: minter.to_string(),
+        expires_ms: now_ms + DEPLOY_TOKEN_TTL_MS,
+        roles: grant.map(|g| g.to_vec()).unwrap_or_default(),
+    })
+}
+
+/// Deploy tokens no longer worth keeping: spent, revoked or expired more
+/// than an hour ago (listed that long so an operator can see what was
+/// minted). Administrators' tokens are never pruned.
+pub fn prune_deploy_tokens(tokens: &mut Vec<JoinToken>, now_ms: u64) {
+    tokens.retain(|t| {
+        t.minted_by.is_none()
+            || (t.usable(now_ms).is_ok()
+                || t.expires_ms.unwrap_or(u64::MAX).saturating_add(3_600_000) > now_ms)
+    });
 }
 
 /// What the manager knows about a name someone wants to join as.
@@ -375,27 +513,29 @@ mod tests {
             uses_left: Some(2),
             roles: vec![],
             revoked: false,
+            name: None,
+            minted_by: None,
         }
     }
 
     #[test]
     fn a_token_admits_until_expiry_or_use_count() {
         let mut ts = vec![tok("a", "aa"), tok("b", "bb")];
-        assert_eq!(admit_join(&mut ts, "bb", &[], 10), Ok(1));
+        assert_eq!(admit_join(&mut ts, "bb", "n", &[], 10), Ok(1));
         assert_eq!(ts[1].uses_left, Some(1));
-        assert_eq!(admit_join(&mut ts, "bb", &[], 10), Ok(1));
+        assert_eq!(admit_join(&mut ts, "bb", "n", &[], 10), Ok(1));
         assert_eq!(
-            admit_join(&mut ts, "bb", &[], 10),
+            admit_join(&mut ts, "bb", "n", &[], 10),
             Err(JoinRefusal::UsedUp("b".into()))
         );
         assert!(matches!(
-            admit_join(&mut ts, "aa", &[], 1000),
+            admit_join(&mut ts, "aa", "n", &[], 1000),
             Err(JoinRefusal::Expired { .. })
         ));
-        assert_eq!(admit_join(&mut ts, "cc", &[], 0), Err(JoinRefusal::Unknown));
+        assert_eq!(admit_join(&mut ts, "cc", "n", &[], 0), Err(JoinRefusal::Unknown));
         ts[0].revoked = true;
         assert_eq!(
-            admit_join(&mut ts, "aa", &[], 0),
+            admit_join(&mut ts, "aa", "n", &[], 0),
             Err(JoinRefusal::Revoked("a".into()))
         );
         assert_eq!(ts[0].state(0), "revoked");
@@ -405,8 +545,8 @@ mod tests {
     fn a_token_grants_only_its_roles() {
         let mut ts = vec![tok("a", "aa")];
         ts[0].roles = vec!["web".into()];
-        assert!(admit_join(&mut ts, "aa", &["web".into()], 0).is_ok());
-        let e = admit_join(&mut ts, "aa", &["db".into()], 0).unwrap_err();
+        assert!(admit_join(&mut ts, "aa", "n", &["web".into()], 0).is_ok());
+        let e = admit_join(&mut ts, "aa", "n", &["db".into()], 0).unwrap_err();
         assert!(e.to_string().contains("\"db\""), "{e}");
         assert_eq!(ts[0].uses_left, Some(1), "a refused join spends no use");
     }
@@ -487,5 +627,92 @@ mod tests {
         // their nonces are refused as stale rather than remembered.
         assert_eq!(g.check(200_000, "n3", 200_000), Ok(()));
         assert_eq!(g.check(100_000, "n1", 200_000), Err(ProbeRefusal::Stale));
+    }
+
+    #[test]
+    fn a_deploy_token_admits_one_name_once_with_no_more_than_its_minter() {
+        let roles = |v: &[&str]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        let web = roles(&["web", DEPLOY_ROLE]);
+        let s = mint_deploy_token(&[], "h1", Some(&web), "h2", false, 100).unwrap();
+        assert_eq!(s.name, "h2");
+        assert_eq!(s.minted_by, "h1");
+        assert_eq!(s.expires_ms, 100 + DEPLOY_TOKEN_TTL_MS);
+        assert_eq!(s.roles, web, "the minter's grant, never more");
+        assert_eq!(
+            mint_deploy_token(&[], "h1", None, "h2", false, 0)
+                .unwrap()
+                .roles,
+            Vec::<String>::new(),
+            "a minter granted any role mints a token granting any"
+        );
+        assert_eq!(
+            mint_deploy_token(&[], "h1", Some(&roles(&["web"])), "h2", false, 0),
+            Err(DeployRefusal::NotDeployer("h1".into()))
+        );
+        assert_eq!(
+            mint_deploy_token(&[], "h1", None, "h1", false, 0),
+            Err(DeployRefusal::Itself("h1".into()))
+        );
+        assert_eq!(
+            mint_deploy_token(&[], "h1", None, "h2", true, 0),
+            Err(DeployRefusal::AlreadyJoined("h2".into()))
+        );
+
+        // The token made from the spec admits h2 once, and nobody else.
+        let mut t = tok("d", "dd");
+        t.name = Some(s.name.clone());
+        t.minted_by = Some(s.minted_by.clone());
+        t.expires_ms = Some(s.expires_ms);
+        t.uses_left = Some(1);
+        t.roles = s.roles.clone();
+        let mut ts = vec![t];
+        assert!(matches!(
+            admit_join(&mut ts, "dd", "h3", &[], 200),
+            Err(JoinRefusal::Name { .. })
+        ));
+        assert!(matches!(
+            admit_join(&mut ts, "dd", "h2", &roles(&["db"]), 200),
+            Err(JoinRefusal::Role { .. })
+        ));
+        assert_eq!(admit_join(&mut ts, "dd", "h2", &roles(&["web"]), 200), Ok(0));
+        assert_eq!(
+            admit_join(&mut ts, "dd", "h2", &[], 200),
+            Err(JoinRefusal::UsedUp("d".into()))
+        );
+    }
+
+    #[test]
+    fn a_node_holds_a_bounded_number_of_unspent_deploy_tokens() {
+        let mut ts = Vec::new();
+        for i in 0..DEPLOY_TOKENS_OUTSTANDING {
+            let s = mint_deploy_token(&ts, "h1", None, &format!("x{i}"), false, 0).unwrap();
+            let mut t = tok(&format!("t{i}"), &format!("{i}"));
+            t.name = Some(s.name);
+            t.minted_by = Some(s.minted_by);
+            t.expires_ms = Some(s.expires_ms);
+            t.uses_left = Some(1);
+            ts.push(t);
+        }
+        assert!(matches!(
+            mint_deploy_token(&ts, "h1", None, "y", false, 0),
+            Err(DeployRefusal::TooMany { held: 16, .. })
+        ));
+        assert!(
+            mint_deploy_token(&ts, "h9", None, "y", false, 0).is_ok(),
+            "the bound is per minter"
+        );
+        // Spending one frees a place; expiry frees them all.
+        ts[0].uses_left = Some(0);
+        assert!(mint_deploy_token(&ts, "h1", None, "y", false, 0).is_ok());
+        let later = DEPLOY_TOKEN_TTL_MS;
+        assert!(mint_deploy_token(&ts, "h1", None, "y", false, later).is_ok());
+
+        // Pruned an hour after expiry; an administrator's token never.
+        ts.push(tok("admin", "aa"));
+        prune_deploy_tokens(&mut ts, later + 3_600_000 - 1);
+        assert_eq!(ts.len(), DEPLOY_TOKENS_OUTSTANDING + 1);
+        prune_deploy_tokens(&mut ts, later + 3_600_000);
+        assert_eq!(ts.len(), 1);
+        assert_eq!(ts[0].id, "admin");
     }
 }

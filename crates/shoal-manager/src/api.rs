@@ -192,6 +192,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/nodes/{name}/renew", post(renew))
         .route("/v1/nodes/{name}/certificate", post(rotate_cert))
         .route("/v1/nodes/{name}/roles", put(set_roles))
+        .route("/v1/nodes/{name}/deploy-token", post(deploy_token))
         .route("/v1/certs", get(list_certs))
         .route("/v1/nodes/{name}/apps", put(assign))
         .route("/v1/lookup", get(lookup))
@@ -318,7 +319,7 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<
     };
     // Checked first without spending a use, so a refused name costs none.
     ctx.trust
-        .admit_token(&token, &req.roles, false)
+        .admit_token(&token, &req.name, &req.roles, false)
         .map_err(unavailable)?
         .map_err(refused)?;
     validate_node_name(&req.name).map_err(bad)?;
@@ -337,7 +338,7 @@ async fn join(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<
         .map_err(|e| ApiErr(StatusCode::CONFLICT, e.to_string()))?;
     let (id, granted) = ctx
         .trust
-        .admit_token(&token, &req.roles, true)
+        .admit_token(&token, &req.name, &req.roles, true)
         .map_err(unavailable)?
         .map_err(refused)?;
     ctx.trust
@@ -403,6 +404,55 @@ async fn rotate_cert(
         ),
     );
     Ok(axum::Json(JoinResponse { cert_pem }))
+}
+
+/// A deploy token for the host node `name` is deploying: single-use, for
+/// that host's name only, with no more roles than `name` holds, ten
+/// minutes (`shoal_core::trust::mint_deploy_token` decides). Only a node
+/// whose lease is alive may ask.
+async fn deploy_token(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<shoal_net::wire::DeployTokenResponse>> {
+    need_node(&ctx, &peer, &name)?;
+    let req: shoal_net::wire::DeployTokenRequest = decode(&body)?;
+    validate_node_name(&req.node).map_err(bad)?;
+    let alive = ctx
+        .registry
+        .nodes()
+        .iter()
+        .any(|n| n.name == name && n.state == LeaseState::Alive);
+    if !alive {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            format!("node {name:?} has no live lease; only a registered, live node may mint deploy tokens"),
+        ));
+    }
+    let (t, rec) = ctx
+        .trust
+        .mint_deploy(&name, &req.node)
+        .map_err(|e| {
+            ApiErr(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e:#}; nothing was changed, retry later"),
+            )
+        })?
+        .map_err(|e| ApiErr(StatusCode::FORBIDDEN, e.to_string()))?;
+    ctx.registry.event(
+        "deploy-token",
+        Some(&name),
+        format!(
+            "deploy token {} minted for node {:?} (single use, 10 min)",
+            rec.id, req.node
+        ),
+    );
+    Ok(axum::Json(shoal_net::wire::DeployTokenResponse {
+        token: t.to_string(),
+        id: rec.id,
+        expires_ms: rec.expires_ms.unwrap_or(0),
+    }))
 }
 
 /// Every node certificate the manager binds a name to: id, expiry, a

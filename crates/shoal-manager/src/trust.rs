@@ -4,7 +4,10 @@
 //! node. The decisions are `shoal_core::trust`'s; this module holds the
 //! token file, the bindings (durable, in the store) and the clock.
 
-use shoal_core::trust::{JoinRefusal, JoinToken, KeyMatch, NodeBinding, admit_join};
+use shoal_core::trust::{
+    DeployRefusal, JoinRefusal, JoinToken, KeyMatch, NodeBinding, admit_join, mint_deploy_token,
+    prune_deploy_tokens,
+};
 use shoal_net::identity::{ClusterDir, Token};
 use shoal_net::server::Peer;
 use shoal_store::Store;
@@ -145,6 +148,7 @@ impl Trust {
     pub fn admit_token(
         &self,
         token: &Token,
+        name: &str,
         roles: &[String],
         spend: bool,
     ) -> anyhow::Result<Result<Admitted, JoinRefusal>> {
@@ -153,11 +157,36 @@ impl Trust {
         let grant = |t: &JoinToken| (t.id.clone(), (!t.roles.is_empty()).then(|| t.roles.clone()));
         if !spend {
             let mut ts = self.cached_tokens()?;
-            return Ok(admit_join(&mut ts, &hash, roles, now).map(|i| grant(&ts[i])));
+            return Ok(admit_join(&mut ts, &hash, name, roles, now).map(|i| grant(&ts[i])));
         }
-        Ok(self
-            .dir
-            .update_tokens(|ts| admit_join(ts, &hash, roles, now).map(|i| grant(&ts[i])))?)
+        Ok(self.dir.update_tokens(|ts| {
+            admit_join(ts, &hash, name, roles, now).map(|i| grant(&ts[i]))
+        })?)
+    }
+
+    /// Mints a deploy token: for node `minter` (already authenticated), a
+    /// single-use token admitting only `name`, as
+    /// [`shoal_core::trust::mint_deploy_token`] allows. Returns the token
+    /// and its record.
+    pub fn mint_deploy(
+        &self,
+        minter: &str,
+        name: &str,
+    ) -> anyhow::Result<Result<(Token, JoinToken), DeployRefusal>> {
+        let now = shoal_net::wire::unix_ms();
+        let grant = self.granted_roles(minter);
+        let bound = self.keys().contains_key(name);
+        let fp = shoal_net::identity::pem_fingerprint(&self.dir.ca_pem()?)?;
+        Ok(self.dir.update_tokens(|ts| {
+            prune_deploy_tokens(ts, now);
+            let spec = mint_deploy_token(ts, minter, grant.as_deref(), name, bound, now)?;
+            let t = Token::generate(fp);
+            let mut rec = t.record(now, Some(spec.expires_ms - now), Some(1), spec.roles);
+            rec.name = Some(spec.name);
+            rec.minted_by = Some(spec.minted_by);
+            ts.push(rec.clone());
+            Ok((t, rec))
+        })?)
     }
 
     /// Discovery keys of the tokens that admit joins now, by token id.

@@ -189,6 +189,8 @@ impl Token {
             uses_left: uses,
             roles,
             revoked: false,
+            name: None,
+            minted_by: None,
         }
     }
 

@@ -39,6 +39,27 @@ pub struct CertRequest {
     pub csr_pem: String,
 }
 
+/// A node's request for a deploy token: a single-use join token for the
+/// host it is deploying (SMON's self-deployment, with a manager).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployTokenRequest {
+    /// The node name the token will admit.
+    pub node: String,
+}
+
+/// A deploy token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployTokenResponse {
+    /// The token (`shoal1....`), for the deployed agent's --token-file.
+    pub token: String,
+    /// Its id (`shoal token list`, `shoal token revoke`).
+    pub id: String,
+    /// When it stops admitting the join.
+    pub expires_ms: u64,
+}
+
 /// A node certificate as `shoal cert list` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

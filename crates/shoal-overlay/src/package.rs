@@ -19,6 +19,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The deploy token's file in a package.
+pub const JOIN_TOKEN: &str = "join.token";
+
 /// `peer.json`: how the deployed peer runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,10 +36,14 @@ pub struct PeerFile {
     pub timeout_ms: u64,
     /// The auth agent's UDP address.
     pub auth_agent: SocketAddr,
+    /// The manager the deployed agent joins (with `join.token`, a deploy
+    /// token the deployer minted for it); none: the overlay runs alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<String>,
 }
 
 /// The settings every peer of a pool shares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// Between two pings.
     pub interval_ms: u64,
@@ -44,6 +51,8 @@ pub struct Settings {
     pub timeout_ms: u64,
     /// The auth agent's UDP address.
     pub auth_agent: SocketAddr,
+    /// The manager's URL, if the pool has one.
+    pub manager: Option<String>,
 }
 
 /// What a deployer ships: the same for every target but `peer.json`.
@@ -81,28 +90,39 @@ impl Package {
                 interval_ms: p.interval_ms,
                 timeout_ms: p.timeout_ms,
                 auth_agent: p.auth_agent,
+                manager: p.manager,
             },
         })
     }
 
     /// The small files for `target` (everything but the binary and
-    /// `package.sha256`), by name.
-    pub fn files_for(&self, target: &Target) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
+    /// `package.sha256`), by name; `join_token`, the deploy token minted
+    /// for it, if the pool has a manager.
+    pub fn files_for(
+        &self,
+        target: &Target,
+        join_token: Option<&str>,
+    ) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
         let peer = PeerFile {
             name: target.name.clone(),
             prefix: target.prefix.clone(),
             interval_ms: self.settings.interval_ms,
             timeout_ms: self.settings.timeout_ms,
             auth_agent: self.settings.auth_agent,
+            manager: self.settings.manager.clone(),
         };
-        Ok(vec![
+        let mut files = vec![
             ("overlay.key", self.overlay_key.clone().into_bytes()),
             ("targets.json.gz", files::compressed(&self.targets)?),
             ("peer.json", serde_json::to_vec_pretty(&peer)?),
             ("manifest.json", self.release.manifest.clone()),
             ("manifest.sig", self.release.signature.clone().into_bytes()),
             ("release.pub", self.release.public_key.clone().into_bytes()),
-        ])
+        ];
+        if let Some(t) = join_token {
+            files.push((JOIN_TOKEN, format!("{t}\n").into_bytes()));
+        }
+        Ok(files)
     }
 }
 
@@ -196,9 +216,10 @@ pub fn install(pkg: &Path) -> anyhow::Result<Ended> {
     start(&prefix)
 }
 
-/// `shoal overlay start --prefix P`: starts the installed peer detached
-/// (its own session, output to `P/state/peer.log`) and waits until it
-/// holds its run lock. Idempotent: a running peer is left alone.
+/// `shoal overlay start --prefix P`: starts the installed agent, with its
+/// overlay peer, detached (`shoal agent --overlay P`: its own session,
+/// output to `P/state/peer.log`) and waits until it holds the peer's run
+/// lock. Idempotent: a running peer is left alone.
 pub fn start(prefix: &Path) -> anyhow::Result<Ended> {
     use std::os::unix::process::CommandExt;
     let state = prefix.join("state");
@@ -213,10 +234,8 @@ pub fn start(prefix: &Path) -> anyhow::Result<Ended> {
         .append(true)
         .open(state.join("peer.log"))?;
     let mut cmd = std::process::Command::new(current.join("shoal"));
-    cmd.args(["overlay", "peer", "--package"])
-        .arg(&current)
-        .arg("--dir")
-        .arg(&state)
+    cmd.args(["agent", "--overlay"])
+        .arg(prefix)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

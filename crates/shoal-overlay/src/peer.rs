@@ -90,7 +90,8 @@ pub fn take_run_lock(
     }
 }
 
-/// Runs the peer until the process ends.
+/// Runs the peer until the process ends; if another holds the run lock,
+/// says so and returns.
 pub async fn run(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Result<()> {
     let Some(_lock) = take_run_lock(&opts.dir)? else {
         println!(
@@ -99,6 +100,13 @@ pub async fn run(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Resu
         );
         return Ok(());
     };
+    serve(opts, deployer).await
+}
+
+/// Runs the peer until the process ends; the caller holds the run lock
+/// ([`take_run_lock`]), as `shoal agent --overlay` does for the whole
+/// agent.
+pub async fn serve(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Result<()> {
     let key = files::read_key(&opts.key)?;
     let list = files::load_stored(&opts.dir)?.with_context(|| {
         format!(

@@ -41,6 +41,25 @@ pub enum Source {
     Fixed(Box<Package>),
 }
 
+/// Where a deployer gets the join token for a host it deploys, when the
+/// pool has a manager: a deploy token the manager mints for that host
+/// alone (a peer), or the one the operator gave (`shoal overlay seed`).
+#[async_trait::async_trait]
+pub trait JoinTokens: Send + Sync + 'static {
+    /// A token that admits node `node`.
+    async fn token_for(&self, node: &str) -> anyhow::Result<String>;
+}
+
+/// The token the operator gave `shoal overlay seed --token-file`.
+pub struct GivenToken(pub String);
+
+#[async_trait::async_trait]
+impl JoinTokens for GivenToken {
+    async fn token_for(&self, _node: &str) -> anyhow::Result<String> {
+        Ok(self.0.clone())
+    }
+}
+
 /// The deployer of a peer (or of `shoal overlay seed`).
 pub struct SshDeployer {
     /// Who deploys: a target's name, or `seed`.
@@ -51,6 +70,8 @@ pub struct SshDeployer {
     pub key: OverlayKey,
     /// How long one remote step may take.
     pub step_timeout: Duration,
+    /// Join tokens for the hosts it deploys, when the pool has a manager.
+    pub tokens: Option<Arc<dyn JoinTokens>>,
     agent_key: tokio::sync::Mutex<Option<PublicKey>>,
 }
 
@@ -62,6 +83,7 @@ impl SshDeployer {
             source,
             key,
             step_timeout: Duration::from_secs(60),
+            tokens: None,
             agent_key: tokio::sync::Mutex::new(None),
         }
     }
@@ -217,13 +239,30 @@ impl SshDeployer {
         );
         let dir = format!("{}/releases/{rel}", t.prefix);
         let qdir = shell_quote(&dir);
-        let (code, _, err) = self.exec(h, &format!("mkdir -p {qdir}")).await?;
+        // With a manager, a token that admits this host alone. Without one
+        // the host still gets its peer (the overlay works without a
+        // manager), and its agent says why it cannot join.
+        let token = match (&pkg.settings.manager, &self.tokens) {
+            (Some(_), Some(src)) => match src.token_for(&t.name).await {
+                Ok(tok) => Some(tok),
+                Err(e) => {
+                    tracing::warn!(target = %t.name, "no join token for it: {e:#}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        // 0700: the package holds the overlay key and the join token, which
+        // no other user of the host may read.
+        let (code, _, err) = self
+            .exec(h, &format!("mkdir -p -m 0700 {qdir}"))
+            .await?;
         anyhow::ensure!(code == Some(0), "mkdir {dir}: {}", err.trim());
         let ch = h.channel_open_session().await?;
         ch.request_subsystem(true, "sftp").await?;
         let sftp = russh_sftp::client::SftpSession::new(ch.into_stream()).await?;
         let mut sums = String::new();
-        for (name, bytes) in pkg.files_for(t)? {
+        for (name, bytes) in pkg.files_for(t, token.as_deref())? {
             let mut f = sftp.create(format!("{dir}/{name}")).await?;
             f.write_all(&bytes).await?;
             f.shutdown().await?;

@@ -267,6 +267,7 @@ pub fn sim_targets(n: u32) -> anyhow::Result<Arc<TargetList>> {
             user: "root".into(),
             prefix: "/opt/shoal".into(),
             host_key: SIM_HOST_KEY.into(),
+            roles: Vec::new(),
         })
         .collect();
     Ok(Arc::new(TargetList::new(

@@ -244,14 +244,15 @@ pub fn token(a: TokenArgs) -> anyhow::Result<()> {
                         serde_json::json!({
                             "id": t.id, "state": t.state(now), "created_ms": t.created_ms,
                             "expires_ms": t.expires_ms, "uses_left": t.uses_left, "roles": t.roles,
+                            "node": t.name, "minted_by": t.minted_by,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<16}  {:<8}  {:>12}  {:>9}  ROLES",
-                    "ID", "STATE", "EXPIRES IN", "USES LEFT"
+                    "{:<16}  {:<8}  {:>12}  {:>9}  {:<24}  ROLES",
+                    "ID", "STATE", "EXPIRES IN", "USES LEFT", "FOR (MINTED BY)"
                 );
                 for t in &ts {
                     let exp = match t.expires_ms {
@@ -259,12 +260,18 @@ pub fn token(a: TokenArgs) -> anyhow::Result<()> {
                         Some(_) => "-".into(),
                         None => "never".into(),
                     };
+                    let owner = match (&t.name, &t.minted_by) {
+                        (Some(n), Some(m)) => format!("{n} ({m})"),
+                        (Some(n), None) => n.clone(),
+                        _ => "any node (admin)".into(),
+                    };
                     println!(
-                        "{:<16}  {:<8}  {:>12}  {:>9}  {}",
+                        "{:<16}  {:<8}  {:>12}  {:>9}  {:<24}  {}",
                         t.id,
                         t.state(now),
                         exp,
                         t.uses_left.map(|n| n.to_string()).unwrap_or("any".into()),
+                        owner,
                         if t.roles.is_empty() {
                             "any".into()
                         } else {

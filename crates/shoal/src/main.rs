@@ -29,8 +29,9 @@ enum Cmd {
     Token(admin::TokenArgs),
     /// Run the manager: lookup service with leases, HTTPS API.
     Manager(shoal_manager::ManagerArgs),
-    /// Run a node agent: join, hold a lease, report load, run assigned apps.
-    Agent(shoal_agent::AgentArgs),
+    /// Run a node agent: join, hold a lease, report load, run assigned apps
+    /// (with --overlay, also the host's overlay peer).
+    Agent(AgentCmdArgs),
     /// Show nodes, leases, load, apps and services.
     Status(admin::StatusArgs),
     /// The manager's event and decision log, with reasons (--follow for live).
@@ -114,6 +115,21 @@ enum SimCmd {
     Overlay(shoal_sim::overlay::OverlayArgs),
 }
 
+/// `shoal agent`: the agent, and the overlay peer of a host the overlay
+/// deployed.
+#[derive(clap::Args)]
+struct AgentCmdArgs {
+    #[command(flatten)]
+    agent: shoal_agent::AgentArgs,
+    /// Run as the overlay host installed under PREFIX (how the overlay
+    /// starts it: `shoal overlay start`): its peer pings, deploys and
+    /// recovers the pool, and, if the pool has a manager, this agent joins
+    /// it with the deploy token its deployer shipped, keeping its identity
+    /// in PREFIX/agent (--dir and --name are taken from there).
+    #[arg(long, value_name = "PREFIX")]
+    overlay: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Many virtual agents renewing leases against a real manager.
@@ -155,7 +171,10 @@ fn main() -> std::process::ExitCode {
                         raise_nofile();
                         shoal_manager::run(a).await
                     }
-                    Cmd::Agent(a) => shoal_agent::run(a).await,
+                    Cmd::Agent(a) => match a.overlay {
+                        Some(prefix) => overlay::agent_with_overlay(a.agent, prefix).await,
+                        None => shoal_agent::run(a.agent).await,
+                    },
                     Cmd::Status(a) => admin::status(a).await,
                     Cmd::Events(a) => inspect::events(a).await,
                     Cmd::Logs(a) => inspect::logs(a).await,

@@ -88,6 +88,15 @@ pub struct SeedArgs {
     /// The peers' ping timeout.
     #[arg(long, default_value = "500ms", value_parser = shoal_core::duration::parse_positive_duration)]
     timeout: Duration,
+    /// The manager every deployed agent joins (its URL); without it the
+    /// overlay runs alone.
+    #[arg(long, requires = "token_file")]
+    join: Option<String>,
+    /// The join token for the seeded host (`shoal token create --uses 1
+    /// --roles ...,overlay`: the role lets its peer mint deploy tokens for
+    /// the hosts it deploys).
+    #[arg(long, requires = "join")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -276,42 +285,29 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
             if let Some(f) = &a.targets {
                 store_if_newer(&a.dir, f)?;
             }
-            let mut config = shoal_core::overlay::Config {
+            let config = shoal_core::overlay::Config {
                 interval_ms: a.interval.as_millis() as u64,
                 timeout_ms: a.timeout.as_millis() as u64,
             };
-            let (name, key, deployer): (String, PathBuf, std::sync::Arc<dyn peer::Deployer>) =
+            let (opts, deployer): (peer::PeerOptions, std::sync::Arc<dyn peer::Deployer>) =
                 match (&a.package, a.name, a.key) {
                     (Some(pkg), _, _) => {
-                        let p = shoal_overlay::package::read_peer_file(pkg)?;
-                        config.interval_ms = p.interval_ms;
-                        config.timeout_ms = p.timeout_ms;
-                        if files::load_stored(&a.dir)?.is_none()
-                            && let Some(l) = files::load_stored(pkg)?
-                        {
-                            files::store(&a.dir, &l)?;
-                        }
-                        let key = pkg.join("overlay.key");
-                        let d = shoal_overlay::ssh::SshDeployer::new(
-                            &p.name,
-                            shoal_overlay::ssh::Source::Installed {
-                                package: pkg.clone(),
-                                state: a.dir.clone(),
-                            },
-                            files::read_key(&key)?,
-                        );
-                        (p.name, key, std::sync::Arc::new(d))
+                        let (_, mut opts, d) = installed_peer(pkg, &a.dir)?;
+                        opts.bind = a.bind;
+                        (opts, std::sync::Arc::new(d))
                     }
-                    (None, Some(n), Some(k)) => (n, k, std::sync::Arc::new(peer::NoDeployer)),
+                    (None, Some(name), Some(key)) => (
+                        peer::PeerOptions {
+                            dir: a.dir,
+                            key,
+                            name,
+                            config,
+                            bind: a.bind,
+                        },
+                        std::sync::Arc::new(peer::NoDeployer),
+                    ),
                     _ => anyhow::bail!("pass --package DIR, or --name and --key"),
                 };
-            let opts = peer::PeerOptions {
-                dir: a.dir,
-                key,
-                name,
-                config,
-                bind: a.bind,
-            };
             peer::run(opts, deployer).await
         }
         OverlayCmd::ReleaseKey(a) => {
@@ -408,6 +404,128 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
     }
 }
 
+/// The peer of the package installed in `pkg` (PREFIX/current), keeping
+/// its state in `dir`: its peer.json, how it runs, and its SSH deployer,
+/// which ships that package.
+fn installed_peer(
+    pkg: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<(
+    shoal_overlay::package::PeerFile,
+    peer::PeerOptions,
+    shoal_overlay::ssh::SshDeployer,
+)> {
+    let p = shoal_overlay::package::read_peer_file(pkg)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if files::load_stored(dir)?.is_none()
+        && let Some(l) = files::load_stored(pkg)?
+    {
+        files::store(dir, &l)?;
+    }
+    let key = pkg.join("overlay.key");
+    let d = shoal_overlay::ssh::SshDeployer::new(
+        &p.name,
+        shoal_overlay::ssh::Source::Installed {
+            package: pkg.to_path_buf(),
+            state: dir.to_path_buf(),
+        },
+        files::read_key(&key)?,
+    );
+    let opts = peer::PeerOptions {
+        dir: dir.to_path_buf(),
+        key,
+        name: p.name.clone(),
+        config: shoal_core::overlay::Config {
+            interval_ms: p.interval_ms,
+            timeout_ms: p.timeout_ms,
+        },
+        bind: None,
+    };
+    Ok((p, opts, d))
+}
+
+/// Deploy tokens minted by the manager for the hosts this node deploys,
+/// asked for with the node's own certificate (in its agent directory).
+struct MintedTokens(PathBuf);
+
+#[async_trait::async_trait]
+impl shoal_overlay::ssh::JoinTokens for MintedTokens {
+    async fn token_for(&self, node: &str) -> anyhow::Result<String> {
+        shoal_agent::deploy_token(&self.0, node).await
+    }
+}
+
+/// `shoal agent --overlay PREFIX`: the agent of an overlay host, run from
+/// the package installed under PREFIX. Its overlay peer pings, deploys and
+/// recovers the pool; if the pool has a manager (peer.json, or --join),
+/// the same process is the node's agent too, joined with the deploy token
+/// its deployer shipped (`join.token`), keeping its identity in
+/// PREFIX/agent. The peer's run lock (PREFIX/state/peer.lock) makes one
+/// such process per host; a second start finds it held and exits 0.
+pub async fn agent_with_overlay(
+    mut agent: shoal_agent::AgentArgs,
+    prefix: PathBuf,
+) -> anyhow::Result<()> {
+    use shoal_overlay::package::JOIN_TOKEN;
+    let prefix = std::path::absolute(&prefix)
+        .with_context(|| format!("the prefix {}", prefix.display()))?;
+    let (pkg, state) = (prefix.join("current"), prefix.join("state"));
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create {}", state.display()))?;
+    let Some(_lock) = peer::take_run_lock(&state)? else {
+        println!(
+            "a peer already runs in {} (peer.lock is held); nothing to do",
+            state.display()
+        );
+        return Ok(());
+    };
+    let (p, opts, mut deployer) = installed_peer(&pkg, &state)?;
+    let Some(url) = agent.join.clone().or(p.manager.clone()) else {
+        tracing::info!("no manager configured: the overlay runs alone");
+        return peer::serve(opts, std::sync::Arc::new(deployer)).await;
+    };
+    let agent_dir = prefix.join("agent");
+    deployer.tokens = Some(std::sync::Arc::new(MintedTokens(agent_dir.clone())));
+    let me = files::load_stored(&state)?
+        .and_then(|l| l.index(&p.name).and_then(|i| l.get(i)).cloned());
+    agent.join = Some(url);
+    agent.dir = agent_dir;
+    agent.name = Some(p.name.clone());
+    if agent.token_file.is_none() && pkg.join(JOIN_TOKEN).exists() {
+        agent.token_file = Some(pkg.join(JOIN_TOKEN));
+    }
+    if let Some(t) = &me {
+        if agent.roles.is_empty() {
+            agent.roles = t.roles.clone();
+        }
+        if agent.address.is_none() {
+            agent.address = Some(t.address.to_string());
+        }
+    }
+    tokio::select! {
+        r = peer::serve(opts, std::sync::Arc::new(deployer)) => r,
+        r = agent_until_stopped(agent) => r,
+    }
+}
+
+/// Runs the agent half; a failure (the manager unreachable, a refused
+/// join) is logged and retried with backoff, so the overlay peer beside it
+/// goes on. Returns when the agent is stopped by a signal.
+async fn agent_until_stopped(agent: shoal_agent::AgentArgs) -> anyhow::Result<()> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match shoal_agent::run(agent.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!("agent: {e:#}; the overlay goes on, retrying in {wait:?}");
+                eprintln!("agent: {e:#}; the overlay goes on, retrying in {wait:?}");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(60));
+    }
+}
+
 /// Prints how an install or a start ended and exits with its status; a
 /// second start of a running peer exits 0 (idempotent).
 fn finish(e: shoal_overlay::package::Ended, install: bool) -> anyhow::Result<()> {
@@ -465,9 +583,18 @@ async fn seed(a: SeedArgs) -> anyhow::Result<()> {
             interval_ms: a.interval.as_millis() as u64,
             timeout_ms: a.timeout.as_millis() as u64,
             auth_agent: a.auth_agent,
+            manager: a.join.clone(),
         },
     };
-    let d = SshDeployer::new("seed", Source::Fixed(Box::new(pkg)), key);
+    let mut d = SshDeployer::new("seed", Source::Fixed(Box::new(pkg)), key);
+    if let Some(f) = &a.token_file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("--token-file: cannot read {}", f.display()))?;
+        let t = t.lines().next().unwrap_or("").trim().to_string();
+        shoal_net::identity::Token::parse(&t)
+            .with_context(|| format!("--token-file {}", f.display()))?;
+        d.tokens = Some(std::sync::Arc::new(shoal_overlay::ssh::GivenToken(t)));
+    }
     let started = std::time::Instant::now();
     let outcome = peer::Deployer::contact(&d, target.clone()).await;
     let took = started.elapsed().as_secs_f64();

@@ -152,7 +152,7 @@ impl Net {
         let needle = format!("{}/current", self.prefix(i).display());
         procs_with(&needle)
             .into_iter()
-            .filter(|(_, c)| c.contains("overlay\0peer"))
+            .filter(|(_, c)| c.contains("agent\0--overlay"))
             .map(|(p, _)| p)
             .collect()
     }

@@ -966,3 +966,74 @@ fn the_dashboard_can_require_a_token() {
     );
     assert_eq!(status(&a), "421", "{a}");
 }
+
+/// A node holding the overlay role mints, for a host it deploys, a token
+/// that admits that host's name once, with no more roles than its own, and
+/// that the operator sees (owner, node) and can revoke; a node without the
+/// role mints none, and no node mints one for a name already joined.
+#[test]
+fn a_deploy_token_admits_one_fresh_host_once_with_its_minters_roles() {
+    let c = Cluster::start(2.0);
+    let (_, deployer) = token_create(&c, &["--roles", "web,overlay"]);
+    let deployer = write_token(&c, "d.token", &deployer);
+    let (_, plain) = token_create(&c, &["--roles", "web"]);
+    let plain = write_token(&c, "p.token", &plain);
+    let d1 = c.agent_dir("d1");
+    let _d1 = agent_with_file(&c, "d1", &d1, &deployer, &["--roles", "web"]);
+    let p1 = c.agent_dir("p1");
+    let _p1 = agent_with_file(&c, "p1", &p1, &plain, &["--roles", "web"]);
+    c.wait_alive(&["d1", "p1"]);
+    let mint = |dir: &Path, who: &str, node: &str| {
+        block(node_client(&c, dir).post::<_, shoal_net::wire::DeployTokenResponse>(
+            &format!("/v1/nodes/{who}/deploy-token"),
+            &shoal_net::wire::DeployTokenRequest { node: node.into() },
+        ))
+    };
+
+    let e = mint(&p1, "p1", "h2").unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    assert!(e.to_string().contains("did not grant role \"overlay\""), "{e}");
+    let e = mint(&d1, "d1", "p1").unwrap_err();
+    assert!(e.to_string().contains("has already joined"), "{e}");
+    let e = mint(&d1, "p1", "h2").unwrap_err();
+    assert_eq!(e.status(), Some(403), "another node's name: {e}");
+
+    let t = mint(&d1, "d1", "h2").unwrap();
+    let (ok, out, err) = run(&["token", "list", "--dir", &c.dir_str(), "--json"]);
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let rec = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == t.id.as_str())
+        .expect("the minted token is listed");
+    assert_eq!(rec["node"], "h2");
+    assert_eq!(rec["minted_by"], "d1");
+    assert_eq!(rec["uses_left"], 1);
+    assert_eq!(rec["roles"], serde_json::json!(["web", "overlay"]));
+    let left = rec["expires_ms"].as_u64().unwrap() - shoal_net::wire::unix_ms();
+    assert!((9 * 60_000..=10 * 60_000).contains(&left), "{left} ms");
+
+    let tf = write_token(&c, "h2.token", &t.token);
+    let out = refused_join(&c, "h3", &c.agent_dir("h3"), &tf, &[]);
+    assert!(out.contains("minted for node \"h2\" only"), "{out}");
+    let out = refused_join(&c, "h2", &c.agent_dir("h2x"), &tf, &["--roles", "db"]);
+    assert!(out.contains("does not grant role \"db\""), "{out}");
+    let _h2 = agent_with_file(&c, "h2", &c.agent_dir("h2"), &tf, &["--roles", "web"]);
+    c.wait_alive(&["h2"]);
+    assert_eq!(token_state(&c, &t.id), "used-up");
+    let out = refused_join(&c, "h2", &c.agent_dir("h2y"), &tf, &[]);
+    assert!(out.contains("used as many times"), "{out}");
+
+    // Revocable like any token; the event log names who minted what.
+    let t = mint(&d1, "d1", "h4").unwrap();
+    let (ok, _, err) = run(&["token", "revoke", &t.id, "--dir", &c.dir_str()]);
+    assert!(ok, "{err}");
+    let tf = write_token(&c, "h4.token", &t.token);
+    let out = refused_join(&c, "h4", &c.agent_dir("h4"), &tf, &[]);
+    assert!(out.contains("was revoked"), "{out}");
+    let (ok, out, err) = c.cli(&["events", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deploy token") && out.contains("minted for node \\\"h2\\\""), "{out}");
+}

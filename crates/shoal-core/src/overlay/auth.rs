@@ -205,6 +205,7 @@ mod tests {
                 user: "root".into(),
                 prefix: "/opt/shoal".into(),
                 host_key: FP.into(),
+                roles: Vec::new(),
             }],
         )
         .unwrap()

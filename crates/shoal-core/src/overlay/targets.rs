@@ -31,6 +31,10 @@ pub struct Target {
     /// The host key's OpenSSH fingerprint, `SHA256:` and 43 base64 digits
     /// (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`).
     pub host_key: String,
+    /// The node roles its agent registers with, when the pool has a
+    /// manager (`shoal agent --roles`); none by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
 }
 
 fn default_ssh_port() -> u16 {

@@ -30,6 +30,7 @@ fn target(i: usize) -> Target {
         user: "root".into(),
         prefix: "/opt/shoal".into(),
         host_key: FP.into(),
+        roles: Vec::new(),
     }
 }
 
