@@ -38,6 +38,7 @@ pub type ServicesView = Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>;
 struct Ctx {
     registry: Arc<Registry>,
     services: ServicesView,
+    overlay: crate::OverlayView,
 }
 
 fn snapshot(ctx: &Ctx) -> serde_json::Value {
@@ -45,6 +46,7 @@ fn snapshot(ctx: &Ctx) -> serde_json::Value {
         "now_ms": shoal_net::wire::unix_ms(),
         "nodes": ctx.registry.nodes(),
         "services": (ctx.services)(),
+        "overlay": ctx.overlay.0.as_ref().and_then(|f| f()),
     });
     redact(&mut v);
     v
@@ -156,11 +158,16 @@ fn query_token(uri: &axum::http::Uri) -> Option<&str> {
 pub fn router(
     registry: Arc<Registry>,
     services: ServicesView,
+    overlay: crate::OverlayView,
     names: Vec<String>,
     port: u16,
     token: Option<String>,
 ) -> Router {
-    let ctx = Ctx { registry, services };
+    let ctx = Ctx {
+        registry,
+        services,
+        overlay,
+    };
     // Cookies are shared by every port of a host: one name per dashboard,
     // so two managers on one machine do not log each other out.
     let cookie = format!("shoal_dashboard_{port}");

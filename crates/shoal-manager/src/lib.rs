@@ -68,6 +68,25 @@ pub struct ManagerArgs {
     /// at 70-90 % of it, without joining again.
     #[arg(long, default_value = "2160h", value_parser = shoal_core::duration::parse_positive_duration)]
     pub node_cert_ttl: std::time::Duration,
+    /// The overlay's merged view for the dashboard, when the binary that
+    /// runs the manager surveys an overlay (`shoal manager --overlay-key`).
+    #[arg(skip)]
+    pub overlay: OverlayView,
+}
+
+/// The overlay's merged view (`shoal_core::overlay::report::PoolView` as
+/// JSON), or none, read by the dashboard at each snapshot.
+#[derive(Clone, Default)]
+pub struct OverlayView(pub Option<Arc<dyn Fn() -> Option<serde_json::Value> + Send + Sync>>);
+
+impl std::fmt::Debug for OverlayView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "OverlayView(surveyed)"
+        } else {
+            "OverlayView(none)"
+        })
+    }
 }
 
 /// Reads the dashboard token from `path`, or writes a fresh random one
@@ -162,6 +181,16 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     };
     let dir = ClusterDir::new(dir);
     let cfg = dir.config()?;
+    // One manager per cluster directory: two would each take the other's
+    // registry for their own. The overlay, which keeps a host's manager
+    // alive, checks this lock before it starts one.
+    use shoal_net::identity::files::MANAGER_LOCK;
+    let Some(_lock) = shoal_net::identity::try_lock(&dir.path.join(MANAGER_LOCK))? else {
+        anyhow::bail!(
+            "a manager already runs on {} ({MANAGER_LOCK} is held by another process); stop it first, or give another --dir",
+            dir.path.display()
+        );
+    };
     let listen = args.listen.clone().unwrap_or(cfg.listen.clone());
     let ttl_secs = args.lease_ttl.unwrap_or(cfg.lease_ttl_secs);
     if !(ttl_secs.is_finite() && (0.3..=3600.0).contains(&ttl_secs)) {
@@ -254,6 +283,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 let r = dashboard::router(
                     registry.clone(),
                     services_view(services.clone()),
+                    args.overlay.clone(),
                     names,
                     at.port(),
                     dash_token.clone(),

@@ -102,6 +102,25 @@ pub fn make_private_dir(path: &Path) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io_err(path))
 }
 
+/// Takes the exclusive lock on `path` (created if missing) without
+/// waiting: `None` if another process holds it. The kernel releases it
+/// when the holder dies, so a crash never leaves a stale lock: a run lock
+/// for "one of this per directory", as the overlay peer, its installer and
+/// the manager take.
+pub fn try_lock(path: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(io_err(path)(std::io::Error::from(e))),
+    }
+}
+
 /// The join token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
@@ -288,6 +307,10 @@ pub mod files {
     pub const TOKENS: &str = "tokens.json";
     /// Serialises writers of `tokens.json` (the CLI and the manager).
     pub const TOKENS_LOCK: &str = "tokens.lock";
+    /// Held by the running manager: one per directory.
+    pub const MANAGER_LOCK: &str = "manager.lock";
+    /// The output of a manager the overlay started.
+    pub const MANAGER_LOG: &str = "manager.log";
 }
 
 /// How long the token `init` prints admits joins, as kubeadm's default.

@@ -105,3 +105,40 @@ pub async fn set_targets(
     )
     .await
 }
+
+/// `shoal overlay status --all` and the dashboard: asks `peer`, then every
+/// other target of its list at once (on the same port), and merges the
+/// reports of those that answer within `timeout`
+/// ([`shoal_core::overlay::report::merge`]; a target heard from within
+/// three of its intervals counts as alive).
+pub async fn survey(
+    peer: SocketAddr,
+    key: &OverlayKey,
+    timeout: Duration,
+) -> anyhow::Result<shoal_core::overlay::report::PoolView> {
+    let first = status(peer, key, timeout).await?;
+    let mut asks = tokio::task::JoinSet::new();
+    for t in &first.targets {
+        let Ok(ip) = t.address.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        if t.state == "self" || ip == peer.ip() {
+            continue;
+        }
+        let key = key.clone();
+        let to = SocketAddr::new(ip, peer.port());
+        asks.spawn(async move { status(to, &key, timeout).await.ok() });
+    }
+    let alive_ms = first.interval_ms * 3 + first.timeout_ms;
+    let mut reports = vec![first];
+    while let Some(r) = asks.join_next().await {
+        if let Ok(Some(r)) = r {
+            reports.push(r);
+        }
+    }
+    Ok(shoal_core::overlay::report::merge(
+        &reports,
+        crate::now_ms(),
+        alive_ms,
+    ))
+}

@@ -157,17 +157,7 @@ impl Ended {
 }
 
 fn lock(path: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
-    }
+    Ok(shoal_net::identity::try_lock(path)?)
 }
 
 /// `shoal overlay install --package DIR`, run by the deployer on the target
@@ -216,12 +206,83 @@ pub fn install(pkg: &Path) -> anyhow::Result<Ended> {
     start(&prefix)
 }
 
+/// Starts `bin args` in its own session, stdin from /dev/null and output
+/// appended to `log`, so that it outlives the SSH session (or the process)
+/// that started it: nohup's job.
+fn spawn_detached(
+    bin: &Path,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+) -> anyhow::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from the
+    // session so it outlives the deployer's logout.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+/// Keeps the manager of cluster directory `dir` running on this host (the
+/// target's `manager`; SMON: the manager is an application the overlay
+/// keeps alive): if no process holds its lock, starts `bin manager --dir
+/// DIR EXTRA...` detached, output to `DIR/manager.log`, and waits until
+/// it holds the lock.
+pub fn keep_manager(
+    bin: &Path,
+    dir: &Path,
+    extra: &[std::ffi::OsString],
+) -> shoal_core::overlay::ManagerOutcome {
+    use shoal_core::overlay::ManagerOutcome;
+    use shoal_net::identity::files::{CONFIG, MANAGER_LOCK, MANAGER_LOG};
+    if !dir.join(CONFIG).exists() {
+        return ManagerOutcome::Failed(format!(
+            "{} is not a cluster directory (no {CONFIG}); create it on this host with `shoal init --dir {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let run = || -> anyhow::Result<ManagerOutcome> {
+        match lock(&dir.join(MANAGER_LOCK))? {
+            None => return Ok(ManagerOutcome::Running),
+            Some(l) => drop(l),
+        }
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["manager".as_ref(), "--dir".as_ref(), dir.as_os_str()];
+        args.extend(extra.iter().map(|a| a.as_os_str()));
+        let mut child = spawn_detached(bin, &args, &dir.join(MANAGER_LOG))?;
+        let log = dir.join(MANAGER_LOG);
+        match wait_locked(&mut child, &dir.join(MANAGER_LOCK))? {
+            Waited::Locked => Ok(ManagerOutcome::Started),
+            Waited::Exited(s) => anyhow::bail!("the manager exited ({s}): {}", last_line(&log)),
+            Waited::TimedOut => anyhow::bail!(
+                "the manager did not take {MANAGER_LOCK} within 10 s; see {}",
+                log.display()
+            ),
+        }
+    };
+    run().unwrap_or_else(|e| ManagerOutcome::Failed(format!("{e:#}")))
+}
+
 /// `shoal overlay start --prefix P`: starts the installed agent, with its
 /// overlay peer, detached (`shoal agent --overlay P`: its own session,
 /// output to `P/state/peer.log`) and waits until it holds the peer's run
 /// lock. Idempotent: a running peer is left alone.
 pub fn start(prefix: &Path) -> anyhow::Result<Ended> {
-    use std::os::unix::process::CommandExt;
     let state = prefix.join("state");
     let current = prefix.join("current");
     std::fs::create_dir_all(&state)?;
@@ -229,45 +290,58 @@ pub fn start(prefix: &Path) -> anyhow::Result<Ended> {
         None => return Ok(Ended::Already("already-running".into())),
         Some(l) => drop(l),
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.join("peer.log"))?;
-    let mut cmd = std::process::Command::new(current.join("shoal"));
-    cmd.args(["agent", "--overlay"])
-        .arg(prefix)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the peer from the
-    // SSH session so it outlives the deployer's logout (nohup's job too).
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
+    let mut child = spawn_detached(
+        &current.join("shoal"),
+        &[
+            "agent".as_ref(),
+            "--overlay".as_ref(),
+            prefix.as_os_str(),
+        ],
+        &state.join("peer.log"),
+    )?;
+    let log = state.join("peer.log");
+    match wait_locked(&mut child, &state.join("peer.lock"))? {
+        Waited::Locked => Ok(Ended::Started),
+        // It found another peer holding the lock.
+        Waited::Exited(s) if s.success() => Ok(Ended::Already("already-running".into())),
+        Waited::Exited(s) => anyhow::bail!("the peer exited ({s}): {}", last_line(&log)),
+        Waited::TimedOut => anyhow::bail!(
+            "the peer did not take its run lock within 10 s; see {}",
+            log.display()
+        ),
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {}", current.join("shoal").display()))?;
+}
+
+/// How waiting for a started process to take its lock ended.
+enum Waited {
+    Locked,
+    Exited(std::process::ExitStatus),
+    TimedOut,
+}
+
+/// Waits up to 10 s until another process (the one just started) holds
+/// the lock at `path`, or `child` exits.
+fn wait_locked(child: &mut std::process::Child, path: &Path) -> anyhow::Result<Waited> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
-        if lock(&state.join("peer.lock"))?.is_none() {
-            return Ok(Ended::Started);
+        if lock(path)?.is_none() {
+            return Ok(Waited::Locked);
         }
         if let Some(s) = child.try_wait()? {
-            let tail = std::fs::read_to_string(state.join("peer.log")).unwrap_or_default();
-            let last = tail.lines().last().unwrap_or("").to_string();
-            if s.success() {
-                // It found another peer holding the lock.
-                return Ok(Ended::Already("already-running".into()));
-            }
-            anyhow::bail!("the peer exited ({s}): {last}");
+            return Ok(Waited::Exited(s));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    anyhow::bail!(
-        "the peer did not take its run lock within 10 s; see {}/peer.log",
-        state.display()
-    )
+    Ok(Waited::TimedOut)
+}
+
+/// The last non-empty line of a log, for an error message.
+fn last_line(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string()
 }

@@ -8,7 +8,7 @@ use crate::seal::{Opener, Sealer};
 use crate::wire::{self, Body, Message, StatusReport, TargetStatus};
 use anyhow::Context;
 use shoal_core::overlay::{
-    Command, Config, Livetag, Outcome, Peer, Random, Target, TargetList, Version,
+    Command, Config, Livetag, ManagerOutcome, Outcome, Peer, Random, Target, TargetList, Version,
 };
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -76,18 +76,7 @@ impl Random for Rand {
 pub fn take_run_lock(
     dir: &std::path::Path,
 ) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
-    let p = dir.join("peer.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("cannot open {}", p.display()))?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", p.display())),
-    }
+    Ok(shoal_net::identity::try_lock(&dir.join("peer.lock"))?)
 }
 
 /// Runs the peer until the process ends; if another holds the run lock,
@@ -148,8 +137,20 @@ pub async fn serve(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Re
         opener: Opener::new(&key),
         dir: opts.dir.clone(),
         name: opts.name.clone(),
+        keeping: false,
+        // A manager this peer starts shows the overlay on its dashboard,
+        // surveyed from this peer.
+        manager_args: vec![
+            "--overlay-key".into(),
+            std::path::absolute(&opts.key)
+                .unwrap_or_else(|_| opts.key.clone())
+                .into(),
+            "--overlay-peer".into(),
+            bind.to_string().into(),
+        ],
     };
     let (done_tx, mut done_rx) = mpsc::channel::<(usize, Version, Outcome)>(1024);
+    let (kept_tx, mut kept_rx) = mpsc::channel::<ManagerOutcome>(4);
     let mut buf = vec![0u8; wire::MAX_DATAGRAM + 64];
     loop {
         let wake = peer.poll_timeout().unwrap_or(crate::now_ms() + 60_000);
@@ -165,11 +166,20 @@ pub async fn serve(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Re
                 }
                 peer.handle_outcome(target, list, outcome, crate::now_ms());
             }
+            Some(kept) = kept_rx.recv() => {
+                shell.keeping = false;
+                match &kept {
+                    ManagerOutcome::Running => {}
+                    ManagerOutcome::Started => tracing::info!("started this host's manager"),
+                    ManagerOutcome::Failed(e) => tracing::warn!("cannot keep this host's manager: {e}"),
+                }
+                peer.handle_manager(kept, crate::now_ms());
+            }
             _ = tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)) => {
                 peer.handle_timeout(crate::now_ms(), &mut rng);
             }
         }
-        shell.commands(&mut peer, &deployer, &done_tx).await;
+        shell.commands(&mut peer, &deployer, &done_tx, &kept_tx).await;
     }
 }
 
@@ -179,6 +189,10 @@ struct Shell {
     opener: Opener,
     dir: PathBuf,
     name: String,
+    /// A check of this host's manager is under way (a start waits up to
+    /// 10 s; rounds go on meanwhile).
+    keeping: bool,
+    manager_args: Vec<std::ffi::OsString>,
 }
 
 impl Shell {
@@ -299,6 +313,7 @@ impl Shell {
         peer: &mut Peer,
         deployer: &Arc<dyn Deployer>,
         done: &mpsc::Sender<(usize, Version, Outcome)>,
+        kept: &mpsc::Sender<ManagerOutcome>,
     ) {
         while let Some(c) = peer.poll() {
             match c {
@@ -326,6 +341,20 @@ impl Shell {
                     if let Some(a) = self.addr(peer, from) {
                         self.send(a, Body::GetTargets).await;
                     }
+                }
+                Command::KeepManager { dir } => {
+                    if self.keeping {
+                        continue;
+                    }
+                    self.keeping = true;
+                    let (kept, extra) = (kept.clone(), self.manager_args.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let outcome = match std::env::current_exe() {
+                            Ok(bin) => crate::package::keep_manager(&bin, dir.as_ref(), &extra),
+                            Err(e) => ManagerOutcome::Failed(format!("cannot find this binary: {e}")),
+                        };
+                        let _ = kept.blocking_send(outcome);
+                    });
                 }
                 Command::NewerPeer { from, version } => {
                     tracing::info!(
@@ -377,7 +406,31 @@ pub fn report(peer: &Peer) -> StatusReport {
         })
         .collect();
     let c = peer.config();
+    let manager = peer
+        .me()
+        .and_then(|me| list.get(me))
+        .and_then(|t| t.manager.clone())
+        .map(|dir| {
+            let (at, outcome) = match peer.manager() {
+                Some((at, o)) => (Some(*at), Some(o)),
+                None => (None, None),
+            };
+            let (state, detail) = match outcome {
+                None => ("unknown", None),
+                Some(ManagerOutcome::Running) => ("running", None),
+                Some(ManagerOutcome::Started) => ("started", None),
+                Some(ManagerOutcome::Failed(e)) => ("failed", Some(e.clone())),
+            };
+            wire::ManagerReport {
+                dir,
+                state: state.into(),
+                at_ms: at,
+                detail,
+                starts: peer.counters().manager_starts,
+            }
+        });
     StatusReport {
+        manager,
         name: peer.name().to_string(),
         versions: peer.versions(),
         interval_ms: c.interval_ms,

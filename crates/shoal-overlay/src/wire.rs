@@ -5,7 +5,7 @@
 //! (and so forgot its replay windows).
 
 use serde::{Deserialize, Serialize};
-use shoal_core::overlay::{Counters, State, TargetList, Version, Versions};
+use shoal_core::overlay::{State, TargetList, Version, Versions};
 use std::io::{Read, Write};
 
 /// How far a message's send time may be from the receiver's clock.
@@ -115,47 +115,7 @@ pub enum Body {
     },
 }
 
-/// One peer's view of the overlay.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusReport {
-    /// The peer.
-    pub name: String,
-    /// Its versions.
-    pub versions: Versions,
-    /// Its timers.
-    pub interval_ms: u64,
-    /// Its ping timeout.
-    pub timeout_ms: u64,
-    /// Its counters.
-    pub counters: Counters,
-    /// Every target of its list.
-    pub targets: Vec<TargetStatus>,
-}
-
-/// One target in a [`StatusReport`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TargetStatus {
-    /// Its name.
-    pub name: String,
-    /// Its address.
-    pub address: String,
-    /// `self` for the reporting peer; otherwise what it knows.
-    pub state: String,
-    /// When it last answered or pinged the reporting peer.
-    pub last_seen_ms: Option<u64>,
-    /// Its package version then.
-    pub peer_version: Option<Version>,
-    /// Its target list version then.
-    pub targets_version: Option<Version>,
-    /// When the reporting peer last deployed it.
-    pub deployed_ms: Option<u64>,
-    /// When the reporting peer last recovered it.
-    pub recovered_ms: Option<u64>,
-    /// Contacts the reporting peer made.
-    pub contacts: u32,
-    /// The last contact's detail.
-    pub detail: Option<String>,
-}
+pub use shoal_core::overlay::report::{ManagerReport, StatusReport, TargetStatus};
 
 /// The name of a [`State`] in status output.
 pub fn state_name(s: State) -> &'static str {

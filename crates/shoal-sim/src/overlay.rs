@@ -268,6 +268,7 @@ pub fn sim_targets(n: u32) -> anyhow::Result<Arc<TargetList>> {
             prefix: "/opt/shoal".into(),
             host_key: SIM_HOST_KEY.into(),
             roles: Vec::new(),
+            manager: None,
         })
         .collect();
     Ok(Arc::new(TargetList::new(
@@ -409,7 +410,9 @@ impl World {
                     }
                 }
                 // One list, one package: nothing newer exists in this run.
-                Command::FetchTargets { .. } | Command::NewerPeer { .. } => {}
+                Command::FetchTargets { .. }
+                | Command::NewerPeer { .. }
+                | Command::KeepManager { .. } => {}
             }
         }
         self.reschedule(h);

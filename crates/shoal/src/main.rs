@@ -28,7 +28,7 @@ enum Cmd {
     /// Join tokens: print the first, create, list, revoke.
     Token(admin::TokenArgs),
     /// Run the manager: lookup service with leases, HTTPS API.
-    Manager(shoal_manager::ManagerArgs),
+    Manager(ManagerCmdArgs),
     /// Run a node agent: join, hold a lease, report load, run assigned apps
     /// (with --overlay, also the host's overlay peer).
     Agent(AgentCmdArgs),
@@ -115,6 +115,20 @@ enum SimCmd {
     Overlay(shoal_sim::overlay::OverlayArgs),
 }
 
+/// `shoal manager`, and the overlay it shows on its dashboard.
+#[derive(clap::Args)]
+struct ManagerCmdArgs {
+    #[command(flatten)]
+    manager: shoal_manager::ManagerArgs,
+    /// Show the overlay on the dashboard: the overlay key, with which the
+    /// manager surveys every peer every 2 s (`shoal overlay status --all`).
+    #[arg(long, requires = "overlay_peer")]
+    overlay_key: Option<std::path::PathBuf>,
+    /// The peer the survey starts from (ADDR or ADDR:PORT).
+    #[arg(long, requires = "overlay_key", value_parser = overlay::peer_addr)]
+    overlay_peer: Option<std::net::SocketAddr>,
+}
+
 /// `shoal agent`: the agent, and the overlay peer of a host the overlay
 /// deployed.
 #[derive(clap::Args)]
@@ -169,7 +183,11 @@ fn main() -> std::process::ExitCode {
                     Cmd::Bench(BenchCmd::Dispatch(a)) => shoal_dispatch::bench(a).await,
                     Cmd::Manager(a) => {
                         raise_nofile();
-                        shoal_manager::run(a).await
+                        let mut m = a.manager;
+                        if let Some(key) = a.overlay_key {
+                            m.overlay = overlay::survey_for_dashboard(key, a.overlay_peer)?;
+                        }
+                        shoal_manager::run(m).await
                     }
                     Cmd::Agent(a) => match a.overlay {
                         Some(prefix) => overlay::agent_with_overlay(a.agent, prefix).await,

@@ -257,12 +257,16 @@ pub struct StatusArgs {
     /// How long to wait for the answer.
     #[arg(long, default_value = "3s", value_parser = shoal_core::duration::parse_positive_duration)]
     wait: Duration,
-    /// Print the peer's report as JSON.
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Ask every peer of the list, not only --peer, and merge what they
+    /// report: each target once, with who deployed or recovered it last.
+    #[arg(long)]
+    all: bool,
 }
 
-fn peer_addr(s: &str) -> Result<SocketAddr, String> {
+pub fn peer_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .or_else(|_| {
             s.parse::<std::net::IpAddr>()
@@ -362,6 +366,16 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
                     a.file.display()
                 )
             }
+        }
+        OverlayCmd::Status(a) if a.all => {
+            let key = files::read_key(&a.key)?;
+            let v = client::survey(a.peer, &key, a.wait).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_pool(&v);
+            }
+            Ok(())
         }
         OverlayCmd::Status(a) => {
             let key = files::read_key(&a.key)?;
@@ -523,6 +537,85 @@ async fn agent_until_stopped(agent: shoal_agent::AgentArgs) -> anyhow::Result<()
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// The dashboard's overlay: a task surveys the overlay from `peer` every
+/// 2 s and keeps the last merged view (or why the survey failed).
+pub fn survey_for_dashboard(
+    key: PathBuf,
+    peer: Option<SocketAddr>,
+) -> anyhow::Result<shoal_manager::OverlayView> {
+    let key = files::read_key(&key)?;
+    let peer = peer.context("--overlay-peer is needed with --overlay-key")?;
+    let last = std::sync::Arc::new(std::sync::Mutex::new(None::<serde_json::Value>));
+    let keep = last.clone();
+    tokio::spawn(async move {
+        loop {
+            let v = match client::survey(peer, &key, Duration::from_secs(1)).await {
+                Ok(v) => serde_json::to_value(&v).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            };
+            *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    Ok(shoal_manager::OverlayView(Some(std::sync::Arc::new(
+        move || last.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+    ))))
+}
+
+/// `shoal overlay status --all`, for people.
+fn print_pool(v: &shoal_core::overlay::report::PoolView) {
+    let ago = |t: u64| format!("{:.1}s", v.at_ms.saturating_sub(t) as f64 / 1000.0);
+    let event = |e: &Option<(u64, String)>| {
+        e.as_ref()
+            .map(|(t, by)| format!("{} ago by {by}", ago(*t)))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{} peers answered; target list {}; {} deployments, {} recoveries, {} manager starts",
+        v.reports,
+        v.targets_version
+            .map(|x| x.to_string())
+            .unwrap_or_else(|| "-".into()),
+        v.counters.deployed,
+        v.counters.recovered,
+        v.counters.manager_starts
+    );
+    println!(
+        "{:<14} {:<15} {:<14} {:<10} {:>8}  {:<20} {:<20} detail",
+        "target", "address", "state", "version", "seen", "deployed", "recovered"
+    );
+    for t in &v.targets {
+        println!(
+            "{:<14} {:<15} {:<14} {:<10} {:>8}  {:<20} {:<20} {}",
+            t.name,
+            t.address,
+            t.state,
+            t.peer_version
+                .map(|x| x.number.to_string())
+                .unwrap_or_else(|| "-".into()),
+            t.last_seen_ms.map(ago).unwrap_or_else(|| "-".into()),
+            event(&t.deployed),
+            event(&t.recovered),
+            t.detail
+                .as_ref()
+                .map(|(d, by)| format!("{d} (from {by})"))
+                .unwrap_or_default()
+        );
+    }
+    for (host, m) in &v.managers {
+        println!(
+            "manager on {host} ({}): {}{}, {} start(s)",
+            m.dir,
+            m.state,
+            m.detail
+                .as_deref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default(),
+            m.starts
+        );
     }
 }
 

@@ -206,6 +206,7 @@ mod tests {
                 prefix: "/opt/shoal".into(),
                 host_key: FP.into(),
                 roles: Vec::new(),
+                manager: None,
             }],
         )
         .unwrap()

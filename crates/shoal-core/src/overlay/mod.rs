@@ -17,6 +17,7 @@ pub mod analysis;
 pub mod auth;
 pub mod deploy;
 pub mod peer;
+pub mod report;
 pub mod targets;
 pub mod version;
 
@@ -24,7 +25,7 @@ pub mod version;
 mod tests;
 
 pub use peer::{
-    Command, Config, Counters, Inspection, Millis, Outcome, Peer, Random, Remedy, State, View,
+    Command, Config, Counters, Inspection, ManagerOutcome, Millis, Outcome, Peer, Random, Remedy, State, View,
     remedy,
 };
 pub use targets::{DEFAULT_OVERLAY_PORT, RawTargetList, Target, TargetError, TargetList};

@@ -133,6 +133,25 @@ pub enum Command {
         /// Its version.
         version: Version,
     },
+    /// This host runs a manager (its target's `manager`, a cluster
+    /// directory): start it if it is not running, and report with
+    /// [`Peer::handle_manager`]. Once a round while the livetag is on.
+    KeepManager {
+        /// The manager's cluster directory.
+        dir: String,
+    },
+}
+
+/// How keeping the host's manager alive went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManagerOutcome {
+    /// It was running.
+    Running,
+    /// It was not; it was started.
+    Started,
+    /// It was not, and could not be started: why.
+    Failed(String),
 }
 
 /// What this peer knows of one target.
@@ -207,6 +226,9 @@ pub struct Counters {
     pub deployed: u64,
     /// Recoveries made.
     pub recovered: u64,
+    /// Starts of this host's manager after it was found not running.
+    #[serde(default)]
+    pub manager_starts: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -229,6 +251,7 @@ pub struct Peer {
     views: BTreeMap<usize, View>,
     out: VecDeque<Command>,
     counters: Counters,
+    manager: Option<(Millis, ManagerOutcome)>,
 }
 
 impl Peer {
@@ -260,6 +283,7 @@ impl Peer {
             next_round: first_round,
             seq: 0,
             outstanding: BTreeMap::new(),
+            manager: None,
             views: BTreeMap::new(),
             out: VecDeque::new(),
             counters: Counters::default(),
@@ -374,7 +398,32 @@ impl Peer {
                     versions: self.versions,
                 });
             }
+            if let Some(dir) = self
+                .me
+                .and_then(|me| self.targets.get(me))
+                .and_then(|t| t.manager.clone())
+            {
+                self.out.push_back(Command::KeepManager { dir });
+            }
         }
+    }
+
+    /// How keeping this host's manager alive went ([`Command::KeepManager`]).
+    pub fn handle_manager(&mut self, outcome: ManagerOutcome, now: Millis) {
+        if outcome == ManagerOutcome::Started {
+            self.counters.manager_starts += 1;
+        }
+        // The last start stays on show while the manager runs: status says
+        // when it was last restarted. A failure shows until it runs again.
+        match (&self.manager, &outcome) {
+            (Some((_, ManagerOutcome::Started)), ManagerOutcome::Running) => {}
+            _ => self.manager = Some((now, outcome)),
+        }
+    }
+
+    /// The last thing keeping this host's manager alive did, and when.
+    pub fn manager(&self) -> Option<&(Millis, ManagerOutcome)> {
+        self.manager.as_ref()
     }
 
     /// A uniform target other than this peer.

@@ -35,6 +35,11 @@ pub struct Target {
     /// manager (`shoal agent --roles`); none by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
+    /// A manager's cluster directory on this host (`shoal init --dir`):
+    /// its peer keeps `shoal manager --dir` running there (SMON: the
+    /// manager is an application the overlay keeps alive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<String>,
 }
 
 fn default_ssh_port() -> u16 {
@@ -172,14 +177,23 @@ impl TargetList {
             {
                 return Err(bad(format!("user {:?} is not a login name", t.user)));
             }
-            if !t.prefix.starts_with('/')
-                || t.prefix.contains("/../")
-                || t.prefix.ends_with("/..")
-                || t.prefix.bytes().any(|c| c.is_ascii_control() || c == b' ')
-            {
+            let plain = |p: &str| {
+                p.starts_with('/')
+                    && !p.contains("/../")
+                    && !p.ends_with("/..")
+                    && !p.bytes().any(|c| c.is_ascii_control() || c == b' ')
+            };
+            if !plain(&t.prefix) {
                 return Err(bad(format!(
                     "prefix {:?} must be an absolute path without spaces or '..'",
                     t.prefix
+                )));
+            }
+            if let Some(m) = &t.manager
+                && !plain(m)
+            {
+                return Err(bad(format!(
+                    "manager {m:?} must be the absolute path of a cluster directory (shoal init --dir), without spaces or '..'"
                 )));
             }
             if !is_fingerprint(&t.host_key) {

@@ -31,6 +31,7 @@ fn target(i: usize) -> Target {
         prefix: "/opt/shoal".into(),
         host_key: FP.into(),
         roles: Vec::new(),
+        manager: None,
     }
 }
 
@@ -482,4 +483,51 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn a_manager_host_keeps_its_manager_once_a_round_while_the_livetag_is_on() {
+    let mut ts: Vec<Target> = (0..3).map(target).collect();
+    ts[1].manager = Some("/var/lib/shoal".into());
+    let list = Arc::new(TargetList::new(Version::new(1, 0), DEFAULT_OVERLAY_PORT, ts).unwrap());
+    let cfg = Config {
+        interval_ms: 1000,
+        timeout_ms: 300,
+    };
+    let keeps = |p: &mut Peer| {
+        drain(p)
+            .into_iter()
+            .filter(|c| matches!(c, Command::KeepManager { dir } if dir == "/var/lib/shoal"))
+            .count()
+    };
+    let mut rng = Lcg(3);
+    let mut h1 = Peer::new("h1", list.clone(), Version::new(1, 0), Livetag::default(), cfg, 0);
+    let mut h0 = Peer::new("h0", list.clone(), Version::new(1, 0), Livetag::default(), cfg, 0);
+    for r in 0..5 {
+        h1.handle_timeout(r * 1000, &mut rng);
+        assert_eq!(keeps(&mut h1), 1, "round {r}");
+        h1.handle_timeout(r * 1000 + 500, &mut rng);
+        assert_eq!(keeps(&mut h1), 0, "once a round");
+        h0.handle_timeout(r * 1000, &mut rng);
+        assert_eq!(keeps(&mut h0), 0, "only on the manager's host");
+    }
+    // The last start stays on show while it runs; a failure until it runs.
+    h1.handle_manager(ManagerOutcome::Running, 10);
+    assert_eq!(h1.manager(), Some(&(10, ManagerOutcome::Running)));
+    h1.handle_manager(ManagerOutcome::Started, 20);
+    h1.handle_manager(ManagerOutcome::Running, 30);
+    assert_eq!(h1.manager(), Some(&(20, ManagerOutcome::Started)));
+    h1.handle_manager(ManagerOutcome::Failed("no binary".into()), 40);
+    h1.handle_manager(ManagerOutcome::Running, 50);
+    assert_eq!(h1.manager(), Some(&(50, ManagerOutcome::Running)));
+    assert_eq!(h1.counters().manager_starts, 1);
+
+    // Livetag off: the pool stops maintaining itself, the manager included.
+    let off = Livetag {
+        on: false,
+        ..Livetag::default()
+    };
+    let mut h1 = Peer::new("h1", list, Version::new(1, 0), off, cfg, 0);
+    h1.handle_timeout(0, &mut rng);
+    assert_eq!(keeps(&mut h1), 0);
 }
