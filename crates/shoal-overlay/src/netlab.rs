@@ -149,6 +149,22 @@ pub fn kill_processes_with(needle: &str, within: Duration) -> usize {
     }
 }
 
+/// The overlay peers running from each of `prefixes`, from one pass over
+/// /proc.
+pub fn peers_by_prefix(prefixes: &[PathBuf]) -> Vec<Vec<i32>> {
+    let needles: Vec<String> = prefixes
+        .iter()
+        .map(|p| format!("{}/", p.display()))
+        .collect();
+    let mut v = vec![Vec::new(); prefixes.len()];
+    for (pid, c) in processes_with("overlay\0peer\0") {
+        if let Some(i) = needles.iter().position(|n| c.contains(n.as_str())) {
+            v[i].push(pid);
+        }
+    }
+    v
+}
+
 impl Lab {
     /// Creates `hosts` namespace hosts under `dir` (which must exist and
     /// outlive the lab), each with its sshd listening on port 22 and ready.
@@ -256,6 +272,10 @@ impl Lab {
             .take(2)
             .collect::<Vec<_>>()
             .join(" ");
+        // SHLVL=1: Debian's bash sources ~/.bashrc for a command run by sshd
+        // only at shell level 1, so the hosts' shells stay clean of this
+        // machine's root rc files (a `pyenv init` there serialized every
+        // command on its rehash lock and stalled 16 deployments).
         std::fs::write(
             dir.join("sshd_config"),
             format!(
@@ -263,7 +283,7 @@ impl Lab {
                  AuthorizedKeysFile {auth}\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                  StrictModes no\nSubsystem sftp internal-sftp\nMaxStartups 100\n\
-                 MaxSessions 100\nLogLevel VERBOSE\n",
+                 MaxSessions 100\nSetEnv SHLVL=1\nLogLevel VERBOSE\n",
                 key = key.display(),
                 d = dir.display(),
                 auth = self.dir.join("authorized_keys").display(),
@@ -436,6 +456,13 @@ impl Lab {
         self.peers_under(&self.hosts[i].prefix)
     }
 
+    /// The overlay peers of every host (by index), from one pass over /proc:
+    /// cheap enough to poll every 100 ms.
+    pub fn peers_by_host(&self) -> Vec<Vec<i32>> {
+        let prefixes: Vec<PathBuf> = self.hosts.iter().map(|h| h.prefix.clone()).collect();
+        peers_by_prefix(&prefixes)
+    }
+
     /// The overlay peers running from the install prefix `prefix`.
     pub fn peers_under(&self, prefix: &Path) -> Vec<i32> {
         let needle = format!("{}/", prefix.display());
@@ -463,5 +490,149 @@ impl Drop for Lab {
         if self.bridge_made {
             let _ = run("ip", &["link", "del", &self.bridge()]);
         }
+    }
+}
+
+/// What an operator prepares before seeding a lab's overlay: the overlay
+/// key, a signed release of the binary, the target list of every host, the
+/// SSH key (authorized on every host) and the auth agent holding it,
+/// listening on the bridge. The agent is stopped on drop.
+pub struct Overlay {
+    /// The binary that is released and seeded.
+    pub shoal: PathBuf,
+    /// The overlay key file (K_E).
+    pub key: PathBuf,
+    /// The release directory.
+    pub release: PathBuf,
+    /// The target list file.
+    pub targets: PathBuf,
+    /// The auth agent's directory (its `audit.log`).
+    pub agent_dir: PathBuf,
+    /// The SSH private key the auth agent holds.
+    pub ssh_key: PathBuf,
+    /// Where the auth agent listens.
+    pub agent_addr: SocketAddr,
+    agent: Child,
+}
+
+impl Overlay {
+    /// Prepares the overlay of `lab` in `dir` with the binary `shoal`; the
+    /// hosts in `wrong_key` are listed with another host's key.
+    pub fn prepare(
+        lab: &Lab,
+        shoal: &Path,
+        dir: &Path,
+        wrong_key: &[usize],
+    ) -> anyhow::Result<Overlay> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let agent_dir = dir.join("agent");
+        std::fs::create_dir_all(&agent_dir)?;
+        let ssh_key = agent_dir.join("id_ed25519");
+        keygen(&ssh_key)?;
+        lab.authorize(&agent_dir.join("id_ed25519.pub"))?;
+        let key = dir.join("overlay.key");
+        crate::files::write_new_key(&key)?;
+        let release_key = dir.join("release.key");
+        crate::release::write_new_key(&release_key)?;
+        let release = dir.join("release");
+        crate::release::sign(
+            &release_key,
+            shoal,
+            crate::peer::package_version(),
+            &release,
+        )?;
+        let targets = dir.join("targets.toml");
+        std::fs::write(&targets, lab.targets_toml(1, wrong_key))?;
+        let agent_addr = SocketAddr::from((lab.bridge_ip(), 7947));
+        let log = dir.join("auth-agent.log");
+        let agent = Command::new(shoal)
+            .arg("auth-agent")
+            .arg("--dir")
+            .arg(&agent_dir)
+            .arg("--key")
+            .arg(&ssh_key)
+            .arg("--listen")
+            .arg(agent_addr.to_string())
+            .arg("--overlay-key")
+            .arg(&key)
+            .arg("--targets")
+            .arg(&targets)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(dir.join("auth-agent.err"))?)
+            .spawn()
+            .context("cannot start the auth agent")?;
+        let mut o = Overlay {
+            shoal: shoal.to_path_buf(),
+            key,
+            release,
+            targets,
+            agent_dir,
+            ssh_key,
+            agent_addr,
+            agent,
+        };
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("auth agent listening")
+        {
+            if let Ok(Some(s)) = o.agent.try_wait() {
+                bail!(
+                    "the auth agent exited ({s}): {}",
+                    std::fs::read_to_string(dir.join("auth-agent.err")).unwrap_or_default()
+                );
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("the auth agent did not start within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(o)
+    }
+
+    /// The auth agent's process id.
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.id()
+    }
+
+    /// `shoal overlay seed HOST` with the peers' timers.
+    pub fn seed_command(&self, host: &str, interval: Duration, timeout: Duration) -> Command {
+        let mut c = Command::new(&self.shoal);
+        c.args(["overlay", "seed", host, "--targets"])
+            .arg(&self.targets)
+            .arg("--key")
+            .arg(&self.key)
+            .arg("--release")
+            .arg(&self.release)
+            .arg("--auth-agent")
+            .arg(self.agent_addr.to_string())
+            .arg("--interval")
+            .arg(format!("{}ms", interval.as_millis()))
+            .arg("--timeout")
+            .arg(format!("{}ms", timeout.as_millis()))
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// The logins the auth agent signed so far.
+    pub fn logins_signed(&self) -> usize {
+        std::fs::read_to_string(self.agent_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"signed\":true"))
+            .count()
+    }
+
+    /// Stops the auth agent: no more logins.
+    pub fn stop_agent(&mut self) {
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        self.stop_agent();
     }
 }
