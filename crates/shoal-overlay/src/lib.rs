@@ -21,6 +21,7 @@
 pub mod authagent;
 pub mod client;
 pub mod files;
+pub mod netlab;
 pub mod package;
 pub mod peer;
 pub mod release;

@@ -8,206 +8,21 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use shoal_overlay::netlab::{self, Lab};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Hosts that should be deployed; one more has a wrong host key listed.
 const HOSTS: usize = 4;
 
-fn sh(args: &[&str]) -> String {
-    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The namespaces, the bridge, the sshds and every process started under
-/// the test's directory; all removed on drop.
-struct Net {
-    tag: String,
-    subnet: u32,
-    dir: PathBuf,
-    hosts: usize,
-    sshds: Vec<std::process::Child>,
-}
-
-impl Net {
-    fn ns(&self, i: usize) -> String {
-        format!("shoal-s{i}-{}", self.tag)
-    }
-    fn ip(&self, i: usize) -> String {
-        format!("10.214.{}.{}", self.subnet, i)
-    }
-    fn bridge_ip(&self) -> String {
-        self.ip(254)
-    }
-    fn prefix(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("h{i}/opt"))
-    }
-
-    fn new(dir: &Path, hosts: usize) -> Net {
-        let tag = format!("{:x}", std::process::id() & 0xffff);
-        let n = Net {
-            tag: tag.clone(),
-            subnet: (std::process::id() % 200) + 1,
-            dir: dir.to_path_buf(),
-            hosts,
-            sshds: Vec::new(),
-        };
-        let br = format!("shsb{tag}");
-        sh(&["ip", "link", "add", &br, "type", "bridge"]);
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/24", n.bridge_ip()),
-            "dev",
-            &br,
-        ]);
-        sh(&["ip", "link", "set", &br, "up"]);
-        std::fs::create_dir_all("/run/sshd").unwrap();
-        for i in 1..=hosts {
-            let ns = n.ns(i);
-            let host = format!("shs{i}{tag}");
-            sh(&["ip", "netns", "add", &ns]);
-            sh(&[
-                "ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ]);
-            sh(&["ip", "link", "set", &host, "master", &br]);
-            sh(&["ip", "link", "set", &host, "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", n.ip(i)),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        }
-        n
-    }
-
-    /// Starts host `i`'s sshd with its own host key; returns the key's
-    /// fingerprint.
-    fn sshd(&mut self, i: usize) -> String {
-        let h = self.dir.join(format!("h{i}"));
-        std::fs::create_dir_all(&h).unwrap();
-        let key = h.join("ssh_host_ed25519_key");
-        sh(&[
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            key.to_str().unwrap(),
-        ]);
-        let fp = sh(&["ssh-keygen", "-lf", &format!("{}.pub", key.display())]);
-        let cfg = h.join("sshd_config");
-        std::fs::write(
-            &cfg,
-            format!(
-                "ListenAddress {ip}:22\nHostKey {key}\nPidFile {h}/sshd.pid\n\
-                 AuthorizedKeysFile {auth}\nPermitRootLogin prohibit-password\n\
-                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 StrictModes no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
-                ip = self.ip(i),
-                key = key.display(),
-                h = h.display(),
-                auth = self.dir.join("authorized_keys").display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(h.join("sshd.log")).unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(i),
-                "/usr/sbin/sshd",
-                "-D",
-                "-e",
-                "-f",
-            ])
-            .arg(&cfg)
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.sshds.push(child);
-        fp.split_whitespace().nth(1).unwrap().to_string()
-    }
-
-    /// The peers running on host `i` (processes whose command line names
-    /// its prefix), by pid.
-    fn peers(&self, i: usize) -> Vec<i32> {
-        let needle = format!("{}/current", self.prefix(i).display());
-        procs_with(&needle)
-            .into_iter()
-            .filter(|(_, c)| c.contains("agent\0--overlay"))
-            .map(|(p, _)| p)
-            .collect()
-    }
-}
-
-/// Processes whose command line contains `needle`.
-fn procs_with(needle: &str) -> Vec<(i32, String)> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            let c = String::from_utf8_lossy(&c).into_owned();
-            if c.contains(needle) {
-                v.push((pid, c));
-            }
-        }
-    }
-    v
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for c in &mut self.sshds {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Every process this test started runs from its directory (sshds
-        // by their config, peers by their prefix): end them by pid.
-        for (pid, _) in procs_with(self.dir.to_str().unwrap()) {
-            if pid as u32 != std::process::id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        for i in 1..=self.hosts {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(i)])
-                .status();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &format!("shsb{}", self.tag)])
-            .status();
-    }
-}
-
-fn status(net: &Net, i: usize, key: &str) -> Option<serde_json::Value> {
+/// Host `i`'s peer's report (`i` counts from 1, as the names do).
+fn status(net: &Lab, i: usize, key: &str) -> Option<serde_json::Value> {
     let (ok, out, _) = run(&[
         "overlay",
         "status",
         "--peer",
-        &net.ip(i),
+        &net.hosts()[i - 1].ip.to_string(),
         "--key",
         key,
         "--json",
@@ -233,26 +48,14 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let all = HOSTS + 1;
-    let mut net = Net::new(d, all);
-    let mut fps: Vec<String> = (1..=all).map(|i| net.sshd(i)).collect();
-    // The last host's listed key is another host's: an impostor.
-    fps[all - 1] = fps[0].clone();
+    let net = Lab::create(d, all).unwrap();
 
     // The only SSH key, for the auth agent alone.
     let agent_dir = d.join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let id = agent_dir.join("id_ed25519");
-    sh(&[
-        "ssh-keygen",
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "",
-        "-f",
-        id.to_str().unwrap(),
-    ]);
-    std::fs::copy(format!("{}.pub", id.display()), d.join("authorized_keys")).unwrap();
+    netlab::keygen(&id).unwrap();
+    net.authorize(&id.with_extension("pub")).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let key = s(&d.join("overlay.key"));
     assert!(run(&["overlay", "key", "--out", &key]).0);
@@ -261,15 +64,8 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
     let rel = s(&d.join("release"));
     let (ok, _, err) = run(&["overlay", "release", "--release-key", &rkey, "--out", &rel]);
     assert!(ok, "{err}");
-    let mut toml = String::from("version = 1\n");
-    for i in 1..=all {
-        toml.push_str(&format!(
-            "[[target]]\nname = \"h{i}\"\naddress = \"{}\"\nprefix = \"{}\"\nhost_key = \"{}\"\n",
-            net.ip(i),
-            net.prefix(i).display(),
-            fps[i - 1]
-        ));
-    }
+    // The last host's listed key is another host's: an impostor.
+    let toml = net.targets_toml(1, &[all - 1]);
     let targets = s(&d.join("targets.toml"));
     std::fs::write(&targets, &toml).unwrap();
     let agent_addr = format!("{}:7947", net.bridge_ip());
@@ -317,7 +113,7 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
     // The pool deploys itself: every listed host with its right key runs
     // exactly one peer.
     let deployed = wait_for("all hosts deployed", Duration::from_secs(90), || {
-        let n: Vec<usize> = (1..=HOSTS).map(|i| net.peers(i).len()).collect();
+        let n: Vec<usize> = (0..HOSTS).map(|i| net.peers(i).len()).collect();
         assert!(n.iter().all(|&k| k <= 1), "a host runs two peers: {n:?}");
         n.iter().all(|&k| k == 1).then(|| t0.elapsed())
     });
@@ -328,7 +124,7 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
     );
     for i in 1..=HOSTS {
         assert!(
-            net.prefix(i).join("installed").exists(),
+            net.hosts()[i - 1].prefix.join("installed").exists(),
             "h{i} has no marker"
         );
     }
@@ -351,13 +147,13 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
         },
     );
     assert!(
-        !net.prefix(all).exists(),
+        !net.hosts()[all - 1].prefix.exists(),
         "nothing may be written on the host with the wrong key"
     );
 
     // kill -9 of two peers: each recovered, one peer per host throughout.
     for victim in [2, 3] {
-        let old = net.peers(victim);
+        let old = net.peers(victim - 1);
         assert_eq!(old.len(), 1);
         let t = Instant::now();
         nix::sys::signal::kill(
@@ -366,7 +162,7 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
         )
         .unwrap();
         wait_for("recovery", Duration::from_secs(30), || {
-            let now = net.peers(victim);
+            let now = net.peers(victim - 1);
             assert!(now.len() <= 1, "h{victim} runs two peers");
             (now.len() == 1 && now[0] != old[0]).then_some(())
         });
@@ -376,7 +172,7 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
         );
     }
     for i in 1..=HOSTS {
-        assert_eq!(net.peers(i).len(), 1, "h{i}");
+        assert_eq!(net.peers(i - 1).len(), 1, "h{i}");
     }
 
     // The auth agent: no answer without the overlay key; a refusal for a
