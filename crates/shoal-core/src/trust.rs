@@ -532,7 +532,10 @@ mod tests {
             admit_join(&mut ts, "aa", "n", &[], 1000),
             Err(JoinRefusal::Expired { .. })
         ));
-        assert_eq!(admit_join(&mut ts, "cc", "n", &[], 0), Err(JoinRefusal::Unknown));
+        assert_eq!(
+            admit_join(&mut ts, "cc", "n", &[], 0),
+            Err(JoinRefusal::Unknown)
+        );
         ts[0].revoked = true;
         assert_eq!(
             admit_join(&mut ts, "aa", "n", &[], 0),
@@ -674,7 +677,10 @@ mod tests {
             admit_join(&mut ts, "dd", "h2", &roles(&["db"]), 200),
             Err(JoinRefusal::Role { .. })
         ));
-        assert_eq!(admit_join(&mut ts, "dd", "h2", &roles(&["web"]), 200), Ok(0));
+        assert_eq!(
+            admit_join(&mut ts, "dd", "h2", &roles(&["web"]), 200),
+            Ok(0)
+        );
         assert_eq!(
             admit_join(&mut ts, "dd", "h2", &[], 200),
             Err(JoinRefusal::UsedUp("d".into()))

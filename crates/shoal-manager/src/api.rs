@@ -427,7 +427,9 @@ async fn deploy_token(
     if !alive {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
-            format!("node {name:?} has no live lease; only a registered, live node may mint deploy tokens"),
+            format!(
+                "node {name:?} has no live lease; only a registered, live node may mint deploy tokens"
+            ),
         ));
     }
     let (t, rec) = ctx

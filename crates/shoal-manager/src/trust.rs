@@ -159,9 +159,9 @@ impl Trust {
             let mut ts = self.cached_tokens()?;
             return Ok(admit_join(&mut ts, &hash, name, roles, now).map(|i| grant(&ts[i])));
         }
-        Ok(self.dir.update_tokens(|ts| {
-            admit_join(ts, &hash, name, roles, now).map(|i| grant(&ts[i]))
-        })?)
+        Ok(self
+            .dir
+            .update_tokens(|ts| admit_join(ts, &hash, name, roles, now).map(|i| grant(&ts[i])))?)
     }
 
     /// Mints a deploy token: for node `minter` (already authenticated), a

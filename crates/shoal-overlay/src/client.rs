@@ -18,10 +18,24 @@ pub async fn request<T>(
     timeout: Duration,
     accept: impl Fn(Body) -> Option<T>,
 ) -> anyhow::Result<T> {
-    let bind: SocketAddr = if peer.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
+    request_as(None, "shoal", peer, key, body, timeout, accept).await
+}
+
+/// [`request`] sent as target `from`, from its address `bind` (a peer
+/// answers some requests only to a listed target at its own address).
+pub async fn request_as<T>(
+    bind: Option<std::net::IpAddr>,
+    from: &str,
+    peer: SocketAddr,
+    key: &OverlayKey,
+    body: Body,
+    timeout: Duration,
+    accept: impl Fn(Body) -> Option<T>,
+) -> anyhow::Result<T> {
+    let bind: SocketAddr = match bind {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None if peer.is_ipv4() => "0.0.0.0:0".parse()?,
+        None => "[::]:0".parse()?,
     };
     let sock = UdpSocket::bind(bind)
         .await
@@ -34,7 +48,7 @@ pub async fn request<T>(
     for attempt in 0..tries {
         let m = Message {
             sent_ms: crate::now_ms(),
-            from: "shoal".into(),
+            from: from.into(),
             body: body.clone(),
         };
         sock.send_to(&sealer.seal(&wire::encode(&m)?), peer)
@@ -141,4 +155,45 @@ pub async fn survey(
         crate::now_ms(),
         alive_ms,
     ))
+}
+
+/// Asks the other targets of `list`, in a random order, for a deploy
+/// token admitting target `me` (by name, from its own address): the
+/// first peer whose agent has joined the manager mints one.
+pub async fn join_token(
+    list: &TargetList,
+    me: &str,
+    key: &OverlayKey,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let mine = list
+        .index(me)
+        .and_then(|i| list.get(i))
+        .with_context(|| format!("{me:?} is not in the target list"))?;
+    let mut others: Vec<_> = list.targets().iter().filter(|t| t.name != me).collect();
+    rand::seq::SliceRandom::shuffle(&mut others[..], &mut rand::thread_rng());
+    let mut why = Vec::new();
+    for t in others {
+        let id: u64 = rand::random();
+        let peer = SocketAddr::new(t.address, list.overlay_port());
+        let r = request_as(
+            Some(mine.address),
+            me,
+            peer,
+            key,
+            Body::JoinToken { id },
+            timeout,
+            |b| match b {
+                Body::JoinTokenGranted { id: i, result } if i == id => Some(result),
+                _ => None,
+            },
+        )
+        .await;
+        match r {
+            Ok(Ok(token)) => return Ok(token),
+            Ok(Err(e)) => why.push(format!("{}: {e}", t.name)),
+            Err(e) => why.push(format!("{}: {e:#}", t.name)),
+        }
+    }
+    anyhow::bail!("no peer could mint a deploy token: {}", why.join("; "))
 }

@@ -529,6 +529,16 @@ impl Overlay {
         dir: &Path,
         wrong_key: &[usize],
     ) -> anyhow::Result<Overlay> {
+        Self::prepare_with(lab, shoal, dir, lab.targets_toml(1, wrong_key))
+    }
+
+    /// [`Overlay::prepare`] with the target list `targets` (TOML).
+    pub fn prepare_with(
+        lab: &Lab,
+        shoal: &Path,
+        dir: &Path,
+        targets_toml: String,
+    ) -> anyhow::Result<Overlay> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let agent_dir = dir.join("agent");
         std::fs::create_dir_all(&agent_dir)?;
@@ -547,7 +557,7 @@ impl Overlay {
             &release,
         )?;
         let targets = dir.join("targets.toml");
-        std::fs::write(&targets, lab.targets_toml(1, wrong_key))?;
+        std::fs::write(&targets, targets_toml)?;
         let agent_addr = SocketAddr::from((lab.bridge_ip(), 7947));
         let log = dir.join("auth-agent.log");
         let agent = Command::new(shoal)

@@ -292,11 +292,7 @@ pub fn start(prefix: &Path) -> anyhow::Result<Ended> {
     }
     let mut child = spawn_detached(
         &current.join("shoal"),
-        &[
-            "agent".as_ref(),
-            "--overlay".as_ref(),
-            prefix.as_os_str(),
-        ],
+        &["agent".as_ref(), "--overlay".as_ref(), prefix.as_os_str()],
         &state.join("peer.log"),
     )?;
     let log = state.join("peer.log");

@@ -49,7 +49,7 @@ impl Deployer for NoDeployer {
 }
 
 /// How a peer runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PeerOptions {
     /// Its directory: `targets.json.gz`, `peer.lock`.
     pub dir: PathBuf,
@@ -61,6 +61,9 @@ pub struct PeerOptions {
     pub config: Config,
     /// Where to listen (default: its target's address and the overlay port).
     pub bind: Option<SocketAddr>,
+    /// Deploy tokens for hosts that ask ([`Body::JoinToken`]), when this
+    /// peer's agent has joined a manager.
+    pub tokens: Option<Arc<dyn crate::ssh::JoinTokens>>,
 }
 
 struct Rand(rand::rngs::StdRng);
@@ -138,6 +141,7 @@ pub async fn serve(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Re
         dir: opts.dir.clone(),
         name: opts.name.clone(),
         keeping: false,
+        tokens: opts.tokens.clone(),
         // A manager this peer starts shows the overlay on its dashboard,
         // surveyed from this peer.
         manager_args: vec![
@@ -151,6 +155,7 @@ pub async fn serve(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Re
     };
     let (done_tx, mut done_rx) = mpsc::channel::<(usize, Version, Outcome)>(1024);
     let (kept_tx, mut kept_rx) = mpsc::channel::<ManagerOutcome>(4);
+    let (grant_tx, mut grant_rx) = mpsc::channel::<(SocketAddr, Body)>(64);
     let mut buf = vec![0u8; wire::MAX_DATAGRAM + 64];
     loop {
         let wake = peer.poll_timeout().unwrap_or(crate::now_ms() + 60_000);
@@ -158,13 +163,16 @@ pub async fn serve(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Re
         tokio::select! {
             r = shell.sock.recv_from(&mut buf) => {
                 let (n, src) = r.context("udp receive")?;
-                shell.datagram(&mut peer, &buf[..n], src).await;
+                shell.datagram(&mut peer, &buf[..n], src, &grant_tx).await;
             }
             Some((target, list, outcome)) = done_rx.recv() => {
                 if let Some(t) = peer.targets().get(target) {
                     tracing::info!(target = %t.name, ?outcome, "contact ended");
                 }
                 peer.handle_outcome(target, list, outcome, crate::now_ms());
+            }
+            Some((to, grant)) = grant_rx.recv() => {
+                shell.send(to, grant).await;
             }
             Some(kept) = kept_rx.recv() => {
                 shell.keeping = false;
@@ -179,7 +187,9 @@ pub async fn serve(opts: PeerOptions, deployer: Arc<dyn Deployer>) -> anyhow::Re
                 peer.handle_timeout(crate::now_ms(), &mut rng);
             }
         }
-        shell.commands(&mut peer, &deployer, &done_tx, &kept_tx).await;
+        shell
+            .commands(&mut peer, &deployer, &done_tx, &kept_tx)
+            .await;
     }
 }
 
@@ -193,6 +203,7 @@ struct Shell {
     /// 10 s; rounds go on meanwhile).
     keeping: bool,
     manager_args: Vec<std::ffi::OsString>,
+    tokens: Option<Arc<dyn crate::ssh::JoinTokens>>,
 }
 
 impl Shell {
@@ -226,7 +237,13 @@ impl Shell {
             .filter(|&i| t.get(i).is_some_and(|t| t.address == src))
     }
 
-    async fn datagram(&mut self, peer: &mut Peer, d: &[u8], src: SocketAddr) {
+    async fn datagram(
+        &mut self,
+        peer: &mut Peer,
+        d: &[u8],
+        src: SocketAddr,
+        grants: &mpsc::Sender<(SocketAddr, Body)>,
+    ) {
         let now = crate::now_ms();
         let m = match self
             .opener
@@ -286,7 +303,28 @@ impl Shell {
                 let report = Box::new(report(peer));
                 self.send(src, Body::StatusReport { id, report }).await;
             }
+            Body::JoinToken { id } => {
+                // Only a listed target, for itself, from its own address.
+                if Self::listed(peer, &m.from, src.ip()).is_none() {
+                    tracing::debug!(%src, from = %m.from, "token request from outside the list");
+                    return;
+                }
+                let Some(tokens) = self.tokens.clone() else {
+                    let result = Err("this peer's agent has not joined a manager".into());
+                    self.send(src, Body::JoinTokenGranted { id, result }).await;
+                    return;
+                };
+                let (node, grants) = (m.from.clone(), grants.clone());
+                tokio::spawn(async move {
+                    let result = tokens.token_for(&node).await.map_err(|e| format!("{e:#}"));
+                    tracing::info!(%node, ok = result.is_ok(), "deploy token asked for");
+                    let _ = grants
+                        .send((src, Body::JoinTokenGranted { id, result }))
+                        .await;
+                });
+            }
             Body::TargetsSet { .. }
+            | Body::JoinTokenGranted { .. }
             | Body::StatusReport { .. }
             | Body::AgentKey { .. }
             | Body::AgentPublicKey { .. }
@@ -351,7 +389,9 @@ impl Shell {
                     tokio::task::spawn_blocking(move || {
                         let outcome = match std::env::current_exe() {
                             Ok(bin) => crate::package::keep_manager(&bin, dir.as_ref(), &extra),
-                            Err(e) => ManagerOutcome::Failed(format!("cannot find this binary: {e}")),
+                            Err(e) => {
+                                ManagerOutcome::Failed(format!("cannot find this binary: {e}"))
+                            }
                         };
                         let _ = kept.blocking_send(outcome);
                     });

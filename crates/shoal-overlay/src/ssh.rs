@@ -254,9 +254,7 @@ impl SshDeployer {
         };
         // 0700: the package holds the overlay key and the join token, which
         // no other user of the host may read.
-        let (code, _, err) = self
-            .exec(h, &format!("mkdir -p -m 0700 {qdir}"))
-            .await?;
+        let (code, _, err) = self.exec(h, &format!("mkdir -p -m 0700 {qdir}")).await?;
         anyhow::ensure!(code == Some(0), "mkdir {dir}: {}", err.trim());
         let ch = h.channel_open_session().await?;
         ch.request_subsystem(true, "sftp").await?;

@@ -79,6 +79,21 @@ pub enum Body {
         /// The peer's view.
         report: Box<StatusReport>,
     },
+    /// From a deployed host whose agent has not joined the manager (its
+    /// deployer had no token for it then): a deploy token for it, please.
+    /// Answered only to a listed target asking from its own address, by a
+    /// peer whose agent has joined.
+    JoinToken {
+        /// Echoed in the answer.
+        id: u64,
+    },
+    /// The token, or why not.
+    JoinTokenGranted {
+        /// The request's.
+        id: u64,
+        /// The token, or the reason.
+        result: Result<String, String>,
+    },
     /// To the auth agent: its public key, please.
     AgentKey {
         /// Echoed in the answer.

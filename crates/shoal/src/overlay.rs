@@ -307,6 +307,7 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
                             name,
                             config,
                             bind: a.bind,
+                            tokens: None,
                         },
                         std::sync::Arc::new(peer::NoDeployer),
                     ),
@@ -454,6 +455,7 @@ fn installed_peer(
             timeout_ms: p.timeout_ms,
         },
         bind: None,
+        tokens: None,
     };
     Ok((p, opts, d))
 }
@@ -481,8 +483,8 @@ pub async fn agent_with_overlay(
     prefix: PathBuf,
 ) -> anyhow::Result<()> {
     use shoal_overlay::package::JOIN_TOKEN;
-    let prefix = std::path::absolute(&prefix)
-        .with_context(|| format!("the prefix {}", prefix.display()))?;
+    let prefix =
+        std::path::absolute(&prefix).with_context(|| format!("the prefix {}", prefix.display()))?;
     let (pkg, state) = (prefix.join("current"), prefix.join("state"));
     std::fs::create_dir_all(&state)
         .with_context(|| format!("cannot create {}", state.display()))?;
@@ -493,15 +495,23 @@ pub async fn agent_with_overlay(
         );
         return Ok(());
     };
-    let (p, opts, mut deployer) = installed_peer(&pkg, &state)?;
+    let (p, mut opts, mut deployer) = installed_peer(&pkg, &state)?;
     let Some(url) = agent.join.clone().or(p.manager.clone()) else {
         tracing::info!("no manager configured: the overlay runs alone");
         return peer::serve(opts, std::sync::Arc::new(deployer)).await;
     };
     let agent_dir = prefix.join("agent");
-    deployer.tokens = Some(std::sync::Arc::new(MintedTokens(agent_dir.clone())));
-    let me = files::load_stored(&state)?
-        .and_then(|l| l.index(&p.name).and_then(|i| l.get(i)).cloned());
+    let minted: std::sync::Arc<dyn shoal_overlay::ssh::JoinTokens> =
+        std::sync::Arc::new(MintedTokens(agent_dir.clone()));
+    deployer.tokens = Some(minted.clone());
+    opts.tokens = Some(minted);
+    let ask = AskPeers {
+        state: state.clone(),
+        name: p.name.clone(),
+        key: opts.key.clone(),
+    };
+    let me =
+        files::load_stored(&state)?.and_then(|l| l.index(&p.name).and_then(|i| l.get(i)).cloned());
     agent.join = Some(url);
     agent.dir = agent_dir;
     agent.name = Some(p.name.clone());
@@ -518,25 +528,68 @@ pub async fn agent_with_overlay(
     }
     tokio::select! {
         r = peer::serve(opts, std::sync::Arc::new(deployer)) => r,
-        r = agent_until_stopped(agent) => r,
+        r = agent_until_stopped(agent, ask) => r,
+    }
+}
+
+/// How an overlay host whose agent has not joined gets a token: from the
+/// other peers (its deployer may have had none for it, or the one it
+/// shipped expired before the manager came up).
+struct AskPeers {
+    state: PathBuf,
+    name: String,
+    key: PathBuf,
+}
+
+impl AskPeers {
+    /// A fresh deploy token from a peer, stored in `state/join.token`.
+    async fn token(&self) -> anyhow::Result<PathBuf> {
+        let list = files::load_stored(&self.state)?.context("no stored target list")?;
+        let key = files::read_key(&self.key)?;
+        let t = client::join_token(&list, &self.name, &key, Duration::from_secs(2)).await?;
+        let path = self.state.join(shoal_overlay::package::JOIN_TOKEN);
+        let _ = std::fs::remove_file(&path);
+        let mut f = files::create_key_file(&path)?;
+        std::io::Write::write_all(&mut f, format!("{t}\n").as_bytes())?;
+        Ok(path)
     }
 }
 
 /// Runs the agent half; a failure (the manager unreachable, a refused
 /// join) is logged and retried with backoff, so the overlay peer beside it
 /// goes on. Returns when the agent is stopped by a signal.
-async fn agent_until_stopped(agent: shoal_agent::AgentArgs) -> anyhow::Result<()> {
+async fn agent_until_stopped(
+    mut agent: shoal_agent::AgentArgs,
+    ask: AskPeers,
+) -> anyhow::Result<()> {
     let mut wait = Duration::from_secs(1);
     loop {
+        let joined = agent.dir.join("agent.toml").exists();
+        if !joined && agent.token_file.is_none() {
+            match ask.token().await {
+                Ok(f) => agent.token_file = Some(f),
+                Err(e) => tracing::warn!("no join token yet: {e:#}"),
+            }
+        }
         match shoal_agent::run(agent.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 tracing::warn!("agent: {e:#}; the overlay goes on, retrying in {wait:?}");
                 eprintln!("agent: {e:#}; the overlay goes on, retrying in {wait:?}");
+                // A token the manager refused (spent, expired, revoked:
+                // every JoinRefusal names the join token) is replaced by
+                // one asked of the peers; a manager that is not up yet
+                // keeps the one there is.
+                if !agent.dir.join("agent.toml").exists()
+                    && format!("{e:#}").contains("join token")
+                    && let Ok(f) = ask.token().await
+                {
+                    agent.token_file = Some(f);
+                }
             }
         }
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(60));
+        wait = (wait * 2).min(Duration::from_secs(30));
     }
 }
 

@@ -984,15 +984,20 @@ fn a_deploy_token_admits_one_fresh_host_once_with_its_minters_roles() {
     let _p1 = agent_with_file(&c, "p1", &p1, &plain, &["--roles", "web"]);
     c.wait_alive(&["d1", "p1"]);
     let mint = |dir: &Path, who: &str, node: &str| {
-        block(node_client(&c, dir).post::<_, shoal_net::wire::DeployTokenResponse>(
-            &format!("/v1/nodes/{who}/deploy-token"),
-            &shoal_net::wire::DeployTokenRequest { node: node.into() },
-        ))
+        block(
+            node_client(&c, dir).post::<_, shoal_net::wire::DeployTokenResponse>(
+                &format!("/v1/nodes/{who}/deploy-token"),
+                &shoal_net::wire::DeployTokenRequest { node: node.into() },
+            ),
+        )
     };
 
     let e = mint(&p1, "p1", "h2").unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
-    assert!(e.to_string().contains("did not grant role \"overlay\""), "{e}");
+    assert!(
+        e.to_string().contains("did not grant role \"overlay\""),
+        "{e}"
+    );
     let e = mint(&d1, "d1", "p1").unwrap_err();
     assert!(e.to_string().contains("has already joined"), "{e}");
     let e = mint(&d1, "p1", "h2").unwrap_err();
@@ -1035,5 +1040,8 @@ fn a_deploy_token_admits_one_fresh_host_once_with_its_minters_roles() {
     assert!(out.contains("was revoked"), "{out}");
     let (ok, out, err) = c.cli(&["events", "--json"]);
     assert!(ok, "{err}");
-    assert!(out.contains("deploy token") && out.contains("minted for node \\\"h2\\\""), "{out}");
+    assert!(
+        out.contains("deploy token") && out.contains("minted for node \\\"h2\\\""),
+        "{out}"
+    );
 }

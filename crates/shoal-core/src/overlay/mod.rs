@@ -25,8 +25,8 @@ pub mod version;
 mod tests;
 
 pub use peer::{
-    Command, Config, Counters, Inspection, ManagerOutcome, Millis, Outcome, Peer, Random, Remedy, State, View,
-    remedy,
+    Command, Config, Counters, Inspection, ManagerOutcome, Millis, Outcome, Peer, Random, Remedy,
+    State, View, remedy,
 };
 pub use targets::{DEFAULT_OVERLAY_PORT, RawTargetList, Target, TargetError, TargetList};
 pub use version::{Livetag, Newer, Version, Versions, compare};

@@ -68,7 +68,6 @@ pub struct TargetStatus {
     pub detail: Option<String>,
 }
 
-
 /// One target in the merged view.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolTarget {
@@ -291,7 +290,13 @@ mod tests {
         let r1 = report(
             "h1",
             1,
-            vec![t("h1", "self"), t("h2", "alive"), h3_by_h1, t("h4", "unknown"), h5],
+            vec![
+                t("h1", "self"),
+                t("h2", "alive"),
+                h3_by_h1,
+                t("h4", "unknown"),
+                h5,
+            ],
         );
         let r2 = report(
             "h2",
@@ -309,7 +314,11 @@ mod tests {
         assert_eq!(v.reports, 2);
         assert_eq!(v.targets_version, Some(Version::new(2, 0)));
         let names: Vec<_> = v.targets.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, ["h1", "h2", "h3", "h4", "h5", "h6"], "the newest list's order");
+        assert_eq!(
+            names,
+            ["h1", "h2", "h3", "h4", "h5", "h6"],
+            "the newest list's order"
+        );
         let by = |n: &str| v.targets.iter().find(|t| t.name == n).unwrap();
         assert!(by("h1").answered && by("h1").state == "alive");
         assert_eq!(by("h3").state, "alive", "seen 400 ms ago");

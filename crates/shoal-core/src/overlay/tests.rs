@@ -501,8 +501,22 @@ fn a_manager_host_keeps_its_manager_once_a_round_while_the_livetag_is_on() {
             .count()
     };
     let mut rng = Lcg(3);
-    let mut h1 = Peer::new("h1", list.clone(), Version::new(1, 0), Livetag::default(), cfg, 0);
-    let mut h0 = Peer::new("h0", list.clone(), Version::new(1, 0), Livetag::default(), cfg, 0);
+    let mut h1 = Peer::new(
+        "h1",
+        list.clone(),
+        Version::new(1, 0),
+        Livetag::default(),
+        cfg,
+        0,
+    );
+    let mut h0 = Peer::new(
+        "h0",
+        list.clone(),
+        Version::new(1, 0),
+        Livetag::default(),
+        cfg,
+        0,
+    );
     for r in 0..5 {
         h1.handle_timeout(r * 1000, &mut rng);
         assert_eq!(keeps(&mut h1), 1, "round {r}");
