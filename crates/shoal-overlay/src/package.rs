@@ -36,6 +36,9 @@ pub struct PeerFile {
     pub timeout_ms: u64,
     /// The auth agent's UDP address.
     pub auth_agent: SocketAddr,
+    /// Its replicas, tried in turn when one does not answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_auth_agents: Vec<SocketAddr>,
     /// The manager the deployed agent joins (with `join.token`, a deploy
     /// token the deployer minted for it); none: the overlay runs alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,8 +52,8 @@ pub struct Settings {
     pub interval_ms: u64,
     /// A ping's timeout.
     pub timeout_ms: u64,
-    /// The auth agent's UDP address.
-    pub auth_agent: SocketAddr,
+    /// The auth agents' UDP addresses (one or more replicas; never empty).
+    pub auth_agents: Vec<SocketAddr>,
     /// The manager's URL, if the pool has one.
     pub manager: Option<String>,
 }
@@ -89,7 +92,9 @@ impl Package {
             settings: Settings {
                 interval_ms: p.interval_ms,
                 timeout_ms: p.timeout_ms,
-                auth_agent: p.auth_agent,
+                auth_agents: std::iter::once(p.auth_agent)
+                    .chain(p.more_auth_agents)
+                    .collect(),
                 manager: p.manager,
             },
         })
@@ -108,7 +113,12 @@ impl Package {
             prefix: target.prefix.clone(),
             interval_ms: self.settings.interval_ms,
             timeout_ms: self.settings.timeout_ms,
-            auth_agent: self.settings.auth_agent,
+            auth_agent: *self
+                .settings
+                .auth_agents
+                .first()
+                .context("no auth agent in the package's settings")?,
+            more_auth_agents: self.settings.auth_agents.iter().skip(1).copied().collect(),
             manager: self.settings.manager.clone(),
         };
         let mut files = vec![

@@ -72,7 +72,10 @@ pub struct SshDeployer {
     pub step_timeout: Duration,
     /// Join tokens for the hosts it deploys, when the pool has a manager.
     pub tokens: Option<Arc<dyn JoinTokens>>,
-    agent_key: tokio::sync::Mutex<Option<PublicKey>>,
+    agent_key: tokio::sync::Mutex<std::collections::HashMap<SocketAddr, PublicKey>>,
+    /// The replica of the auth agent tried first: the last that answered
+    /// (at first a random one, which spreads a pool over its replicas).
+    preferred: std::sync::atomic::AtomicUsize,
 }
 
 impl SshDeployer {
@@ -84,7 +87,8 @@ impl SshDeployer {
             key,
             step_timeout: Duration::from_secs(60),
             tokens: None,
-            agent_key: tokio::sync::Mutex::new(None),
+            agent_key: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            preferred: std::sync::atomic::AtomicUsize::new(rand::random::<u16>() as usize),
         }
     }
 
@@ -95,9 +99,28 @@ impl SshDeployer {
         }
     }
 
+    /// The first replica of the auth agent that answers, from the
+    /// preferred one on, with its public key.
+    async fn any_agent(&self, agents: &[SocketAddr]) -> anyhow::Result<(SocketAddr, PublicKey)> {
+        use std::sync::atomic::Ordering;
+        anyhow::ensure!(!agents.is_empty(), "no auth agent configured");
+        let first = self.preferred.load(Ordering::Relaxed) % agents.len();
+        let mut why = Vec::new();
+        for i in (0..agents.len()).map(|k| (first + k) % agents.len()) {
+            match self.agent_public_key(agents[i]).await {
+                Ok(k) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok((agents[i], k));
+                }
+                Err(e) => why.push(format!("{e:#}")),
+            }
+        }
+        anyhow::bail!("{}", why.join("; "))
+    }
+
     async fn agent_public_key(&self, agent: SocketAddr) -> anyhow::Result<PublicKey> {
         let mut k = self.agent_key.lock().await;
-        if let Some(k) = &*k {
+        if let Some(k) = k.get(&agent) {
             return Ok(k.clone());
         }
         let id: u64 = rand::random();
@@ -115,7 +138,7 @@ impl SshDeployer {
         .map_err(|e| anyhow::anyhow!("auth agent at {agent}: {e:#}"))?;
         let pk = PublicKey::from_openssh(&text)
             .map_err(|e| anyhow::anyhow!("the auth agent's key {text:?} does not parse: {e}"))?;
-        *k = Some(pk.clone());
+        k.insert(agent, pk.clone());
         Ok(pk)
     }
 
@@ -153,9 +176,8 @@ impl SshDeployer {
             }
             Ok(Ok(h)) => h,
         };
-        let agent = pkg.settings.auth_agent;
-        let public = match self.agent_public_key(agent).await {
-            Ok(k) => k,
+        let (agent, public) = match self.any_agent(&pkg.settings.auth_agents).await {
+            Ok(a) => a,
             Err(e) => return Outcome::Failed(format!("{e:#}")),
         };
         let mut signer = AgentSigner {

@@ -79,9 +79,11 @@ pub struct SeedArgs {
     /// The binary to ship (default: this one); must match the release.
     #[arg(long)]
     binary: Option<PathBuf>,
-    /// The auth agent (UDP ADDR:PORT), which the peers use too.
-    #[arg(long)]
-    auth_agent: SocketAddr,
+    /// The auth agent (UDP ADDR:PORT), which the peers use too; repeat it
+    /// for replicas (each with the key, or its own key authorized on every
+    /// target): a peer tries them in turn.
+    #[arg(long, required = true)]
+    auth_agent: Vec<SocketAddr>,
     /// The peers' ping interval.
     #[arg(long, default_value = "1s", value_parser = shoal_core::duration::parse_positive_duration)]
     interval: Duration,
@@ -728,7 +730,7 @@ async fn seed(a: SeedArgs) -> anyhow::Result<()> {
         settings: Settings {
             interval_ms: a.interval.as_millis() as u64,
             timeout_ms: a.timeout.as_millis() as u64,
-            auth_agent: a.auth_agent,
+            auth_agents: a.auth_agent.clone(),
             manager: a.join.clone(),
         },
     };

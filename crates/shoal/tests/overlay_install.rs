@@ -72,7 +72,7 @@ fn of_three_concurrent_installs_one_wins_and_two_abort() {
             settings: Settings {
                 interval_ms: 1000,
                 timeout_ms: 500,
-                auth_agent: "127.0.0.1:9".parse().unwrap(),
+                auth_agents: vec!["127.0.0.1:9".parse().unwrap()],
                 manager: None,
             },
         };

@@ -66,12 +66,23 @@ fn prepare(lab: &Lab, d: &Path) -> Prepared {
 }
 
 fn auth_agent(lab: &Lab, p: &Prepared, dir: &Path, source: &[&str], env: &[(&str, &str)]) -> Child {
+    auth_agent_at(7947, lab, p, dir, source, env)
+}
+
+fn auth_agent_at(
+    port: u16,
+    lab: &Lab,
+    p: &Prepared,
+    dir: &Path,
+    source: &[&str],
+    env: &[(&str, &str)],
+) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
     c.arg("auth-agent")
         .arg("--dir")
         .arg(dir)
         .args(source)
-        .args(["--listen", &format!("{}:7947", lab.bridge_ip())])
+        .args(["--listen", &format!("{}:{port}", lab.bridge_ip())])
         .args(["--overlay-key", &p.key, "--targets", &p.targets])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -95,8 +106,18 @@ fn auth_agent(lab: &Lab, p: &Prepared, dir: &Path, source: &[&str], env: &[(&str
 
 /// Seeds h1 and waits until every host runs its peer.
 fn seed_and_spread(lab: &Lab, p: &Prepared) -> f64 {
+    seed_with_agents(lab, p, &[7947], || {})
+}
+
+/// Seeds h1 naming the auth agents on `ports`, runs `then`, and waits
+/// until every host runs its peer.
+fn seed_with_agents(lab: &Lab, p: &Prepared, ports: &[u16], then: impl FnOnce()) -> f64 {
     let began = Instant::now();
-    let (ok, out, err) = run(&[
+    let agents: Vec<String> = ports
+        .iter()
+        .map(|port| format!("{}:{port}", lab.bridge_ip()))
+        .collect();
+    let mut args = vec![
         "overlay",
         "seed",
         "h1",
@@ -106,14 +127,17 @@ fn seed_and_spread(lab: &Lab, p: &Prepared) -> f64 {
         &p.key,
         "--release",
         &p.release,
-        "--auth-agent",
-        &format!("{}:7947", lab.bridge_ip()),
         "--interval",
         "300ms",
         "--timeout",
         "200ms",
-    ]);
+    ];
+    for a in &agents {
+        args.extend(["--auth-agent", a.as_str()]);
+    }
+    let (ok, out, err) = run(&args);
     assert!(ok, "seed: {out}{err}");
+    then();
     wait_for("every host runs its peer", Duration::from_secs(60), || {
         lab.peers_by_host()
             .iter()
@@ -259,4 +283,54 @@ fn the_auth_agent_signs_through_a_real_ssh_agent() {
     let _ = agent.wait();
     let _ = ssh_agent.kill();
     let _ = ssh_agent.wait();
+}
+
+/// Two auth agents, each with its own key authorized on every target: the
+/// seed names both; one is killed as soon as the seed is in, and the pool
+/// deploys itself through the other.
+#[test]
+fn replicated_auth_agents_keep_the_pool_deploying_when_one_dies() {
+    if !need_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let lab = Lab::create(d, HOSTS).unwrap();
+    let p = prepare(&lab, d);
+    let mut agents = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, port) in [7947u16, 7948].into_iter().enumerate() {
+        let dir = d.join(format!("agent{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = dir.join("id_ed25519");
+        netlab::keygen(&id).unwrap();
+        lab.authorize(&dir.join("id_ed25519.pub")).unwrap();
+        agents.push(auth_agent_at(
+            port,
+            &lab,
+            &p,
+            &dir,
+            &["--key", id.to_str().unwrap()],
+            &[],
+        ));
+        dirs.push(dir);
+    }
+    // Whichever signed the seed's login dies; the other must carry on.
+    let mut dead = None;
+    let took = seed_with_agents(&lab, &p, &[7947, 7948], || {
+        let first = if signed(&dirs[0]) > 0 { 0 } else { 1 };
+        let _ = agents[first].kill();
+        let _ = agents[first].wait();
+        dead = Some(first);
+    });
+    let dead = dead.unwrap();
+    let alive = 1 - dead;
+    let (before, after) = (signed(&dirs[dead]), signed(&dirs[alive]));
+    eprintln!(
+        "measured: {HOSTS} hosts deployed in {took:.2} s with auth agent {dead} killed after the seed; logins signed: {before} by the dead one, {after} by its replica"
+    );
+    assert!(before >= 1, "the seed's login went through agent {dead}");
+    assert!(after >= HOSTS - 1, "{after} logins signed by the replica");
+    let _ = agents[alive].kill();
+    let _ = agents[alive].wait();
 }
