@@ -147,6 +147,17 @@ fn seed_with_agents(lab: &Lab, p: &Prepared, ports: &[u16], then: impl FnOnce())
     began.elapsed().as_secs_f64()
 }
 
+/// A directory `name` for an auth agent, with a new SSH key `id_ed25519`
+/// authorized on every host of the lab; returns the directory and the key.
+fn key_dir(lab: &Lab, d: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = d.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let id = dir.join("id_ed25519");
+    netlab::keygen(&id).unwrap();
+    lab.authorize(&dir.join("id_ed25519.pub")).unwrap();
+    (dir, id)
+}
+
 fn signed(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("audit.log"))
         .unwrap_or_default()
@@ -164,11 +175,7 @@ fn only_the_auth_agent_ever_opens_the_ssh_key() {
     let d = tmp.path();
     let lab = Lab::create(d, HOSTS).unwrap();
     let p = prepare(&lab, d);
-    let adir = d.join("agent");
-    std::fs::create_dir_all(&adir).unwrap();
-    let id = adir.join("id_ed25519");
-    netlab::keygen(&id).unwrap();
-    lab.authorize(&adir.join("id_ed25519.pub")).unwrap();
+    let (adir, id) = key_dir(&lab, d, "agent");
 
     // Watch the key file from before the auth agent starts to the end.
     let fan = Fanotify::init(
@@ -238,12 +245,8 @@ fn the_auth_agent_signs_through_a_real_ssh_agent() {
     let d = tmp.path();
     let lab = Lab::create(d, HOSTS).unwrap();
     let p = prepare(&lab, d);
-    let adir = d.join("agent");
-    std::fs::create_dir_all(&adir).unwrap();
     // The key goes into ssh-agent, and its file away: only ssh-agent holds it.
-    let id = d.join("token-key");
-    netlab::keygen(&id).unwrap();
-    lab.authorize(&d.join("token-key.pub")).unwrap();
+    let (adir, id) = key_dir(&lab, d, "agent");
     let sock = d.join("ssh-agent.sock");
     let mut ssh_agent = Command::new("ssh-agent")
         .args(["-D", "-a"])
@@ -300,11 +303,7 @@ fn replicated_auth_agents_keep_the_pool_deploying_when_one_dies() {
     let mut agents = Vec::new();
     let mut dirs = Vec::new();
     for (i, port) in [7947u16, 7948].into_iter().enumerate() {
-        let dir = d.join(format!("agent{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let id = dir.join("id_ed25519");
-        netlab::keygen(&id).unwrap();
-        lab.authorize(&dir.join("id_ed25519.pub")).unwrap();
+        let (dir, id) = key_dir(&lab, d, &format!("agent{i}"));
         agents.push(auth_agent_at(
             port,
             &lab,
