@@ -10,6 +10,7 @@ mod node;
 mod overlay;
 mod service;
 mod up;
+mod up_selfdeploy;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "A self-managing cluster manager")]
