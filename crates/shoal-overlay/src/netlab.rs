@@ -288,7 +288,8 @@ impl Lab {
                  AuthorizedKeysFile {auth}\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                  StrictModes no\nSubsystem sftp internal-sftp\nMaxStartups 100\n\
-                 MaxSessions 100\nSetEnv SHLVL=1\nLogLevel VERBOSE\n",
+                 MaxSessions 100\nSetEnv SHLVL=1\nClientAliveInterval 5\n\
+                 ClientAliveCountMax 3\nLogLevel VERBOSE\n",
                 key = key.display(),
                 d = dir.display(),
                 auth = self.dir.join("authorized_keys").display(),
@@ -489,7 +490,33 @@ impl Drop for Lab {
         // their config, peers by their prefix).
         let dir = format!("{}/", self.dir.display());
         kill_processes_with(&dir, Duration::from_secs(5));
+        // And every process left inside a host (an SSH session whose
+        // client vanished while its link was down holds no lab path, and
+        // would keep the namespace and its veth alive after `netns del`).
         for ns in &self.made_netns {
+            for _ in 0..10 {
+                let pids = run("ip", &["netns", "pids", ns]).unwrap_or_default();
+                let pids: Vec<i32> = pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for p in pids {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // The killed processes' TCP connections outlive them as orphan
+        // sockets, which hold their namespace (and its veth) until they time
+        // out, minutes later: destroy them while the bridge is still there.
+        for ns in &self.made_netns {
+            let _ = run("ip", &["netns", "exec", ns, "ss", "-K", "-t", "-a"]);
             let _ = run("ip", &["netns", "del", ns]);
         }
         if self.bridge_made {

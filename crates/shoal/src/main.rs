@@ -4,11 +4,13 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench_agents;
+mod bench_overlay;
 mod inspect;
 mod node;
 mod overlay;
 mod service;
 mod up;
+mod up_selfdeploy;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "A self-managing cluster manager")]
@@ -152,6 +154,11 @@ enum BenchCmd {
     Detection(bench_agents::BenchDetectionArgs),
     /// shoal's dispatcher vs HAProxy vs nginx, driven by wrk.
     Dispatch(shoal_dispatch::BenchDispatchArgs),
+    /// SMON's self-deployment and recovery over namespace hosts running
+    /// sshd, against Ansible and Serf on the same hosts (root).
+    ///
+    /// Example: shoal bench overlay --hosts 16 --runs 5 --interval 1s --json
+    Overlay(bench_overlay::BenchOverlayArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -171,6 +178,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Autoscale(a)) => shoal_sim::autoscale::run(&a),
         Cmd::Sim(SimCmd::Cluster(a)) => shoal_sim::cluster::run(&a),
         Cmd::Sim(SimCmd::Overlay(a)) => shoal_sim::overlay::run(&a),
+        // Blocking (processes, namespaces) with its own small runtime.
+        Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -212,6 +221,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Bench(BenchCmd::Agents(a)) => bench_agents::run(a).await,
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
                     Cmd::Sim(_)
+                    | Cmd::Bench(BenchCmd::Overlay(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)

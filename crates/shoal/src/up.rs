@@ -39,7 +39,7 @@ pub enum UpApp {
 /// `shoal up` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  shoal up\n  shoal up --nodes 4 --workload ramp --duration 60s --speed 10\n  shoal up --workload lama-audio --app nginx"
+    after_help = "Examples:\n  shoal up\n  shoal up --netns --self-deploy --nodes 16   (as root)\n  shoal up --nodes 4 --workload ramp --duration 60s --speed 10\n  shoal up --workload lama-audio --app nginx"
 )]
 pub struct UpArgs {
     /// Number of nodes (agents) in the pool.
@@ -79,6 +79,12 @@ pub struct UpArgs {
     /// service's per-node capacity C.
     #[arg(long, default_value_t = 20.0)]
     pub node_mbit: f64,
+    /// With --netns: instead of the cluster demo, the nodes are namespace
+    /// hosts running sshd; `up` seeds one with the overlay and the pool
+    /// deploys itself onto the rest (SMON), then restarts any peer that
+    /// dies, until Ctrl-C or --duration. Needs root.
+    #[arg(long, requires = "netns")]
+    pub self_deploy: bool,
     /// Keep the cluster directory instead of deleting it at exit.
     #[arg(long)]
     pub keep: bool,
@@ -524,6 +530,9 @@ struct Started {
 pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let stop = catch_stop_signals()?;
     validate(&a)?;
+    if a.self_deploy {
+        return crate::up_selfdeploy::run(a, stop).await;
+    }
     // With --json, stdout carries the JSON summary only.
     let json = a.json;
     let say = move |line: &str| {
