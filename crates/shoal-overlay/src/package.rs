@@ -180,14 +180,21 @@ pub fn install(pkg: &Path) -> anyhow::Result<Ended> {
     let peer = read_peer_file(&pkg)?;
     let prefix = PathBuf::from(&peer.prefix);
     let rel = release::read(&pkg)?;
-    if let Err(e) = rel.check_binary(&pkg.join("shoal"), None) {
+    // This deployer's claim on the prefix ends with this installer, however
+    // it ends.
+    let claim = prefix.join(shoal_core::overlay::deploy::CLAIM);
+    if let Err(e) = check_shipped(&rel, &pkg) {
         let _ = std::fs::remove_dir_all(&pkg);
+        let _ = std::fs::remove_dir(&claim);
         return Ok(Ended::Corrupt(format!("{e:#}")));
     }
     let held = lock(&prefix.join("install.lock"))?;
     let marker = prefix.join("installed");
     if install_step(held.is_some(), marker.exists()) == InstallStep::Abort {
         let _ = std::fs::remove_dir_all(&pkg);
+        if held.is_some() {
+            let _ = std::fs::remove_dir(&claim);
+        }
         return Ok(Ended::Already(
             "another deployer's copy is installed or installing; this copy aborted".into(),
         ));
@@ -212,8 +219,35 @@ pub fn install(pkg: &Path) -> anyhow::Result<Ended> {
     writeln!(f, "{}", pkg.display())?;
     f.sync_all()?;
     std::fs::rename(&mtmp, &marker)?;
+    let _ = std::fs::remove_dir(&claim);
     drop(held);
     start(&prefix)
+}
+
+/// The copied package's binary is the released one: the manifest's
+/// signature verifies, and the binary's digest in `package.sha256`, which
+/// the deployer's `sha256sum -c` checked against the file just before it
+/// ran this installer, is the manifest's; so the 30 MB binary is not hashed
+/// a second time on the target. Without `package.sha256` the binary is
+/// hashed here.
+fn check_shipped(rel: &Release, pkg: &Path) -> anyhow::Result<()> {
+    let m = rel.verify(None)?;
+    let sums = match std::fs::read_to_string(pkg.join("package.sha256")) {
+        Ok(s) => s,
+        Err(_) => return rel.check_binary(&pkg.join("shoal"), None).map(drop),
+    };
+    let shipped = sums
+        .lines()
+        .find_map(|l| l.strip_suffix("  shoal"))
+        .context("package.sha256 lists no digest of the binary")?;
+    let size = std::fs::metadata(pkg.join("shoal"))?.len();
+    anyhow::ensure!(
+        shipped == m.binary_sha256 && size == m.binary_size,
+        "the binary (sha256 {shipped}, {size} bytes) is not the released one (sha256 {}, {} bytes)",
+        m.binary_sha256,
+        m.binary_size
+    );
+    Ok(())
 }
 
 /// Starts `bin args` in its own session, stdin from /dev/null and output

@@ -18,7 +18,9 @@ use crate::seal::OverlayKey;
 use crate::wire::Body;
 use russh::keys::{HashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Disconnect};
-use shoal_core::overlay::deploy::{outcome_of, parse_probe, probe_command, shell_quote};
+use shoal_core::overlay::deploy::{
+    CLAIM, EXIT_ALREADY, claim_command, outcome_of, parse_probe, probe_command, shell_quote,
+};
 use shoal_core::overlay::{Outcome, Remedy, Target, Version, remedy};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +75,14 @@ pub struct SshDeployer {
     /// Join tokens for the hosts it deploys, when the pool has a manager.
     pub tokens: Option<Arc<dyn JoinTokens>>,
     agent_key: tokio::sync::Mutex<std::collections::HashMap<SocketAddr, PublicKey>>,
+    /// The binary last checked against its release, and the manifest.
+    #[allow(clippy::type_complexity)]
+    checked: Mutex<
+        Option<(
+            (PathBuf, u64, Option<std::time::SystemTime>),
+            crate::release::Manifest,
+        )>,
+    >,
     /// The replica of the auth agent tried first: the last that answered
     /// (at first a random one, which spreads a pool over its replicas).
     preferred: std::sync::atomic::AtomicUsize,
@@ -89,7 +99,25 @@ impl SshDeployer {
             tokens: None,
             agent_key: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             preferred: std::sync::atomic::AtomicUsize::new(rand::random::<u16>() as usize),
+            checked: Mutex::new(None),
         }
+    }
+
+    /// This host's binary checked against the release: hashed once per
+    /// binary file (by path, size and mtime), not at every deployment.
+    fn checked_binary(&self, pkg: &Package) -> anyhow::Result<crate::release::Manifest> {
+        let meta = std::fs::metadata(&pkg.binary)?;
+        let id = (pkg.binary.clone(), meta.len(), meta.modified().ok());
+        let mut c = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, m)) = &*c
+            && *seen == id
+            && pkg.release.verify(None)?.binary_sha256 == m.binary_sha256
+        {
+            return Ok(m.clone());
+        }
+        let m = pkg.release.check_binary(&pkg.binary, None)?;
+        *c = Some((id, m.clone()));
+        Ok(m)
     }
 
     fn package(&self) -> anyhow::Result<Package> {
@@ -252,7 +280,13 @@ impl SshDeployer {
         let version: Version = pkg.release.verify(None)?.version;
         // Never ship a binary the cluster did not release (a tampered copy
         // on this host stops here, not on every host it would reach).
-        let manifest = pkg.release.check_binary(&pkg.binary, None)?;
+        let manifest = self.checked_binary(pkg)?;
+        // Claim the host, so that other deployers leave it to this one
+        // instead of copying the package again (remedy's `deploying`).
+        let (code, _, _) = self.exec(h, &claim_command(&t.prefix)).await?;
+        if code != Some(0) {
+            return Ok((Some(EXIT_ALREADY), "already-running".into(), String::new()));
+        }
         let rel = format!(
             "{}-{}-{:08x}",
             version.number,
@@ -261,6 +295,7 @@ impl SshDeployer {
         );
         let dir = format!("{}/releases/{rel}", t.prefix);
         let qdir = shell_quote(&dir);
+        let claim = shell_quote(&format!("{}/{CLAIM}", t.prefix));
         // With a manager, a token that admits this host alone. Without one
         // the host still gets its peer (the overlay works without a
         // manager), and its agent says why it cannot join.
@@ -305,7 +340,7 @@ impl SshDeployer {
             &format!(
                 "cd {qdir} && if sha256sum --quiet --strict -c package.sha256 >/dev/null 2>&1; \
                  then chmod 0755 shoal && exec ./shoal overlay install --package {qdir}; \
-                 else echo 'the package arrived corrupt (package.sha256)' >&2; cd / && rm -rf {qdir}; exit 4; fi"
+                 else echo 'the package arrived corrupt (package.sha256)' >&2; cd / && rm -rf {qdir} {claim}; exit 4; fi"
             ),
         )
         .await

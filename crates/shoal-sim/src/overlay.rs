@@ -386,9 +386,12 @@ impl World {
                 Command::Contact { target, list } => {
                     self.contacts += 1;
                     let host = &self.hosts[target];
+                    // SMON's algorithm, as the paper measured it: no deploy
+                    // claims, so Table II's duplicates stay comparable.
                     let seen = Inspection {
                         installed: host.installed,
                         running: host.running,
+                        deploying: false,
                     };
                     match remedy(seen) {
                         Remedy::Nothing => {

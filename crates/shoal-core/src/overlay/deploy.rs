@@ -11,7 +11,9 @@
 //! - `P/install.lock`: `flock`ed by the installer, common to every copy;
 //! - `P/current`: a symlink to the installed release;
 //! - `P/installed`: the completion marker, written last (notes §7 item 4);
-//! - `P/state/`: the peer's directory (`peer.lock`, `targets.json.gz`).
+//! - `P/state/`: the peer's directory (`peer.lock`, `targets.json.gz`);
+//! - `P/deploying/`: a deployer's claim while it copies (made with `mkdir`,
+//!   which only one can; removed by the installer; stale after a minute).
 
 use super::peer::{Inspection, Outcome};
 
@@ -31,7 +33,32 @@ pub fn probe_command(prefix: &str) -> String {
     format!(
         "test -f {p}/installed && echo installed; \
          if [ -e {p}/state/peer.lock ] && ! flock -n {p}/state/peer.lock true; then echo running; fi; \
-         echo probed"
+         {fresh} && echo deploying; \
+         echo probed",
+        fresh = fresh_claim(&p)
+    )
+}
+
+/// A deployer's claim on a prefix while it copies the package.
+pub const CLAIM: &str = "deploying";
+/// How long a claim holds off other deployers: a copy takes seconds; a
+/// claim older than this belongs to a deployer that died.
+pub const CLAIM_TTL_MIN: u32 = 1;
+
+/// A shell test, true if the quoted prefix `p` holds a claim younger than
+/// [`CLAIM_TTL_MIN`] minutes (GNU find's `-mmin`).
+fn fresh_claim(p: &str) -> String {
+    format!("[ -n \"$(find {p} -maxdepth 1 -name {CLAIM} -mmin -{CLAIM_TTL_MIN} 2>/dev/null)\" ]")
+}
+
+/// The shell command that claims the prefix before a deployment copies
+/// anything: a stale claim is removed, then `mkdir` makes the claim, which
+/// fails if another deployer made one first (exit 1: leave the host to it).
+pub fn claim_command(prefix: &str) -> String {
+    let p = shell_quote(prefix);
+    format!(
+        "mkdir -p {p} && {{ {fresh} || rm -rf {p}/{CLAIM}; }} && mkdir {p}/{CLAIM} 2>/dev/null",
+        fresh = fresh_claim(&p)
     )
 }
 
@@ -45,6 +72,7 @@ pub fn parse_probe(stdout: &str) -> Option<Inspection> {
     Some(Inspection {
         installed: words.contains(&"installed"),
         running: words.contains(&"running"),
+        deploying: words.contains(&CLAIM),
     })
 }
 
@@ -107,7 +135,8 @@ mod tests {
         let i = parse_probe("installed\nrunning\nprobed\n").unwrap();
         assert!(i.installed && i.running);
         let i = parse_probe("probed\n").unwrap();
-        assert!(!i.installed && !i.running);
+        assert!(!i.installed && !i.running && !i.deploying);
+        assert!(parse_probe("deploying\nprobed\n").unwrap().deploying);
         assert_eq!(
             parse_probe("installed\n"),
             None,

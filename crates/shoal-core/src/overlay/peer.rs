@@ -57,6 +57,10 @@ pub struct Inspection {
     pub installed: bool,
     /// A peer runs there (holding the run lock).
     pub running: bool,
+    /// Another deployer claimed it less than a minute ago and is copying
+    /// its package ([`super::deploy::CLAIM`]).
+    #[serde(default)]
+    pub deploying: bool,
 }
 
 /// What to do about an unanswering target.
@@ -72,11 +76,16 @@ pub enum Remedy {
 }
 
 /// The decision of SMON Fig. 2 after login.
+///
+/// Beyond the paper: a host another deployer is copying to (a fresh claim)
+/// is left to it. SMON's duplicates only abort once they have copied
+/// everything; on a busy pool the copies were most of the cost.
 pub fn remedy(i: Inspection) -> Remedy {
-    match (i.installed, i.running) {
-        (_, true) => Remedy::Nothing,
-        (true, false) => Remedy::Recover,
-        (false, false) => Remedy::Deploy,
+    match (i.installed, i.running, i.deploying) {
+        (_, true, _) => Remedy::Nothing,
+        (true, false, _) => Remedy::Recover,
+        (false, false, true) => Remedy::Nothing,
+        (false, false, false) => Remedy::Deploy,
     }
 }
 

@@ -144,11 +144,25 @@ fn overhead_matches_the_papers_vectors_and_limit() {
 
 #[test]
 fn remedy_is_fig_2s_decision() {
-    let i = |installed, running| Inspection { installed, running };
+    let i = |installed, running| Inspection {
+        installed,
+        running,
+        deploying: false,
+    };
     assert_eq!(remedy(i(false, false)), Remedy::Deploy);
     assert_eq!(remedy(i(true, false)), Remedy::Recover);
     assert_eq!(remedy(i(true, true)), Remedy::Nothing);
     assert_eq!(remedy(i(false, true)), Remedy::Nothing);
+    let claimed = Inspection {
+        deploying: true,
+        ..i(false, false)
+    };
+    assert_eq!(remedy(claimed), Remedy::Nothing, "another deployer copies");
+    let claimed_but_installed = Inspection {
+        deploying: true,
+        ..i(true, false)
+    };
+    assert_eq!(remedy(claimed_but_installed), Remedy::Recover);
 }
 
 #[test]
