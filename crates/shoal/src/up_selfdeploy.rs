@@ -16,6 +16,82 @@ pub async fn run(a: UpArgs, stop: tokio::sync::watch::Receiver<bool>) -> anyhow:
     tokio::task::spawn_blocking(move || run_blocking(&a, &stop)).await?
 }
 
+/// `shoal init` and a manager on the lab's bridge address, its dashboard at
+/// `dashboard` surveying the overlay from h1, and a single-use seed token
+/// (`DIR/seed.token`) that grants the overlay role. Returns the manager,
+/// its URL and the dashboard's.
+fn start_manager(
+    lab: &Lab,
+    ov: &Overlay,
+    dir: &std::path::Path,
+    dashboard: &str,
+) -> anyhow::Result<(std::process::Child, String, String)> {
+    let exe = &ov.shoal;
+    let cluster = dir.join("cluster");
+    let listen = format!("{}:7400", lab.bridge_ip());
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<String> {
+        let o = std::process::Command::new(exe).args(args).output()?;
+        anyhow::ensure!(
+            o.status.success(),
+            "shoal {:?}: {}",
+            args,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    run(&[
+        "init".as_ref(),
+        "--dir".as_ref(),
+        cluster.as_os_str(),
+        "--listen".as_ref(),
+        listen.as_ref(),
+    ])?;
+    let token = run(&[
+        "token".as_ref(),
+        "create".as_ref(),
+        "--dir".as_ref(),
+        cluster.as_os_str(),
+        "--uses".as_ref(),
+        "1".as_ref(),
+        "--ttl".as_ref(),
+        "10m".as_ref(),
+        "--roles".as_ref(),
+        "overlay".as_ref(),
+    ])?;
+    let mut f = shoal_overlay::files::create_key_file(&dir.join("seed.token"))?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    let log = std::fs::File::create(dir.join("manager.log"))?;
+    let child = std::process::Command::new(exe)
+        .arg("manager")
+        .arg("--dir")
+        .arg(&cluster)
+        .args(["--dashboard", dashboard, "--no-discovery"])
+        .arg("--overlay-key")
+        .arg(&ov.key)
+        .args(["--overlay-peer", &lab.hosts()[0].ip.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("cannot start the manager")?;
+    let t = Instant::now();
+    let dash = loop {
+        let text = std::fs::read_to_string(dir.join("manager.log")).unwrap_or_default();
+        if let Some(u) = text
+            .lines()
+            .find_map(|l| l.split("dashboard (read-only) at ").nth(1))
+        {
+            break u.trim().to_string();
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "the manager did not start within 10 s: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok((child, format!("https://{listen}"), dash))
+}
+
 fn run_blocking(a: &UpArgs, stop: &tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
     let interval = Duration::from_secs(1);
     let json = a.json;
@@ -36,20 +112,33 @@ fn run_blocking(a: &UpArgs, stop: &tokio::sync::watch::Receiver<bool>) -> anyhow
         lab.bridge(),
         ov.agent_addr
     ));
-    say("  the dashboard's overlay view is not built yet; one peer's view:");
+    // A manager on the bridge: the deployed agents join it with deploy
+    // tokens, its host's dashboard shows the overlay as it spreads.
+    let (mut manager, url, dashboard) = start_manager(&lab, &ov, tmp.path(), &a.dashboard)?;
     say(&format!(
-        "  shoal overlay status --peer {} --key {}",
+        "  dashboard (the Pool and Overlay panels fill as the pool deploys itself): {dashboard}"
+    ));
+    say(&format!(
+        "  the whole overlay: shoal overlay status --all --peer {} --key {}",
         lab.hosts()[0].ip,
         ov.key.display()
     ));
     say(&format!(
-        "  kill a peer to watch the pool restart it: kill -9 $(pgrep -f '{}/current/shoal overlay peer')",
+        "  the nodes: shoal status --dir {}",
+        tmp.path().join("cluster").display()
+    ));
+    say(&format!(
+        "  kill a peer to watch the pool restart it: kill -9 $(pgrep -f 'agent --overlay {}')",
         lab.hosts()[n - 1].prefix.display()
     ));
     say("  Ctrl-C stops everything");
     let t0 = Instant::now();
     let out = ov
         .seed_command("h1", interval, interval / 2)
+        .arg("--join")
+        .arg(&url)
+        .arg("--token-file")
+        .arg(tmp.path().join("seed.token"))
         .output()
         .context("cannot run shoal overlay seed")?;
     if !out.status.success() {
@@ -111,6 +200,8 @@ fn run_blocking(a: &UpArgs, stop: &tokio::sync::watch::Receiver<bool>) -> anyhow
     }
     say("stopping the pool...");
     let logins = ov.logins_signed();
+    let _ = manager.kill();
+    let _ = manager.wait();
     drop(ov);
     drop(lab);
     drop(tmp);

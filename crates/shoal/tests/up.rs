@@ -354,3 +354,62 @@ fn two_ups_side_by_side_both_serve_with_no_failed_request_and_json_alone_on_stdo
     }
     assert_nothing_left(tmp.path(), "two ups");
 }
+
+/// `shoal up --netns --self-deploy`: the demo's hosts are namespaces with
+/// sshd; one is seeded and the pool deploys itself onto the rest, every
+/// agent joining the demo's manager, whose dashboard shows the overlay;
+/// nothing is left afterwards.
+#[test]
+fn up_self_deploy_seeds_one_host_and_the_dashboard_shows_the_pool_deploy_itself() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, sshd)"
+    );
+    let tmp = private_tmp();
+    let mut cmd = up_cmd(
+        tmp.path(),
+        &[
+            "--netns",
+            "--self-deploy",
+            "--nodes",
+            "3",
+            "--duration",
+            "25s",
+            "--json",
+        ],
+    );
+    let mut up = Proc::spawn_cmd("up-self-deploy", &mut cmd);
+    let dash = up
+        .wait_output(
+            "dashboard (the Pool and Overlay panels",
+            Duration::from_secs(30),
+        )
+        .lines()
+        .find_map(|l| {
+            l.split("itself): http://")
+                .nth(1)
+                .map(|u| u.trim_end_matches('/').to_string())
+        })
+        .expect("the dashboard's address");
+    let snap = wait_for(
+        "the dashboard shows 3 hosts alive",
+        Duration::from_secs(25),
+        || {
+            let (code, body) = http_get(&dash, "/api/snapshot")?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+            let hosts = v["overlay"]["targets"].as_array()?;
+            let nodes = v["nodes"].as_array()?;
+            (hosts.len() == 3
+                && hosts.iter().all(|t| t["state"] == "alive")
+                && nodes.iter().filter(|n| n["state"] == "alive").count() == 3)
+                .then_some(v)
+        },
+    );
+    assert_eq!(snap["overlay"]["reports"], 3, "{}", snap["overlay"]);
+    let st = up.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{}", up.output());
+    let out = up.output();
+    let summary = summary_of(&out);
+    assert_eq!(summary["deployed"], 3, "{summary}");
+    assert_nothing_left(tmp.path(), "up --self-deploy");
+}
