@@ -65,14 +65,9 @@ fn state_of<'a>(r: &'a shoal_overlay::wire::StatusReport, name: &str) -> &'a str
 
 #[test]
 fn sixteen_hosts_deploy_and_heal_themselves() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: this test needs root (network namespaces, sshd); run it as root");
+    if !root_with_sshd() {
         return;
     }
-    assert!(
-        Path::new("/usr/sbin/sshd").exists(),
-        "/usr/sbin/sshd is missing: apt-get install openssh-server (scripts/test.sh does)"
-    );
     let began = Instant::now();
 
     let tmp = tempfile::tempdir().unwrap();

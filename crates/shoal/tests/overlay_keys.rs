@@ -19,20 +19,6 @@ use std::time::{Duration, Instant};
 
 const HOSTS: usize = 3;
 
-fn need_root() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED: this test needs root (network namespaces, sshd, fanotify); run it as root"
-        );
-        return false;
-    }
-    assert!(
-        Path::new("/usr/sbin/sshd").exists(),
-        "/usr/sbin/sshd is missing: apt-get install openssh-server (scripts/test.sh does)"
-    );
-    true
-}
-
 /// What every pool needs besides the auth agent: key, release, targets.
 struct Prepared {
     key: String,
@@ -168,7 +154,7 @@ fn signed(dir: &Path) -> usize {
 
 #[test]
 fn only_the_auth_agent_ever_opens_the_ssh_key() {
-    if !need_root() {
+    if !root_with_sshd() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -238,7 +224,7 @@ fn only_the_auth_agent_ever_opens_the_ssh_key() {
 
 #[test]
 fn the_auth_agent_signs_through_a_real_ssh_agent() {
-    if !need_root() {
+    if !root_with_sshd() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -293,7 +279,7 @@ fn the_auth_agent_signs_through_a_real_ssh_agent() {
 /// deploys itself through the other.
 #[test]
 fn replicated_auth_agents_keep_the_pool_deploying_when_one_dies() {
-    if !need_root() {
+    if !root_with_sshd() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

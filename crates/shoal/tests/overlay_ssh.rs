@@ -37,14 +37,9 @@ fn status(net: &Lab, i: usize, key: &str) -> Option<serde_json::Value> {
 
 #[test]
 fn the_pool_deploys_and_heals_itself_over_ssh() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: this test needs root (network namespaces, sshd); run it as root");
+    if !root_with_sshd() {
         return;
     }
-    assert!(
-        Path::new("/usr/sbin/sshd").exists(),
-        "/usr/sbin/sshd is missing: apt-get install openssh-server (scripts/test.sh does)"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let all = HOSTS + 1;

@@ -437,3 +437,19 @@ pub fn names(v: &Value, field: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Whether a test that builds namespace hosts with sshd can run: it needs
+/// root (else it says SKIPPED and returns false) and Debian's
+/// openssh-server (else it fails, naming the package).
+#[allow(dead_code)]
+pub fn root_with_sshd() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: this test needs root (network namespaces, sshd); run it as root");
+        return false;
+    }
+    assert!(
+        std::path::Path::new("/usr/sbin/sshd").exists(),
+        "/usr/sbin/sshd is missing: apt-get install openssh-server (scripts/test.sh does)"
+    );
+    true
+}
