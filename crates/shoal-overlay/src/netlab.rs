@@ -153,6 +153,14 @@ pub fn kill_processes_with(needle: &str, within: Duration) -> usize {
 /// --overlay PREFIX`, as `shoal overlay start` runs it), NUL-separated as
 /// /proc/PID/cmdline is.
 pub const PEER_ARGV: &str = "agent\0--overlay\0";
+/// A peer started by hand (`shoal overlay peer`), as the benchmark's
+/// Ansible play starts one.
+pub const HAND_PEER_ARGV: &str = "overlay\0peer\0";
+
+/// Whether a command line is an overlay peer's, either kind.
+pub fn is_peer(cmdline: &str) -> bool {
+    cmdline.contains(PEER_ARGV) || cmdline.contains(HAND_PEER_ARGV)
+}
 
 /// The overlay peers running from each of `prefixes`, from one pass over
 /// /proc.
@@ -162,7 +170,7 @@ pub fn peers_by_prefix(prefixes: &[PathBuf]) -> Vec<Vec<i32>> {
         .map(|p| format!("{}/", p.display()))
         .collect();
     let mut v = vec![Vec::new(); prefixes.len()];
-    for (pid, c) in processes_with(PEER_ARGV) {
+    for (pid, c) in processes_with("\0").into_iter().filter(|(_, c)| is_peer(c)) {
         if let Some(i) = needles.iter().position(|n| c.contains(n.as_str())) {
             v[i].push(pid);
         }
@@ -474,7 +482,7 @@ impl Lab {
         let needle = format!("{}/", prefix.display());
         processes_with(&needle)
             .into_iter()
-            .filter(|(_, c)| c.contains(PEER_ARGV))
+            .filter(|(_, c)| is_peer(c))
             .map(|(p, _)| p)
             .collect()
     }
