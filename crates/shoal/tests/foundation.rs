@@ -350,14 +350,24 @@ fn init_refuses_to_overwrite_and_reports_bad_config() {
     assert!(err.contains("colour"), "{err}");
     let (ok, _, err) = run(&["status", "--dir", "/nonexistent/shoal"]);
     assert!(!ok && err.contains("shoal init"), "{err}");
+    // A second manager on a directory whose manager runs is refused, by
+    // name, before it touches the registry.
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = run(&["manager", "--dir", &c.dir_str(), "--no-discovery"]);
+    assert!(
+        !ok && err.contains("a manager already runs on") && err.contains("manager.lock"),
+        "{err}"
+    );
     // A port in use is named.
+    let other = c.tmp.path().join("other");
+    let (ok, _, err) = run(&["init", "--dir", other.to_str().unwrap()]);
+    assert!(ok, "{err}");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    std::fs::write(&cfg, text).unwrap();
     let (ok, _, err) = run(&[
         "manager",
         "--dir",
-        &c.dir_str(),
+        other.to_str().unwrap(),
         "--listen",
         &addr,
         "--no-discovery",
