@@ -40,7 +40,7 @@ pub enum Format {
 
 impl Format {
     /// Bytes of timestamp after the 2-byte record header.
-    pub fn len(self) -> usize {
+    pub fn stamp_len(self) -> usize {
         match self {
             Format::Thesis => 6,
             Format::Nanos => 8,
@@ -49,7 +49,7 @@ impl Format {
 
     /// Bytes the whole record adds in front of a payload.
     pub fn header_len(self) -> usize {
-        2 + self.len()
+        2 + self.stamp_len()
     }
 
     /// The finest step the format keeps, in nanoseconds.
@@ -134,7 +134,7 @@ pub struct Stamp {
 pub fn encode(format: Format, unix_ns: u64, out: &mut [u8]) -> usize {
     let n = format.header_len();
     out[0] = TYPE;
-    out[1] = format.len() as u8;
+    out[1] = format.stamp_len() as u8;
     match format {
         Format::Thesis => {
             let t = ThesisTime::from_secs_micros(
@@ -272,17 +272,17 @@ impl ErrorStats {
         self.max_us()
     }
 
-    /// The buckets as (upper bound ns, count), for serialising.
-    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.buckets.iter().map(|(b, n)| (bucket_upper_ns(*b), *n))
+    /// The buckets as (index, count), for serialising.
+    pub fn buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.buckets.iter().map(|(b, n)| (*b, *n))
     }
 
-    /// Rebuilds from serialised parts (buckets by their upper bound).
+    /// Rebuilds from serialised parts (buckets as [`Self::buckets`] gives them).
     pub fn from_parts(
         count: u64,
         sum_ns: i128,
         max_ns: i64,
-        buckets: impl IntoIterator<Item = (u64, u64)>,
+        buckets: impl IntoIterator<Item = (u32, u64)>,
     ) -> Self {
         let mut s = Self {
             count,
@@ -290,8 +290,8 @@ impl ErrorStats {
             max_ns,
             ..Self::default()
         };
-        for (upper, n) in buckets {
-            *s.buckets.entry(bucket(upper)).or_default() += n;
+        for (b, n) in buckets {
+            *s.buckets.entry(b).or_default() += n;
         }
         s
     }
