@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod bench_agents;
 mod bench_overlay;
+mod bench_timestamps;
 mod inspect;
 mod node;
 mod overlay;
@@ -173,6 +174,11 @@ enum BenchCmd {
     ///
     /// Example: shoal bench overlay --hosts 16 --runs 5 --interval 1s --json
     Overlay(bench_overlay::BenchOverlayArgs),
+    /// Host-side (relay) against server-side arrival timestamps as game
+    /// servers are packed onto one CPU, thesis ch. 6 (root).
+    ///
+    /// Example: shoal bench timestamps --servers 1,5,10,20,30,40 --duration 8s --json
+    Timestamps(bench_timestamps::BenchTimestampsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -194,6 +200,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Overlay(a)) => shoal_sim::overlay::run(&a),
         // Blocking (processes, namespaces) with its own small runtime.
         Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
+        Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -239,6 +246,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
                     Cmd::Sim(_)
                     | Cmd::Bench(BenchCmd::Overlay(_))
+                    | Cmd::Bench(BenchCmd::Timestamps(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)
