@@ -6,7 +6,8 @@
 //! there while it is active, because a game server holds the player's
 //! state; it expires after `idle` without a datagram either way. A server
 //! that leaves the backend list takes its flows with it (their players
-//! reconnect and are assigned again).
+//! reconnect and are assigned again); a draining one keeps its flows and
+//! takes no new ones.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -36,6 +37,7 @@ pub enum Route {
 #[derive(Debug, Clone)]
 pub struct FlowTable<K> {
     backends: Vec<String>,
+    draining: Vec<String>,
     flows: HashMap<K, Flow>,
     idle: Duration,
     max_flows: usize,
@@ -48,6 +50,7 @@ impl<K: Hash + Eq + Clone> FlowTable<K> {
     pub fn new(backends: Vec<String>, idle: Duration, max_flows: usize) -> Self {
         Self {
             backends,
+            draining: Vec::new(),
             flows: HashMap::new(),
             idle,
             max_flows,
@@ -110,16 +113,27 @@ impl<K: Hash + Eq + Clone> FlowTable<K> {
     /// Replaces the server list; returns the flows dropped with the
     /// servers that left.
     pub fn set_backends(&mut self, backends: Vec<String>) -> Vec<K> {
+        self.set_backends_draining(backends, Vec::new())
+    }
+
+    /// Replaces the server list with `backends` taking new flows and
+    /// `draining` keeping only theirs; returns the flows dropped.
+    pub fn set_backends_draining(
+        &mut self,
+        backends: Vec<String>,
+        draining: Vec<String>,
+    ) -> Vec<K> {
         let gone: Vec<K> = self
             .flows
             .iter()
-            .filter(|(_, f)| !backends.contains(&f.backend))
+            .filter(|(_, f)| !backends.contains(&f.backend) && !draining.contains(&f.backend))
             .map(|(k, _)| k.clone())
             .collect();
         for k in &gone {
             self.flows.remove(k);
         }
         self.backends = backends;
+        self.draining = draining;
         gone
     }
 
@@ -190,6 +204,20 @@ mod tests {
         assert_eq!(t.route(&1, t0), Route::New("b:2".into()));
         assert_eq!(t.set_backends(vec![]).len(), 2);
         assert_eq!(t.route(&9, t0), Route::NoBackend);
+    }
+
+    #[test]
+    fn a_draining_server_keeps_its_flows_and_takes_no_new_one() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.route(&1, t0);
+        t.route(&2, t0);
+        assert!(
+            t.set_backends_draining(vec!["b:2".into()], vec!["a:1".into()])
+                .is_empty()
+        );
+        assert_eq!(t.route(&1, t0), Route::Existing("a:1".into()));
+        assert_eq!(t.route(&3, t0), Route::New("b:2".into()));
     }
 
     #[test]

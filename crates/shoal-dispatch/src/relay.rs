@@ -288,7 +288,11 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("--service {}: cannot read its backend list", t.service))?;
         version = list.version;
-        backends = specs(&list).into_iter().map(|b| b.addr).collect();
+        backends = specs(&list)
+            .into_iter()
+            .filter(|b| !b.draining)
+            .map(|b| b.addr)
+            .collect();
     } else if backends.is_empty() {
         anyhow::bail!(
             "no game servers: give --backends HOST:PORT,... or --service NAME to follow a service"
@@ -310,7 +314,7 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
         backends.len(),
         args.format
     );
-    let (list_tx, mut list_rx) = tokio::sync::mpsc::channel::<Vec<String>>(4);
+    let (list_tx, mut list_rx) = tokio::sync::mpsc::channel::<(Vec<String>, Vec<String>)>(4);
     if let Some(t) = target {
         tokio::spawn(follow_list(t, version, list_tx));
     }
@@ -394,8 +398,8 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
                 }
             }
             Some(c) = touch_rx.recv() => table.touch(&c, Instant::now()),
-            Some(list) = list_rx.recv() => {
-                for gone in table.set_backends(list) {
+            Some((active, draining)) = list_rx.recv() => {
+                for gone in table.set_backends_draining(active, draining) {
                     if let Some(io) = flows.remove(&gone) {
                         io.task.abort();
                     }
@@ -461,17 +465,21 @@ async fn open_flow(
     Ok(FlowIo { upstream: up, task })
 }
 
-async fn follow_list(t: Target, mut version: u64, tx: tokio::sync::mpsc::Sender<Vec<String>>) {
+async fn follow_list(
+    t: Target,
+    mut version: u64,
+    tx: tokio::sync::mpsc::Sender<(Vec<String>, Vec<String>)>,
+) {
     loop {
         match t.wait_change(version).await {
             Ok(list) if list.version != version => {
                 version = list.version;
-                let addrs = specs(&list)
-                    .into_iter()
-                    .filter(|b| !b.draining)
-                    .map(|b| b.addr)
-                    .collect();
-                if tx.send(addrs).await.is_err() {
+                let (draining, active): (Vec<_>, Vec<_>) =
+                    specs(&list).into_iter().partition(|b| b.draining);
+                let addrs = |v: Vec<shoal_core::select::BackendSpec>| {
+                    v.into_iter().map(|b| b.addr).collect::<Vec<_>>()
+                };
+                if tx.send((addrs(active), addrs(draining))).await.is_err() {
                     return;
                 }
             }

@@ -55,6 +55,11 @@ pub struct BenchTimestampsArgs {
     /// Mean error bound of the capacities, µs (the thesis's 1 ms).
     #[arg(long, default_value_t = 1000.0)]
     pub bound_us: f64,
+    /// Run the relay at real-time priority (`chrt -f 10`), as a
+    /// hypervisor favours dom0: on a busy CPU 0 it then waits behind no
+    /// client or build for its turn.
+    #[arg(long)]
+    pub relay_fifo: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +100,7 @@ struct Output {
     rate: f64,
     duration_s: f64,
     bound_us: f64,
+    relay_fifo: bool,
     modes: Vec<ModeResult>,
 }
 
@@ -384,8 +390,15 @@ impl Run<'_> {
             addrs.push(addr);
             servers.push(k);
         }
-        let mut relay = spawn(
+        let mut relay_cmd = if a.relay_fifo {
+            let mut c = Command::new("chrt");
+            c.args(["-f", "10"]).arg(&self.exe);
+            c
+        } else {
             Command::new(&self.exe)
+        };
+        let mut relay = spawn(
+            relay_cmd
                 .args(["relay", "--cpu", "0", "--admin", "127.0.0.1:0", "--listen"])
                 .arg(format!("{}:0", self.ns.host_ip))
                 .arg("--backends")
@@ -566,6 +579,7 @@ pub fn run(args: BenchTimestampsArgs) -> anyhow::Result<()> {
         rate: args.rate,
         duration_s: args.duration.as_secs_f64(),
         bound_us: args.bound_us,
+        relay_fifo: args.relay_fifo,
         modes,
     };
     if args.json {
