@@ -16,7 +16,12 @@ pub mod lease;
 pub mod overlay;
 /// Allocation policies (LAMA Algorithm 1, HPA baseline, predictive).
 pub mod policy;
+/// The timestamping UDP relay's flow table (thesis ch. 6).
+pub mod relay;
 /// Request selection (dispatch) algorithms and locality analysis.
 pub mod select;
+/// Host-side arrival timestamps of game datagrams (thesis ch. 6): the
+/// relay's record, its codec and the error statistics.
+pub mod stamp;
 /// Trust at the edge: join tokens, name claims, discovery freshness.
 pub mod trust;

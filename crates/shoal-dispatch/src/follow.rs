@@ -65,6 +65,12 @@ impl Target {
         Ok(self.client()?.get(&self.path(None)).await?)
     }
 
+    /// The list once its version is past `after` (or the same list when
+    /// the manager's long-poll times out first).
+    pub async fn wait_change(&self, after: u64) -> anyhow::Result<BackendList> {
+        Ok(self.client()?.get(&self.path(Some(after))).await?)
+    }
+
     /// The target named by `--service`, `--manager` and `--dir` (`None`
     /// without `--service`); the manager defaults to the one the cluster
     /// directory records.

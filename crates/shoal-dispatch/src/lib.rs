@@ -10,11 +10,13 @@ mod bench;
 pub mod clock;
 pub mod config;
 pub mod follow;
+pub mod game;
 pub mod h1;
 pub mod handover;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod relay;
 pub mod server;
 
 pub use backends::{ApplyError, BackendStatus, Backends, HealthOpts};

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod bench_agents;
 mod bench_overlay;
+mod bench_timestamps;
 mod inspect;
 mod node;
 mod overlay;
@@ -58,6 +59,20 @@ enum Cmd {
     ///
     /// Example: shoal dispatch --backends 127.0.0.1:8081,127.0.0.1:8082 --listen 127.0.0.1:8080 --algo url-hash
     Dispatch(Box<shoal_dispatch::DispatchArgs>),
+    /// The timestamping UDP relay in front of game servers: each datagram
+    /// goes on with the kernel's arrival time in front (docs/timestamps.md).
+    ///
+    /// Example: shoal relay --listen 127.0.0.1:27960 --backends 127.0.0.1:27961 --admin 127.0.0.1:9190
+    Relay(shoal_dispatch::relay::RelayArgs),
+    /// The thesis's game server model: opens, digests and seals every
+    /// input, sends 20 updates a second, measures both timestamp errors.
+    ///
+    /// Example: shoal game-server --listen 127.0.0.1:27961 --duration 10s
+    GameServer(shoal_dispatch::game::GameServerArgs),
+    /// Game clients: 296-byte inputs as a Poisson process, 20 a second each.
+    ///
+    /// Example: shoal game-client --server 127.0.0.1:27960 --clients 4 --duration 10s
+    GameClient(shoal_dispatch::game::GameClientArgs),
     /// Explain which backend each URL goes to, and why.
     ///
     /// Example: shoal route --backends a:1,b:2,c:3 --algo url-hash --replicas 2 /prog/x.html /stat/x.html
@@ -159,6 +174,11 @@ enum BenchCmd {
     ///
     /// Example: shoal bench overlay --hosts 16 --runs 5 --interval 1s --json
     Overlay(bench_overlay::BenchOverlayArgs),
+    /// Host-side (relay) against server-side arrival timestamps as game
+    /// servers are packed onto one CPU, thesis ch. 6 (root).
+    ///
+    /// Example: shoal bench timestamps --servers 1,5,10,20,30,40 --duration 8s --json
+    Timestamps(bench_timestamps::BenchTimestampsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -180,10 +200,14 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Overlay(a)) => shoal_sim::overlay::run(&a),
         // Blocking (processes, namespaces) with its own small runtime.
         Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
+        Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
         Cmd::Www(a) => shoal_agent::www::run(a),
+        Cmd::Relay(a) => shoal_dispatch::relay::run(a),
+        Cmd::GameServer(a) => shoal_dispatch::game::server(a),
+        Cmd::GameClient(a) => shoal_dispatch::game::client(a),
         other => runtime().and_then(|rt| {
             rt.block_on(async move {
                 match other {
@@ -222,9 +246,13 @@ fn main() -> std::process::ExitCode {
                     Cmd::Bench(BenchCmd::Detection(a)) => bench_agents::detection(a).await,
                     Cmd::Sim(_)
                     | Cmd::Bench(BenchCmd::Overlay(_))
+                    | Cmd::Bench(BenchCmd::Timestamps(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)
+                    | Cmd::Relay(_)
+                    | Cmd::GameServer(_)
+                    | Cmd::GameClient(_)
                     | Cmd::Cert(admin::CertCmd::Dispatcher(_)) => {
                         unreachable!("handled above")
                     }
