@@ -23,5 +23,5 @@ fi
 cargo build --profile test-fast -p shoal
 mkdir -p target/bench
 exec target/test-fast/shoal bench timestamps \
-  --servers 1,5,10,20,30,40,50,60 --modes restricted,dynamic --duration 8s --json "$@" \
+  --servers 1,5,10,20,30,40,50,60 --modes restricted,dynamic --duration 8s --json --plot target/bench "$@" \
   | tee target/bench/timestamps.json

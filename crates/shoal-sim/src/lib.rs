@@ -3,6 +3,8 @@
 /// `shoal sim autoscale`: allocation policies over demand workloads, a front
 /// end over [`cluster`].
 pub mod autoscale;
+/// Line charts of measured series (benchmark plots).
+pub mod chart;
 /// `shoal sim cluster`: the controller on a virtual clock with faults.
 pub mod cluster;
 /// `shoal sim locality`: locality loss of subset rebuilding on backend failure.

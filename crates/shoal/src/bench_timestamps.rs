@@ -63,6 +63,13 @@ pub struct BenchTimestampsArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also plot the run into this directory: timestamp error (mean, host
+    /// and server) against N per mode, and the relay's delay, SVG and PNG.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<std::path::PathBuf>,
+    /// Plot a saved `--json` report instead of running (with --plot).
+    #[arg(long, value_name = "FILE", requires = "plot")]
+    pub from: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -502,6 +509,13 @@ fn capacity(points: &[Point], bound: f64, f: impl Fn(&Point) -> f64) -> usize {
 
 /// Runs the benchmark.
 pub fn run(args: BenchTimestampsArgs) -> anyhow::Result<()> {
+    if let (Some(dir), Some(from)) = (&args.plot, &args.from) {
+        let text = std::fs::read_to_string(from)
+            .with_context(|| format!("--from: cannot read {}", from.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("--from {}: not a --json report", from.display()))?;
+        return plot(dir, &v);
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("shoal bench timestamps needs root (network namespaces, cgroups): run it with sudo");
     }
@@ -582,6 +596,9 @@ pub fn run(args: BenchTimestampsArgs) -> anyhow::Result<()> {
         relay_fifo: args.relay_fifo,
         modes,
     };
+    if let Some(dir) = &args.plot {
+        plot(dir, &serde_json::to_value(&out)?)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -608,5 +625,58 @@ pub fn run(args: BenchTimestampsArgs) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `--plot DIR`: `timestamps-error.{svg,png}` (mean error of both methods
+/// against N, per mode, with the bound) and `timestamps-relay.{svg,png}`
+/// (the relay's mean and p99 added delay against N).
+fn plot(dir: &std::path::Path, v: &serde_json::Value) -> anyhow::Result<()> {
+    use shoal_sim::chart::{Series, log_lines};
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let modes = v["modes"].as_array().context("the report has no modes")?;
+    let series = |key: &str, label: &str, dashed: bool| -> Vec<Series> {
+        modes
+            .iter()
+            .map(|m| Series {
+                label: format!("{label}, {}", m["mode"].as_str().unwrap_or("?")),
+                points: m["points"]
+                    .as_array()
+                    .map(|ps| {
+                        ps.iter()
+                            .filter_map(|p| Some((p["n"].as_f64()?, p[key].as_f64()?.abs())))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                dashed,
+            })
+            .collect()
+    };
+    let mut err = series("error_mean_app_us", "server's own clock", false);
+    err.extend(series(
+        "error_mean_host_us",
+        "relay's kernel timestamp",
+        true,
+    ));
+    let bound = v["bound_us"].as_f64().unwrap_or(1000.0);
+    log_lines(
+        &dir.join("timestamps-error"),
+        "mean timestamp error against game servers on one CPU",
+        "game servers (N)",
+        "|mean error|, µs (log)",
+        &err,
+        Some((bound, "bound")),
+    )?;
+    let mut relay = series("relay_delay_mean_us", "relay delay mean", false);
+    relay.extend(series("relay_delay_p99_us", "relay delay p99", true));
+    log_lines(
+        &dir.join("timestamps-relay"),
+        "the relay's added delay per datagram",
+        "game servers (N)",
+        "µs (log)",
+        &relay,
+        Some((20.0, "goal: 20 µs p99")),
+    )?;
+    eprintln!("plots written to {}", dir.display());
     Ok(())
 }
