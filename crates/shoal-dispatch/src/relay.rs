@@ -320,6 +320,9 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
     }
     let mut table: FlowTable<SocketAddr> =
         FlowTable::new(backends, args.idle_timeout, args.max_flows);
+    // The flow table's clock: milliseconds since the relay started.
+    let epoch = Instant::now();
+    let now_ms = || epoch.elapsed().as_millis() as u64;
     let mut flows: HashMap<SocketAddr, FlowIo> = HashMap::new();
     let (touch_tx, mut touch_rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();
     let hl = args.format.header_len();
@@ -352,7 +355,7 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
                         unix_ns()
                     }
                 };
-                let now = Instant::now();
+                let now = now_ms();
                 match table.route(&from, now) {
                     Route::Existing(_) => {}
                     Route::New(b) => {
@@ -397,7 +400,7 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            Some(c) = touch_rx.recv() => table.touch(&c, Instant::now()),
+            Some(c) = touch_rx.recv() => table.touch(&c, now_ms()),
             Some((active, draining)) = list_rx.recv() => {
                 for gone in table.set_backends_draining(active, draining) {
                     if let Some(io) = flows.remove(&gone) {
@@ -407,7 +410,7 @@ async fn serve(args: RelayArgs) -> anyhow::Result<()> {
                 metrics.flows_open.store(flows.len() as u64, Relaxed);
             }
             _ = sweep.tick() => {
-                for gone in table.expire(Instant::now()) {
+                for gone in table.expire(now_ms()) {
                     if let Some(io) = flows.remove(&gone) {
                         io.task.abort();
                         metrics.flows_expired.fetch_add(1, Relaxed);
