@@ -9,11 +9,19 @@
 //! - [`deploy`]: what a probe found, what an installer does against another
 //!   copy, what a remote exit status means (II-A-1, II-A-2).
 //! - [`auth`]: what the auth agent signs (II-B, Fig. 3, stricter).
+//! - [`apps`]: application specs, their three states and their epidemic
+//!   spread (II-D).
+//!
+//! The peer also carries the self-upgrade decisions (II-A-3: pull the
+//! newer release, never one marked bad, roll back a release marked bad)
+//! and the livetag's (II-A-4: stop pinging while off, exit after a quiet
+//! period).
 //!
 //! The live peer (`shoal agent`'s overlay) and `shoal sim overlay` drive the
 //! same [`peer::Peer`].
 
 pub mod analysis;
+pub mod apps;
 pub mod auth;
 pub mod deploy;
 pub mod peer;
@@ -25,8 +33,8 @@ pub mod version;
 mod tests;
 
 pub use peer::{
-    Command, Config, Counters, Inspection, ManagerOutcome, Millis, Outcome, Peer, Random, Remedy,
-    State, View, remedy,
+    Command, Config, Counters, Inspection, ManagerOutcome, Millis, Outcome, Peer, QUIET_INTERVALS,
+    Random, Remedy, Source, State, UpgradeNote, View, remedy,
 };
 pub use targets::{DEFAULT_OVERLAY_PORT, RawTargetList, Target, TargetError, TargetList};
 pub use version::{Livetag, Newer, Version, Versions, compare};

@@ -15,6 +15,7 @@
 //! livetag is adopted on the spot, and while the livetag is off the peer
 //! answers but does not ping (II-A-4).
 
+use super::apps::{AppSpec, Apps, Heard, Notice, StateTag};
 use super::targets::TargetList;
 use super::version::{Livetag, Version, Versions, compare};
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,30 @@ impl Default for Config {
             interval_ms: 1000,
             timeout_ms: 500,
         }
+    }
+}
+
+/// How many intervals a disabled peer waits without hearing from any peer
+/// before it exits (SMON leaves the period open, notes §7 item 9). Disabling
+/// spreads by pull (a peer still on learns the tag when it pings one that is
+/// off): about 7 intervals at 117 hosts, the paper's 6.8, and 12 at 10,000
+/// in `shoal sim overlay --scenario disable`. A peer that exits before the
+/// last peer still on has learned is found dead and recovered, at the cost
+/// of an SSH login; 30 intervals leaves that tail well behind while a
+/// disabled pool still goes away within a minute at the default 1 s.
+pub const QUIET_INTERVALS: u64 = 30;
+
+/// How many intervals a refused release is not pulled again from anyone.
+pub const REFUSE_INTERVALS: u64 = 10;
+
+/// How long an upgrade may take (fetch, verify, swap) before a newer
+/// notice may start another.
+pub const UPGRADE_STALE_MS: Millis = 120_000;
+
+impl Config {
+    /// A disabled peer's quiet period before it exits.
+    pub fn quiet_ms(&self) -> Millis {
+        self.interval_ms.saturating_mul(QUIET_INTERVALS)
     }
 }
 
@@ -134,14 +159,48 @@ pub enum Command {
         /// Index in the current target list.
         from: usize,
     },
-    /// The peer at `from` runs a newer package (self-upgrade is the next
-    /// issue's; the shell reports it).
-    NewerPeer {
-        /// Index in the current target list.
-        from: usize,
-        /// Its version.
+    /// Upgrade to `version` (II-A-3): fetch the package from `from`,
+    /// verify the signed manifest and the binary's digest, swap it in and
+    /// re-execute. A failure is reported with [`Peer::handle_upgrade_failed`].
+    Upgrade {
+        /// Where the package is.
+        from: Source,
+        /// The version to fetch.
         version: Version,
     },
+    /// This peer runs a release the overlay marked bad: go back to the
+    /// previous release if this host holds one, else report it with
+    /// [`Peer::handle_rollback_failed`] and a good release is pulled from
+    /// the next peer that runs one.
+    RollBack {
+        /// The bad version it runs.
+        version: Version,
+    },
+    /// The livetag is off and no peer spoke for [`Config::quiet_ms`]:
+    /// exit (II-A-4). Apps are left running.
+    Exit,
+    /// Tell the peer at `target` about one of this peer's apps (II-D).
+    AppNotice {
+        /// Index in the current target list.
+        target: usize,
+        /// The app's name.
+        name: String,
+        /// Its version and state.
+        notice: Notice,
+    },
+    /// Pull version `version` of app `name` from `from`, verify it and
+    /// install it; report with [`Peer::handle_app_fetched`].
+    FetchApp {
+        /// Where the package is.
+        from: Source,
+        /// The app.
+        name: String,
+        /// The version told.
+        version: Version,
+    },
+    /// An app's spec or state changed: bring the host's apps in line with
+    /// [`Peer::apps`] (level-triggered; the shell also does so every round).
+    Supervise,
     /// This host runs a manager (its target's `manager`, a cluster
     /// directory): start it if it is not running, and report with
     /// [`Peer::handle_manager`]. Once a round while the livetag is on.
@@ -149,6 +208,29 @@ pub enum Command {
         /// The manager's cluster directory.
         dir: String,
     },
+}
+
+/// Where a package comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The peer at this index of the current target list.
+    Peer(usize),
+    /// The client utility that offered it (II-E: it mimics a peer); the
+    /// shell holds its address.
+    Utility,
+}
+
+/// The last self-upgrade attempt, for status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeNote {
+    /// When.
+    pub at_ms: Millis,
+    /// The version tried.
+    pub version: Version,
+    /// Why it failed (a refused signature, a bad digest, an unreachable
+    /// source); `None` while it runs.
+    pub error: Option<String>,
 }
 
 /// How keeping the host's manager alive went.
@@ -238,6 +320,18 @@ pub struct Counters {
     /// Starts of this host's manager after it was found not running.
     #[serde(default)]
     pub manager_starts: u64,
+    /// Upgrades asked for (fetches of a newer package).
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Upgrades that failed or were refused (bad signature, bad digest).
+    #[serde(default)]
+    pub upgrades_refused: u64,
+    /// App notices sent.
+    #[serde(default)]
+    pub app_notices: u64,
+    /// App pulls asked for.
+    #[serde(default)]
+    pub app_fetches: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -261,6 +355,25 @@ pub struct Peer {
     out: VecDeque<Command>,
     counters: Counters,
     manager: Option<(Millis, ManagerOutcome)>,
+    /// Every release this peer learned is bad.
+    bad: std::collections::BTreeSet<Version>,
+    /// An upgrade under way: its version and when it began.
+    upgrading: Option<(Version, Millis)>,
+    /// Releases refused lately, and until when they are not pulled again.
+    refused: BTreeMap<Version, Millis>,
+    /// The last upgrade attempt.
+    last_upgrade: Option<UpgradeNote>,
+    /// It runs a bad release and has no previous one to go back to.
+    stranded: bool,
+    /// A rollback was asked for.
+    rolling_back: bool,
+    /// When a peer last spoke to it (a ping or an answer), or it started.
+    heard_ms: Millis,
+    /// When its livetag last changed, or it started.
+    livetag_ms: Millis,
+    /// It asked to exit.
+    exiting: bool,
+    apps: Apps,
 }
 
 impl Peer {
@@ -279,6 +392,7 @@ impl Peer {
             peer,
             targets: targets.version(),
             livetag,
+            bad: Version::default(),
         };
         Self {
             me: targets.index(name),
@@ -296,7 +410,168 @@ impl Peer {
             views: BTreeMap::new(),
             out: VecDeque::new(),
             counters: Counters::default(),
+            bad: Default::default(),
+            upgrading: None,
+            refused: BTreeMap::new(),
+            last_upgrade: None,
+            stranded: false,
+            rolling_back: false,
+            heard_ms: first_round,
+            livetag_ms: first_round,
+            exiting: false,
+            apps: Apps::default(),
         }
+    }
+
+    /// Marks the releases in `bad` as bad (restored from the peer's
+    /// directory at start, or learned by a rollback); if this peer runs one
+    /// of them, asks for a rollback.
+    pub fn mark_bad(&mut self, bad: impl IntoIterator<Item = Version>) {
+        for v in bad {
+            if v == Version::default() {
+                continue;
+            }
+            self.bad.insert(v);
+            if v > self.versions.bad {
+                self.versions.bad = v;
+            }
+        }
+        if self.bad.contains(&self.versions.peer) && !self.rolling_back && !self.stranded {
+            self.rolling_back = true;
+            self.out.push_back(Command::RollBack {
+                version: self.versions.peer,
+            });
+        }
+    }
+
+    /// Every release it knows to be bad.
+    pub fn bad(&self) -> impl Iterator<Item = &Version> {
+        self.bad.iter()
+    }
+
+    /// The rollback could not be done here (no previous release on this
+    /// host): the next peer running a good release is pulled from.
+    pub fn handle_rollback_failed(&mut self) {
+        self.rolling_back = false;
+        self.stranded = true;
+    }
+
+    /// The upgrade to `version` failed (or was refused): why. It is not
+    /// pulled again for [`REFUSE_INTERVALS`].
+    pub fn handle_upgrade_failed(&mut self, version: Version, error: String, now: Millis) {
+        if self.upgrading.is_some_and(|(v, _)| v == version) {
+            self.upgrading = None;
+        }
+        self.counters.upgrades_refused += 1;
+        self.refused.insert(
+            version,
+            now + self.config.interval_ms.saturating_mul(REFUSE_INTERVALS),
+        );
+        self.last_upgrade = Some(UpgradeNote {
+            at_ms: now,
+            version,
+            error: Some(error),
+        });
+    }
+
+    /// The last upgrade attempt.
+    pub fn last_upgrade(&self) -> Option<&UpgradeNote> {
+        self.last_upgrade.as_ref()
+    }
+
+    /// The client utility offers `version` (`shoal overlay upgrade`):
+    /// returns whether this peer will pull it.
+    pub fn handle_offer(&mut self, version: Version, now: Millis) -> bool {
+        self.consider_upgrade(Source::Utility, version, now)
+    }
+
+    fn consider_upgrade(&mut self, from: Source, version: Version, now: Millis) -> bool {
+        let wanted = version > self.versions.peer || (self.stranded && version != self.versions.peer);
+        // Self-management is off: no upgrades either.
+        if !wanted || self.bad.contains(&version) || self.exiting || !self.versions.livetag.on {
+            return false;
+        }
+        if self
+            .upgrading
+            .is_some_and(|(_, at)| now < at + UPGRADE_STALE_MS)
+        {
+            return false;
+        }
+        if self.refused.get(&version).is_some_and(|until| now < *until) {
+            return false;
+        }
+        self.refused.retain(|_, until| now < *until);
+        self.upgrading = Some((version, now));
+        self.counters.upgrades += 1;
+        self.last_upgrade = Some(UpgradeNote {
+            at_ms: now,
+            version,
+            error: None,
+        });
+        self.out.push_back(Command::Upgrade { from, version });
+        true
+    }
+
+    /// Its apps.
+    pub fn apps(&self) -> &Apps {
+        &self.apps
+    }
+
+    /// Restores its installed apps (from its directory, at start).
+    pub fn restore_apps(&mut self, apps: Apps) {
+        self.apps = apps;
+    }
+
+    /// The peer at `from` (or the utility) holds app `name` at `notice`.
+    pub fn handle_app_notice(&mut self, from: Source, name: &str, notice: &Notice, now: Millis) {
+        if let Source::Peer(i) = from {
+            if i >= self.targets.len() || Some(i) == self.me {
+                return;
+            }
+        }
+        match self.apps.heard(name, notice, now) {
+            Heard::Fetch(version) => {
+                self.counters.app_fetches += 1;
+                self.out.push_back(Command::FetchApp {
+                    from,
+                    name: name.to_string(),
+                    version,
+                });
+            }
+            Heard::StateChanged => self.out.push_back(Command::Supervise),
+            Heard::Nothing => {}
+        }
+    }
+
+    /// A pull of app `name` ended: the verified, installed spec and the
+    /// state it came with, or why not.
+    pub fn handle_app_fetched(
+        &mut self,
+        name: &str,
+        result: Result<(AppSpec, StateTag), String>,
+        now: Millis,
+    ) {
+        if self.apps.fetched(name, result, now) {
+            self.out.push_back(Command::Supervise);
+        }
+    }
+
+    /// The utility installs `spec` here (`shoal overlay app install`).
+    pub fn install_app(&mut self, spec: AppSpec, state: StateTag) -> bool {
+        let changed = self.apps.install(spec, state);
+        if changed {
+            self.out.push_back(Command::Supervise);
+        }
+        changed
+    }
+
+    /// The utility sets an app's state here (`shoal overlay app state`).
+    pub fn set_app_state(&mut self, name: &str, tag: StateTag) -> Result<bool, String> {
+        let changed = self.apps.set_state(name, tag)?;
+        if changed {
+            self.out.push_back(Command::Supervise);
+        }
+        Ok(changed)
     }
 
     /// Its name.
@@ -347,15 +622,28 @@ impl Peer {
     /// livetag is on, or the earliest ping deadline.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let deadline = self.outstanding.values().map(|o| o.deadline).min();
-        let round = self.versions.livetag.on.then_some(self.next_round);
+        let round = if self.versions.livetag.on {
+            Some(self.next_round)
+        } else {
+            (!self.exiting).then(|| self.quiet_until())
+        };
         match (deadline, round) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
+    /// When a disabled peer exits if no peer speaks before.
+    fn quiet_until(&self) -> Millis {
+        self.heard_ms.max(self.livetag_ms) + self.config.quiet_ms()
+    }
+
     /// Expires unanswered pings and runs a round if one is due.
     pub fn handle_timeout(&mut self, now: Millis, rng: &mut dyn Random) {
+        if !self.versions.livetag.on && !self.exiting && now >= self.quiet_until() {
+            self.exiting = true;
+            self.out.push_back(Command::Exit);
+        }
         let expired: Vec<u64> = self
             .outstanding
             .iter()
@@ -414,6 +702,17 @@ impl Peer {
             {
                 self.out.push_back(Command::KeepManager { dir });
             }
+            // II-D: one of its apps, told to another random peer.
+            if let Some((name, notice)) = self.apps.next_notice()
+                && let Some(target) = self.pick(rng)
+            {
+                self.counters.app_notices += 1;
+                self.out.push_back(Command::AppNotice {
+                    target,
+                    name,
+                    notice,
+                });
+            }
         }
     }
 
@@ -456,6 +755,11 @@ impl Peer {
         self.versions
     }
 
+    /// Whether it asked to exit (disabled and quiet).
+    pub fn exiting(&self) -> bool {
+        self.exiting
+    }
+
     /// The answer to ping `seq` from the target at `from` arrived.
     pub fn handle_answer(&mut self, from: usize, seq: u64, theirs: &Versions, now: Millis) {
         if self.outstanding.get(&seq).is_some_and(|o| o.target == from) {
@@ -469,6 +773,7 @@ impl Peer {
         if from >= self.targets.len() || Some(from) == self.me {
             return;
         }
+        self.heard_ms = self.heard_ms.max(now);
         let view = self.views.entry(from).or_default();
         if view.state != State::Contacting {
             view.state = State::Alive;
@@ -478,16 +783,17 @@ impl Peer {
         let newer = compare(&self.versions, theirs);
         if newer.livetag {
             self.versions.livetag = theirs.livetag;
+            self.livetag_ms = now;
         }
         if newer.targets {
             self.out.push_back(Command::FetchTargets { from });
         }
-        if newer.peer {
-            self.out.push_back(Command::NewerPeer {
-                from,
-                version: theirs.peer,
-            });
+        if newer.bad {
+            self.mark_bad([theirs.bad]);
         }
+        // A newer release, or any good one while this peer is stranded on
+        // a bad release; never one marked bad.
+        self.consider_upgrade(Source::Peer(from), theirs.peer, now);
     }
 
     /// A contact to the target at `target` (an index into list `list`)
@@ -544,9 +850,10 @@ impl Peer {
     }
 
     /// Sets the livetag (the operator's `enable`/`disable` at one peer).
-    pub fn set_livetag(&mut self, livetag: Livetag) -> bool {
+    pub fn set_livetag(&mut self, livetag: Livetag, now: Millis) -> bool {
         if livetag.version > self.versions.livetag.version {
             self.versions.livetag = livetag;
+            self.livetag_ms = now;
             true
         } else {
             false

@@ -1,6 +1,7 @@
 //! The paper's vectors (notes/smon.md §5) and the peer's step.
 
 use super::analysis::*;
+use super::peer::REFUSE_INTERVALS;
 use super::*;
 use std::sync::Arc;
 
@@ -281,7 +282,7 @@ fn a_wrong_host_key_is_recorded_with_what_was_seen() {
 }
 
 #[test]
-fn a_newer_list_or_package_is_pulled_and_a_newer_livetag_adopted() {
+fn a_newer_list_is_pulled_and_a_newer_livetag_adopted() {
     let mut p = peer("h0", 4);
     let mut theirs = p.versions();
     theirs.targets = Version::new(2, 9);
@@ -292,30 +293,222 @@ fn a_newer_list_or_package_is_pulled_and_a_newer_livetag_adopted() {
     };
     let answer = p.handle_ping(2, &theirs, 50);
     assert!(!answer.livetag.on, "the answer carries the adopted livetag");
-    assert_eq!(
-        drain(&mut p),
-        vec![
-            Command::FetchTargets { from: 2 },
-            Command::NewerPeer {
-                from: 2,
-                version: Version::new(3, 0)
-            }
-        ]
-    );
-    // Livetag off: no pings, no wake-up for rounds, but pings are answered.
+    // Off: the list is still pulled, but no upgrade (self-management off).
+    assert_eq!(drain(&mut p), vec![Command::FetchTargets { from: 2 }]);
+    // Livetag off: no pings, but pings are answered; the next wake-up is
+    // the quiet period's end.
     let mut rng = Lcg(3);
     p.handle_timeout(5000, &mut rng);
     assert!(drain(&mut p).is_empty());
-    assert_eq!(p.poll_timeout(), None);
+    assert_eq!(p.poll_timeout(), Some(50 + 30_000));
     assert!(!p.handle_ping(1, &Versions::default(), 6000).livetag.on);
+    assert_eq!(p.poll_timeout(), Some(6000 + 30_000), "a ping restarts it");
     // An older livetag does not switch it back; a newer one does.
-    assert!(!p.set_livetag(Livetag::default()));
-    assert!(p.set_livetag(Livetag {
-        on: true,
-        version: Version::new(2, 0)
-    }));
+    assert!(!p.set_livetag(Livetag::default(), 7000));
+    assert!(p.set_livetag(
+        Livetag {
+            on: true,
+            version: Version::new(2, 0)
+        },
+        7000
+    ));
     p.handle_timeout(7000, &mut rng);
     assert!(matches!(drain(&mut p)[..], [Command::Ping { .. }]));
+}
+
+#[test]
+fn a_disabled_peer_exits_after_the_quiet_period_and_only_then() {
+    let mut p = peer("h0", 4);
+    let mut rng = Lcg(5);
+    let off = Livetag {
+        on: false,
+        version: Version::new(1, 0),
+    };
+    assert!(p.set_livetag(off, 1000));
+    let quiet = p.config().quiet_ms();
+    assert_eq!(quiet, QUIET_INTERVALS * 1000);
+    p.handle_timeout(1000 + quiet - 1, &mut rng);
+    assert!(drain(&mut p).is_empty());
+    p.handle_timeout(1000 + quiet, &mut rng);
+    assert_eq!(drain(&mut p), vec![Command::Exit]);
+    assert!(p.exiting());
+    assert_eq!(p.poll_timeout(), None);
+    p.handle_timeout(1000 + 2 * quiet, &mut rng);
+    assert!(drain(&mut p).is_empty(), "once");
+}
+
+#[test]
+fn a_newer_release_is_pulled_once_and_a_refused_one_not_again_for_a_while() {
+    let mut p = peer("h0", 4);
+    let mut theirs = p.versions();
+    theirs.peer = Version::new(3, 0);
+    p.handle_ping(2, &theirs, 50);
+    let up = Command::Upgrade {
+        from: Source::Peer(2),
+        version: Version::new(3, 0),
+    };
+    assert_eq!(drain(&mut p), vec![up.clone()]);
+    p.handle_answer(3, 9, &theirs, 60);
+    assert!(drain(&mut p).is_empty(), "one upgrade at a time");
+    p.handle_upgrade_failed(Version::new(3, 0), "bad signature".into(), 100);
+    assert_eq!(
+        p.last_upgrade().unwrap().error.as_deref(),
+        Some("bad signature")
+    );
+    p.handle_ping(3, &theirs, 200);
+    assert!(drain(&mut p).is_empty(), "refused lately");
+    let later = 100 + REFUSE_INTERVALS * 1000;
+    p.handle_ping(1, &theirs, later);
+    assert_eq!(
+        drain(&mut p),
+        vec![Command::Upgrade {
+            from: Source::Peer(1),
+            version: Version::new(3, 0),
+        }]
+    );
+    // An older or equal release is never pulled.
+    let mut q = peer("h0", 4);
+    q.handle_ping(1, &Versions::default(), 0);
+    assert!(drain(&mut q).is_empty());
+    // The utility's offer is one more source.
+    assert!(q.handle_offer(Version::new(2, 0), 0));
+    assert_eq!(
+        drain(&mut q),
+        vec![Command::Upgrade {
+            from: Source::Utility,
+            version: Version::new(2, 0),
+        }]
+    );
+    let c = q.counters();
+    assert_eq!((c.upgrades, c.upgrades_refused), (1, 0));
+}
+
+#[test]
+fn a_release_marked_bad_is_never_pulled_and_is_rolled_back_where_it_runs() {
+    let bad = Version::new(3, 0);
+    // A peer on the good release learns of the bad one and refuses it.
+    let mut p = peer("h0", 4);
+    let mut theirs = p.versions();
+    theirs.peer = bad;
+    theirs.bad = bad;
+    p.handle_ping(2, &theirs, 0);
+    assert!(drain(&mut p).is_empty());
+    assert_eq!(p.versions().bad, bad, "and spreads the mark");
+    assert!(!p.handle_offer(bad, 0));
+    // A peer that took it rolls back when it learns.
+    let mut q = Peer::new(
+        "h1",
+        list(4, 1),
+        bad,
+        Livetag::default(),
+        Config::default(),
+        0,
+    );
+    let mut news = Versions::default();
+    news.bad = bad;
+    q.handle_answer(0, 1, &news, 10);
+    assert_eq!(drain(&mut q), vec![Command::RollBack { version: bad }]);
+    q.handle_ping(2, &news, 20);
+    assert!(drain(&mut q).is_empty(), "asked once");
+    // With no previous release here it pulls any good one, even older.
+    q.handle_rollback_failed();
+    let good = Versions {
+        peer: Version::new(2, 0),
+        bad,
+        ..Versions::default()
+    };
+    q.handle_ping(3, &good, 30);
+    assert_eq!(
+        drain(&mut q),
+        vec![Command::Upgrade {
+            from: Source::Peer(3),
+            version: Version::new(2, 0),
+        }]
+    );
+    // Restored marks at start work the same way.
+    let mut r = Peer::new("h2", list(4, 1), bad, Livetag::default(), Config::default(), 0);
+    r.mark_bad([bad]);
+    assert_eq!(drain(&mut r), vec![Command::RollBack { version: bad }]);
+}
+
+#[test]
+fn apps_are_told_round_robin_pulled_when_missing_and_their_state_spreads() {
+    use super::apps::{AppSpec, AppState, Notice, StateTag};
+    let spec = AppSpec {
+        name: "web".into(),
+        version: Version::new(1, 5),
+        adaptor: "www".into(),
+        params: Default::default(),
+        restart: None,
+        state: AppState::Online,
+        files: Vec::new(),
+    };
+    let tag0 = StateTag {
+        state: AppState::Online,
+        version: Version::default(),
+    };
+    let mut a = peer("h0", 4);
+    assert!(a.install_app(spec.clone(), tag0));
+    assert_eq!(drain(&mut a), vec![Command::Supervise]);
+    let mut rng = Lcg(11);
+    a.handle_timeout(0, &mut rng);
+    let cmds = drain(&mut a);
+    let notice = cmds
+        .iter()
+        .find_map(|c| match c {
+            Command::AppNotice {
+                target,
+                name,
+                notice,
+            } => Some((*target, name.clone(), *notice)),
+            _ => None,
+        })
+        .expect("a notice each round");
+    assert_ne!(notice.0, 0, "never to itself");
+    assert_eq!(notice.1, "web");
+    let mut b = peer("h1", 4);
+    b.handle_app_notice(Source::Peer(0), "web", &notice.2, 5);
+    assert_eq!(
+        drain(&mut b),
+        vec![Command::FetchApp {
+            from: Source::Peer(0),
+            name: "web".into(),
+            version: spec.version,
+        }]
+    );
+    b.handle_app_fetched("web", Ok((spec.clone(), notice.2.state)), 6);
+    assert_eq!(drain(&mut b), vec![Command::Supervise]);
+    // An operator's state change at one peer reaches the other by notice.
+    let off = StateTag {
+        state: AppState::Offline,
+        version: Version::new(1, 0),
+    };
+    assert!(a.set_app_state("web", off).unwrap());
+    drain(&mut a);
+    b.handle_app_notice(
+        Source::Peer(0),
+        "web",
+        &Notice {
+            version: spec.version,
+            state: off,
+        },
+        7,
+    );
+    assert_eq!(drain(&mut b), vec![Command::Supervise]);
+    assert_eq!(b.apps().get("web").unwrap().state, off);
+    // A disabled peer tells nobody.
+    let mut c = peer("h2", 4);
+    c.install_app(spec, tag0);
+    c.set_livetag(
+        Livetag {
+            on: false,
+            version: Version::new(1, 0),
+        },
+        0,
+    );
+    drain(&mut c);
+    c.handle_timeout(5000, &mut rng);
+    assert!(drain(&mut c).is_empty());
 }
 
 #[test]
@@ -419,7 +612,7 @@ fn target_lists_are_validated() {
 }
 
 mod properties {
-    use super::*;
+use super::*;
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]

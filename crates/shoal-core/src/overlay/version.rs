@@ -55,7 +55,8 @@ impl Default for Livetag {
 }
 
 /// The versions a ping and its answer carry: the sender's package, its
-/// target list and its livetag.
+/// target list, its livetag, and the newest package version it knows to be
+/// bad (one that failed its health check somewhere and was rolled back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Versions {
     /// The peer package (the shoal binary and its overlay configuration).
@@ -64,6 +65,12 @@ pub struct Versions {
     pub targets: Version,
     /// The livetag tuple.
     pub livetag: Livetag,
+    /// The newest release marked bad (`Version::default()`: none). Only the
+    /// newest travels: a bad release lives minutes at most (every host that
+    /// took it rolls back), so an older bad mark has nobody left to spread
+    /// it to; each peer keeps every mark it learned ([`super::Peer::bad`]).
+    #[serde(default)]
+    pub bad: Version,
 }
 
 /// What a peer should do on seeing another peer's versions: pull a newer
@@ -77,6 +84,8 @@ pub struct Newer {
     pub peer: bool,
     /// The other carries a newer livetag.
     pub livetag: bool,
+    /// The other knows a newer bad release.
+    pub bad: bool,
 }
 
 /// Compares `mine` with `theirs`.
@@ -85,5 +94,6 @@ pub fn compare(mine: &Versions, theirs: &Versions) -> Newer {
         targets: theirs.targets > mine.targets,
         peer: theirs.peer > mine.peer,
         livetag: theirs.livetag.version > mine.livetag.version,
+        bad: theirs.bad > mine.bad,
     }
 }
