@@ -63,6 +63,10 @@ pub struct AgentArgs {
     /// How long to look for a manager with --discover (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub discover_timeout: f64,
+    /// Set once the manager accepted the registration (the overlay's
+    /// health check of a new release, when the agent runs beside a peer).
+    #[arg(skip)]
+    pub registered: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn parse_capacity(s: &str) -> Result<(String, f64), String> {
@@ -361,7 +365,11 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
         address: Some(reg.address.clone()),
     };
     let record_path = args.dir.join("agent.toml");
+    let flag = args.registered.clone();
     let mut on_registered = move || -> anyhow::Result<()> {
+        if let Some(f) = &flag {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let text = toml::to_string(&record)?;
         if read_file(&record_path).ok().as_deref() != Some(text.as_str()) {
             write_file(&record_path, &text, false)?;
@@ -400,9 +408,20 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
         id.cert.clone(),
         client_tx,
     ));
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::select! {
         r = lease_loop(&clients, &reg, load_rx, &mut sup, &mut on_registered) => r?,
         _ = shutdown() => {}
+        _ = hup.recv() => {
+            // A restart in place: the same pid, so the apps stay its
+            // children, and the next run re-adopts them; the lease is
+            // renewed under the same identity well within its TTL.
+            use std::os::unix::process::CommandExt;
+            let bin = std::env::current_exe()?;
+            eprintln!("agent {name}: SIGHUP, re-executing {} in place; apps keep running", bin.display());
+            let e = std::process::Command::new(&bin).args(std::env::args_os().skip(1)).exec();
+            anyhow::bail!("cannot re-execute {}: {e}", bin.display());
+        }
     }
     logs.abort();
     rotation.abort();

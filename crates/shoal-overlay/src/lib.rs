@@ -20,6 +20,7 @@
 
 pub mod authagent;
 pub mod client;
+pub mod fetch;
 pub mod files;
 pub mod netlab;
 pub mod package;
@@ -27,6 +28,7 @@ pub mod peer;
 pub mod release;
 pub mod seal;
 pub mod ssh;
+pub mod upgrade;
 pub mod wire;
 
 /// Unix time in milliseconds: the live clock the sans-I/O peer is handed.

@@ -253,7 +253,7 @@ fn check_shipped(rel: &Release, pkg: &Path) -> anyhow::Result<()> {
 /// Starts `bin args` in its own session, stdin from /dev/null and output
 /// appended to `log`, so that it outlives the SSH session (or the process)
 /// that started it: nohup's job.
-fn spawn_detached(
+pub(crate) fn spawn_detached(
     bin: &Path,
     args: &[&std::ffi::OsStr],
     log: &Path,

@@ -16,6 +16,9 @@ use shoal_core::overlay::Version;
 use std::io::{Read, Write};
 use std::path::Path;
 
+/// The files of a release beside its binary.
+pub const FILES: [&str; 3] = ["manifest.json", "manifest.sig", "release.pub"];
+
 /// What a release says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

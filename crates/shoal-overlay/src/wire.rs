@@ -5,7 +5,8 @@
 //! (and so forgot its replay windows).
 
 use serde::{Deserialize, Serialize};
-use shoal_core::overlay::{State, TargetList, Version, Versions};
+use shoal_core::overlay::apps::{AppSpec, Notice, StateTag};
+use shoal_core::overlay::{Livetag, State, TargetList, Version, Versions};
 use std::io::{Read, Write};
 
 /// How far a message's send time may be from the receiver's clock.
@@ -128,7 +129,87 @@ pub enum Body {
         /// The signature blob or the refusal.
         result: Result<String, String>,
     },
+    /// Over TCP ([`crate::fetch`]): send me this package.
+    Fetch {
+        /// The package.
+        what: crate::fetch::What,
+    },
+    /// From the client utility (`shoal overlay upgrade`, II-E): release
+    /// `version` is served at the sender's address on TCP `port`.
+    Offer {
+        /// Echoed in the answer.
+        id: u64,
+        /// The release's version.
+        version: Version,
+        /// The utility's TCP port.
+        port: u16,
+    },
+    /// The answer to `Offer`: pulling it, or why not.
+    Offered {
+        /// The request's.
+        id: u64,
+        /// `Ok` if the peer pulls it.
+        result: Result<(), String>,
+    },
+    /// Set the livetag (`shoal overlay enable|disable`); the higher
+    /// version wins.
+    SetLivetag {
+        /// Echoed in the answer.
+        id: u64,
+        /// The tag.
+        livetag: Livetag,
+    },
+    /// The answer to `SetLivetag`: the tag the peer holds now.
+    LivetagSet {
+        /// The request's.
+        id: u64,
+        /// Its livetag.
+        livetag: Livetag,
+    },
+    /// A peer tells another about one of its apps (II-D).
+    AppNotice {
+        /// The app.
+        name: String,
+        /// Its version and state.
+        notice: Notice,
+    },
+    /// From the utility (`shoal overlay app install`): the app is served
+    /// at the sender's address on TCP `port`.
+    AppOffer {
+        /// Echoed in the answer.
+        id: u64,
+        /// The app.
+        name: String,
+        /// Its version and state.
+        notice: Notice,
+        /// The utility's TCP port.
+        port: u16,
+    },
+    /// Set an app's state (`shoal overlay app state`).
+    SetAppState {
+        /// Echoed in the answer.
+        id: u64,
+        /// The app.
+        name: String,
+        /// The state and its version.
+        tag: StateTag,
+    },
+    /// The answer to `AppOffer` or `SetAppState`.
+    AppDone {
+        /// The request's.
+        id: u64,
+        /// `Ok(true)` if it pulls the app or changed its state,
+        /// `Ok(false)` if it had it already, or why not.
+        result: Result<bool, String>,
+    },
 }
+
+/// What a peer keeps, and serves, of an installed app:
+/// `state/apps/NAME/installed.json`.
+pub type InstalledApp = shoal_core::overlay::apps::Installed;
+
+/// The spec type, re-exported for the utility.
+pub type Spec = AppSpec;
 
 pub use shoal_core::overlay::report::{ManagerReport, StatusReport, TargetStatus};
 

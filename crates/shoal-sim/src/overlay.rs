@@ -18,6 +18,7 @@
 //!   `overhead_late` against `E(X')`.
 
 mod plot;
+pub mod scenario;
 
 use crate::autoscale::workload::Rng;
 use serde::Serialize;
@@ -412,9 +413,15 @@ impl World {
                         }
                     }
                 }
-                // One list, one package: nothing newer exists in this run.
+                // One list, one package, no apps, the livetag on: nothing
+                // newer exists in this run.
                 Command::FetchTargets { .. }
-                | Command::NewerPeer { .. }
+                | Command::Upgrade { .. }
+                | Command::RollBack { .. }
+                | Command::Exit
+                | Command::AppNotice { .. }
+                | Command::FetchApp { .. }
+                | Command::Supervise
                 | Command::KeepManager { .. } => {}
             }
         }
@@ -706,6 +713,63 @@ fn synchronous(
     Ok(out)
 }
 
+/// `--scenario upgrade|disable|app`.
+fn run_scenario(args: &OverlayArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let r = scenario::simulate(
+        args.scenario,
+        args.hosts,
+        args.interval,
+        args.fetch_time,
+        args.seed,
+    )?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let p = dir.join(format!(
+            "overlay-{}-{}.json",
+            serde_json::to_value(args.scenario)?
+                .as_str()
+                .unwrap_or("scenario"),
+            args.seed
+        ));
+        std::fs::write(&p, serde_json::to_string_pretty(&r)?)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:?}: {} hosts, interval {}s, pull {}s, seed {}",
+        r.scenario, r.hosts, r.interval_s, r.fetch_s, r.seed
+    )?;
+    writeln!(
+        out,
+        "rounds to 50 % / 99 % / all: {:.2} / {:.2} / {:.2} ({:.1} s to all)",
+        r.rounds_to_50,
+        r.rounds_to_99,
+        r.rounds_to_all,
+        r.rounds_to_all * r.interval_s
+    )?;
+    if let (Some(x), Some(rec)) = (r.rounds_to_all_exited, r.recoveries) {
+        writeln!(
+            out,
+            "rounds until every peer exited: {x:.2}; exited peers recovered by a peer still on: {rec}"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "pulls: {}; most served by one host: {}",
+            r.pulls, r.max_served
+        )?;
+    }
+    writeln!(out, "wall s: {:.2}", r.wall_s)?;
+    Ok(())
+}
+
 const AFTER_HELP: &str = "\
 Deploys a pool of --hosts machines from one seeded peer, on a virtual clock,
 with shoal-core's overlay step (the code the agent runs), and compares with
@@ -726,8 +790,15 @@ probability 1/(n-1) and the analysis columns use that.
 lognormal:MEDIAN,SIGMA (lognormal:1s,1 with a 1 s interval is the model
 that reproduces Table II). --out DIR writes overlay-SEED.json and SVG plots.
 
+--scenario upgrade|disable|app runs SMON's second half on a running pool
+instead: a release, the livetag off, or an app handed to one peer, and the
+rounds until every peer has it (disable: and until every peer exited after
+its quiet period). SMON measured disabling 117 hosts in 6.8 intervals.
+
 Examples:
   shoal sim overlay --hosts 10000 --seed 1 --json
+  shoal sim overlay --scenario disable --hosts 117 --interval 5s
+  shoal sim overlay --scenario upgrade --hosts 10000 --fetch-time 2s
   shoal sim overlay --hosts 117 --deploy-time lognormal:5s,1 --interval 5s --seed 3
   shoal sim overlay --hosts 1000 --out /tmp/overlay";
 
@@ -757,6 +828,14 @@ pub struct OverlayArgs {
     /// Write overlay-SEED.json and the plots here.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// deploy (self-deployment from one seed), upgrade (a new release at
+    /// one peer), disable (the livetag off at one peer) or app (an app
+    /// installed at one peer).
+    #[arg(long, value_enum, default_value = "deploy")]
+    pub scenario: scenario::Scenario,
+    /// upgrade, app: how long a pull of the package takes.
+    #[arg(long, default_value = "500ms", value_parser = crate::cluster::duration_arg)]
+    pub fetch_time: f64,
 }
 
 impl OverlayArgs {
@@ -774,6 +853,9 @@ impl OverlayArgs {
 /// Runs `shoal sim overlay`.
 pub fn run(args: &OverlayArgs) -> anyhow::Result<()> {
     use std::io::Write;
+    if args.scenario != scenario::Scenario::Deploy {
+        return run_scenario(args);
+    }
     let r = simulate(&args.config())?;
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)

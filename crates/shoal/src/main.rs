@@ -9,6 +9,8 @@ mod bench_timestamps;
 mod inspect;
 mod node;
 mod overlay;
+mod overlay_apps;
+mod overlay_utility;
 mod service;
 mod up;
 mod up_selfdeploy;

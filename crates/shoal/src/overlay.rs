@@ -48,6 +48,28 @@ pub enum OverlayCmd {
     ///
     /// Example: shoal overlay start --prefix /opt/shoal
     Start(StartArgs),
+    /// Hand a signed release to one peer (SMON II-E): it pulls it from
+    /// here, checks the signature and digest, swaps it in and re-executes,
+    /// keeping its apps; the overlay spreads it to every peer.
+    ///
+    /// Example: shoal overlay upgrade --release ./release-2 --peer 10.0.0.1 --key overlay.key
+    Upgrade(crate::overlay_utility::UpgradeArgs),
+    /// Switch the overlay's self-management off (the livetag): peers stop
+    /// pinging and healing, then exit after a quiet period; apps stay up.
+    ///
+    /// Example: shoal overlay disable --peer 10.0.0.1 --key overlay.key
+    Disable(crate::overlay_utility::PeerRef),
+    /// Switch it back on at any surviving peer.
+    ///
+    /// Example: shoal overlay enable --peer 10.0.0.1 --key overlay.key
+    Enable(crate::overlay_utility::PeerRef),
+    /// The overlay's applications (SMON II-D).
+    #[command(subcommand)]
+    App(crate::overlay_utility::AppCmd),
+    /// Run by an upgrading peer from the release it leaves: rolls back if
+    /// the new one is not healthy by its deadline.
+    #[command(hide = true)]
+    WatchUpgrade(StartArgs),
 }
 
 #[derive(clap::Args)]
@@ -61,6 +83,10 @@ pub struct ReleaseArgs {
     /// The release directory to write.
     #[arg(long)]
     out: PathBuf,
+    /// The version number to release it as (default: this build's,
+    /// MAJOR*1000000 + MINOR*1000 + PATCH); peers upgrade to a higher one.
+    #[arg(long)]
+    version: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -310,6 +336,9 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
                             config,
                             bind: a.bind,
                             tokens: None,
+                            prefix: None,
+                            registered: None,
+                            apps: None,
                         },
                         std::sync::Arc::new(peer::NoDeployer),
                     ),
@@ -327,12 +356,11 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
         }
         OverlayCmd::Release(a) => {
             let bin = this_binary(a.binary)?;
-            let m = shoal_overlay::release::sign(
-                &a.release_key,
-                &bin,
-                peer::package_version(),
-                &a.out,
-            )?;
+            let version = match a.version {
+                Some(n) => shoal_core::overlay::Version::new(n, 0),
+                None => peer::package_version(),
+            };
+            let m = shoal_overlay::release::sign(&a.release_key, &bin, version, &a.out)?;
             println!(
                 "signed release {} of {} (sha256 {}) into {}",
                 m.version,
@@ -350,6 +378,22 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
         OverlayCmd::Start(a) => {
             let e = shoal_overlay::package::start(&a.prefix)?;
             finish(e, false)
+        }
+        OverlayCmd::Upgrade(a) => crate::overlay_utility::upgrade(a).await,
+        OverlayCmd::Disable(a) => crate::overlay_utility::set_livetag(a, false).await,
+        OverlayCmd::Enable(a) => crate::overlay_utility::set_livetag(a, true).await,
+        OverlayCmd::App(crate::overlay_utility::AppCmd::Install(a)) => {
+            crate::overlay_utility::app_install(a).await
+        }
+        OverlayCmd::App(crate::overlay_utility::AppCmd::State(a)) => {
+            crate::overlay_utility::app_state(a).await
+        }
+        OverlayCmd::WatchUpgrade(a) => {
+            let prefix = std::path::absolute(&a.prefix)?;
+            let said = tokio::task::spawn_blocking(move || shoal_overlay::upgrade::watch(&prefix))
+                .await??;
+            println!("watch-upgrade: {said}");
+            Ok(())
         }
         OverlayCmd::Targets(TargetsCmd::Set(a)) => {
             let key = files::read_key(&a.key)?;
@@ -458,6 +502,9 @@ fn installed_peer(
         },
         bind: None,
         tokens: None,
+        prefix: None,
+        registered: None,
+        apps: None,
     };
     Ok((p, opts, d))
 }
@@ -498,6 +545,12 @@ pub async fn agent_with_overlay(
         return Ok(());
     };
     let (p, mut opts, mut deployer) = installed_peer(&pkg, &state)?;
+    // Installed: it can upgrade itself and roll back, and it runs the
+    // overlay's apps.
+    opts.prefix = Some(prefix.clone());
+    opts.apps = Some(std::sync::Arc::new(crate::overlay_apps::OverlayApps::new(
+        &p.name,
+    )));
     let Some(url) = agent.join.clone().or(p.manager.clone()) else {
         tracing::info!("no manager configured: the overlay runs alone");
         return peer::serve(opts, std::sync::Arc::new(deployer)).await;
@@ -516,6 +569,9 @@ pub async fn agent_with_overlay(
         files::load_stored(&state)?.and_then(|l| l.index(&p.name).and_then(|i| l.get(i)).cloned());
     agent.join = Some(url);
     agent.dir = agent_dir;
+    let registered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    agent.registered = Some(registered.clone());
+    opts.registered = Some(registered);
     agent.name = Some(p.name.clone());
     if agent.token_file.is_none() && pkg.join(JOIN_TOKEN).exists() {
         agent.token_file = Some(pkg.join(JOIN_TOKEN));

@@ -83,23 +83,24 @@ pub struct Supervisor {
     apps: BTreeMap<String, (AppAssignment, Box<dyn Adaptor>)>,
     /// Assignments that could not even be created, with why.
     rejected: BTreeMap<String, (AppAssignment, String)>,
+    /// Processes a previous run left and nobody wants were stopped.
+    reaped: bool,
 }
 
 impl Supervisor {
     /// A supervisor keeping app directories under `apps_dir`. Processes left
-    /// by a previous run of the agent are stopped first (see
-    /// [`process::reap_orphans`] for why they are restarted, not adopted).
+    /// by a previous run of the agent (a restart, a re-execution, an
+    /// upgrade, a crash) keep running: the first [`Supervisor::reconcile`]
+    /// re-adopts those still desired with the same parameters, and stops
+    /// the others.
     pub fn new(apps_dir: PathBuf, node: String) -> Self {
         let _ = std::fs::create_dir_all(&apps_dir);
-        let n = process::reap_orphans(&apps_dir);
-        if n > 0 {
-            tracing::info!("stopped {n} application process(es) left by a previous agent run");
-        }
         Self {
             apps_dir,
             node,
             apps: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            reaped: false,
         }
     }
 
@@ -144,6 +145,16 @@ impl Supervisor {
                 }
                 None if self.rejected.contains_key(id) => {}
                 None => self.launch(a).await,
+            }
+        }
+        if !self.reaped {
+            self.reaped = true;
+            let keep = self.apps.keys().cloned().collect();
+            let n = process::reap_orphans(&self.apps_dir, &keep);
+            if n > 0 {
+                tracing::info!(
+                    "stopped {n} application process(es) a previous agent run left and no assignment wants"
+                );
             }
         }
     }

@@ -238,8 +238,79 @@ fn spec(
     }
 }
 
+/// A process a previous run of the agent started and this one took over:
+/// not a child (unless the agent re-executed itself), so it is watched
+/// through a pidfd, which becomes readable when the process exits.
+struct Adopted {
+    pidfd: std::os::fd::OwnedFd,
+    pid: u32,
+    start: u64,
+}
+
+impl Adopted {
+    /// Takes over `pid` if it is still the process started at `start`.
+    fn open(pid: u32, start: u64) -> Option<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new
+        // descriptor or -1; nothing is borrowed.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as i32, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: the kernel just returned this descriptor to us alone.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // The pid could have been reused between reading the pid file and
+        // opening it: the start time settles it, now that it is pinned.
+        (start_time(pid) == Some(start)).then_some(Self { pidfd, pid, start })
+    }
+
+    /// Whether it has exited; reaps it if it is our child (after a
+    /// re-execution the agent is still its parent).
+    fn exited(&self) -> bool {
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        use std::os::fd::AsFd;
+        match waitid(
+            Id::PIDFd(self.pidfd.as_fd()),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+        ) {
+            Ok(WaitStatus::StillAlive) => false,
+            Ok(_) => true,
+            // Not our child: its parent reaps it; gone or a zombie is exited.
+            Err(_) => {
+                let zombie = procfs::process::Process::new(self.pid as i32)
+                    .and_then(|p| p.stat())
+                    .map(|s| s.state == 'Z')
+                    .unwrap_or(true);
+                zombie || start_time(self.pid) != Some(self.start)
+            }
+        }
+    }
+}
+
+/// What identifies what an app runs: its adaptor and parameters. A process
+/// left by a previous agent run is adopted only if it runs the same thing
+/// (FNV-1a: stable across builds, unlike std's hasher).
+fn run_key(flavor: Flavor, params: &Params) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for x in b {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    eat(flavor.name().as_bytes());
+    for (k, v) in params {
+        eat(k.as_bytes());
+        eat(v.as_bytes());
+    }
+    format!("{h:016x}")
+}
+
 /// A supervised application process.
 pub struct ProcessApp {
+    adopted: Option<Adopted>,
     flavor: Flavor,
     id: String,
     dir: PathBuf,
@@ -272,6 +343,7 @@ impl ProcessApp {
         })?;
         let spec = spec(flavor, &params, &dir, &id, &node)?;
         Ok(Self {
+            adopted: None,
             flavor,
             id,
             dir,
@@ -357,7 +429,8 @@ impl ProcessApp {
         let pid = child.id();
         if let Some(pid) = pid {
             let st = start_time(pid).unwrap_or(0);
-            let _ = std::fs::write(self.pid_file(), format!("{pid} {st}\n"));
+            let key = run_key(self.flavor, &self.params);
+            let _ = std::fs::write(self.pid_file(), format!("{pid} {st} {key}\n"));
         }
         self.pid = pid;
         self.child = Some(child);
@@ -388,11 +461,47 @@ impl ProcessApp {
         }
     }
 
+    /// Takes over the process the pid file names if a previous run of the
+    /// agent left it running the same thing; stops it if it runs something
+    /// else. Returns whether it was adopted.
+    fn adopt(&mut self) -> bool {
+        let Some((pid, st, key)) = read_pid_file(&self.pid_file()) else {
+            return false;
+        };
+        if start_time(pid) != Some(st) {
+            let _ = std::fs::remove_file(self.pid_file());
+            return false;
+        }
+        if key.as_deref() != Some(run_key(self.flavor, &self.params).as_str()) {
+            tracing::info!(app = %self.id, pid, "a previous run left it with other parameters: replacing it");
+            stop_orphan(pid, st);
+            let _ = std::fs::remove_file(self.pid_file());
+            return false;
+        }
+        let Some(a) = Adopted::open(pid, st) else {
+            return false;
+        };
+        tracing::info!(app = %self.id, pid, "re-adopted the running process a previous agent run started");
+        self.adopted = Some(a);
+        self.pid = Some(pid);
+        self.state = AppState::Starting;
+        self.started_at = Some(Instant::now());
+        self.healthy_since = None;
+        self.restart_at = None;
+        self.message = None;
+        true
+    }
+
+    fn running(&self) -> bool {
+        self.child.is_some() || self.adopted.is_some()
+    }
+
     fn schedule_restart(&mut self, why: String) {
         // Leftovers of the group (nginx workers of a killed master) would
         // hold the port: clear the group before starting again.
         self.kill_group(Signal::SIGKILL);
         self.child = None;
+        self.adopted = None;
         let wait = shoal_core::lease::backoff_ms(self.attempt, 200, 10_000, rand::random());
         self.attempt = self.attempt.saturating_add(1);
         self.state = AppState::Backoff;
@@ -438,37 +547,50 @@ fn start_time(pid: u32) -> Option<u64> {
         .map(|s| s.starttime)
 }
 
+/// The pid, start time and run key in a pid file (the key is absent in
+/// files written before apps were adopted).
+fn read_pid_file(pf: &Path) -> Option<(u32, u64, Option<String>)> {
+    let text = std::fs::read_to_string(pf).ok()?;
+    let mut it = text.split_whitespace();
+    let pid = it.next()?.parse().ok()?;
+    let st = it.next()?.parse().ok()?;
+    Some((pid, st, it.next().map(str::to_string)))
+}
+
+/// Stops the process group of `pid` if it is still the process started at
+/// `st`: SIGTERM, SIGKILL after the grace period.
+fn stop_orphan(pid: u32, st: u64) {
+    if start_time(pid) != Some(st) {
+        return;
+    }
+    let pg = Pid::from_raw(pid as i32);
+    let _ = killpg(pg, Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while start_time(pid) == Some(st) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = killpg(pg, Signal::SIGKILL);
+}
+
 /// Stops application processes a previous agent run left behind, found by
-/// their pid files. The agent restarts apps rather than adopting them: a
-/// process that is not our child cannot be waited for, so its exit would be
-/// noticed late and its exit status never; a clean restart gives every
-/// supervised app the same guarantees. Returns how many were stopped.
-pub fn reap_orphans(apps_dir: &Path) -> usize {
+/// their pid files, except those of the apps in `keep` (which the agent
+/// re-adopted or will). Returns how many were stopped.
+pub fn reap_orphans(apps_dir: &Path, keep: &std::collections::BTreeSet<String>) -> usize {
     let mut n = 0;
     let Ok(rd) = std::fs::read_dir(apps_dir) else {
         return 0;
     };
     for e in rd.flatten() {
-        let pf = e.path().join("pid");
-        let Ok(text) = std::fs::read_to_string(&pf) else {
+        if keep.contains(&*e.file_name().to_string_lossy()) {
             continue;
-        };
-        let mut it = text.split_whitespace();
-        let (Some(Ok(pid)), Some(Ok(st))) = (
-            it.next().map(str::parse::<u32>),
-            it.next().map(str::parse::<u64>),
-        ) else {
+        }
+        let pf = e.path().join("pid");
+        let Some((pid, st, _)) = read_pid_file(&pf) else {
             let _ = std::fs::remove_file(&pf);
             continue;
         };
         if start_time(pid) == Some(st) {
-            let pg = Pid::from_raw(pid as i32);
-            let _ = killpg(pg, Signal::SIGTERM);
-            let deadline = Instant::now() + STOP_GRACE;
-            while start_time(pid) == Some(st) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = killpg(pg, Signal::SIGKILL);
+            stop_orphan(pid, st);
             n += 1;
         }
         let _ = std::fs::remove_file(&pf);
@@ -498,13 +620,19 @@ impl Adaptor for ProcessApp {
                 Err(e) => self.schedule_restart(format!("lost track of the process: {e}")),
             }
         }
+        if self.adopted.as_ref().is_some_and(Adopted::exited) {
+            // Not our child: its exit status went to its parent.
+            self.schedule_restart(
+                "exited (a re-adopted process; its exit status is its parent's)".into(),
+            );
+        }
         if self.state == AppState::Backoff && self.restart_at.is_some_and(|t| Instant::now() >= t) {
             self.restarts += 1;
             if let Err(e) = self.spawn() {
                 self.schedule_restart(e.to_string());
             }
         }
-        if self.child.is_some() {
+        if self.running() {
             if self.healthy().await {
                 let since = *self.healthy_since.get_or_insert_with(Instant::now);
                 self.state = AppState::Running;
@@ -529,7 +657,7 @@ impl Adaptor for ProcessApp {
             id: self.id.clone(),
             adaptor: self.flavor.name().to_string(),
             state: self.state,
-            pid: self.child.as_ref().and(self.pid),
+            pid: if self.running() { self.pid } else { None },
             restarts: self.restarts,
             endpoint: self.spec.endpoint.clone(),
             message: self.message.clone(),
@@ -537,7 +665,7 @@ impl Adaptor for ProcessApp {
     }
 
     async fn start(&mut self) -> Result<(), AdaptorError> {
-        if self.child.is_some() {
+        if self.running() || self.adopt() {
             return Ok(());
         }
         match self.spawn() {
@@ -563,6 +691,14 @@ impl Adaptor for ProcessApp {
             // Children of the app that ignored SIGTERM go too.
             self.kill_group(Signal::SIGKILL);
         }
+        if let Some(a) = self.adopted.take() {
+            self.kill_group(Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_GRACE;
+            while !a.exited() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.kill_group(Signal::SIGKILL);
+        }
         let _ = std::fs::remove_file(self.pid_file());
         self.pid = None;
         self.state = AppState::Stopped;
@@ -573,7 +709,7 @@ impl Adaptor for ProcessApp {
     async fn set(&mut self, params: Params) -> Result<(), AdaptorError> {
         let new = spec(self.flavor, &params, &self.dir, &self.id, &self.node)?;
         self.params = params;
-        let running = self.child.is_some();
+        let running = self.running();
         if self.flavor == Flavor::Nginx && running {
             // nginx reloads in place: write the new config, check it, HUP.
             self.spec = new;

@@ -387,7 +387,11 @@ mod tests {
         assert_eq!(supervise(Offline, true, true), Action::Stop);
         assert_eq!(supervise(Offline, false, false), Action::Nothing);
         assert_eq!(supervise(Ignore, false, false), Action::Start);
-        assert_eq!(supervise(Ignore, false, true), Action::Nothing, "started once");
+        assert_eq!(
+            supervise(Ignore, false, true),
+            Action::Nothing,
+            "started once"
+        );
         assert_eq!(supervise(Ignore, true, true), Action::Nothing);
     }
 
@@ -399,7 +403,11 @@ mod tests {
             state: tag(AppState::Online, 0),
         };
         assert_eq!(a.heard("web", &n, 0), Heard::Fetch(n.version));
-        assert_eq!(a.heard("web", &n, 10), Heard::Nothing, "a pull is under way");
+        assert_eq!(
+            a.heard("web", &n, 10),
+            Heard::Nothing,
+            "a pull is under way"
+        );
         assert!(!a.fetched("web", Err("teller gone".into()), 20));
         assert_eq!(a.failed("web").unwrap().1, "teller gone");
         assert_eq!(a.heard("web", &n, 30), Heard::Fetch(n.version));
@@ -422,7 +430,10 @@ mod tests {
     fn the_newer_state_tag_wins_whatever_its_value() {
         let mut a = Apps::default();
         assert!(a.install(spec("web", 1), tag(AppState::Online, 0)));
-        assert!(!a.install(spec("web", 1), tag(AppState::Offline, 9)), "same version");
+        assert!(
+            !a.install(spec("web", 1), tag(AppState::Offline, 9)),
+            "same version"
+        );
         let off = Notice {
             version: Version::new(1, 7),
             state: tag(AppState::Offline, 3),

@@ -486,7 +486,8 @@ impl Peer {
     }
 
     fn consider_upgrade(&mut self, from: Source, version: Version, now: Millis) -> bool {
-        let wanted = version > self.versions.peer || (self.stranded && version != self.versions.peer);
+        let wanted =
+            version > self.versions.peer || (self.stranded && version != self.versions.peer);
         // Self-management is off: no upgrades either.
         if !wanted || self.bad.contains(&version) || self.exiting || !self.versions.livetag.on {
             return false;

@@ -26,6 +26,46 @@ pub struct StatusReport {
     /// The manager its host runs, if its target names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager: Option<ManagerReport>,
+    /// Its self-upgrade: the last attempt, a release on probation, the
+    /// releases it knows to be bad.
+    #[serde(default)]
+    pub upgrade: UpgradeReport,
+    /// The overlay's apps on its host (II-D).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<AppReport>,
+}
+
+/// A peer's self-upgrade, for status.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// The last attempt (a pull, or why it was refused).
+    pub last: Option<super::peer::UpgradeNote>,
+    /// The release it runs is on probation until this time (Unix ms).
+    pub probation_until_ms: Option<u64>,
+    /// Every release it knows to be bad.
+    pub bad: Vec<Version>,
+}
+
+/// One overlay app on one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppReport {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: Version,
+    /// The state the overlay agreed on.
+    pub state: super::apps::AppState,
+    /// That state's version.
+    #[serde(default)]
+    pub state_version: Version,
+    /// Whether its process runs.
+    pub running: bool,
+    /// Its pid, when it runs.
+    pub pid: Option<u32>,
+    /// Restarts since it was installed here.
+    pub restarts: u32,
+    /// What went wrong last (a failed start, a failed pull).
+    pub message: Option<String>,
 }
 
 /// How a peer keeps its host's manager alive.
@@ -113,6 +153,12 @@ pub struct PoolView {
     pub managers: Vec<(String, ManagerReport)>,
     /// Totals of every report's counters.
     pub counters: Counters,
+    /// Every overlay app on every answering host: host, and the app.
+    #[serde(default)]
+    pub apps: Vec<(String, AppReport)>,
+    /// Releases any answering peer knows to be bad.
+    #[serde(default)]
+    pub bad: Vec<Version>,
 }
 
 /// Merges peers' reports, taken at `now_ms`: a target heard from within
@@ -166,6 +212,10 @@ pub fn merge(reports: &[StatusReport], now_ms: u64, alive_ms: u64) -> PoolView {
         counters.deployed += c.deployed;
         counters.recovered += c.recovered;
         counters.manager_starts += c.manager_starts;
+        counters.upgrades += c.upgrades;
+        counters.upgrades_refused += c.upgrades_refused;
+        counters.app_notices += c.app_notices;
+        counters.app_fetches += c.app_fetches;
         for t in &r.targets {
             let Some(p) = by_name.get_mut(&t.name) else {
                 continue;
@@ -221,7 +271,19 @@ pub fn merge(reports: &[StatusReport], now_ms: u64, alive_ms: u64) -> PoolView {
         .iter()
         .filter_map(|r| r.manager.clone().map(|m| (r.name.clone(), m)))
         .collect();
+    let apps = reports
+        .iter()
+        .flat_map(|r| r.apps.iter().map(|a| (r.name.clone(), a.clone())))
+        .collect();
+    let mut bad: Vec<Version> = reports
+        .iter()
+        .flat_map(|r| r.upgrade.bad.iter().copied())
+        .collect();
+    bad.sort();
+    bad.dedup();
     PoolView {
+        apps,
+        bad,
         at_ms: now_ms,
         reports: reports.len(),
         targets_version: newest.map(|r| r.versions.targets),
@@ -268,6 +330,8 @@ mod tests {
             },
             targets,
             manager: None,
+            upgrade: UpgradeReport::default(),
+            apps: Vec::new(),
         }
     }
 

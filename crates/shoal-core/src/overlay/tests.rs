@@ -426,7 +426,14 @@ fn a_release_marked_bad_is_never_pulled_and_is_rolled_back_where_it_runs() {
         }]
     );
     // Restored marks at start work the same way.
-    let mut r = Peer::new("h2", list(4, 1), bad, Livetag::default(), Config::default(), 0);
+    let mut r = Peer::new(
+        "h2",
+        list(4, 1),
+        bad,
+        Livetag::default(),
+        Config::default(),
+        0,
+    );
     r.mark_bad([bad]);
     assert_eq!(drain(&mut r), vec![Command::RollBack { version: bad }]);
 }
@@ -612,7 +619,7 @@ fn target_lists_are_validated() {
 }
 
 mod properties {
-use super::*;
+    use super::*;
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
