@@ -441,6 +441,7 @@ pub async fn run(cmd: OverlayCmd) -> anyhow::Result<()> {
                 r.timeout_ms
             );
             let now = shoal_overlay::now_ms();
+            print_upgrade_and_apps(&r.upgrade, &r.apps);
             println!(
                 "{:<16} {:<16} {:<15} {:>10} {:>9}  detail",
                 "target", "address", "state", "seen s ago", "contacts"
@@ -676,6 +677,42 @@ pub fn survey_for_dashboard(
     ))))
 }
 
+/// A peer's self-upgrade and its apps, for people.
+fn print_upgrade_and_apps(
+    u: &shoal_core::overlay::report::UpgradeReport,
+    apps: &[shoal_core::overlay::report::AppReport],
+) {
+    if let Some(l) = &u.last {
+        match &l.error {
+            Some(e) => println!("last upgrade: to {} refused: {e}", l.version.number),
+            None => println!("last upgrade: to {}", l.version.number),
+        }
+    }
+    if let Some(t) = u.probation_until_ms {
+        let left = t.saturating_sub(shoal_overlay::now_ms()) as f64 / 1000.0;
+        println!("on probation after an upgrade: {left:.1} s left to prove healthy");
+    }
+    if !u.bad.is_empty() {
+        let bad: Vec<String> = u.bad.iter().map(|b| b.number.to_string()).collect();
+        println!("releases marked bad: {}", bad.join(", "));
+    }
+    for a in apps {
+        println!(
+            "app {} (version {}): {}, {}{}, {} restart(s){}",
+            a.name,
+            a.version.number,
+            a.state,
+            if a.running { "running" } else { "not running" },
+            a.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            a.restarts,
+            a.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// `shoal overlay status --all`, for people.
 fn print_pool(v: &shoal_core::overlay::report::PoolView) {
     let ago = |t: u64| format!("{:.1}s", v.at_ms.saturating_sub(t) as f64 / 1000.0);
@@ -715,6 +752,23 @@ fn print_pool(v: &shoal_core::overlay::report::PoolView) {
                 .map(|(d, by)| format!("{d} (from {by})"))
                 .unwrap_or_default()
         );
+    }
+    for (host, a) in &v.apps {
+        println!(
+            "app {} on {host}: version {}, {}, {}{}",
+            a.name,
+            a.version.number,
+            a.state,
+            if a.running { "running" } else { "not running" },
+            a.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+    }
+    if !v.bad.is_empty() {
+        let bad: Vec<String> = v.bad.iter().map(|b| b.number.to_string()).collect();
+        println!("releases marked bad: {}", bad.join(", "));
     }
     for (host, m) in &v.managers {
         println!(

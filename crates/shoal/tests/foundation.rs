@@ -500,7 +500,7 @@ fn nginx_adaptor_serves_reloads_docroot_and_restarts_after_kill() {
 }
 
 #[test]
-fn agent_restart_stops_leftover_apps_and_starts_them_again() {
+fn a_restarted_or_re_executed_agent_re_adopts_its_running_apps() {
     let c = Cluster::start(2.0);
     let mut a = c.agent("n1", "web");
     c.wait_alive(&["n1"]);
@@ -521,25 +521,53 @@ fn agent_restart_stops_leftover_apps_and_starts_them_again() {
     wait_for("www serves", Duration::from_secs(20), || {
         http_get(&listen, "/").filter(|(c, b)| *c == 200 && b.contains("www here"))
     });
-    let old = wait_for("www pid", Duration::from_secs(10), || {
+    let running_pid = || {
         app(&c, "n1", "www")
             .filter(|a| a["state"] == "running")
             .and_then(|a| a["pid"].as_i64())
-    }) as i32;
-    // The agent dies; its app lives on (own process group), orphaned.
+    };
+    let old = wait_for("www pid", Duration::from_secs(10), running_pid) as i32;
+    // The agent dies; its app lives on (own process group).
     a.kill9();
     assert!(alive(old), "the app outlives the agent's crash");
-    // The agent comes back (no token needed: it kept its identity).
+    // The agent comes back (no token needed: it kept its identity) and
+    // takes the running app over instead of restarting it.
     let dir = c.agent_dir("n1");
-    let _a2 = Proc::spawn("agent-n1-again", &["agent", "--dir", dir.to_str().unwrap()]);
-    wait_for("old app stopped", Duration::from_secs(20), || {
-        (!alive(old)).then_some(())
-    });
-    let new = wait_for("new app", Duration::from_secs(20), || {
-        app(&c, "n1", "www")
-            .filter(|a| a["state"] == "running")
-            .and_then(|a| a["pid"].as_i64())
-            .filter(|p| *p as i32 != old)
+    let a2 = Proc::spawn("agent-n1-again", &["agent", "--dir", dir.to_str().unwrap()]);
+    a2.wait_output("re-adopted the running process", Duration::from_secs(20));
+    let after = wait_for("www reported again", Duration::from_secs(20), running_pid) as i32;
+    assert_eq!(after, old, "re-adopted, not restarted");
+    assert!(http_get(&listen, "/").is_some_and(|(c, _)| c == 200));
+    // SIGHUP re-executes the agent in place: same pid, app still adopted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a2.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    a2.wait_output("re-executing", Duration::from_secs(10));
+    wait_for(
+        "adopted after the re-execution",
+        Duration::from_secs(20),
+        || {
+            (a2.output()
+                .matches("re-adopted the running process")
+                .count()
+                >= 2)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        wait_for("www reported", Duration::from_secs(20), running_pid) as i32,
+        old
+    );
+    // An adopted app that dies is still supervised: restarted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let new = wait_for("restarted after kill -9", Duration::from_secs(20), || {
+        running_pid().filter(|p| *p as i32 != old)
     });
     assert!(alive(new as i32));
     wait_for("www serves again", Duration::from_secs(10), || {

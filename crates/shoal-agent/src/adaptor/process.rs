@@ -481,7 +481,12 @@ impl ProcessApp {
         let Some(a) = Adopted::open(pid, st) else {
             return false;
         };
-        tracing::info!(app = %self.id, pid, "re-adopted the running process a previous agent run started");
+        // Said on stderr, as the agent's registration is: an operator
+        // checking a restart wants to see it.
+        eprintln!(
+            "app {}: re-adopted the running process {pid} a previous agent run started",
+            self.id
+        );
         self.adopted = Some(a);
         self.pid = Some(pid);
         self.state = AppState::Starting;

@@ -525,10 +525,10 @@ impl Peer {
 
     /// The peer at `from` (or the utility) holds app `name` at `notice`.
     pub fn handle_app_notice(&mut self, from: Source, name: &str, notice: &Notice, now: Millis) {
-        if let Source::Peer(i) = from {
-            if i >= self.targets.len() || Some(i) == self.me {
-                return;
-            }
+        if let Source::Peer(i) = from
+            && (i >= self.targets.len() || Some(i) == self.me)
+        {
+            return;
         }
         match self.apps.heard(name, notice, now) {
             Heard::Fetch(version) => {

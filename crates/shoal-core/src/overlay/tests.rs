@@ -404,8 +404,10 @@ fn a_release_marked_bad_is_never_pulled_and_is_rolled_back_where_it_runs() {
         Config::default(),
         0,
     );
-    let mut news = Versions::default();
-    news.bad = bad;
+    let news = Versions {
+        bad,
+        ..Versions::default()
+    };
     q.handle_answer(0, 1, &news, 10);
     assert_eq!(drain(&mut q), vec![Command::RollBack { version: bad }]);
     q.handle_ping(2, &news, 20);
