@@ -643,6 +643,12 @@ async fn lease_loop(
             _ = tokio::time::sleep_until(next_renew) => {}
             _ = reconcile_tick.tick() => {
                 // Supervision between renewals: restarts happen on time.
+                // Not before the first renewal brought the desired apps:
+                // until then the apps a previous run left keep running,
+                // to be re-adopted or stopped once it is known which.
+                if applied.is_none() {
+                    continue;
+                }
                 sup.reconcile(&desired).await;
                 let _ = sup.statuses().await;
                 continue;
