@@ -3,7 +3,10 @@
 //! applications the manager assigns through adaptors.
 
 pub mod adaptor;
+pub mod bsp;
+pub mod dps;
 pub mod load;
+pub mod platform;
 pub mod www;
 
 use anyhow::Context;
