@@ -1,7 +1,13 @@
 //! Migration (§5.2.2): on a bottleneck host, move the least-utilized unit
 //! (the cheapest to move and the easiest to fit) to the least-utilized
 //! host, where it can obtain more share. Best fit was rejected by the
-//! thesis; so is moving onto a host that is no less utilized.
+//! thesis; so is moving onto a host that is no less utilized, or one the
+//! unit would not fit on. A host is a bottleneck for migration only when
+//! it is also fully utilized ([`FULL_UTILIZATION`]): a fully booked host
+//! with idle cycles holds nobody up.
+
+/// A host this busy (used over capacity) is fully utilized.
+pub const FULL_UTILIZATION: f64 = 0.9;
 
 /// One unit where it runs now.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,7 +24,9 @@ pub struct Placement<U, H> {
 /// no unit or no other host is less utilized. `hosts` lists every host
 /// with its utilization (used over capacity, 0..=1); `forbidden(unit,
 /// host)` excludes a host for a unit (one unit of a job per host unless
-/// the job allows more). Ties go to the first listed.
+/// the job allows more). `used` and the utilizations are in the same unit
+/// (fractions of a host's capacity when hosts differ). Ties go to the
+/// first listed.
 pub fn choose_migration<U: Clone + PartialEq, H: Clone + PartialEq>(
     bottleneck: &H,
     units: &[Placement<U, H>],
@@ -30,6 +38,9 @@ pub fn choose_migration<U: Clone + PartialEq, H: Clone + PartialEq>(
         .find(|(h, _)| h == bottleneck)
         .map(|(_, u)| *u)
         .unwrap_or(1.0);
+    if here < FULL_UTILIZATION {
+        return None;
+    }
     let mut candidates: Vec<&Placement<U, H>> =
         units.iter().filter(|p| &p.host == bottleneck).collect();
     // Stable: equal utilizations keep the caller's order.
@@ -37,7 +48,7 @@ pub fn choose_migration<U: Clone + PartialEq, H: Clone + PartialEq>(
     for c in candidates {
         let target = hosts
             .iter()
-            .filter(|(h, _)| h != bottleneck && !forbidden(&c.unit, h))
+            .filter(|(h, u)| h != bottleneck && !forbidden(&c.unit, h) && u + c.used <= 1.0)
             .min_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((h, u)) = target
             && *u < here

@@ -22,12 +22,16 @@ mod migrate;
 #[cfg(test)]
 mod tests;
 
-pub use migrate::{Placement, choose_migration};
+pub use migrate::{FULL_UTILIZATION, Placement, choose_migration};
 
 use serde::{Deserialize, Serialize};
 
 /// Below this a share is zero (float dust from repeated splitting).
 pub const EPS: f64 = 1e-9;
+
+/// Excess below this fraction of a unit's share is measurement noise
+/// ([`Job::has_excess`]).
+pub const EXCESS_TOLERANCE: f64 = 0.1;
 
 /// How upstream entries expire: a unit that did not block on a peer for
 /// this many reports no longer counts it as upstream (the thesis leaves the
@@ -209,6 +213,8 @@ pub struct Job {
     upstream_seen: Vec<Vec<Option<u64>>>,
     reports: Vec<u64>,
     last_excess: Vec<f64>,
+    /// Per unit, the share it withheld at its last transfer.
+    withheld: Vec<f64>,
     /// Shortages asked of the bank since the last payout.
     requests: Vec<f64>,
     /// Per unit, the cap and host room of its last report.
@@ -248,6 +254,7 @@ impl Job {
             upstream_seen: vec![vec![None; units]; units],
             reports: vec![0; units],
             last_excess: vec![0.0; units],
+            withheld: vec![0.0; units],
             requests: vec![0.0; units],
             cap: vec![f64::INFINITY; units],
             host_free: vec![0.0; units],
@@ -317,6 +324,16 @@ impl Job {
             .collect()
     }
 
+    /// Whether a unit counts as having excess, so that it receives no
+    /// share (eq. 5.1 sends only to upstreams without excess). What it
+    /// withheld at its last transfer is kept on purpose (it never asks for
+    /// share back) and does not count, nor does measurement noise below
+    /// [`EXCESS_TOLERANCE`] of its share: otherwise a unit that once gave
+    /// would never receive, and excess could not travel down a chain.
+    pub fn has_excess(&self, unit: usize) -> bool {
+        self.last_excess[unit] > self.withheld[unit] + EXCESS_TOLERANCE * self.shares[unit] + EPS
+    }
+
     /// A unit's report for the last period T. Out-of-range units and peers
     /// are ignored (a report names nothing the job does not have).
     pub fn report(&mut self, unit: usize, r: &UnitReport) -> Vec<Command> {
@@ -345,10 +362,12 @@ impl Job {
                     let targets: Vec<usize> = self
                         .upstream(unit)
                         .into_iter()
-                        .filter(|&p| self.last_excess[p] <= EPS)
+                        .filter(|&p| !self.has_excess(p))
                         .collect();
-                    let s = transfer(e, targets.len(), withhold(targets.len()));
+                    let wh = withhold(targets.len());
+                    let s = transfer(e, targets.len(), wh);
                     if s > EPS {
+                        self.withheld[unit] = e * wh;
                         for to in targets {
                             self.shares[unit] -= s;
                             let o = Offer {
@@ -362,7 +381,10 @@ impl Job {
                             out.push(Command::Offer(o));
                         }
                     }
-                } else if self.host_free[unit] <= EPS {
+                } else {
+                    self.withheld[unit] = 0.0;
+                }
+                if e <= EPS && self.host_free[unit] <= EPS {
                     // No excess on a fully booked host: it could not take
                     // share if offered; the manager should look at it.
                     out.push(Command::Bottleneck { unit });

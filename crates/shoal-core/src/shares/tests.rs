@@ -239,7 +239,22 @@ fn migration_moves_the_least_utilized_unit_to_the_least_utilized_host() {
     );
     // Nowhere less utilized: stay.
     assert_eq!(
-        choose_migration(&"h1", &units, &[("h1", 0.5), ("h2", 0.6)], |_, _| false),
+        choose_migration(&"h1", &units, &[("h1", 0.95), ("h2", 0.96)], |_, _| false),
+        None
+    );
+    // A host with idle cycles is no bottleneck, however booked.
+    assert_eq!(
+        choose_migration(&"h1", &units, &[("h1", 0.5), ("h2", 0.1)], |_, _| false),
+        None
+    );
+    // The unit must fit where it goes: b1 (0.1) fits on h2 at 0.85, a1
+    // (0.4) would not.
+    let units = vec![
+        Placement { unit: "a1", host: "h1", used: 0.4 },
+        Placement { unit: "b1", host: "h1", used: 0.1 },
+    ];
+    assert_eq!(
+        choose_migration(&"h1", &units, &[("h1", 1.0), ("h2", 0.85)], |u, _| *u == "b1"),
         None
     );
 }
