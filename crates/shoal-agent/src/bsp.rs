@@ -3,7 +3,9 @@
 //! it depends on (their previous iteration), computes, and sends 1 KB on.
 //! Unit i (from 1) does 1/i of the work, so the chain has a critical path.
 //!
-//! One process per unit (so each has its own cgroup), TCP on the given
+//! In the chain each unit exchanges with both neighbours, so every unit
+//! waits, transitively, on the slowest. One process per unit (so each has
+//! its own cgroup), TCP on the given
 //! addresses. Every iteration the unit rewrites its status file: the last
 //! finished iteration (its checkpoint: `--resume` starts after it) and the
 //! time it spent blocked on each peer, from which its agent infers the
@@ -25,9 +27,11 @@ pub const MESSAGE: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pattern {
-    /// Unit i receives from i−1 and sends to i+1.
+    /// A linear chain: unit i exchanges with i−1 and i+1 (each superstep
+    /// waits on both neighbours, as BSP does; a one-way pipeline would hide
+    /// a slow tail unit from every unit before it).
     Chain,
-    /// Every unit receives from and sends to every other.
+    /// Every unit receives from and sends to every other (a barrier).
     AllToAll,
 }
 
@@ -35,18 +39,15 @@ impl Pattern {
     /// The units whose messages unit `i` of `n` waits for.
     pub fn inputs(self, i: usize, n: usize) -> Vec<usize> {
         match self {
-            Pattern::Chain if i > 0 => vec![i - 1],
-            Pattern::Chain => vec![],
+            Pattern::Chain => (i.saturating_sub(1)..(i + 2).min(n))
+                .filter(|&p| p != i)
+                .collect(),
             Pattern::AllToAll => (0..n).filter(|&p| p != i).collect(),
         }
     }
-    /// The units unit `i` of `n` sends to.
+    /// The units unit `i` of `n` sends to (the same as it receives from).
     pub fn outputs(self, i: usize, n: usize) -> Vec<usize> {
-        match self {
-            Pattern::Chain if i + 1 < n => vec![i + 1],
-            Pattern::Chain => vec![],
-            Pattern::AllToAll => (0..n).filter(|&p| p != i).collect(),
-        }
+        self.inputs(i, n)
     }
 }
 
@@ -286,9 +287,10 @@ mod tests {
 
     #[test]
     fn patterns() {
-        assert_eq!(Pattern::Chain.inputs(0, 4), Vec::<usize>::new());
-        assert_eq!(Pattern::Chain.inputs(2, 4), vec![1]);
-        assert_eq!(Pattern::Chain.outputs(3, 4), Vec::<usize>::new());
+        assert_eq!(Pattern::Chain.inputs(0, 4), vec![1]);
+        assert_eq!(Pattern::Chain.inputs(2, 4), vec![1, 3]);
+        assert_eq!(Pattern::Chain.outputs(3, 4), vec![2]);
+        assert_eq!(Pattern::Chain.inputs(0, 1), Vec::<usize>::new());
         assert_eq!(Pattern::AllToAll.inputs(1, 3), vec![0, 2]);
     }
 
@@ -316,8 +318,8 @@ mod tests {
         let s0 = run_unit(&args(0)).unwrap();
         let s1 = h.join().unwrap();
         assert_eq!((s0.done_iterations, s1.done_iterations), (5, 5));
-        assert!(s1.blocked_ms[0] > 0.0, "{s1:?}");
-        assert_eq!(s0.blocked_ms, vec![0.0, 0.0]);
+        // Unit 1 does half the work: it waits on unit 0, not the reverse.
+        assert!(s1.blocked_ms[0] > s0.blocked_ms[1], "{s0:?} {s1:?}");
         let back = Status::read(&dir.path().join("u1.json")).unwrap();
         assert!(back.finished && back.done_iterations == 5);
     }

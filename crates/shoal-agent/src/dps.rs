@@ -114,6 +114,7 @@ pub struct EmulatedHost {
     pub capacity: f64,
     /// The share the burner books, CPUs (0 without one).
     pub background: f64,
+    cpus: Option<String>,
     // Field order: the burner's group must go before the host's.
     burner: Option<(Child, CpuGroup)>,
     group: CpuGroup,
@@ -121,19 +122,31 @@ pub struct EmulatedHost {
 
 impl EmulatedHost {
     /// Creates host `name` under `base` with `capacity` CPUs and a burner
-    /// booking `background` CPUs of it (none if 0).
+    /// booking `background` CPUs of it (none if 0), pinned to `cpus` (a
+    /// cpuset list). Pinning matters: weights divide a CPU only among tasks
+    /// that queue on it, and a quota is no weight, so a host whose burner
+    /// and unit run on two CPUs would split its quota evenly, not by share.
     pub fn create(
         version: Version,
         base: &str,
         name: &str,
         capacity: f64,
         background: f64,
+        cpus: Option<&str>,
     ) -> anyhow::Result<Self> {
         let rel = format!("{base}/{name}");
-        let group = CpuGroup::create(version, &rel)?;
+        let mut group = CpuGroup::create(version, &rel)?;
+        if let Some(c) = cpus {
+            group.pin(&rel, c)?;
+        }
         group.set_limit(Some(capacity))?;
+        let cpus = cpus.map(str::to_string);
         let burner = if background > 0.0 {
-            let g = CpuGroup::create(version, &format!("{rel}/eatcpu"))?;
+            let brel = format!("{rel}/eatcpu");
+            let mut g = CpuGroup::create(version, &brel)?;
+            if let Some(c) = &cpus {
+                g.pin(&brel, c)?;
+            }
             g.set_share(background)?;
             let child = Command::new("sh")
                 .args(["-c", "while :; do :; done"])
@@ -152,6 +165,7 @@ impl EmulatedHost {
             rel,
             capacity,
             background,
+            cpus,
             burner,
             group,
         })
@@ -159,7 +173,12 @@ impl EmulatedHost {
 
     /// A unit's cgroup on this host.
     pub fn unit_group(&self, unit: &str) -> Result<CpuGroup, CgroupError> {
-        CpuGroup::create(self.group.version(), &format!("{}/{unit}", self.rel))
+        let rel = format!("{}/{unit}", self.rel);
+        let mut g = CpuGroup::create(self.group.version(), &rel)?;
+        if let Some(c) = &self.cpus {
+            g.pin(&rel, c)?;
+        }
+        Ok(g)
     }
 
     /// CPU time of everything on the host.
@@ -173,6 +192,148 @@ impl Drop for EmulatedHost {
         if let Some((c, _)) = &mut self.burner {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// A unit of a job the agent runs and enforces.
+struct Tracked {
+    job: String,
+    unit: usize,
+    pid: u32,
+    probe: UnitProbe,
+    share: f64,
+    period: Duration,
+    next: Instant,
+}
+
+#[derive(serde::Deserialize)]
+struct UnitFile {
+    job: String,
+    unit: usize,
+}
+
+fn app_pid(dir: &std::path::Path) -> Option<u32> {
+    let s = std::fs::read_to_string(dir.join("pid")).ok()?;
+    let pid: u32 = s.split_whitespace().next()?.parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// The agent's DPS loop: finds the units of parallel jobs among its apps
+/// (their `dps.json`), keeps each in its own CPU cgroup, reports what it
+/// used and whom it waited for to the manager's banker every period T,
+/// and writes the share it answers as the cgroup's weight at once. A node
+/// without CPU cgroups runs its units unenforced and says so once.
+pub async fn agent_loop(
+    clients: tokio::sync::watch::Receiver<shoal_net::client::ApiClient>,
+    node: String,
+    apps_dir: PathBuf,
+    capacity: f64,
+) {
+    use shoal_core::shares::spec::{ShareReply, UnitReportBody};
+    let mut tracked: std::collections::BTreeMap<String, Tracked> = Default::default();
+    let mut version: Option<Version> = None;
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(rd) = std::fs::read_dir(&apps_dir) else {
+            continue;
+        };
+        let mut seen = Vec::new();
+        for e in rd.flatten() {
+            let dir = e.path();
+            let Some(id) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(dir.join("dps.json")) else {
+                continue;
+            };
+            let (Ok(f), Some(pid)) = (serde_json::from_str::<UnitFile>(&text), app_pid(&dir)) else {
+                continue;
+            };
+            seen.push(id.clone());
+            if tracked.get(&id).is_some_and(|t| t.pid == pid) {
+                continue;
+            }
+            let v = match version {
+                Some(v) => v,
+                None => match crate::platform::cgroup::detect() {
+                    Ok(v) => {
+                        version = Some(v);
+                        v
+                    }
+                    Err(e) => {
+                        if !warned {
+                            eprintln!("DPS shares are not enforced on this node: {e}");
+                            warned = true;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let made = CpuGroup::create(v, &format!("shoal-dps/{node}/{id}"))
+                .and_then(|g| g.add(pid).map(|_| g))
+                .and_then(|g| UnitProbe::new(g, Some(dir.join("dps-status.json"))));
+            match made {
+                Ok(probe) => {
+                    tracked.insert(
+                        id,
+                        Tracked {
+                            job: f.job,
+                            unit: f.unit,
+                            pid,
+                            probe,
+                            share: 0.0,
+                            period: Duration::from_secs(1),
+                            next: Instant::now() + Duration::from_secs(1),
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!("DPS unit {id}: {e}"),
+            }
+        }
+        tracked.retain(|id, _| seen.contains(id));
+        let booked: f64 = tracked.values().map(|t| t.share).sum();
+        let now = Instant::now();
+        let due: Vec<String> = tracked
+            .iter()
+            .filter(|(_, t)| t.next <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in due {
+            let Some(t) = tracked.get_mut(&id) else { continue };
+            let s = match t.probe.sample() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("DPS unit {id}: {e}");
+                    continue;
+                }
+            };
+            let body = UnitReportBody {
+                unit: t.unit,
+                node: node.clone(),
+                used: s.used,
+                upstream: s.upstream,
+                host_free: capacity - booked,
+                capacity,
+                iterations: s.status.as_ref().map(|st| st.done_iterations),
+                finished: s.status.as_ref().is_some_and(|st| st.finished),
+            };
+            let client = clients.borrow().clone();
+            let path = format!("/v1/jobs/{}/report", t.job);
+            match client.post::<_, ShareReply>(&path, &body).await {
+                Ok(r) => {
+                    if (r.share - t.share).abs() > 1e-9 {
+                        if let Err(e) = t.probe.group().set_share(r.share) {
+                            tracing::warn!("DPS unit {id}: {e}");
+                        }
+                        t.share = r.share;
+                    }
+                    t.period = Duration::from_millis(r.period_ms.max(100));
+                }
+                Err(e) => tracing::debug!("DPS report of {id}: {e}"),
+            }
+            t.next = Instant::now() + t.period;
         }
     }
 }

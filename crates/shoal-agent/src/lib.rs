@@ -66,6 +66,10 @@ pub struct AgentArgs {
     /// How long to look for a manager with --discover (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub discover_timeout: f64,
+    /// This node's capacity C for DPS shares of parallel jobs, CPUs
+    /// (default: its CPUs less 5 % overhead).
+    #[arg(long, value_name = "CPUS")]
+    pub dps_capacity: Option<f64>,
 }
 
 fn parse_capacity(s: &str) -> Result<(String, f64), String> {
@@ -390,6 +394,15 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     });
 
     let mut sup = adaptor::Supervisor::new(args.dir.join("apps"), name.clone());
+    let dps_capacity = args.dps_capacity.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64) * 0.95
+    });
+    let dps = tokio::spawn(dps::agent_loop(
+        clients.clone(),
+        name.clone(),
+        args.dir.join("apps"),
+        dps_capacity,
+    ));
     let logs = tokio::spawn(serve_logs(
         clients.clone(),
         name.clone(),
@@ -409,6 +422,7 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     }
     logs.abort();
     rotation.abort();
+    dps.abort();
     sup.stop_all().await;
     eprintln!("agent {name} stopped");
     Ok(())

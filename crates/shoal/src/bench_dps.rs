@@ -44,8 +44,9 @@ pub struct BenchDpsArgs {
     /// Strategies to run at each share.
     #[arg(long, value_delimiter = ',', default_value = "static,distributed,bank")]
     pub strategies: Vec<Mode>,
-    /// Iterations of the chain.
-    #[arg(long, default_value_t = 20)]
+    /// Iterations of the chain (several per period T, so that what a unit
+    /// used in a period is not one iteration's compute or wait).
+    #[arg(long, default_value_t = 100)]
     pub iterations: u64,
     /// Seconds the static run at the first share should take; sets the work.
     #[arg(long, default_value_t = 30.0)]
@@ -146,6 +147,7 @@ struct Bench<'a> {
     exe: PathBuf,
     dir: PathBuf,
     work: f64,
+    cpus: usize,
 }
 
 fn free_ports(n: usize) -> anyhow::Result<Vec<std::net::SocketAddr>> {
@@ -166,12 +168,16 @@ impl Bench<'_> {
         top.set_weight(u64::MAX)?;
         let hosts: Vec<EmulatedHost> = (0..a.hosts)
             .map(|h| {
+                // Hosts share the CPUs in turn (0, 1, 0, 1 ...), each
+                // pinned to one so that shares divide it.
+                let cpu = (h % self.cpus).to_string();
                 EmulatedHost::create(
                     self.version,
                     &self.base,
                     &format!("host{h}"),
                     c,
                     background * c,
+                    Some(&cpu),
                 )
             })
             .collect::<anyhow::Result<_>>()?;
@@ -224,7 +230,7 @@ impl Bench<'_> {
         let mut host_usage: Vec<Duration> = hosts.iter().map(|h| h.usage().unwrap_or_default()).collect();
         let mut apply_ms_max = 0.0f64;
         let mut cycle = 0usize;
-        let deadline = Duration::from_secs_f64(a.target * 20.0 + 60.0);
+        let deadline = Duration::from_secs_f64(a.target * 6.0 + 30.0);
         loop {
             let tick = start + t * (cycle as u32 + 1);
             // Exits are noticed within 20 ms, not at the next period.
@@ -366,6 +372,51 @@ impl Bench<'_> {
     }
 }
 
+/// Trees of earlier runs that were killed (`shoal-dps-PID` whose PID is
+/// gone): their burners and units are ours to end, their cgroups to remove.
+fn remove_stale(version: Version) {
+    let root = match version {
+        Version::V2 => PathBuf::from("/sys/fs/cgroup"),
+        Version::V1 => PathBuf::from("/sys/fs/cgroup/cpu"),
+    };
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix("shoal-dps-") else {
+            continue;
+        };
+        let pid = rest.trim_end_matches("-ctl");
+        if pid.parse::<u32>().is_err() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        fn procs(d: &std::path::Path, out: &mut Vec<i32>) {
+            if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+            if let Ok(rd) = std::fs::read_dir(d) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        procs(&e.path(), out);
+                    }
+                }
+            }
+        }
+        let mut pids = Vec::new();
+        procs(&e.path(), &mut pids);
+        for p in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        cgroup::remove_tree(version, &name);
+        eprintln!("removed the cgroups of an earlier, killed run: {name}");
+    }
+}
+
 /// Millions of multiply-adds per CPU-second on this machine.
 fn calibrate() -> f64 {
     let t = Instant::now();
@@ -399,20 +450,21 @@ pub fn run(a: BenchDpsArgs) -> anyhow::Result<()> {
         );
     }
     let version = cgroup::detect()?;
+    remove_stale(version);
     let exe = std::env::current_exe()?;
     let tmp = tempfile::tempdir()?;
     let n = a.hosts;
     // Unit 0 never waits: with static shares it gets w/(w + background) of
     // C; size the work so that run takes about --target seconds.
     let base = format!("shoal-dps-{}", std::process::id());
-    let mops = {
-        // Measured with the emulated machine's weight, as its units will
-        // run; dropping the group moves this process back to the root.
-        let g = cgroup::CpuGroup::create(version, &format!("{base}-calibrate"))?;
-        g.set_weight(u64::MAX)?;
-        g.add(std::process::id())?;
-        calibrate()
-    };
+    // This process (the measuring and the calibration) runs with the
+    // emulated machine's weight, so a busy box does not delay its periods;
+    // dropping the group at the end moves it back to the root.
+    let ctl = cgroup::CpuGroup::create(version, &format!("{base}-ctl"))?;
+    ctl.set_weight(u64::MAX)?;
+    ctl.add(std::process::id())?;
+    let mops = calibrate();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu0 = if a.migration {
         // Both jobs' first units share host 0.
         a.capacity / 2.0
@@ -427,6 +479,7 @@ pub fn run(a: BenchDpsArgs) -> anyhow::Result<()> {
         exe,
         dir: tmp.path().to_path_buf(),
         work,
+        cpus,
     };
     let mut runs = Vec::new();
     let mut cut = Vec::new();
@@ -494,6 +547,7 @@ pub fn run(a: BenchDpsArgs) -> anyhow::Result<()> {
         runs,
         cut,
     };
+    drop(ctl);
     if let Some(dir) = &a.plot {
         plot(dir, &out)?;
     }

@@ -8,6 +8,7 @@ mod bench_dps;
 mod bench_overlay;
 mod bench_timestamps;
 mod inspect;
+mod job;
 mod node;
 mod overlay;
 mod service;
@@ -54,6 +55,10 @@ enum Cmd {
     /// Services on the shared pool: apply, list, show, delete.
     #[command(subcommand)]
     Service(service::ServiceCmd),
+    /// Parallel jobs whose CPU shares follow the critical path (DPS):
+    /// run, list, show, stop.
+    #[command(subcommand)]
+    Job(job::JobCmd),
     /// The built-in static file server (the default demo app).
     Www(shoal_agent::www::WwwArgs),
     /// Run an L7 dispatcher for a service.
@@ -256,6 +261,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Cert(admin::CertCmd::List(a)) => admin::cert_list(a).await,
                     Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
+                    Cmd::Job(c) => job::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Overlay(c) => overlay::run(c).await,
                     Cmd::AuthAgent(a) => overlay::auth_agent(a).await,

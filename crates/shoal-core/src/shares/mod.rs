@@ -19,6 +19,7 @@
 //! bookkeeping of messages that could equally run on each unit's node.
 
 mod migrate;
+pub mod spec;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +29,13 @@ use serde::{Deserialize, Serialize};
 
 /// Below this a share is zero (float dust from repeated splitting).
 pub const EPS: f64 = 1e-9;
+
+/// No exchange takes a unit below this fraction of its initial share W/N.
+/// Not in the thesis: on a host whose other tenants are always busy (its
+/// `eatcpu`) a unit at share 0 gets no cycles, so it can never show the
+/// use that would earn share back (measured live: a unit at weight 2 beside
+/// a burner at 2000 stalled for minutes). A floor keeps it alive.
+pub const MIN_SHARE: f64 = 0.1;
 
 /// Excess below this fraction of a unit's share is measurement noise
 /// ([`Job::has_excess`]).
@@ -352,7 +360,9 @@ impl Job {
         self.cap[unit] = if r.cap.is_finite() { r.cap.max(0.0) } else { f64::INFINITY };
         self.host_free[unit] = if r.host_free.is_finite() { r.host_free } else { 0.0 };
         let w = self.shares[unit];
-        let e = excess(w, used);
+        // What it can give never takes it below the floor (see MIN_SHARE).
+        let floor = MIN_SHARE * self.total / self.units() as f64;
+        let e = excess(w, used).min((w - floor).max(0.0));
         self.last_excess[unit] = e;
         match self.mode {
             Mode::Static => {}

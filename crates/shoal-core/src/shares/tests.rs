@@ -169,6 +169,15 @@ fn v5_5_through_the_ledger_and_the_bank_ends_empty() {
 }
 
 #[test]
+fn no_unit_gives_itself_below_the_floor() {
+    // W/N = 0.5, floor 0.05: a unit using nothing deposits 0.45, not 0.5.
+    let mut job = Job::new(2, 1.0, Mode::Bank).unwrap();
+    job.report(0, &report(0.0, &[], 1.0));
+    assert!(close(job.shares()[0], MIN_SHARE * 0.5));
+    assert!(close(job.bank(), 0.5 - MIN_SHARE * 0.5));
+}
+
+#[test]
 fn bank_surplus_goes_to_all_units_in_proportion() {
     let mut job = Job::new(2, 1.0, Mode::Bank).unwrap();
     job.report(0, &report(0.1, &[], 1.0)); // deposits 0.4
