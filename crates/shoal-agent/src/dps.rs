@@ -292,7 +292,15 @@ pub async fn agent_loop(
                 Err(e) => tracing::warn!("DPS unit {id}: {e}"),
             }
         }
+        let had = !tracked.is_empty();
         tracked.retain(|id, _| seen.contains(id));
+        if had && tracked.is_empty() {
+            // The node's last unit is gone: leave no cgroup behind.
+            if let Some(v) = version {
+                crate::platform::cgroup::remove_tree(v, &format!("shoal-dps/{node}"));
+                crate::platform::cgroup::remove_if_empty(v, "shoal-dps");
+            }
+        }
         let booked: f64 = tracked.values().map(|t| t.share).sum();
         let now = Instant::now();
         let due: Vec<String> = tracked

@@ -80,6 +80,8 @@ pub struct JobResult {
     pub shares: Vec<Vec<f64>>,
     /// What each unit used (CPUs) per cycle.
     pub used: Vec<Vec<f64>>,
+    /// The bank's balance per cycle, after its payout.
+    pub bank: Vec<f64>,
 }
 
 /// One run.
@@ -225,6 +227,7 @@ impl Bench<'_> {
         let bank_every = ((a.bank_period.as_secs_f64() / t.as_secs_f64()).round() as usize).max(1);
         let mut shares: Vec<Vec<Vec<f64>>> = vec![Vec::new(); specs.len()];
         let mut used: Vec<Vec<Vec<f64>>> = vec![Vec::new(); specs.len()];
+        let mut bank: Vec<Vec<f64>> = vec![Vec::new(); specs.len()];
         let mut migrations = Vec::new();
         let mut moved_at: Vec<Vec<f64>> = vec![vec![f64::NEG_INFINITY; n]; specs.len()];
         let mut host_usage: Vec<Duration> = hosts.iter().map(|h| h.usage().unwrap_or_default()).collect();
@@ -315,6 +318,7 @@ impl Bench<'_> {
                 if running {
                     shares[j].push((0..n).map(|i| jobs[j].enforced(i)).collect());
                     used[j].push(used_now);
+                    bank[j].push(jobs[j].bank());
                 }
             }
             apply_ms_max = apply_ms_max.max(tick.elapsed().as_secs_f64() * 1e3);
@@ -353,6 +357,7 @@ impl Bench<'_> {
                 converged_cycles: converged_after(&shares[j], 0.1),
                 shares: shares[j].clone(),
                 used: used[j].clone(),
+                bank: bank[j].clone(),
             })
             .collect();
         // Units' groups go before their hosts'.

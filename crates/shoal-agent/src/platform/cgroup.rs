@@ -351,3 +351,19 @@ pub fn remove_tree(version: Version, rel: &str) {
         }
     }
 }
+
+/// Removes the directory `rel` in every hierarchy if it is empty (a parent
+/// other users may still hold children in).
+pub fn remove_if_empty(version: Version, rel: &str) {
+    let root = Path::new(ROOT);
+    let tops: Vec<PathBuf> = match version {
+        Version::V2 => vec![root.to_path_buf()],
+        Version::V1 => ["cpu", "cpuacct", "cpuset"]
+            .iter()
+            .map(|h| root.join(h))
+            .collect(),
+    };
+    for top in tops {
+        let _ = std::fs::remove_dir(top.join(rel));
+    }
+}
