@@ -3,7 +3,10 @@
 //! applications the manager assigns through adaptors.
 
 pub mod adaptor;
+pub mod bsp;
+pub mod dps;
 pub mod load;
+pub mod platform;
 pub mod www;
 
 use anyhow::Context;
@@ -67,6 +70,10 @@ pub struct AgentArgs {
     /// health check of a new release, when the agent runs beside a peer).
     #[arg(skip)]
     pub registered: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// This node's capacity C for DPS shares of parallel jobs, CPUs
+    /// (default: its CPUs less 5 % overhead).
+    #[arg(long, value_name = "CPUS")]
+    pub dps_capacity: Option<f64>,
 }
 
 fn parse_capacity(s: &str) -> Result<(String, f64), String> {
@@ -395,6 +402,15 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     });
 
     let mut sup = adaptor::Supervisor::new(args.dir.join("apps"), name.clone());
+    let dps_capacity = args.dps_capacity.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64) * 0.95
+    });
+    let dps = tokio::spawn(dps::agent_loop(
+        clients.clone(),
+        name.clone(),
+        args.dir.join("apps"),
+        dps_capacity,
+    ));
     let logs = tokio::spawn(serve_logs(
         clients.clone(),
         name.clone(),
@@ -425,6 +441,7 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     }
     logs.abort();
     rotation.abort();
+    dps.abort();
     sup.stop_all().await;
     eprintln!("agent {name} stopped");
     Ok(())

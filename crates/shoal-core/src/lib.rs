@@ -18,6 +18,9 @@ pub mod overlay;
 pub mod policy;
 /// The timestamping UDP relay's flow table (thesis ch. 6).
 pub mod relay;
+/// DPS (thesis ch. 5): CPU shares that follow a parallel job's critical
+/// path: the exchange (eq. 5.1), the bank (eq. 5.2), migration choice.
+pub mod shares;
 /// Request selection (dispatch) algorithms and locality analysis.
 pub mod select;
 /// Host-side arrival timestamps of game datagrams (thesis ch. 6): the

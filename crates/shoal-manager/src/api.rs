@@ -31,6 +31,8 @@ pub struct Ctx {
     pub logs: Arc<crate::logs::LogHub>,
     /// How long the node certificates it issues live.
     pub node_cert_ttl: std::time::Duration,
+    /// Parallel jobs and the DPS banker.
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 /// An API error: an HTTP status and a message that names the fix.
@@ -168,7 +170,7 @@ pub(crate) fn need_admin(ctx: &Ctx, peer: &Peer) -> ApiResult<()> {
     }
 }
 
-fn need_node(ctx: &Ctx, peer: &Peer, name: &str) -> ApiResult<()> {
+pub(crate) fn need_node(ctx: &Ctx, peer: &Peer, name: &str) -> ApiResult<()> {
     need_any(ctx, peer)?;
     match peer.node() {
         Some(n) if n == name => Ok(()),
@@ -206,6 +208,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/nodes/{name}/log-requests/{id}", post(log_answer))
         .merge(crate::service_api::routes())
         .merge(crate::node_api::routes())
+        .merge(crate::job_api::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,

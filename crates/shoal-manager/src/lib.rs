@@ -4,6 +4,8 @@
 pub mod api;
 pub mod dashboard;
 pub mod engine;
+pub mod job_api;
+pub mod jobs;
 pub mod logs;
 pub mod metrics;
 pub mod node_api;
@@ -242,6 +244,9 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         logs: Default::default(),
         node_cert_ttl: args.node_cert_ttl,
+        jobs: Arc::new(
+            jobs::Jobs::open(store.clone(), registry.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
     });
     let mut metrics_url = None;
     if let Some(addr) = &args.metrics {

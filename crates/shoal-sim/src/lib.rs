@@ -7,6 +7,8 @@ pub mod autoscale;
 pub mod chart;
 /// `shoal sim cluster`: the controller on a virtual clock with faults.
 pub mod cluster;
+/// `shoal sim dps`: DPS share exchange over BSP programs (thesis ch. 5).
+pub mod dps;
 /// `shoal sim locality`: locality loss of subset rebuilding on backend failure.
 pub mod locality;
 /// `shoal sim overlay`: SMON's self-deployment against section IV's analysis.

@@ -19,7 +19,8 @@ use serde::Serialize;
 use shoal_dispatch::game::{GameClientReport, GameServerReport};
 use shoal_dispatch::relay::DELAY_BUCKETS_US;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use shoal_agent::platform::cgroup::{self, CpuGroup, Version};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -112,76 +113,29 @@ struct Output {
 }
 
 /// A cgroup of one game server, v1 (cpuset and cpu hierarchies, as this
-/// project's machines mount them) or v2 (the unified tree).
+/// project's machines mount them) or v2 (the unified tree), through the
+/// agent's cgroup code; removed on drop.
 struct Cgroup {
-    dirs: Vec<PathBuf>,
+    _group: CpuGroup,
 }
-
-const V1: &str = "/sys/fs/cgroup/cpuset";
-const V2: &str = "/sys/fs/cgroup";
 
 fn cgroup_kind() -> anyhow::Result<&'static str> {
-    if Path::new(V2).join("cgroup.controllers").exists() {
-        Ok("v2")
-    } else if Path::new(V1).join("cpuset.cpus").exists() {
-        Ok("v1")
-    } else {
-        bail!(
-            "no cpuset cgroup controller: mount cgroup v2 on /sys/fs/cgroup or the v1 cpuset hierarchy on {V1}"
-        )
-    }
-}
-
-fn write(p: &Path, v: &str) -> anyhow::Result<()> {
-    std::fs::write(p, v).with_context(|| format!("writing {v:?} to {}", p.display()))
+    Ok(match cgroup::detect()? {
+        Version::V2 => "v2",
+        Version::V1 => "v1",
+    })
 }
 
 impl Cgroup {
     /// Creates `name` with `cpus` (None: all of them) and moves `pid` in.
     fn create(kind: &str, name: &str, cpus: Option<&str>, pid: u32) -> anyhow::Result<Self> {
-        let mut dirs = Vec::new();
-        if kind == "v2" {
-            let root = Path::new(V2);
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpuset +cpu");
-            let d = root.join(name);
-            std::fs::create_dir_all(&d)?;
-            dirs.push(d.clone());
-            if let Some(c) = cpus {
-                write(&d.join("cpuset.cpus"), c)?;
-            }
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
-        } else {
-            let root = Path::new(V1);
-            let d = root.join(name);
-            std::fs::create_dir_all(&d)?;
-            dirs.push(d.clone());
-            let all = std::fs::read_to_string(root.join("cpuset.cpus"))?;
-            let mems = std::fs::read_to_string(root.join("cpuset.mems"))?;
-            write(&d.join("cpuset.cpus"), cpus.unwrap_or(all.trim()))?;
-            write(&d.join("cpuset.mems"), mems.trim())?;
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
-            // Its own cpu group too, so each server has an equal share.
-            let cpu = Path::new("/sys/fs/cgroup/cpu").join(name);
-            if std::fs::create_dir_all(&cpu).is_ok() {
-                let _ = std::fs::write(cpu.join("cgroup.procs"), pid.to_string());
-                dirs.push(cpu);
-            }
+        let version = if kind == "v2" { Version::V2 } else { Version::V1 };
+        let mut g = CpuGroup::create(version, name)?;
+        if let Some(c) = cpus {
+            g.pin(name, c)?;
         }
-        Ok(Self { dirs })
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for d in &self.dirs {
-            // The process is gone by now; an empty cgroup removes with rmdir.
-            for _ in 0..50 {
-                if std::fs::remove_dir(d).is_ok() || !d.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        g.add(pid)?;
+        Ok(Self { _group: g })
     }
 }
 

@@ -4,9 +4,11 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod bench_agents;
+mod bench_dps;
 mod bench_overlay;
 mod bench_timestamps;
 mod inspect;
+mod job;
 mod node;
 mod overlay;
 mod overlay_apps;
@@ -55,6 +57,10 @@ enum Cmd {
     /// Services on the shared pool: apply, list, show, delete.
     #[command(subcommand)]
     Service(service::ServiceCmd),
+    /// Parallel jobs whose CPU shares follow the critical path (DPS):
+    /// run, list, show, stop.
+    #[command(subcommand)]
+    Job(job::JobCmd),
     /// The built-in static file server (the default demo app).
     Www(shoal_agent::www::WwwArgs),
     /// Run an L7 dispatcher for a service.
@@ -87,6 +93,9 @@ enum Cmd {
     ///
     /// Example: shoal auth-agent --dir ./agent --key id_ed25519 --listen 10.0.0.100:7947 --targets targets.toml
     AuthAgent(overlay::AuthAgentArgs),
+    /// One unit of the built-in BSP benchmark (DPS, thesis §5.5.1): receive
+    /// from a neighbour, compute (unit i does 1/i), send 1 KB on.
+    Bsp(shoal_agent::bsp::BspArgs),
     /// Simulations that run shoal-core's policies on a virtual clock.
     #[command(subcommand)]
     Sim(SimCmd),
@@ -132,6 +141,11 @@ enum SimCmd {
     ///
     /// Example: shoal sim overlay --hosts 10000 --seed 1 --json
     Overlay(shoal_sim::overlay::OverlayArgs),
+    /// DPS (thesis ch. 5) over BSP programs on simulated hosts: static
+    /// shares against the exchange, Fig. 5.9 and 5.10.
+    ///
+    /// Example: shoal sim dps --hosts 16 --instances 1,4,8,10,11,16 --json
+    Dps(shoal_sim::dps::DpsArgs),
 }
 
 /// `shoal manager`, and the overlay it shows on its dashboard.
@@ -181,6 +195,11 @@ enum BenchCmd {
     ///
     /// Example: shoal bench timestamps --servers 1,5,10,20,30,40 --duration 8s --json
     Timestamps(bench_timestamps::BenchTimestampsArgs),
+    /// DPS live: a 4-unit chain on 4 emulated hosts (cgroups), static
+    /// shares against the exchange and the bank, and migration (root).
+    ///
+    /// Example: shoal bench dps --shares 0.1 --json
+    Dps(bench_dps::BenchDpsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -200,6 +219,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Sim(SimCmd::Autoscale(a)) => shoal_sim::autoscale::run(&a),
         Cmd::Sim(SimCmd::Cluster(a)) => shoal_sim::cluster::run(&a),
         Cmd::Sim(SimCmd::Overlay(a)) => shoal_sim::overlay::run(&a),
+        Cmd::Sim(SimCmd::Dps(a)) => shoal_sim::dps::run(&a),
+        Cmd::Bench(BenchCmd::Dps(a)) => bench_dps::run(a),
+        Cmd::Bsp(a) => shoal_agent::bsp::run(a),
         // Blocking (processes, namespaces) with its own small runtime.
         Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
         Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
@@ -241,6 +263,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Cert(admin::CertCmd::List(a)) => admin::cert_list(a).await,
                     Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
+                    Cmd::Job(c) => job::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Overlay(c) => overlay::run(c).await,
                     Cmd::AuthAgent(a) => overlay::auth_agent(a).await,
@@ -249,6 +272,8 @@ fn main() -> std::process::ExitCode {
                     Cmd::Sim(_)
                     | Cmd::Bench(BenchCmd::Overlay(_))
                     | Cmd::Bench(BenchCmd::Timestamps(_))
+                    | Cmd::Bench(BenchCmd::Dps(_))
+                    | Cmd::Bsp(_)
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)

@@ -138,6 +138,11 @@ fn spec(
     ctx_map.insert("app_dir".into(), app_dir.display().to_string());
     ctx_map.insert("node".into(), node.to_string());
     ctx_map.insert("id".into(), id.to_string());
+    // `{{ shoal }}`: this binary, for apps that run a built-in program
+    // (the units of a job running `shoal bsp`).
+    if let Ok(exe) = std::env::current_exe() {
+        ctx_map.insert("shoal".into(), exe.display().to_string());
+    }
     let mut ctx = minijinja::Value::from_serialize(&ctx_map);
     shoal_net::wire::check_params(flavor.name(), params).map_err(AdaptorError::Params)?;
     match flavor {
