@@ -4,6 +4,9 @@
 //! pass observations and the current time, and get decisions back. The live
 //! services and the simulator drive the same code.
 
+/// Bandwidth follows demand inside a service (Vibra eq. 3.1/3.2, the
+/// resource directory, failure compensation).
+pub mod bandwidth;
 /// The controller: leases, allocation life cycle, monitors, pool.
 pub mod control;
 /// The one duration syntax of every flag and file (`500ms`, `6s`, `2m`, `1h`).
