@@ -135,12 +135,22 @@ impl Server {
     }
 }
 
+/// What a failed server handed to its heirs: its cap (`amount`, split as
+/// `given`) and its demand estimate, moved in the same proportion so that
+/// the next rounds of eq. 3.2 keep the heirs' larger share.
+#[derive(Debug, Clone)]
+struct CreditRec {
+    amount: u64,
+    given: Vec<(String, u64)>,
+    demand: f64,
+}
+
 #[derive(Debug, Clone)]
 struct Service {
     settings: Settings,
     servers: Vec<Server>,
-    /// Failed servers' credits, by the failed server's name: (heir, amount).
-    credits: BTreeMap<String, (u64, Vec<(String, u64)>)>,
+    /// Failed servers' credits, by the failed server's name.
+    credits: BTreeMap<String, CreditRec>,
     next_round_ms: Option<u64>,
     rounds: u64,
     last_change: Option<String>,
@@ -308,7 +318,7 @@ impl Directory {
             structural = true;
         }
         svc.credits
-            .retain(|from, _| svc.servers.iter().any(|s| &s.name == from && !s.up));
+            .retain(|from, _| svc.servers.iter().any(|s| &s.name == from));
         if structural {
             // Membership changed: split the total afresh by eq. 3.2 over the
             // live servers (credits are void: the list they were made on
@@ -322,17 +332,24 @@ impl Directory {
             ));
         } else {
             for name in &came_up {
-                if let Some((amount, given)) = svc.credits.remove(name) {
+                if let Some(rec) = svc.credits.remove(name) {
                     let idx = |n: &str| svc.servers.iter().position(|s| s.name == n);
                     let Some(from) = idx(name) else { continue };
                     let credit = Credit {
                         from,
-                        amount,
-                        given: given
+                        amount: rec.amount,
+                        given: rec
+                            .given
                             .iter()
                             .filter_map(|(h, g)| idx(h).map(|i| (i, *g)))
                             .collect(),
                     };
+                    for (h, g) in &rec.given {
+                        if let Some(s) = svc.servers.iter_mut().find(|s| &s.name == h) {
+                            let share = rec.demand * *g as f64 / rec.amount.max(1) as f64;
+                            s.demand = (s.demand - share).max(0.0);
+                        }
+                    }
                     let targets: Vec<u64> = svc.servers.iter().map(|s| s.target).collect();
                     let back = give_back(&targets, &credit, svc.settings.floor);
                     for (s, t) in svc.servers.iter_mut().zip(back) {
@@ -353,12 +370,23 @@ impl Directory {
                 let (after, credits) = compensate(&targets, &up, svc.settings.spread);
                 for c in credits {
                     let from = svc.servers[c.from].name.clone();
+                    let demand = svc.servers[c.from].demand;
+                    for (i, g) in &c.given {
+                        svc.servers[*i].demand += demand * *g as f64 / c.amount.max(1) as f64;
+                    }
                     let given = c
                         .given
                         .iter()
                         .map(|(i, g)| (svc.servers[*i].name.clone(), *g))
                         .collect();
-                    svc.credits.insert(from, (c.amount, given));
+                    svc.credits.insert(
+                        from,
+                        CreditRec {
+                            amount: c.amount,
+                            given,
+                            demand,
+                        },
+                    );
                 }
                 for (s, t) in svc.servers.iter_mut().zip(after) {
                     s.target = t;
