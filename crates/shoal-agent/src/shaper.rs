@@ -192,15 +192,13 @@ impl Shaper {
         self.classes.keys().map(String::as_str)
     }
 
-    /// Reads every class's counters (`tc -s -j class show`); `now_secs` on
+    /// Reads every class's counters (`tc -s class show`); `now_secs` on
     /// the caller's monotonic clock. Call it about once a second.
     pub async fn sample(&mut self, now_secs: f64) -> Result<(), TcError> {
         if self.classes.is_empty() {
             return Ok(());
         }
-        let out = self
-            .tc(&["-s", "-j", "class", "show", "dev", &self.dev])
-            .await?;
+        let out = self.tc(&["-s", "class", "show", "dev", &self.dev]).await?;
         let by_minor = parse_class_stats(&out);
         for c in self.classes.values_mut() {
             let Some(cur) = by_minor.get(&c.minor).copied() else {
@@ -226,40 +224,55 @@ impl Shaper {
     }
 }
 
-/// Counters by class minor from `tc -s -j class show`.
-pub fn parse_class_stats(json: &str) -> BTreeMap<u32, Counters> {
+/// Counters by class minor from `tc -s class show` (text: iproute2 6.1
+/// prints no JSON for htb classes). A class reads
+/// `class htb 1:10 root prio 0 rate 8Mbit ...`, then
+/// ` Sent 123 bytes 4 pkt (dropped 0, overlimits 0 requeues 0)`, then
+/// ` backlog 0b 0p requeues 0`.
+pub fn parse_class_stats(text: &str) -> BTreeMap<u32, Counters> {
     let mut out = BTreeMap::new();
-    let Ok(serde_json::Value::Array(classes)) = serde_json::from_str::<serde_json::Value>(json)
-    else {
-        return out;
-    };
-    for c in classes {
-        let Some(handle) = c.get("handle").and_then(|h| h.as_str()) else {
-            continue;
-        };
-        let Some(minor) = handle
-            .split_once(':')
-            .and_then(|(_, m)| u32::from_str_radix(m, 16).ok())
-        else {
-            continue;
-        };
-        let st = c.get("stats");
-        let num = |k: &str| {
-            st.and_then(|s| s.get(k))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0)
-        };
-        out.insert(
-            minor,
-            Counters {
-                bytes: num("bytes"),
-                packets: num("packets"),
-                drops: num("drops"),
-                backlog: num("backlog"),
-            },
-        );
+    let mut cur: Option<u32> = None;
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["class", _, handle, ..] => {
+                cur = handle
+                    .split_once(':')
+                    .and_then(|(_, m)| u32::from_str_radix(m, 16).ok());
+                if let Some(m) = cur {
+                    out.insert(m, Counters::default());
+                }
+            }
+            ["Sent", bytes, "bytes", pkts, "pkt", "(dropped", drops, ..] => {
+                if let Some(c) = cur.and_then(|m| out.get_mut(&m)) {
+                    c.bytes = bytes.parse().unwrap_or(0);
+                    c.packets = pkts.parse().unwrap_or(0);
+                    c.drops = drops.trim_end_matches(',').parse().unwrap_or(0);
+                }
+            }
+            ["backlog", size, ..] => {
+                if let Some(c) = cur.and_then(|m| out.get_mut(&m)) {
+                    c.backlog = parse_size(size);
+                }
+            }
+            _ => {}
+        }
     }
     out
+}
+
+/// tc's sizes: `1514b`, `15Kb`, `2Mb` (binary multiples).
+fn parse_size(s: &str) -> u64 {
+    let (num, mult) = if let Some(n) = s.strip_suffix("Mb") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("Kb") {
+        (n, 1 << 10)
+    } else {
+        (s.trim_end_matches('b'), 1)
+    };
+    num.parse::<f64>()
+        .map(|v| (v * mult as f64) as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -267,18 +280,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn class_stats_parse_from_tc_json() {
-        let json = r#"[{"class":"htb","handle":"1:10","root":true,"leaf":"10:","prio":0,"rate":2700000,"ceil":2700000,"burst":27000,"cburst":27000,"stats":{"bytes":123456,"packets":100,"drops":3,"overlimits":9,"requeues":0,"backlog":1514,"qlen":1},"lended":0,"borrowed":0,"giants":0,"tokens":1,"ctokens":1}]"#;
-        let m = parse_class_stats(json);
+    fn class_stats_parse_from_tc_text() {
+        let text = "class htb 1:10 root prio 0 rate 8Mbit ceil 8Mbit burst 1600b cburst 1600b \n Sent 123456 bytes 100 pkt (dropped 3, overlimits 9 requeues 0) \n backlog 15Kb 10p requeues 0\n lended: 0 borrowed: 0 giants: 0\n tokens: 25000 ctokens: 25000\n\nclass htb 1:11 root prio 0 rate 8Mbit ceil 8Mbit burst 1600b cburst 1600b \n Sent 0 bytes 0 pkt (dropped 0, overlimits 0 requeues 0) \n backlog 0b 0p requeues 0\n";
+        let m = parse_class_stats(text);
         assert_eq!(
             m[&0x10],
             Counters {
                 bytes: 123456,
                 packets: 100,
                 drops: 3,
-                backlog: 1514
+                backlog: 15 * 1024
             }
         );
-        assert!(parse_class_stats("not json").is_empty());
+        assert_eq!(m[&0x11], Counters::default());
+        assert!(parse_class_stats("garbage").is_empty());
     }
 }
