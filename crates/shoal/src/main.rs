@@ -6,6 +6,7 @@ mod admin;
 mod bench_agents;
 mod bench_overlay;
 mod bench_timestamps;
+mod bench_vibra;
 mod inspect;
 mod node;
 mod overlay;
@@ -179,6 +180,11 @@ enum BenchCmd {
     ///
     /// Example: shoal bench timestamps --servers 1,5,10,20,30,40 --duration 8s --json
     Timestamps(bench_timestamps::BenchTimestampsArgs),
+    /// Vibra's bandwidth reallocation and failure compensation on
+    /// namespace hosts, against rr, lc, lard and lard-r (root).
+    ///
+    /// Example: shoal bench vibra --duration 40s --caps 2.4,2.7,3.0 --json
+    Vibra(bench_vibra::BenchVibraArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -201,6 +207,7 @@ fn main() -> std::process::ExitCode {
         // Blocking (processes, namespaces) with its own small runtime.
         Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
         Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
+        Cmd::Bench(BenchCmd::Vibra(a)) => bench_vibra::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -247,6 +254,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Sim(_)
                     | Cmd::Bench(BenchCmd::Overlay(_))
                     | Cmd::Bench(BenchCmd::Timestamps(_))
+                    | Cmd::Bench(BenchCmd::Vibra(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)
