@@ -160,7 +160,15 @@ pub fn run(a: BenchVibraArgs) -> anyhow::Result<()> {
         }
     }
     for spec in specs {
-        let r = rt.block_on(one_run(&lab, &a, &trace, spec))?;
+        // One run that cannot start (a peer missing) is reported and
+        // skipped; the others still measure.
+        let r = match rt.block_on(one_run(&lab, &a, &trace, spec.clone())) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{} realloc={} cap {}: {e:#}", spec.algo, spec.realloc, spec.cap_mb_s);
+                continue;
+            }
+        };
         eprintln!(
             "{:<12} realloc={:<5} cap {:.1} MB/s: mean {:.1} ms, p95 {:.1} ms, {:.2} MB/s, disk {:.1} MB, {} errors",
             r.spec.algo,
@@ -288,6 +296,18 @@ fn write_content(dir: &Path, t: &Trace) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Backends' processes (one may be killed on purpose), killed on drop so
+/// a run that fails half-way leaves no port bound for the next.
+struct Backends(Vec<Option<Child>>);
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 struct Killer(Vec<Child>);
 impl Drop for Killer {
     fn drop(&mut self) {
@@ -354,7 +374,7 @@ async fn one_run(lab: &Lab, a: &BenchVibraArgs, trace: &Arc<Trace>, spec: RunSpe
     let logs = lab.dir().join("logs");
     std::fs::create_dir_all(&logs)?;
     let mut procs = Killer(Vec::new());
-    let mut www: Vec<Option<Child>> = Vec::new();
+    let mut www = Backends(Vec::new());
     for b in 1..=4 {
         let args: Vec<String> = [
             "www",
@@ -370,7 +390,7 @@ async fn one_run(lab: &Lab, a: &BenchVibraArgs, trace: &Arc<Trace>, spec: RunSpe
         .iter()
         .map(|s| s.to_string())
         .collect();
-        www.push(Some(spawn(lab, b, &args, &logs.join(format!("www{b}.log")))?));
+        www.0.push(Some(spawn(lab, b, &args, &logs.join(format!("www{b}.log")))?));
     }
     for b in &backends {
         wait_port(b).await?;
@@ -398,7 +418,7 @@ async fn one_run(lab: &Lab, a: &BenchVibraArgs, trace: &Arc<Trace>, spec: RunSpe
         std::fs::write(
             &cfg,
             format!(
-                "global\n  maxconn 20000\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\nfrontend f\n  bind {disp}\n  default_backend b\nbackend b\n  balance uri\n  hash-type consistent\n  hash-balance-factor 125\n{servers}"
+                "global\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\nfrontend f\n  bind {disp}\n  default_backend b\nbackend b\n  balance uri\n  hash-type consistent\n  hash-balance-factor 125\n{servers}"
             ),
         )?;
         procs.0.push(spawn_prog(
@@ -499,7 +519,7 @@ async fn one_run(lab: &Lab, a: &BenchVibraArgs, trace: &Arc<Trace>, spec: RunSpe
         if spec.fail && !failed && start.elapsed().as_secs_f64() >= fail_at {
             failed = true;
             disk_of_failed = disk_read_bytes(&client, &backends[1]).await;
-            if let Some(mut c) = www[1].take() {
+            if let Some(mut c) = www.0[1].take() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
@@ -578,10 +598,7 @@ async fn one_run(lab: &Lab, a: &BenchVibraArgs, trace: &Arc<Trace>, spec: RunSpe
         let _ = s.teardown().await;
     }
     drop(procs);
-    for c in www.iter_mut().flatten() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(www);
     lat.sort_by(f64::total_cmp);
     let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
     let p95 = lat.get(lat.len() * 95 / 100).copied().unwrap_or(0.0);
