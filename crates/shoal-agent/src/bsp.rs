@@ -53,7 +53,9 @@ impl Pattern {
 
 /// `shoal bsp` arguments.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Example (a 2-unit chain, one shell each):\n  shoal bsp --index 0 --peers 127.0.0.1:7701,127.0.0.1:7702 --iterations 20 --work 40\n  shoal bsp --index 1 --peers 127.0.0.1:7701,127.0.0.1:7702 --iterations 20 --work 40")]
+#[command(
+    after_help = "Example (a 2-unit chain, one shell each):\n  shoal bsp --index 0 --peers 127.0.0.1:7701,127.0.0.1:7702 --iterations 20 --work 40\n  shoal bsp --index 1 --peers 127.0.0.1:7701,127.0.0.1:7702 --iterations 20 --work 40"
+)]
 pub struct BspArgs {
     /// This unit's index, from 0 (it does 1/(index+1) of the work).
     #[arg(long)]
@@ -155,7 +157,10 @@ pub fn run_unit(a: &BspArgs) -> anyhow::Result<Status> {
         );
     }
     if !(a.work.is_finite() && a.work >= 0.0) {
-        bail!("--work must be a number of millions of multiply-adds >= 0, got {}", a.work);
+        bail!(
+            "--work must be a number of millions of multiply-adds >= 0, got {}",
+            a.work
+        );
     }
     let start = Instant::now();
     let mut st = Status {

@@ -216,7 +216,9 @@ struct UnitFile {
 fn app_pid(dir: &std::path::Path) -> Option<u32> {
     let s = std::fs::read_to_string(dir.join("pid")).ok()?;
     let pid: u32 = s.split_whitespace().next()?.parse().ok()?;
-    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
 }
 
 /// The agent's DPS loop: finds the units of parallel jobs among its apps
@@ -248,7 +250,8 @@ pub async fn agent_loop(
             let Ok(text) = std::fs::read_to_string(dir.join("dps.json")) else {
                 continue;
             };
-            let (Ok(f), Some(pid)) = (serde_json::from_str::<UnitFile>(&text), app_pid(&dir)) else {
+            let (Ok(f), Some(pid)) = (serde_json::from_str::<UnitFile>(&text), app_pid(&dir))
+            else {
                 continue;
             };
             seen.push(id.clone());
@@ -309,7 +312,9 @@ pub async fn agent_loop(
             .map(|(k, _)| k.clone())
             .collect();
         for id in due {
-            let Some(t) = tracked.get_mut(&id) else { continue };
+            let Some(t) = tracked.get_mut(&id) else {
+                continue;
+            };
             let s = match t.probe.sample() {
                 Ok(s) => s,
                 Err(e) => {
@@ -353,7 +358,10 @@ mod tests {
     #[test]
     fn upstream_is_whoever_held_the_unit_up() {
         assert_eq!(upstream_from_blocked(&[], &[0.0, 5.0, 0.2]), vec![1]);
-        assert_eq!(upstream_from_blocked(&[0.0, 5.0], &[0.0, 5.5]), Vec::<usize>::new());
+        assert_eq!(
+            upstream_from_blocked(&[0.0, 5.0], &[0.0, 5.5]),
+            Vec::<usize>::new()
+        );
         assert_eq!(upstream_from_blocked(&[3.0, 0.0], &[9.0, 2.0]), vec![0, 1]);
     }
 }

@@ -7,6 +7,7 @@ pub mod bsp;
 pub mod dps;
 pub mod load;
 pub mod platform;
+pub mod shaper;
 pub mod www;
 
 use anyhow::Context;
@@ -74,6 +75,11 @@ pub struct AgentArgs {
     /// (default: its CPUs less 5 % overhead).
     #[arg(long, value_name = "CPUS")]
     pub dps_capacity: Option<f64>,
+    /// Shape and measure the apps' egress on this device with tc htb
+    /// classes (services with a `[bandwidth]` total; see docs/bandwidth.md),
+    /// e.g. eth0. Needs CAP_NET_ADMIN.
+    #[arg(long, value_name = "DEV")]
+    pub shape_dev: Option<String>,
 }
 
 fn parse_capacity(s: &str) -> Result<(String, f64), String> {
@@ -425,8 +431,12 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
         client_tx,
     ));
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut shaper = args
+        .shape_dev
+        .as_deref()
+        .map(|dev| shaper::Shaper::new(dev, Vec::new()));
     tokio::select! {
-        r = lease_loop(&clients, &reg, load_rx, &mut sup, &mut on_registered) => r?,
+        r = lease_loop(&clients, &reg, load_rx, &mut sup, shaper.as_mut(), &mut on_registered) => r?,
         _ = shutdown() => {}
         _ = hup.recv() => {
             // A restart in place: the same pid, so the apps stay its
@@ -443,6 +453,11 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     rotation.abort();
     dps.abort();
     sup.stop_all().await;
+    if let Some(s) = shaper.as_mut()
+        && let Err(e) = s.teardown().await
+    {
+        tracing::warn!("shaper: {e}");
+    }
     eprintln!("agent {name} stopped");
     Ok(())
 }
@@ -644,8 +659,11 @@ async fn lease_loop(
     reg: &Registration,
     load_rx: watch::Receiver<Option<LoadSample>>,
     sup: &mut adaptor::Supervisor,
+    mut shaper: Option<&mut shaper::Shaper>,
     on_registered: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let mut last_sample = started;
     let mut ttl_ms: u64 = 6000;
     let mut registered = false;
     let mut attempt: u32 = 0;
@@ -668,6 +686,15 @@ async fn lease_loop(
                 }
                 sup.reconcile(&desired).await;
                 let _ = sup.statuses().await;
+                // Demand every second, as the thesis polled its counters.
+                if let Some(s) = shaper.as_deref_mut()
+                    && last_sample.elapsed() >= Duration::from_millis(950)
+                {
+                    last_sample = tokio::time::Instant::now();
+                    if let Err(e) = s.sample(started.elapsed().as_secs_f64()).await {
+                        tracing::warn!("shaper: {e}");
+                    }
+                }
                 continue;
             }
         }
@@ -687,9 +714,15 @@ async fn lease_loop(
                     }
                 })
         } else {
+            let mut apps = sup.statuses().await;
+            if let Some(s) = shaper.as_deref() {
+                for a in &mut apps {
+                    a.bandwidth = s.bandwidth(&a.id);
+                }
+            }
             let req = RenewRequest {
                 load: load_rx.borrow().clone(),
-                apps: sup.statuses().await,
+                apps,
                 applied,
             };
             client
@@ -707,6 +740,9 @@ async fn lease_loop(
                     }
                     sup.reconcile(&desired).await;
                     applied = Some(r.generation);
+                    if let Some(s) = shaper.as_deref_mut() {
+                        apply_caps(s, &r.caps, &sup.statuses().await).await;
+                    }
                 }
                 next_renew = tokio::time::Instant::now()
                     + Duration::from_millis(renew_interval_ms(ttl_ms, rand::random()));
@@ -735,6 +771,32 @@ async fn lease_loop(
                 next_renew = tokio::time::Instant::now() + Duration::from_millis(wait);
             }
         }
+    }
+}
+
+/// Enforces the manager's egress caps: each capped app's class follows its
+/// cap; apps no longer capped are unshaped. An app's port comes from the
+/// endpoint its adaptor reports.
+async fn apply_caps(s: &mut shaper::Shaper, caps: &BTreeMap<String, u64>, apps: &[AppStatus]) {
+    for (id, cap) in caps {
+        let port = apps
+            .iter()
+            .find(|a| &a.id == id)
+            .and_then(|a| a.endpoint.as_deref())
+            .and_then(|e| e.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        let Some(port) = port else { continue };
+        if let Err(e) = s.set_cap(id, port, *cap).await {
+            tracing::warn!(app = %id, "shaper: {e}");
+        }
+    }
+    let gone: Vec<String> = s
+        .apps()
+        .filter(|a| !caps.contains_key(*a))
+        .map(str::to_string)
+        .collect();
+    for id in gone {
+        s.remove(&id).await;
     }
 }
 

@@ -62,7 +62,10 @@ async fn run(
     if spec.name != name {
         return Err(ApiErr(
             StatusCode::BAD_REQUEST,
-            format!("the body names job {:?} but the URL names {name:?}", spec.name),
+            format!(
+                "the body names job {:?} but the URL names {name:?}",
+                spec.name
+            ),
         ));
     }
     Ok((StatusCode::CREATED, axum::Json(ctx.jobs.run(spec)?)))

@@ -32,7 +32,9 @@ pub enum JobError {
     #[error("no job named {0:?}; `shoal job list` shows the jobs")]
     NotFound(String),
     /// The name is taken.
-    #[error("a job named {0:?} exists already; stop it first (`shoal job stop {0}`) or pick another name")]
+    #[error(
+        "a job named {0:?} exists already; stop it first (`shoal job stop {0}`) or pick another name"
+    )]
     Exists(String),
     /// The store failed.
     #[error("store: {0}")]
@@ -188,7 +190,8 @@ impl Jobs {
 
     /// Places a new job's units on nodes and starts them.
     pub fn run(&self, spec: JobSpec) -> Result<JobStatus, JobError> {
-        spec.validate().map_err(|e| JobError::Invalid(e.to_string()))?;
+        spec.validate()
+            .map_err(|e| JobError::Invalid(e.to_string()))?;
         if self.lock().contains_key(&spec.name) {
             return Err(JobError::Exists(spec.name));
         }
@@ -237,7 +240,11 @@ impl Jobs {
         self.store
             .put_doc(KIND_JOB, &spec.name, &text)
             .map_err(store_err)?;
-        for node in doc.placement.iter().collect::<std::collections::BTreeSet<_>>() {
+        for node in doc
+            .placement
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             let mut apps = self.hand_assigned(node);
             for (i, (n, _)) in placement.iter().enumerate() {
                 if n == node {
@@ -256,7 +263,11 @@ impl Jobs {
             None,
             format!(
                 "{}: {} units placed on {:?}, W = {} CPUs, {} exchange",
-                spec.name, spec.units, status.units.iter().map(|u| &u.node).collect::<Vec<_>>(), spec.max_cpu, spec.mode
+                spec.name,
+                spec.units,
+                status.units.iter().map(|u| &u.node).collect::<Vec<_>>(),
+                spec.max_cpu,
+                spec.mode
             ),
         );
         Ok(status)
@@ -285,7 +296,11 @@ impl Jobs {
             .map(|e| e.doc.clone())
             .ok_or_else(|| JobError::NotFound(name.into()))?;
         let prefix = format!("{JOB_APP_PREFIX}{name}-");
-        for node in doc.placement.iter().collect::<std::collections::BTreeSet<_>>() {
+        for node in doc
+            .placement
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             let apps: Vec<AppAssignment> = self
                 .hand_assigned(node)
                 .into_iter()
@@ -297,14 +312,22 @@ impl Jobs {
         }
         self.store.delete_doc(KIND_JOB, name).map_err(store_err)?;
         self.lock().remove(name);
-        self.registry
-            .event("job", None, format!("{name}: stopped; its units leave their nodes"));
+        self.registry.event(
+            "job",
+            None,
+            format!("{name}: stopped; its units leave their nodes"),
+        );
         Ok(())
     }
 
     /// The banker: a unit's report for the last period, at `now_ms` on the
     /// manager's clock; answers the unit's share.
-    pub fn report(&self, name: &str, r: UnitReportBody, now_ms: u64) -> Result<ShareReply, JobError> {
+    pub fn report(
+        &self,
+        name: &str,
+        r: UnitReportBody,
+        now_ms: u64,
+    ) -> Result<ShareReply, JobError> {
         let mut jobs = self.lock();
         let e = jobs
             .get_mut(name)
@@ -323,7 +346,8 @@ impl Jobs {
                 r.unit, e.doc.placement[r.unit], r.node
             )));
         }
-        e.node_free.insert(r.node.clone(), (r.host_free, r.capacity));
+        e.node_free
+            .insert(r.node.clone(), (r.host_free, r.capacity));
         let nodes: Vec<String> = e.node_free.keys().cloned().collect();
         let host_of: Vec<usize> = e
             .doc
@@ -344,7 +368,11 @@ impl Jobs {
             host_free: r.host_free,
             cap: r.capacity.min(1.0),
         };
-        let reports = if r.finished { Vec::new() } else { vec![(r.unit, report)] };
+        let reports = if r.finished {
+            Vec::new()
+        } else {
+            vec![(r.unit, report)]
+        };
         let cmds = e.ledger.step(&reports, &host_of, &mut free, pay);
         for (k, node) in nodes.iter().enumerate() {
             if let Some(v) = e.node_free.get_mut(node) {
@@ -385,7 +413,8 @@ impl Jobs {
                     None => format!("{node}: full; no less utilized node to migrate to"),
                 };
                 if !e.bottlenecks.contains(&note) {
-                    self.registry.event("job", Some(&node), format!("{name}: {note}"));
+                    self.registry
+                        .event("job", Some(&node), format!("{name}: {note}"));
                     e.bottlenecks.push(note);
                     if e.bottlenecks.len() > 8 {
                         e.bottlenecks.remove(0);

@@ -245,7 +245,8 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         logs: Default::default(),
         node_cert_ttl: args.node_cert_ttl,
         jobs: Arc::new(
-            jobs::Jobs::open(store.clone(), registry.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
+            jobs::Jobs::open(store.clone(), registry.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
     });
     let mut metrics_url = None;

@@ -138,6 +138,10 @@ pub fn validate(s: &ServiceSpec) -> Result<(), SpecError> {
     if s.dispatch.replicas == 0 {
         return Err(err("dispatch.replicas", "must be at least 1"));
     }
+    if let Some(bw) = &s.bandwidth {
+        bw.settings(&s.dispatch)
+            .map_err(|e| err(&format!("bandwidth.{}", e.key), e.problem))?;
+    }
     if !ADAPTORS.contains(&s.app.adaptor.as_str()) {
         return Err(err(
             "app.adaptor",
@@ -385,5 +389,33 @@ capacity = 4
         ))
         .unwrap();
         assert_eq!(s.forecast.season_secs, Some(86400.0));
+    }
+
+    #[test]
+    fn bandwidth_table_parses_and_bad_totals_name_the_fix() {
+        let s = parse_toml(&format!(
+            "{GOOD}\n[dispatch]\nreplicas = 2\n[bandwidth]\ntotal = \"10.8 MB/s\"\n"
+        ))
+        .unwrap();
+        let bw = s.bandwidth.as_ref().unwrap();
+        assert_eq!((bw.alpha, bw.interval.as_str()), (0.9, "3s"));
+        let st = bw.settings(&s.dispatch).unwrap();
+        assert_eq!(st.total, 10_800_000);
+        assert_eq!(st.spread, shoal_core::bandwidth::Spread::NextR(2));
+        let e = parse_toml(&format!("{GOOD}\n[bandwidth]\ntotal = \"10.8\"\n")).unwrap_err();
+        assert_eq!(e.field, "bandwidth.total", "{e}");
+        assert!(e.problem.contains("e.g. \"10.8 MB/s\""), "{e}");
+        let e = parse_toml(&format!(
+            "{GOOD}\n[bandwidth]\ntotal = \"10.8 MB/s\"\nalpha = 1.5\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "bandwidth.alpha", "{e}");
+        let e = parse_toml(&format!(
+            "{GOOD}\n[bandwidth]\ntotal = \"10.8 MB/s\"\ninterval = \"soon\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "bandwidth.interval", "{e}");
+        let e = parse_toml(&format!("{GOOD}\n[bandwidth]\ntotl = \"1 MB/s\"\n")).unwrap_err();
+        assert!(e.field.starts_with("bandwidth"), "{e}");
     }
 }

@@ -827,6 +827,7 @@ impl Sim {
                 restarts: 0,
                 endpoint: None,
                 message: (a.state == AppState::Failed).then(|| "exited with status 1".into()),
+                bandwidth: None,
             })
             .collect();
         let input = Input::Renew {
@@ -1362,6 +1363,7 @@ impl ClusterConfig {
                 k: self.k,
                 season_secs: season,
             },
+            bandwidth: None,
         }
     }
 }

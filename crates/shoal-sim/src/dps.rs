@@ -30,13 +30,19 @@ pub enum Booking {
 
 /// Arguments of `shoal sim dps`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Examples:\n  shoal sim dps --hosts 16 --instances 1,2,4,8,10,11,12,16,17 --json\n  shoal sim dps --hosts 16 --instances 1,2,3,4,6,8 --booking full --out /tmp/dps")]
+#[command(
+    after_help = "Examples:\n  shoal sim dps --hosts 16 --instances 1,2,4,8,10,11,12,16,17 --json\n  shoal sim dps --hosts 16 --instances 1,2,3,4,6,8 --booking full --out /tmp/dps"
+)]
 pub struct DpsArgs {
     /// Hosts (and units per program instance).
     #[arg(long, default_value_t = 16)]
     pub hosts: usize,
     /// Numbers of program instances to run, one simulation each.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,6,8,9,10,11,12,14,16,17")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4,6,8,9,10,11,12,14,16,17"
+    )]
     pub instances: Vec<usize>,
     /// Initial shares.
     #[arg(long, value_enum, default_value = "share")]
@@ -347,8 +353,11 @@ impl Sim {
         let mut hosts: Vec<(usize, f64)> = host_used.iter().copied().enumerate().collect();
         for b in bottlenecks {
             let recent = |&(i, u): &(usize, usize)| self.now - self.units[i][u].moved_at < 5.0 * t;
-            let cands: Vec<Placement<(usize, usize), usize>> =
-                placements.iter().filter(|p| !recent(&p.unit)).cloned().collect();
+            let cands: Vec<Placement<(usize, usize), usize>> = placements
+                .iter()
+                .filter(|p| !recent(&p.unit))
+                .cloned()
+                .collect();
             if let Some(((i, u), to)) = choose_migration(&b, &cands, &hosts, |_, _| false) {
                 let used = placements
                     .iter()
@@ -432,7 +441,10 @@ pub fn run(a: &DpsArgs) -> anyhow::Result<()> {
             Booking::Share => "dps-share",
             Booking::Full => "dps-full",
         };
-        std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(&out)?)?;
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_vec_pretty(&out)?,
+        )?;
         let series = |m: Mode| crate::chart::Series {
             label: format!("{m} shares"),
             points: out
@@ -444,8 +456,14 @@ pub fn run(a: &DpsArgs) -> anyhow::Result<()> {
             dashed: m == Mode::Static,
         };
         let caption = match a.booking {
-            Booking::Share => format!("DPS, {} hosts, share {} (Fig. 5.9), simulated", a.hosts, a.share),
-            Booking::Full => format!("DPS, {} hosts fully booked, migration (Fig. 5.10), simulated", a.hosts),
+            Booking::Share => format!(
+                "DPS, {} hosts, share {} (Fig. 5.9), simulated",
+                a.hosts, a.share
+            ),
+            Booking::Full => format!(
+                "DPS, {} hosts fully booked, migration (Fig. 5.10), simulated",
+                a.hosts
+            ),
         };
         crate::chart::log_lines(
             &dir.join(name),

@@ -13,3 +13,6 @@ pub mod dps;
 pub mod locality;
 /// `shoal sim overlay`: SMON's self-deployment against section IV's analysis.
 pub mod overlay;
+/// Workload generators of the Vibra experiments: a World-Cup-like trace
+/// and a YouTube-like video set (thesis 3.5.1, 3.5.4).
+pub mod workload;

@@ -230,7 +230,10 @@ impl Bench<'_> {
         let mut bank: Vec<Vec<f64>> = vec![Vec::new(); specs.len()];
         let mut migrations = Vec::new();
         let mut moved_at: Vec<Vec<f64>> = vec![vec![f64::NEG_INFINITY; n]; specs.len()];
-        let mut host_usage: Vec<Duration> = hosts.iter().map(|h| h.usage().unwrap_or_default()).collect();
+        let mut host_usage: Vec<Duration> = hosts
+            .iter()
+            .map(|h| h.usage().unwrap_or_default())
+            .collect();
         let mut apply_ms_max = 0.0f64;
         let mut cycle = 0usize;
         let deadline = Duration::from_secs_f64(a.target * 6.0 + 30.0);
@@ -335,7 +338,9 @@ impl Bench<'_> {
                         })
                         .cloned()
                         .collect();
-                    if let Some(((j, i), to)) = choose_migration(&b, &cands, &hosts_util, |_, _| false) {
+                    if let Some(((j, i), to)) =
+                        choose_migration(&b, &cands, &hosts_util, |_, _| false)
+                    {
                         let g = hosts[to].unit_group(&format!("job{j}-unit{i}"))?;
                         g.set_share(jobs[j].enforced(i))?;
                         units[j][i].probe.move_to(g)?;
@@ -444,8 +449,7 @@ pub fn run(a: BenchDpsArgs) -> anyhow::Result<()> {
         bail!("--background must be a fraction of C in [0, 1), e.g. 0.5");
     }
     if a.shares.is_empty()
-        || a
-            .shares
+        || a.shares
             .iter()
             .any(|s| !(*s > 0.0 && s + a.background <= 1.0 + 1e-9))
     {
@@ -507,7 +511,10 @@ pub fn run(a: BenchDpsArgs) -> anyhow::Result<()> {
             let r = bench.run(&specs, 0.0, migrate)?;
             say(format!(
                 "  times {:?} s, migrations {:?}",
-                r.jobs.iter().map(|j| (j.response_s * 10.0).round() / 10.0).collect::<Vec<_>>(),
+                r.jobs
+                    .iter()
+                    .map(|j| (j.response_s * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>(),
                 r.migrations
             ));
             runs.push(r);
@@ -560,7 +567,10 @@ pub fn run(a: BenchDpsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         for (m, s, c) in &out.cut {
-            println!("{m} at share {s}: response time cut {:.1} % against static", c * 100.0);
+            println!(
+                "{m} at share {s}: response time cut {:.1} % against static",
+                c * 100.0
+            );
         }
     }
     Ok(())

@@ -16,11 +16,11 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use shoal_agent::platform::cgroup::{self, CpuGroup, Version};
 use shoal_dispatch::game::{GameClientReport, GameServerReport};
 use shoal_dispatch::relay::DELAY_BUCKETS_US;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use shoal_agent::platform::cgroup::{self, CpuGroup, Version};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -129,7 +129,11 @@ fn cgroup_kind() -> anyhow::Result<&'static str> {
 impl Cgroup {
     /// Creates `name` with `cpus` (None: all of them) and moves `pid` in.
     fn create(kind: &str, name: &str, cpus: Option<&str>, pid: u32) -> anyhow::Result<Self> {
-        let version = if kind == "v2" { Version::V2 } else { Version::V1 };
+        let version = if kind == "v2" {
+            Version::V2
+        } else {
+            Version::V1
+        };
         let mut g = CpuGroup::create(version, name)?;
         if let Some(c) = cpus {
             g.pin(name, c)?;

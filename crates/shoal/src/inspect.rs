@@ -255,6 +255,9 @@ async fn describe_service(a: DescribeArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(bw) = &d.status.bandwidth {
+        bandwidth_table(&mut o, bw);
+    }
     let _ = writeln!(o, "\nApps:\n{APP_HEADER}");
     for al in &d.allocations {
         let app = status
@@ -280,6 +283,47 @@ async fn describe_service(a: DescribeArgs) -> anyhow::Result<()> {
         let _ = write!(o, "  {}", event_line(e));
     }
     write_stdout(&o)
+}
+
+/// The bandwidth directory's entries of a service (docs/bandwidth.md).
+fn bandwidth_table(o: &mut String, bw: &shoal_core::bandwidth::ServiceBandwidth) {
+    use shoal_core::bandwidth::format_rate as r;
+    let _ = writeln!(
+        o,
+        "\nBandwidth: {} total, {} in force{}; alpha {}, every {} ms, floor {}, on failure: {}",
+        r(bw.total_bps as f64),
+        r(bw.in_force_bps as f64),
+        if bw.pending {
+            " (waiting for acknowledgements)"
+        } else {
+            ""
+        },
+        bw.alpha,
+        bw.interval_ms,
+        r(bw.floor_bps as f64),
+        bw.spread
+    );
+    if let Some(c) = &bw.last_change {
+        let _ = writeln!(o, "  last change: {c}");
+    }
+    let _ = writeln!(
+        o,
+        "  {:<14} {:<5} {:>13} {:>13} {:>13} {:>13} {:>13}",
+        "SERVER", "UP", "CAP", "APPLIED", "TARGET", "DEMAND", "OFFERED"
+    );
+    for s in &bw.servers {
+        let _ = writeln!(
+            o,
+            "  {:<14} {:<5} {:>13} {:>13} {:>13} {:>13} {:>13}",
+            s.server,
+            if s.up { "yes" } else { "no" },
+            r(s.cap_bps as f64),
+            s.applied_bps.map_or("-".into(), |x| r(x as f64)),
+            r(s.target_bps as f64),
+            r(s.demand_bps),
+            s.offered_bps.map_or("-".into(), r),
+        );
+    }
 }
 
 async fn describe_node(a: DescribeArgs) -> anyhow::Result<()> {

@@ -98,7 +98,11 @@ fn render(list: &[JobStatus]) -> String {
             j.accounted,
             if j.finished { ", finished" } else { "" }
         );
-        let _ = writeln!(o, "  {:>4} {:<16} {:>7} {:>7} {:>10}  UPSTREAM", "UNIT", "NODE", "SHARE", "USED", "ITERATIONS");
+        let _ = writeln!(
+            o,
+            "  {:>4} {:<16} {:>7} {:>7} {:>10}  UPSTREAM",
+            "UNIT", "NODE", "SHARE", "USED", "ITERATIONS"
+        );
         for u in &j.units {
             let _ = writeln!(
                 o,
@@ -126,7 +130,11 @@ pub async fn run(cmd: JobCmd) -> anyhow::Result<()> {
             let st: JobStatus = a
                 .target
                 .client()?
-                .send(reqwest::Method::PUT, &format!("/v1/jobs/{}", spec.name), &spec)
+                .send(
+                    reqwest::Method::PUT,
+                    &format!("/v1/jobs/{}", spec.name),
+                    &spec,
+                )
                 .await?;
             let nodes: Vec<&str> = st.units.iter().map(|u| u.node.as_str()).collect();
             println!("job {} started: units on {}", spec.name, nodes.join(", "));
@@ -142,7 +150,11 @@ pub async fn run(cmd: JobCmd) -> anyhow::Result<()> {
             write_stdout(&text)
         }
         JobCmd::Show(a) => {
-            let j: JobStatus = a.target.client()?.get(&format!("/v1/jobs/{}", a.name)).await?;
+            let j: JobStatus = a
+                .target
+                .client()?
+                .get(&format!("/v1/jobs/{}", a.name))
+                .await?;
             let text = if a.json {
                 serde_json::to_string_pretty(&j)? + "\n"
             } else {
@@ -154,7 +166,11 @@ pub async fn run(cmd: JobCmd) -> anyhow::Result<()> {
             let _: serde_json::Value = a
                 .target
                 .client()?
-                .send(reqwest::Method::DELETE, &format!("/v1/jobs/{}", a.name), &())
+                .send(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/jobs/{}", a.name),
+                    &(),
+                )
                 .await?;
             println!("job {} stopped; its units leave their nodes", a.name);
             Ok(())
@@ -171,7 +187,11 @@ mod tests {
         std::fs::write(&p, "name = \"a\"\nunits = 2\nmax_cpu = -1\n[bsp]\n").unwrap();
         let e = super::parse(&p).unwrap_err().to_string();
         assert!(e.contains("max_cpu"), "{e}");
-        std::fs::write(&p, "name = \"a\"\nunits = 2\nmax_cpu = 1\nmode = \"banker\"\n[bsp]\n").unwrap();
+        std::fs::write(
+            &p,
+            "name = \"a\"\nunits = 2\nmax_cpu = 1\nmode = \"banker\"\n[bsp]\n",
+        )
+        .unwrap();
         let e = super::parse(&p).unwrap_err().to_string();
         assert!(e.contains("distributed"), "{e}");
     }

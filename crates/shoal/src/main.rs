@@ -7,6 +7,7 @@ mod bench_agents;
 mod bench_dps;
 mod bench_overlay;
 mod bench_timestamps;
+mod bench_vibra;
 mod inspect;
 mod job;
 mod node;
@@ -200,6 +201,11 @@ enum BenchCmd {
     ///
     /// Example: shoal bench dps --shares 0.1 --json
     Dps(bench_dps::BenchDpsArgs),
+    /// Vibra's bandwidth reallocation and failure compensation on
+    /// namespace hosts, against rr, lc, lard and lard-r (root).
+    ///
+    /// Example: shoal bench vibra --duration 40s --caps 2.4,2.7,3.0 --json
+    Vibra(bench_vibra::BenchVibraArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -225,6 +231,7 @@ fn main() -> std::process::ExitCode {
         // Blocking (processes, namespaces) with its own small runtime.
         Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
         Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
+        Cmd::Bench(BenchCmd::Vibra(a)) => bench_vibra::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -274,6 +281,7 @@ fn main() -> std::process::ExitCode {
                     | Cmd::Bench(BenchCmd::Timestamps(_))
                     | Cmd::Bench(BenchCmd::Dps(_))
                     | Cmd::Bsp(_)
+                    | Cmd::Bench(BenchCmd::Vibra(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)

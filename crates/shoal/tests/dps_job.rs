@@ -38,7 +38,10 @@ fn a_job_runs_on_two_nodes_reports_to_the_banker_and_stops() {
     for u in units {
         assert_eq!(u["iterations"], 40, "{u}");
     }
-    assert!((job["accounted"].as_f64().unwrap() - 0.4).abs() < 1e-6, "{job}");
+    assert!(
+        (job["accounted"].as_f64().unwrap() - 0.4).abs() < 1e-6,
+        "{job}"
+    );
     // The same again is refused while it exists.
     let (ok, _, err) = c.cli(&["job", "run", file.to_str().unwrap()]);
     assert!(!ok && err.contains("exists already"), "{err}");

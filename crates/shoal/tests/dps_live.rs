@@ -69,7 +69,10 @@ fn a_two_unit_chain_under_the_bank_keeps_w_and_cleans_up() {
                 .map(|s| s.as_f64().unwrap())
                 .sum::<f64>()
                 + banks[k].as_f64().unwrap();
-            assert!((sum - 0.06).abs() < 1e-6, "shares {shares} + bank do not sum to W");
+            assert!(
+                (sum - 0.06).abs() < 1e-6,
+                "shares {shares} + bank do not sum to W"
+            );
         }
     }
     // Unit 1 (index 0) does twice unit 2's work: on average over the run

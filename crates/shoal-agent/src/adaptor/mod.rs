@@ -190,6 +190,7 @@ impl Supervisor {
                 restarts: 0,
                 endpoint: None,
                 message: Some(why.clone()),
+                bandwidth: None,
             });
         }
         out

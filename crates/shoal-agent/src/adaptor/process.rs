@@ -190,15 +190,19 @@ fn spec(
                 let exe = std::env::current_exe().map_err(|e| {
                     AdaptorError::Spawn(format!("cannot find the shoal binary: {e}"))
                 })?;
+                let mut args = vec![
+                    "www".into(),
+                    "--listen".into(),
+                    listen.clone(),
+                    "--root".into(),
+                    root,
+                ];
+                if let Some(mb) = params.get("cache_mb") {
+                    args.extend(["--cache-mb".into(), mb.clone()]);
+                }
                 return Ok(Spec {
                     program: exe.display().to_string(),
-                    args: vec![
-                        "www".into(),
-                        "--listen".into(),
-                        listen.clone(),
-                        "--root".into(),
-                        root,
-                    ],
+                    args,
                     env: Vec::new(),
                     files: Vec::new(),
                     health: Some(Health::Tcp(listen.clone())),
@@ -671,6 +675,7 @@ impl Adaptor for ProcessApp {
             restarts: self.restarts,
             endpoint: self.spec.endpoint.clone(),
             message: self.message.clone(),
+            bandwidth: None,
         }
     }
 

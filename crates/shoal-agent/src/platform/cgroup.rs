@@ -32,7 +32,9 @@ pub enum CgroupError {
     )]
     NoController,
     /// A file could not be read or written.
-    #[error("{op} {path}: {source} (cgroups need root; run as root or give the agent a delegated subtree)")]
+    #[error(
+        "{op} {path}: {source} (cgroups need root; run as root or give the agent a delegated subtree)"
+    )]
     Io {
         /// What was attempted.
         op: &'static str,
@@ -252,11 +254,18 @@ impl CpuGroup {
                     .lines()
                     .find_map(|l| l.strip_prefix("usage_usec "))
                     .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or(CgroupError::Parse { path: p, content: s.clone() })?;
+                    .ok_or(CgroupError::Parse {
+                        path: p,
+                        content: s.clone(),
+                    })?;
                 Ok(Duration::from_micros(v))
             }
             Version::V1 => {
-                let p = self.acct.as_ref().unwrap_or(&self.cpu).join("cpuacct.usage");
+                let p = self
+                    .acct
+                    .as_ref()
+                    .unwrap_or(&self.cpu)
+                    .join("cpuacct.usage");
                 let s = read(&p)?;
                 let v = s.trim().parse::<u64>().map_err(|_| CgroupError::Parse {
                     path: p,

@@ -373,6 +373,9 @@ pub struct Controller {
     next_pass_ms: u64,
     next_full_ms: u64,
     decisions: u64,
+    /// The bandwidth directory of services with a `[bandwidth]` total
+    /// (Vibra 3.4.2); soft state, rebuilt from reports after a restart.
+    bandwidth: crate::bandwidth::Directory,
 }
 
 impl Controller {
@@ -391,6 +394,7 @@ impl Controller {
             next_pass_ms: 0,
             next_full_ms: 0,
             decisions: 0,
+            bandwidth: crate::bandwidth::Directory::new(),
         }
     }
 
@@ -723,7 +727,30 @@ impl Controller {
             n.apps = apps;
         }
         let unchanged = applied == Some(n.record.generation);
+        // Measured egress and the cap in force (the acknowledgement) of the
+        // node's service app go to the bandwidth directory.
+        let shaped = n.service.clone().and_then(|svc| {
+            let id = app_id(&svc);
+            let bw = n.apps.iter().find(|a| a.id == id)?.bandwidth?;
+            Some((svc, id, bw))
+        });
+        let mut caps = BTreeMap::new();
+        if let Some((svc, id, bw)) = &shaped {
+            self.bandwidth
+                .observe(svc, name, Some(bw.offered_bps), bw.cap_bps);
+            if let Some(c) = self.bandwidth.cap(svc, name) {
+                caps.insert(id.clone(), c);
+            }
+        } else if let Some(svc) = self.nodes.get(name).and_then(|n| n.service.clone())
+            && let Some(c) = self.bandwidth.cap(&svc, name)
+        {
+            caps.insert(app_id(&svc), c);
+        }
+        let Some(n) = self.nodes.get_mut(name) else {
+            return Err(ControlError::NotRegistered(name.to_string()));
+        };
         let resp = RenewResponse {
+            caps,
             lease_ttl_ms: self.cfg.ttl_ms,
             desired: if unchanged {
                 Vec::new()
@@ -1146,6 +1173,7 @@ impl Controller {
             forecast: last.and_then(|p| p.forecast),
             last_decision: s.last_decision.clone(),
             deleting: s.spec.is_none(),
+            bandwidth: self.bandwidth.status(name),
         })
     }
 

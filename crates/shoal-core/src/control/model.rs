@@ -93,6 +93,10 @@ pub struct RenewResponse {
     /// 10,000 nodes then carry no app parameters at all.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unchanged: bool,
+    /// Egress caps the node must enforce, bytes/s, by app id (soft state,
+    /// sent with every renewal; see `shoal_core::bandwidth`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub caps: BTreeMap<String, u64>,
 }
 
 /// One application the manager wants on a node.
@@ -148,6 +152,26 @@ pub struct AppStatus {
     /// Why it is in this state, when not plainly running.
     #[serde(default)]
     pub message: Option<String>,
+    /// Its egress as the agent shapes and measures it, when the node
+    /// enforces a bandwidth cap (Vibra).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<AppBandwidth>,
+}
+
+/// An app's egress on its node: the offered rate (sent plus dropped, the
+/// thesis's "packet-enqueuing rate") over the last second and the cap in
+/// force, which acknowledges the directory's last change.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppBandwidth {
+    /// Bytes per second offered to the shaper.
+    pub offered_bps: f64,
+    /// Bytes per second sent.
+    #[serde(default)]
+    pub sent_bps: f64,
+    /// The cap in force, bytes/s (None: not shaped).
+    #[serde(default)]
+    pub cap_bps: Option<u64>,
 }
 
 /// A node as `shoal status` shows it.
@@ -210,6 +234,10 @@ pub struct ServiceStatus {
     /// Being deleted (draining out).
     #[serde(default)]
     pub deleting: bool,
+    /// The bandwidth directory's entries, when the service has a
+    /// `[bandwidth]` total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<crate::bandwidth::ServiceBandwidth>,
 }
 
 /// What stands for a secret parameter's value wherever it is shown.
@@ -293,12 +321,23 @@ pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
             Ok(())
         }
         "nginx" | "www" => {
-            if let Some(k) = params
-                .keys()
-                .find(|k| !matches!(k.as_str(), "listen" | "root"))
+            let www = adaptor == "www";
+            if let Some(k) = params.keys().find(|k| {
+                !(matches!(k.as_str(), "listen" | "root") || (www && k.as_str() == "cache_mb"))
+            }) {
+                return Err(format!(
+                    "unknown parameter {k:?} for the {adaptor} adaptor; use listen and root{}",
+                    if www { " (and cache_mb)" } else { "" }
+                ));
+            }
+            if let Some(v) = params.get("cache_mb")
+                && !v
+                    .trim()
+                    .parse::<f64>()
+                    .is_ok_and(|x| x.is_finite() && x >= 0.0)
             {
                 return Err(format!(
-                    "unknown parameter {k:?} for the {adaptor} adaptor; use listen and root"
+                    "cache_mb must be a number of MB, e.g. 48, got {v:?}"
                 ));
             }
             let listen = need("listen")?;
@@ -546,6 +585,52 @@ pub struct ServiceSpec {
     /// Tuning of the forecasting policies.
     #[serde(default)]
     pub forecast: ForecastTuning,
+    /// The service's total egress, split among its servers by demand
+    /// (Vibra); none: nodes are not shaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<BandwidthSpec>,
+}
+
+/// `[bandwidth]` in a service file: the total BW split by eq. 3.1/3.2
+/// (thesis 3.3.2) and moved to the heirs of a failed server (4.3.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthSpec {
+    /// The service's total, e.g. `"10.8 MB/s"` (MB = 10^6 bytes).
+    pub total: String,
+    /// Weight of the old demand estimate in eq. 3.1.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// How often caps are recomputed.
+    #[serde(default = "default_bw_interval")]
+    pub interval: String,
+    /// No server's cap goes below this (default: 1.25 % of the total).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<String>,
+}
+
+fn default_alpha() -> f64 {
+    0.9
+}
+fn default_bw_interval() -> String {
+    "3s".into()
+}
+
+impl BandwidthSpec {
+    /// The checked settings; a failed server's cap goes to the next R
+    /// servers under url-hash, evenly otherwise.
+    pub fn settings(
+        &self,
+        dispatch: &DispatchSettings,
+    ) -> Result<crate::bandwidth::Settings, crate::bandwidth::SettingsError> {
+        crate::bandwidth::Settings::parse(
+            &self.total,
+            self.alpha,
+            &self.interval,
+            self.floor.as_deref(),
+            crate::bandwidth::Spread::for_algo(&dispatch.algo, dispatch.replicas),
+        )
+    }
 }
 
 /// How the forecasting policies look ahead (`[forecast]` in a service file).

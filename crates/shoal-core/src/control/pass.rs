@@ -48,7 +48,95 @@ impl Controller {
         if now.mono_ms >= self.next_pass_ms {
             self.next_pass_ms = now.mono_ms + self.cfg.pass_ms;
             self.pass(now);
+            self.sync_bandwidth(now);
         }
+    }
+
+    /// Keeps the bandwidth directory's servers in step with the services'
+    /// allocations and runs its due rounds. A server keeps its place in
+    /// the order while its node is failed (its cap is credited to its
+    /// heirs), and gets it back when it serves again; new servers join at
+    /// the end, as in the backend list.
+    fn sync_bandwidth(&mut self, now: Now) {
+        use crate::bandwidth::Member;
+        let names: Vec<String> = self.bandwidth.services().map(str::to_string).collect();
+        for name in names {
+            let keep = self
+                .services
+                .get(&name)
+                .and_then(|s| s.spec.as_ref())
+                .is_some_and(|s| s.bandwidth.is_some());
+            if !keep {
+                self.bandwidth.remove_service(&name);
+            }
+        }
+        for (name, s) in &self.services {
+            let Some(spec) = s.spec.as_ref() else {
+                continue;
+            };
+            let Some(bw) = spec.bandwidth.as_ref() else {
+                continue;
+            };
+            // Validated on apply; a stored definition that no longer parses
+            // runs unshaped rather than panicking.
+            let Ok(settings) = bw.settings(&spec.dispatch) else {
+                continue;
+            };
+            let listed: Vec<&Allocation> = s
+                .doc
+                .allocs
+                .iter()
+                .filter(|a| a.phase != AllocPhase::Starting)
+                .collect();
+            let host_of = |node: &str| {
+                self.nodes
+                    .get(node)
+                    .map(|n| n.record.registration.address.clone())
+                    .unwrap_or_default()
+            };
+            let mut members: Vec<Member> = Vec::new();
+            if let Some(st) = self.bandwidth.status(name) {
+                for sv in st.servers {
+                    let up = listed.iter().any(|a| a.node == sv.server);
+                    let failed = self.nodes.get(&sv.server).is_some_and(|n| n.flags.failed);
+                    if up || failed {
+                        members.push(Member {
+                            host: host_of(&sv.server),
+                            server: sv.server,
+                            up,
+                        });
+                    }
+                }
+            }
+            for a in &listed {
+                if !members.iter().any(|m| m.server == a.node) {
+                    members.push(Member {
+                        server: a.node.clone(),
+                        host: host_of(&a.node),
+                        up: true,
+                    });
+                }
+            }
+            if members.iter().all(|m| !m.up) {
+                self.bandwidth.remove_service(name);
+                continue;
+            }
+            for m in &members {
+                let cap = self.nodes.get(&m.server).and_then(|n| {
+                    n.record
+                        .registration
+                        .capacities
+                        .get("net_mbps")
+                        .map(|mbps| (mbps * 1e6 / 8.0) as u64)
+                });
+                self.bandwidth.set_host(&m.host, cap);
+            }
+            self.bandwidth
+                .set_service(name, settings, &members, now.mono_ms);
+        }
+        self.bandwidth.tick(now.mono_ms);
+        // Nodes take their caps with every renewal (level-triggered).
+        let _ = self.bandwidth.poll_changes();
     }
 
     /// Declares expired leases failed, durably, and takes the failed nodes

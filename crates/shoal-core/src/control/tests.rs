@@ -92,6 +92,7 @@ impl Rig {
                     restarts: 0,
                     endpoint: None,
                     message: None,
+                    bandwidth: None,
                 })
                 .collect();
             self.input(Input::Renew {
@@ -514,4 +515,124 @@ fn a_renewal_that_has_applied_the_generation_gets_no_desired_state_back() {
     let next = renew(&mut r, Some(full.generation));
     assert!(!next.unchanged && next.generation > full.generation);
     assert_eq!(next.desired.len(), 2);
+}
+
+/// Nodes renew reporting their service app's egress and the caps their
+/// last renewal gave them (as agents with `--shape-dev` do).
+fn renew_shaped(r: &mut Rig, caps: &mut BTreeMap<String, u64>, offered: &dyn Fn(&str) -> f64) {
+    let now = r.now();
+    for n in r.ctl.nodes(now) {
+        if r.down.contains(&n.name) {
+            continue;
+        }
+        let apps = n
+            .desired
+            .iter()
+            .map(|a| AppStatus {
+                id: a.id.clone(),
+                adaptor: a.adaptor.clone(),
+                state: AppState::Running,
+                pid: None,
+                restarts: 0,
+                endpoint: None,
+                message: None,
+                bandwidth: Some(AppBandwidth {
+                    offered_bps: offered(&n.name),
+                    sent_bps: 0.0,
+                    cap_bps: caps.get(&n.name).copied(),
+                }),
+            })
+            .collect();
+        let reply = r
+            .input(Input::Renew {
+                node: n.name.clone(),
+                load: None,
+                apps,
+                applied: None,
+            })
+            .unwrap();
+        if let Reply::Renewed(resp) = reply
+            && let Some(c) = resp.caps.get("svc-web")
+        {
+            caps.insert(n.name.clone(), *c);
+        }
+    }
+}
+
+#[test]
+fn bandwidth_follows_demand_and_a_failed_servers_share_goes_to_the_next_r() {
+    let mut r = Rig::new();
+    for i in 1..=4 {
+        r.node(&format!("n{i}"), &format!("10.0.0.{i}"));
+    }
+    let mut s = spec("web", 4, 4, 0);
+    s.dispatch.replicas = 2;
+    s.bandwidth = Some(BandwidthSpec {
+        total: "10.8 MB/s".into(),
+        alpha: 0.9,
+        interval: "3s".into(),
+        floor: None,
+    });
+    r.input(Input::ApplyService(s)).unwrap();
+    r.run(1000);
+    let mut caps = BTreeMap::new();
+    let order: Vec<String> = r
+        .ctl
+        .service_status("web")
+        .unwrap()
+        .bandwidth
+        .unwrap()
+        .servers
+        .iter()
+        .map(|s| s.server.clone())
+        .collect();
+    assert_eq!(order.len(), 4);
+    let hot = order[0].clone();
+    let demand = move |n: &str| if n == hot { 6e6 } else { 1.6e6 };
+    for _ in 0..40 {
+        r.t += 250;
+        renew_shaped(&mut r, &mut caps, &demand);
+        let now = r.now();
+        r.ctl.handle_timeout(now);
+        r.drain();
+        let bw = r.ctl.service_status("web").unwrap().bandwidth.unwrap();
+        assert!(bw.in_force_bps <= bw.total_bps, "{bw:?}");
+        assert!(caps.values().sum::<u64>() <= bw.total_bps, "{caps:?}");
+    }
+    // The hot server's cap rose above the fair 2.7 MB/s, the total held.
+    let bw = r.ctl.service_status("web").unwrap().bandwidth.unwrap();
+    assert!(bw.servers[0].cap_bps > 2_900_000, "{bw:?}");
+    assert_eq!(
+        bw.servers.iter().map(|s| s.target_bps).sum::<u64>(),
+        10_800_000
+    );
+    // The first server fails: within the pass that declares it failed its
+    // cap goes half each to the next two, the total unchanged.
+    let mut before: Vec<u64> = bw.servers.iter().map(|s| s.target_bps).collect();
+    r.crash(&order[0]);
+    let mut t_fail = None;
+    for _ in 0..40 {
+        r.t += 250;
+        renew_shaped(&mut r, &mut caps, &demand);
+        let now = r.now();
+        r.ctl.handle_timeout(now);
+        r.drain();
+        let bw = r.ctl.service_status("web").unwrap().bandwidth.unwrap();
+        if !bw.servers[0].up {
+            t_fail = Some(r.t);
+            let c: Vec<u64> = bw.servers.iter().map(|s| s.cap_bps).collect();
+            let half = before[0] / 2;
+            assert_eq!(c[0], 0);
+            // Exactly the compensation, or one EMA round after it when a
+            // round fell in the same pass.
+            let near = |a: u64, b: u64| a.abs_diff(b) <= b / 20;
+            assert!(near(c[1], before[1] + half), "{c:?} from {before:?}");
+            assert!(near(c[2], before[2] + half), "{c:?} from {before:?}");
+            assert!(near(c[3], before[3]), "{c:?} from {before:?}");
+            assert_eq!(c.iter().sum::<u64>(), 10_800_000);
+            break;
+        }
+        before = bw.servers.iter().map(|s| s.target_bps).collect();
+    }
+    assert!(t_fail.is_some(), "the failure was never seen");
 }

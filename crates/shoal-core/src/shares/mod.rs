@@ -356,9 +356,21 @@ impl Job {
                 self.upstream_seen[unit][p] = Some(n);
             }
         }
-        let used = if r.used.is_finite() { r.used.max(0.0) } else { 0.0 };
-        self.cap[unit] = if r.cap.is_finite() { r.cap.max(0.0) } else { f64::INFINITY };
-        self.host_free[unit] = if r.host_free.is_finite() { r.host_free } else { 0.0 };
+        let used = if r.used.is_finite() {
+            r.used.max(0.0)
+        } else {
+            0.0
+        };
+        self.cap[unit] = if r.cap.is_finite() {
+            r.cap.max(0.0)
+        } else {
+            f64::INFINITY
+        };
+        self.host_free[unit] = if r.host_free.is_finite() {
+            r.host_free
+        } else {
+            0.0
+        };
         let w = self.shares[unit];
         // What it can give never takes it below the floor (see MIN_SHARE).
         let floor = MIN_SHARE * self.total / self.units() as f64;
@@ -485,7 +497,9 @@ impl Job {
                 } else {
                     pot / n
                 };
-                let room = (self.cap[u] - self.shares[u]).min(self.host_free[u]).max(0.0);
+                let room = (self.cap[u] - self.shares[u])
+                    .min(self.host_free[u])
+                    .max(0.0);
                 let s = part.min(room).min(self.bank);
                 self.shares[u] += s;
                 self.bank -= s;
@@ -567,7 +581,10 @@ impl Job {
         for u in 0..n {
             let now = self.enforced(u);
             if (now - before[u]).abs() > EPS {
-                result.push(Command::SetShare { unit: u, share: now });
+                result.push(Command::SetShare {
+                    unit: u,
+                    share: now,
+                });
             }
         }
         result

@@ -150,7 +150,10 @@ impl JobSpec {
             ));
         }
         if self.per_node == 0 {
-            return Err(bad("per_node", "must be at least 1 (units of this job on one node)"));
+            return Err(bad(
+                "per_node",
+                "must be at least 1 (units of this job on one node)",
+            ));
         }
         parse_positive_duration(&self.period).map_err(|e| bad("period", e.to_string()))?;
         if let Some(b) = &self.bank_period {

@@ -206,9 +206,24 @@ fn static_mode_never_moves_share() {
 
 #[test]
 fn bad_jobs_are_refused_with_the_fix() {
-    assert!(Job::new(0, 1.0, Mode::Bank).unwrap_err().to_string().contains("units"));
-    assert!(Job::new(2, -1.0, Mode::Bank).unwrap_err().to_string().contains("max_cpu"));
-    assert!("banker".parse::<Mode>().unwrap_err().contains("distributed"));
+    assert!(
+        Job::new(0, 1.0, Mode::Bank)
+            .unwrap_err()
+            .to_string()
+            .contains("units")
+    );
+    assert!(
+        Job::new(2, -1.0, Mode::Bank)
+            .unwrap_err()
+            .to_string()
+            .contains("max_cpu")
+    );
+    assert!(
+        "banker"
+            .parse::<Mode>()
+            .unwrap_err()
+            .contains("distributed")
+    );
 }
 
 #[test]
@@ -226,9 +241,21 @@ fn converged_after_counts_cycles() {
 #[test]
 fn migration_moves_the_least_utilized_unit_to_the_least_utilized_host() {
     let units = vec![
-        Placement { unit: "a1", host: "h1", used: 0.4 },
-        Placement { unit: "b1", host: "h1", used: 0.1 },
-        Placement { unit: "a4", host: "h4", used: 0.1 },
+        Placement {
+            unit: "a1",
+            host: "h1",
+            used: 0.4,
+        },
+        Placement {
+            unit: "b1",
+            host: "h1",
+            used: 0.1,
+        },
+        Placement {
+            unit: "a4",
+            host: "h4",
+            used: 0.1,
+        },
     ];
     let hosts = vec![("h1", 1.0), ("h2", 0.9), ("h4", 0.3)];
     assert_eq!(
@@ -259,11 +286,20 @@ fn migration_moves_the_least_utilized_unit_to_the_least_utilized_host() {
     // The unit must fit where it goes: b1 (0.1) fits on h2 at 0.85, a1
     // (0.4) would not.
     let units = vec![
-        Placement { unit: "a1", host: "h1", used: 0.4 },
-        Placement { unit: "b1", host: "h1", used: 0.1 },
+        Placement {
+            unit: "a1",
+            host: "h1",
+            used: 0.4,
+        },
+        Placement {
+            unit: "b1",
+            host: "h1",
+            used: 0.1,
+        },
     ];
     assert_eq!(
-        choose_migration(&"h1", &units, &[("h1", 1.0), ("h2", 0.85)], |u, _| *u == "b1"),
+        choose_migration(&"h1", &units, &[("h1", 1.0), ("h2", 0.85)], |u, _| *u
+            == "b1"),
         None
     );
 }
