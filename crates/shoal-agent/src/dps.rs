@@ -296,19 +296,23 @@ pub async fn agent_loop(
             }
         }
         let had = !tracked.is_empty();
-        tracked.retain(|id, _| seen.contains(id));
-        if had && tracked.is_empty() {
-            // The node's last unit is gone: leave no cgroup behind.
-            if let Some(v) = version {
-                crate::platform::cgroup::remove_tree(v, &format!("shoal-dps/{node}"));
-                crate::platform::cgroup::remove_if_empty(v, "shoal-dps");
-            }
-        }
-        let booked: f64 = tracked.values().map(|t| t.share).sum();
+        // A unit whose process is gone gets one last report first: a unit
+        // that finished and exited between two periods would otherwise
+        // never tell the banker it finished.
+        let gone: Vec<String> = tracked
+            .keys()
+            .filter(|id| !seen.contains(*id))
+            .cloned()
+            .collect();
+        let booked: f64 = tracked
+            .iter()
+            .filter(|(id, _)| !gone.contains(*id))
+            .map(|(_, t)| t.share)
+            .sum();
         let now = Instant::now();
         let due: Vec<String> = tracked
             .iter()
-            .filter(|(_, t)| t.next <= now)
+            .filter(|(id, t)| t.next <= now || gone.contains(*id))
             .map(|(k, _)| k.clone())
             .collect();
         for id in due {
@@ -347,6 +351,16 @@ pub async fn agent_loop(
                 Err(e) => tracing::debug!("DPS report of {id}: {e}"),
             }
             t.next = Instant::now() + t.period;
+        }
+        for id in &gone {
+            tracked.remove(id);
+        }
+        if had && tracked.is_empty() {
+            // The node's last unit is gone: leave no cgroup behind.
+            if let Some(v) = version {
+                crate::platform::cgroup::remove_tree(v, &format!("shoal-dps/{node}"));
+                crate::platform::cgroup::remove_if_empty(v, "shoal-dps");
+            }
         }
     }
 }
