@@ -43,7 +43,7 @@ pub struct WwwArgs {
 
 fn parse_cache_mb(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 && v <= 1e6 => Ok(v),
+        Ok(v) if (0.0..=1e6).contains(&v) => Ok(v),
         _ => Err(format!(
             "{s:?}: give the cache size in MB (10^6 bytes) as a number from 0 to 1000000, e.g. --cache-mb 48"
         )),

@@ -310,7 +310,12 @@ impl Bench<'_> {
                     }
                 }
                 let host_of: Vec<usize> = us.iter().map(|u| u.host).collect();
-                let cmds = jobs[j].step(&reports, &host_of, &mut free, cycle % bank_every == 0);
+                let cmds = jobs[j].step(
+                    &reports,
+                    &host_of,
+                    &mut free,
+                    cycle.is_multiple_of(bank_every),
+                );
                 for cmd in cmds {
                     match cmd {
                         Cmd::SetShare { unit, share } => us[unit].probe.group().set_share(share)?,

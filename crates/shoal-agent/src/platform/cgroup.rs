@@ -72,10 +72,10 @@ fn read(path: &Path) -> Result<String> {
 /// the cpu controller, v1 when the cpu and cpuacct hierarchies are mounted.
 pub fn detect() -> Result<Version> {
     let root = Path::new(ROOT);
-    if let Ok(c) = std::fs::read_to_string(root.join("cgroup.controllers")) {
-        if c.split_whitespace().any(|c| c == "cpu") {
-            return Ok(Version::V2);
-        }
+    if let Ok(c) = std::fs::read_to_string(root.join("cgroup.controllers"))
+        && c.split_whitespace().any(|c| c == "cpu")
+    {
+        return Ok(Version::V2);
     }
     if root.join("cpu/cpu.shares").exists() && root.join("cpuacct/cpuacct.usage").exists() {
         return Ok(Version::V1);

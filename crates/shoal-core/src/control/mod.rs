@@ -90,6 +90,9 @@ impl Default for Config {
 
 /// An event the controller is told about.
 #[derive(Debug, Clone, PartialEq)]
+// Inputs, documents and commands move once per decision on the control
+// plane, never per request: a service spec inline costs less than a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Input {
     /// A node registered (or registered again).
     Register(Registration),
@@ -176,6 +179,7 @@ pub enum ControlError {
 
 /// A document to write durably.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Doc {
     /// A node's registration (its desired apps are kept).
     Registration(Registration),
@@ -236,6 +240,7 @@ pub struct Note {
 
 /// What the caller must do, in order.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Write a document before executing any later command.
     Persist(Doc),

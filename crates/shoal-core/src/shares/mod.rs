@@ -541,12 +541,12 @@ impl Job {
         let before: Vec<f64> = (0..n).map(|u| self.enforced(u)).collect();
         let mut out = Vec::new();
         let track = |job: &Job, host_free: &mut [f64], base: &mut Vec<f64>| {
-            for u in 0..n {
+            for (u, b) in base.iter_mut().enumerate().take(n) {
                 let now = job.enforced(u);
                 if let Some(h) = host(u) {
-                    host_free[h] -= now - base[u];
+                    host_free[h] -= now - *b;
                 }
-                base[u] = now;
+                *b = now;
             }
         };
         let mut base = before.clone();
@@ -578,9 +578,9 @@ impl Job {
             .filter(|c| matches!(c, Command::Bottleneck { .. }))
             .collect();
         result.dedup();
-        for u in 0..n {
+        for (u, was) in before.iter().enumerate() {
             let now = self.enforced(u);
-            if (now - before[u]).abs() > EPS {
+            if (now - was).abs() > EPS {
                 result.push(Command::SetShare {
                     unit: u,
                     share: now,
