@@ -135,13 +135,7 @@ async fn answer(mut conn: TcpStream, key: &OverlayKey, catalog: &Catalog) -> any
 
 /// A path a server named, if it stays inside the package directory.
 fn safe(name: &str) -> Option<&Path> {
-    let ok = !name.is_empty()
-        && !name.starts_with('/')
-        && name
-            .split('/')
-            .all(|p| !p.is_empty() && p != "." && p != "..")
-        && !name.contains('\0');
-    ok.then(|| Path::new(name))
+    shoal_core::overlay::apps::is_package_path(name).then(|| Path::new(name))
 }
 
 /// Pulls `what` from the server at `addr` into the directory `into`

@@ -137,11 +137,7 @@ impl AppSpec {
         }
         let mut seen = std::collections::BTreeSet::new();
         for f in &self.files {
-            let bad_part = f
-                .path
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..");
-            if f.path.starts_with('/') || bad_part || f.path.contains('\0') {
+            if !is_package_path(&f.path) {
                 return Err(SpecError::Path(f.path.clone()));
             }
             if !seen.insert(f.path.as_str()) {
@@ -153,6 +149,18 @@ impl AppSpec {
         }
         Ok(())
     }
+}
+
+/// Whether `path` names a file inside a package directory: relative,
+/// `/`-separated, without empty, `.` or `..` parts. Every path a peer or a
+/// utility names in a package is checked with it before anything is written.
+pub fn is_package_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
 }
 
 /// What a peer tells another about one of its apps.
