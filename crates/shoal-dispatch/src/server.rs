@@ -7,7 +7,7 @@ use crate::metrics::{ErrorKind, Metrics};
 use crate::proxy::{ConnState, Shared, Tracked, forwarded_for_value, handle};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -635,6 +635,11 @@ pub fn admin_request_guard(
     Ok(())
 }
 
+/// The largest oversized admin body read and dropped before its 413, and
+/// how long that may take; a body declared larger is refused at once.
+const DRAIN_LIMIT: u64 = 16 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
 /// An admin request's body, up to `limit` bytes (or the 413/400 to answer).
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Full<Bytes>>> {
     let declared = req
@@ -649,13 +654,42 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Respon
             format!("the body is larger than this request takes ({limit} bytes)\n"),
         )
     };
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(text(
+    let mut body = req.into_body();
+    let mut got = Vec::new();
+    let mut over = false;
+    // An oversized body that is small enough to drain is read and dropped
+    // before the 413 goes out: answering while the client still writes
+    // makes the kernel reset the connection, and the client then sees a
+    // broken pipe instead of the reason (nginx's lingering close).
+    let drain = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            if let Ok(data) = frame.into_data() {
+                if over || got.len() + data.len() > limit {
+                    over = true;
+                    got.clear();
+                } else {
+                    got.extend_from_slice(&data);
+                }
+            }
+        }
+        Ok::<(), hyper::Error>(())
+    };
+    match tokio::time::timeout(DRAIN_TIME, drain).await {
+        Ok(Ok(())) if !over => Ok(Bytes::from(got)),
+        Ok(Ok(())) => Err(too_large()),
+        Err(_) => Err(text(
+            StatusCode::REQUEST_TIMEOUT,
+            "text/plain; charset=utf-8",
+            format!(
+                "the body did not arrive within {} s; send it at once\n",
+                DRAIN_TIME.as_secs()
+            ),
+        )),
+        Ok(Err(e)) => Err(text(
             StatusCode::BAD_REQUEST,
             "text/plain; charset=utf-8",
             format!("reading the body: {e}\n"),
