@@ -78,6 +78,11 @@ pub struct BspArgs {
     /// Start after the iteration the status file records.
     #[arg(long, requires = "status")]
     pub resume: bool,
+    /// Start after this many iterations, or after the checkpoint if that is
+    /// further on: a unit moved to another node, where it has no status
+    /// file, resumes where its last report left it.
+    #[arg(long, default_value_t = 0)]
+    pub start_at: u64,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -130,13 +135,17 @@ pub fn compute(mops: f64) -> f64 {
     x
 }
 
-fn connect(addr: SocketAddr, me: usize) -> anyhow::Result<TcpStream> {
+/// In the hello, asks the peer to send its last message again.
+const ASK_RESEND: u32 = 1 << 31;
+
+fn connect(addr: SocketAddr, me: usize, ask: bool) -> anyhow::Result<TcpStream> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
             Ok(mut s) => {
                 s.set_nodelay(true)?;
-                s.write_all(&(me as u32).to_le_bytes())?;
+                let hello = me as u32 | if ask { ASK_RESEND } else { 0 };
+                s.write_all(&hello.to_le_bytes())?;
                 return Ok(s);
             }
             Err(e) if Instant::now() > deadline => {
@@ -145,6 +154,35 @@ fn connect(addr: SocketAddr, me: usize) -> anyhow::Result<TcpStream> {
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Marks a (re)connection in the listener's channel (no iteration is this
+/// high).
+const HELLO: u64 = u64::MAX;
+
+/// Sends iteration `k`'s message on `conn`, connecting first if needed; a
+/// send that fails reconnects once (the peer restarted).
+fn send(
+    conn: &mut Option<TcpStream>,
+    to: SocketAddr,
+    me: usize,
+    k: u64,
+    ask: bool,
+) -> anyhow::Result<()> {
+    let mut msg = [0u8; MESSAGE];
+    msg[..8].copy_from_slice(&k.to_le_bytes());
+    for _ in 0..2 {
+        if conn.is_none() {
+            *conn = Some(connect(to, me, ask)?);
+        }
+        if let Some(c) = conn.as_mut()
+            && c.write_all(&msg).is_ok()
+        {
+            return Ok(());
+        }
+        *conn = None;
+    }
+    Ok(())
 }
 
 /// Runs one unit; returns its final status.
@@ -180,6 +218,7 @@ pub fn run_unit(a: &BspArgs) -> anyhow::Result<Status> {
         }
         st.compute_ms = old.compute_ms;
     }
+    st.done_iterations = st.done_iterations.max(a.start_at).min(a.iterations);
     let inputs = a.pattern.inputs(a.index, n);
     let outputs = a.pattern.outputs(a.index, n);
     let listener = TcpListener::bind(a.peers[a.index])
@@ -196,7 +235,14 @@ pub fn run_unit(a: &BspArgs) -> anyhow::Result<Status> {
                 if s.read_exact(&mut hello).is_err() {
                     return;
                 }
-                let from = u32::from_le_bytes(hello) as usize;
+                let hello = u32::from_le_bytes(hello);
+                let from = (hello & !ASK_RESEND) as usize;
+                // A resumed peer may have lost what was sent to its
+                // previous process: the main loop sends it the last
+                // message again.
+                if hello & ASK_RESEND != 0 && tx.send((from, HELLO)).is_err() {
+                    return;
+                }
                 let mut buf = [0u8; MESSAGE];
                 while s.read_exact(&mut buf).is_ok() {
                     let it = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
@@ -210,6 +256,16 @@ pub fn run_unit(a: &BspArgs) -> anyhow::Result<Status> {
     let mut out: Vec<(usize, Option<TcpStream>)> = outputs.iter().map(|&p| (p, None)).collect();
     let mut got: Vec<Option<u64>> = vec![None; n];
     let work = a.work / (a.index as f64 + 1.0);
+    // A unit that resumes (restarted in place or moved to another node)
+    // first sends its last finished iteration again: its neighbours may
+    // have lost it with the previous process, and connecting tells them to
+    // send theirs again too.
+    let mut last_sent = st.done_iterations.checked_sub(1);
+    if let Some(k) = last_sent {
+        for (p, conn) in out.iter_mut() {
+            send(conn, a.peers[*p], a.index, k, true)?;
+        }
+    }
     for k in st.done_iterations..a.iterations {
         let t0 = Instant::now();
         // Wait for every input's iteration k−1 (none before the first).
@@ -219,33 +275,31 @@ pub fn run_unit(a: &BspArgs) -> anyhow::Result<Status> {
                 let (from, it) = rx
                     .recv_timeout(Duration::from_secs(120))
                     .context("no message from an upstream unit for 120 s")?;
-                if from < n {
-                    got[from] = Some(got[from].map_or(it, |g| g.max(it)));
-                    let now = Instant::now();
-                    st.blocked_ms[from] += (now - mark).as_secs_f64() * 1e3;
-                    mark = now;
+                if from >= n {
+                    continue;
                 }
+                if it == HELLO {
+                    if let (Some(last), Some((_, conn))) =
+                        (last_sent, out.iter_mut().find(|(p, _)| *p == from))
+                    {
+                        *conn = None;
+                        send(conn, a.peers[from], a.index, last, false)?;
+                    }
+                    continue;
+                }
+                got[from] = Some(got[from].map_or(it, |g| g.max(it)));
+                let now = Instant::now();
+                st.blocked_ms[from] += (now - mark).as_secs_f64() * 1e3;
+                mark = now;
             }
         }
         let c0 = Instant::now();
         std::hint::black_box(compute(work));
         st.compute_ms += c0.elapsed().as_secs_f64() * 1e3;
-        let mut msg = [0u8; MESSAGE];
-        msg[..8].copy_from_slice(&k.to_le_bytes());
         for (p, conn) in out.iter_mut() {
-            // A send that fails reconnects once (the peer restarted).
-            for _ in 0..2 {
-                if conn.is_none() {
-                    *conn = Some(connect(a.peers[*p], a.index)?);
-                }
-                if let Some(c) = conn.as_mut()
-                    && c.write_all(&msg).is_ok()
-                {
-                    break;
-                }
-                *conn = None;
-            }
+            send(conn, a.peers[*p], a.index, k, false)?;
         }
+        last_sent = Some(k);
         st.done_iterations = k + 1;
         st.last_iteration_ms = t0.elapsed().as_secs_f64() * 1e3;
         st.elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -316,6 +370,7 @@ mod tests {
             work: 2.0,
             status: Some(dir.path().join(format!("u{i}.json"))),
             resume: false,
+            start_at: 0,
             json: false,
         };
         let a1 = args(1);
@@ -327,5 +382,47 @@ mod tests {
         assert!(s1.blocked_ms[0] > s0.blocked_ms[1], "{s0:?} {s1:?}");
         let back = Status::read(&dir.path().join("u1.json")).unwrap();
         assert!(back.finished && back.done_iterations == 5);
+    }
+
+    /// A unit moved to another node resumes from its last report while its
+    /// neighbour resumes from a checkpoint one iteration further on: each
+    /// sends its last message again, so neither waits for one the other's
+    /// previous process already sent.
+    #[test]
+    fn units_resumed_one_iteration_apart_finish() {
+        let ports: Vec<SocketAddr> = (0..2)
+            .map(|_| {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap()
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let u0 = dir.path().join("u0.json");
+        Status {
+            index: 0,
+            done_iterations: 4,
+            iterations: 8,
+            blocked_ms: vec![0.0; 2],
+            ..Status::default()
+        }
+        .write(&u0)
+        .unwrap();
+        let args = |i: usize, status: PathBuf, start_at: u64| BspArgs {
+            index: i,
+            peers: ports.clone(),
+            pattern: Pattern::Chain,
+            iterations: 8,
+            work: 1.0,
+            status: Some(status),
+            resume: true,
+            start_at,
+            json: false,
+        };
+        // Unit 1 has no status file where it now runs.
+        let a1 = args(1, dir.path().join("u1.json"), 3);
+        let h = std::thread::spawn(move || run_unit(&a1).unwrap());
+        let s0 = run_unit(&args(0, u0, 0)).unwrap();
+        let s1 = h.join().unwrap();
+        assert_eq!((s0.done_iterations, s1.done_iterations), (8, 8));
     }
 }

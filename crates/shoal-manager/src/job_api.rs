@@ -32,6 +32,7 @@ pub fn routes() -> Router<Arc<Ctx>> {
         .route("/v1/jobs", get(list))
         .route("/v1/jobs/{name}", get(show).put(run).delete(stop))
         .route("/v1/jobs/{name}/report", post(report))
+        .route("/v1/jobs/{name}/migrate", post(migrate))
 }
 
 async fn list(
@@ -79,6 +80,30 @@ async fn stop(
     need_admin(&ctx, &peer)?;
     ctx.jobs.stop(&name)?;
     Ok(axum::Json(serde_json::json!({"stopped": name})))
+}
+
+/// `POST /v1/jobs/NAME/migrate` with `{"unit": I, "to": "NODE"}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    unit: usize,
+    to: String,
+}
+
+async fn migrate(
+    State(ctx): State<Arc<Ctx>>,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<axum::Json<JobStatus>> {
+    need_admin(&ctx, &peer)?;
+    let m: MigrateBody = decode(&body)?;
+    Ok(axum::Json(ctx.jobs.migrate(
+        &name,
+        m.unit,
+        &m.to,
+        "asked by an operator",
+    )?))
 }
 
 async fn report(

@@ -10,7 +10,9 @@
 
 use crate::state::Registry;
 use shoal_core::shares::spec::{JobSpec, JobStatus, ShareReply, UnitReportBody, UnitStatus};
-use shoal_core::shares::{Command, Job, Placement, UnitReport, choose_migration};
+use shoal_core::shares::{
+    Command, Job, MIGRATION_HOLD_PERIODS, Placement, UnitReport, choose_migration,
+};
 use shoal_net::wire::{AppAssignment, LeaseState, Params};
 use shoal_store::Store;
 use std::collections::BTreeMap;
@@ -45,6 +47,10 @@ pub enum JobError {
 struct JobDoc {
     spec: JobSpec,
     placement: Vec<String>,
+    /// Per unit, the iteration a unit moved to another node starts after
+    /// (its last report; it has no checkpoint there). Empty: none moved.
+    #[serde(default)]
+    start_at: Vec<u64>,
 }
 
 struct Entry {
@@ -54,6 +60,9 @@ struct Entry {
     node_free: BTreeMap<String, (f64, f64)>,
     last_payout_ms: u64,
     bottlenecks: Vec<String>,
+    /// When the rule last moved a unit of this job, manager clock.
+    last_migration_ms: Option<u64>,
+    migrations: Vec<String>,
 }
 
 impl Entry {
@@ -81,6 +90,8 @@ impl Entry {
             node_free: BTreeMap::new(),
             last_payout_ms: 0,
             bottlenecks: Vec::new(),
+            last_migration_ms: None,
+            migrations: Vec::new(),
         })
     }
 
@@ -96,6 +107,7 @@ impl Entry {
             finished: units.iter().all(|u| u.finished),
             units,
             bottlenecks: self.bottlenecks.clone(),
+            migrations: self.migrations.clone(),
         }
     }
 }
@@ -112,7 +124,7 @@ fn store_err(e: impl std::fmt::Display) -> JobError {
 }
 
 /// The app of unit `i` of `spec` on its node.
-fn unit_app(spec: &JobSpec, i: usize, peers: &[String]) -> AppAssignment {
+fn unit_app(spec: &JobSpec, i: usize, peers: &[String], start_at: u64) -> AppAssignment {
     let mut params = Params::new();
     let status = "{{ app_dir }}/dps-status.json".to_string();
     if let Some(b) = &spec.bsp {
@@ -120,11 +132,16 @@ fn unit_app(spec: &JobSpec, i: usize, peers: &[String]) -> AppAssignment {
         params.insert(
             "args".into(),
             format!(
-                "bsp --index {i} --peers {} --pattern {} --iterations {} --work {} --status {status} --resume",
+                "bsp --index {i} --peers {} --pattern {} --iterations {} --work {} --status {status} --resume{}",
                 peers.join(","),
                 b.pattern,
                 b.iterations,
-                b.work
+                b.work,
+                if start_at > 0 {
+                    format!(" --start-at {start_at}")
+                } else {
+                    String::new()
+                }
             ),
         );
     } else if let Some(c) = &spec.command {
@@ -226,35 +243,16 @@ impl Jobs {
                 (n.clone(), a.clone())
             })
             .collect();
-        let port = spec.bsp.as_ref().map_or(0, |b| b.port);
-        let peers: Vec<String> = placement
-            .iter()
-            .enumerate()
-            .map(|(i, (_, a))| format!("{a}:{}", u32::from(port) + i as u32))
-            .collect();
         let doc = JobDoc {
             placement: placement.iter().map(|(n, _)| n.clone()).collect(),
             spec: spec.clone(),
+            start_at: Vec::new(),
         };
         let text = serde_json::to_string(&doc).map_err(store_err)?;
         self.store
             .put_doc(KIND_JOB, &spec.name, &text)
             .map_err(store_err)?;
-        for node in doc
-            .placement
-            .iter()
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let mut apps = self.hand_assigned(node);
-            for (i, (n, _)) in placement.iter().enumerate() {
-                if n == node {
-                    apps.push(unit_app(&spec, i, &peers));
-                }
-            }
-            self.registry
-                .assign(node, apps)
-                .map_err(|e| JobError::Store(e.to_string()))?;
-        }
+        self.assign_units(&doc, &[])?;
         let entry = Entry::new(doc)?;
         let status = entry.status();
         self.lock().insert(spec.name.clone(), entry);
@@ -271,6 +269,141 @@ impl Jobs {
             ),
         );
         Ok(status)
+    }
+
+    /// Hands every node of the job its units (and takes them off `left`,
+    /// nodes that no longer hold any). Unit i listens on its node's
+    /// address at port + i.
+    fn assign_units(&self, doc: &JobDoc, left: &[String]) -> Result<(), JobError> {
+        let spec = &doc.spec;
+        let port = spec.bsp.as_ref().map_or(0, |b| b.port);
+        let nodes = self.registry.nodes();
+        let address = |n: &str| {
+            nodes
+                .iter()
+                .find(|s| s.name == n)
+                .map(|s| s.address.clone())
+                .ok_or_else(|| JobError::Invalid(format!("node {n} is not registered")))
+        };
+        let peers = doc
+            .placement
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Ok(format!("{}:{}", address(n)?, u32::from(port) + i as u32)))
+            .collect::<Result<Vec<String>, JobError>>()?;
+        let prefix = format!("{JOB_APP_PREFIX}{}-", spec.name);
+        let mut touched: std::collections::BTreeSet<&String> = doc.placement.iter().collect();
+        touched.extend(left);
+        for node in touched {
+            let mut apps: Vec<AppAssignment> = self
+                .hand_assigned(node)
+                .into_iter()
+                .filter(|a| !a.id.starts_with(&prefix))
+                .collect();
+            for (i, n) in doc.placement.iter().enumerate() {
+                if n == node {
+                    let start = doc.start_at.get(i).copied().unwrap_or(0);
+                    apps.push(unit_app(spec, i, &peers, start));
+                }
+            }
+            self.registry
+                .assign(node, apps)
+                .map_err(|e| JobError::Store(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Moves unit `unit` of job `name` to node `to` (§5.2.2): it is
+    /// stopped where it runs and started on `to` after the last iteration
+    /// it reported; its neighbours learn its new address (on real hosts
+    /// they restart from their own checkpoints with the new peer list).
+    /// The ledger keeps its share.
+    pub fn migrate(
+        &self,
+        name: &str,
+        unit: usize,
+        to: &str,
+        why: &str,
+    ) -> Result<JobStatus, JobError> {
+        let mut jobs = self.lock();
+        let e = jobs
+            .get_mut(name)
+            .ok_or_else(|| JobError::NotFound(name.into()))?;
+        self.migrate_locked(name, e, unit, to, why)
+    }
+
+    fn migrate_locked(
+        &self,
+        name: &str,
+        e: &mut Entry,
+        unit: usize,
+        to: &str,
+        why: &str,
+    ) -> Result<JobStatus, JobError> {
+        let n = e.doc.spec.units;
+        if unit >= n {
+            return Err(JobError::Invalid(format!(
+                "unit {unit} is not a unit of job {name} (units 0 to {})",
+                n - 1
+            )));
+        }
+        let from = e.doc.placement[unit].clone();
+        if from == to {
+            return Err(JobError::Invalid(format!(
+                "unit {unit} of job {name} runs on {to} already"
+            )));
+        }
+        let node = self
+            .registry
+            .nodes()
+            .into_iter()
+            .find(|s| s.name == to)
+            .ok_or_else(|| {
+                JobError::Invalid(format!("no node named {to:?}; `shoal nodes` lists them"))
+            })?;
+        if node.state != LeaseState::Alive || node.cordoned || node.service.is_some() {
+            return Err(JobError::Invalid(format!(
+                "node {to} cannot take a job unit: it must be alive, not cordoned and hold no service"
+            )));
+        }
+        let here = e.doc.placement.iter().filter(|p| *p == to).count();
+        if here >= e.doc.spec.per_node {
+            return Err(JobError::Invalid(format!(
+                "node {to} holds {here} units of job {name} already (per_node = {}); raise per_node or pick another node",
+                e.doc.spec.per_node
+            )));
+        }
+        let mut doc = e.doc.clone();
+        doc.placement[unit] = to.to_string();
+        doc.start_at.resize(n, 0);
+        doc.start_at[unit] = e.units[unit].iterations.unwrap_or(0);
+        let text = serde_json::to_string(&doc).map_err(store_err)?;
+        self.store
+            .put_doc(KIND_JOB, name, &text)
+            .map_err(store_err)?;
+        let left: Vec<String> = if doc.placement.contains(&from) {
+            Vec::new()
+        } else {
+            vec![from.clone()]
+        };
+        self.assign_units(&doc, &left)?;
+        e.doc = doc;
+        e.units[unit].node = to.to_string();
+        if !left.is_empty() {
+            e.node_free.remove(&from);
+        }
+        e.bottlenecks.clear();
+        let note = format!(
+            "unit {unit} moved from {from} to {to} after iteration {} ({why})",
+            e.doc.start_at[unit]
+        );
+        self.registry
+            .event("job", Some(to), format!("{name}: {note}"));
+        e.migrations.push(note);
+        if e.migrations.len() > 8 {
+            e.migrations.remove(0);
+        }
+        Ok(e.status())
     }
 
     /// A node's hand-assigned apps (services' apps are the controller's).
@@ -386,6 +519,7 @@ impl Jobs {
             u.iterations = r.iterations;
             u.finished = r.finished;
         }
+        let mut moves = Vec::new();
         for c in cmds {
             if let Command::Bottleneck { unit } = c {
                 let node = e.doc.placement[unit].clone();
@@ -398,20 +532,45 @@ impl Jobs {
                         used: u.used / e.node_free.get(&u.node).map_or(1.0, |v| v.1.max(1e-9)),
                     })
                     .collect();
-                let hosts: Vec<(String, f64)> = e
+                let mut hosts: Vec<(String, f64)> = e
                     .node_free
                     .iter()
                     .map(|(n, (free, cap))| (n.clone(), 1.0 - free / cap.max(1e-9)))
                     .collect();
+                // Nodes that hold no job unit and no service are idle
+                // (what else runs there is not measured: a node busy with
+                // hand-assigned apps is best cordoned).
+                if e.doc.spec.migrate {
+                    for n in self.registry.nodes() {
+                        let idle = n.state == LeaseState::Alive
+                            && !n.cordoned
+                            && n.service.is_none()
+                            && !n.desired.iter().any(|a| a.id.starts_with(JOB_APP_PREFIX));
+                        if idle && !hosts.iter().any(|(h, _)| *h == n.name) {
+                            hosts.push((n.name, 0.0));
+                        }
+                    }
+                }
                 let per_node = e.doc.spec.per_node;
                 let placement = e.doc.placement.clone();
                 let advice = choose_migration(&node, &placements, &hosts, |_, h| {
                     placement.iter().filter(|p| *p == h).count() >= per_node
                 });
-                let note = match advice {
+                let note = match &advice {
                     Some((u, to)) => format!("{node}: full; migrate unit {u} to {to}"),
                     None => format!("{node}: full; no less utilized node to migrate to"),
                 };
+                let hold = period.as_millis() as u64 * MIGRATION_HOLD_PERIODS;
+                let held = e
+                    .last_migration_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) < hold);
+                if let Some(m) = advice
+                    && e.doc.spec.migrate
+                    && !held
+                    && moves.is_empty()
+                {
+                    moves.push((m, note.clone()));
+                }
                 if !e.bottlenecks.contains(&note) {
                     self.registry
                         .event("job", Some(&node), format!("{name}: {note}"));
@@ -420,6 +579,16 @@ impl Jobs {
                         e.bottlenecks.remove(0);
                     }
                 }
+            }
+        }
+        for ((u, to), why) in moves {
+            match self.migrate_locked(name, e, u, &to, &format!("bottleneck {why}")) {
+                Ok(_) => e.last_migration_ms = Some(now_ms),
+                Err(err) => self.registry.event(
+                    "job",
+                    Some(&to),
+                    format!("{name}: moving unit {u} to {to} failed: {err}"),
+                ),
             }
         }
         Ok(ShareReply {

@@ -39,6 +39,25 @@ pub enum JobCmd {
     /// Stop a job: its units leave their nodes.
     #[command(after_help = "Example:\n  shoal job stop chain --dir ./c")]
     Stop(NameArgs),
+    /// Move one unit to another node: it restarts there after the last
+    /// iteration it reported (the manager also does this by itself on a
+    /// full node, unless the job says `migrate = false`).
+    #[command(after_help = "Example:\n  shoal job migrate chain 2 --to n5 --dir ./c")]
+    Migrate(MigrateArgs),
+}
+
+/// `shoal job migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Job name.
+    pub name: String,
+    /// The unit's index (from 0).
+    pub unit: usize,
+    /// The node to move it to.
+    #[arg(long)]
+    pub to: String,
 }
 
 /// `shoal job run`.
@@ -118,6 +137,9 @@ fn render(list: &[JobStatus]) -> String {
         for b in &j.bottlenecks {
             let _ = writeln!(o, "  bottleneck {b}");
         }
+        for m in &j.migrations {
+            let _ = writeln!(o, "  migrated {m}");
+        }
     }
     o
 }
@@ -161,6 +183,20 @@ pub async fn run(cmd: JobCmd) -> anyhow::Result<()> {
                 render(std::slice::from_ref(&j))
             };
             write_stdout(&text)
+        }
+        JobCmd::Migrate(a) => {
+            let j: JobStatus = a
+                .target
+                .client()?
+                .send(
+                    reqwest::Method::POST,
+                    &format!("/v1/jobs/{}/migrate", a.name),
+                    &serde_json::json!({"unit": a.unit, "to": a.to}),
+                )
+                .await?;
+            let last = j.migrations.last().map_or("", String::as_str);
+            println!("job {}: {last}", a.name);
+            Ok(())
         }
         JobCmd::Stop(a) => {
             let _: serde_json::Value = a

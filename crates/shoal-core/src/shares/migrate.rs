@@ -9,6 +9,12 @@
 /// A host this busy (used over capacity) is fully utilized.
 pub const FULL_UTILIZATION: f64 = 0.9;
 
+/// After moving a unit, a job waits this many report periods before the
+/// rule may move another: the moved unit must report from its new host
+/// (and the hosts' use settle) before the rule looks again, or one full
+/// host could send units back and forth.
+pub const MIGRATION_HOLD_PERIODS: u64 = 5;
+
 /// One unit where it runs now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Placement<U, H> {

@@ -43,6 +43,9 @@ fn bank() -> Mode {
 fn five_s() -> String {
     "5s".into()
 }
+fn yes() -> bool {
+    true
+}
 fn one() -> usize {
     1
 }
@@ -80,6 +83,10 @@ pub struct JobSpec {
     /// Most units of this job on one node.
     #[serde(default = "one")]
     pub per_node: usize,
+    /// Move a unit off a full, fully used node when another has room
+    /// (§5.2.2); `shoal job migrate` moves one by hand either way.
+    #[serde(default = "yes")]
+    pub migrate: bool,
     /// The built-in benchmark, or:
     #[serde(default)]
     pub bsp: Option<BspProgram>,
@@ -269,6 +276,9 @@ pub struct JobStatus {
     /// Nodes that reported themselves full (bottlenecks), and what the
     /// migration rule would move there.
     pub bottlenecks: Vec<String>,
+    /// The last units moved to other nodes, and why.
+    #[serde(default)]
+    pub migrations: Vec<String>,
     /// Every unit finished.
     pub finished: bool,
 }
@@ -286,6 +296,7 @@ mod tests {
             period: "5s".into(),
             bank_period: None,
             per_node: 1,
+            migrate: true,
             bsp: Some(BspProgram {
                 pattern: "chain".into(),
                 iterations: 10,
