@@ -758,6 +758,7 @@ async fn status(
             .collect(),
         services: ctx.services.statuses(),
         events: ctx.registry.recent_events(50),
+        jobs: ctx.jobs.list(),
     }))
 }
 

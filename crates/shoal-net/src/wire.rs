@@ -102,6 +102,9 @@ pub struct StatusResponse {
     pub services: Vec<ServiceStatus>,
     /// The most recent events, oldest first.
     pub events: Vec<Event>,
+    /// Parallel jobs with DPS shares (`shoal job`, docs/dps.md).
+    #[serde(default)]
+    pub jobs: Vec<shoal_core::shares::spec::JobStatus>,
 }
 
 /// A registry change or a decision, with its reason.

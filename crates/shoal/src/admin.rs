@@ -402,6 +402,22 @@ pub fn render_status(s: &StatusResponse) -> String {
     for svc in &s.services {
         let _ = writeln!(o, "service {}: {}", svc.name, svc.nodes.join(", "));
     }
+    for j in &s.jobs {
+        let done = j.units.iter().filter(|u| u.finished).count();
+        let _ = writeln!(
+            o,
+            "job {}: {}/{} units finished, {} exchange, bank {:.2} of W = {} CPUs{}",
+            j.spec.name,
+            done,
+            j.units.len(),
+            j.spec.mode,
+            j.bank,
+            j.spec.max_cpu,
+            j.migrations
+                .last()
+                .map_or(String::new(), |m| format!("; last move: {m}"))
+        );
+    }
     // Why an app is not running, so that nobody has to read its output.log
     // to find out.
     let mut problems = String::new();
