@@ -17,7 +17,7 @@ use shoal_agent::shaper::Shaper;
 use shoal_core::bandwidth::{Directory, Member, Settings, Spread};
 use shoal_core::select::HashFn;
 use shoal_overlay::netlab::Lab;
-use shoal_sim::workload::{Trace, WorldCup, world_cup};
+use shoal_sim::workload::{Trace, WorldCup, YouTube, world_cup, youtube};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
@@ -70,6 +70,17 @@ pub struct BenchVibraArgs {
     /// Also run HAProxy's `balance uri` with `hash-balance-factor` at each cap.
     #[arg(long)]
     pub haproxy: bool,
+    /// The workload: `world-cup` (Table 3.1's clip, replayed at its times
+    /// unless --closed-loop) or `youtube` (2,000 videos, Zipf 0.56, sizes
+    /// scaled to --cache-mb as the thesis's 12 GB to its 768 MB servers;
+    /// closed-loop only, it has no request times).
+    #[arg(long, default_value = "world-cup", value_parser = ["world-cup", "youtube"])]
+    pub workload: String,
+    /// Closed loop: this many clients, each sending its next request when
+    /// the last one is answered, for --duration (throughput); 0 replays
+    /// open-loop at the trace's times (response time).
+    #[arg(long, default_value_t = 0)]
+    pub closed_loop: usize,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -97,6 +108,7 @@ struct RunResult {
     mean_ms: f64,
     p95_ms: f64,
     throughput_mb_s: f64,
+    requests_per_s: f64,
     disk_read_mb: f64,
     /// Per backend: its cap at the end of the run, MB/s.
     final_caps_mb_s: Vec<f64>,
@@ -118,16 +130,34 @@ pub fn run(a: BenchVibraArgs) -> anyhow::Result<()> {
         byte_rate: a.byte_rate * 1e6,
         ..WorldCup::default()
     };
-    let trace = Arc::new(world_cup(&wc, 4, &sub_of));
+    let trace = Arc::new(if a.workload == "youtube" {
+        if a.closed_loop == 0 {
+            bail!("the YouTube-like set has no request times: give --closed-loop N (N clients)");
+        }
+        youtube(&YouTube {
+            mean_size: YouTube::default().mean_size * a.cache_mb / 768.0,
+            ..YouTube::default()
+        })
+    } else {
+        world_cup(&wc, 4, &sub_of)
+    });
     let work = tempfile::Builder::new().prefix("shoal-vibra-").tempdir()?;
     eprintln!(
-        "trace: {} objects, {:.1} MB, {} requests, {:.1} MB/s offered; hot set in sub-namespace {} then {}",
+        "trace {}: {} objects, {:.1} MB, {} requests, {}",
+        trace.name,
         trace.objects.len(),
         trace.content_bytes() as f64 / 1e6,
         trace.requests.len(),
-        trace.requested_bytes() as f64 / 1e6 / wc.duration,
-        trace.hot_sub.0,
-        trace.hot_sub.1
+        if a.closed_loop == 0 {
+            format!(
+                "{:.1} MB/s offered open-loop; hot set in sub-namespace {} then {}",
+                trace.requested_bytes() as f64 / 1e6 / wc.duration,
+                trace.hot_sub.0,
+                trace.hot_sub.1
+            )
+        } else {
+            format!("closed loop, {} clients", a.closed_loop)
+        }
     );
     let lab = Lab::create(work.path(), 5).context("the namespace lab")?;
     for b in 1..=4 {
@@ -271,10 +301,13 @@ pub fn run(a: BenchVibraArgs) -> anyhow::Result<()> {
             "objects": trace.objects.len(),
             "content_mb": trace.content_bytes() as f64 / 1e6,
             "requests": trace.requests.len(),
-            "offered_mb_s": trace.requested_bytes() as f64 / 1e6 / wc.duration,
+            "name": trace.name,
+            "offered_mb_s": (a.closed_loop == 0)
+                .then(|| trace.requested_bytes() as f64 / 1e6 / wc.duration),
             "hot_sub_namespaces": [trace.hot_sub.0, trace.hot_sub.1],
         },
         "duration_s": wc.duration,
+        "closed_loop_clients": a.closed_loop,
         "replicas": a.replicas,
         "cache_mb": a.cache_mb,
         "alpha": a.alpha,
@@ -532,28 +565,59 @@ async fn one_run(
             );
         }
     }
-    // Open-loop replay.
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
-    let mut tasks = Vec::with_capacity(trace.requests.len());
-    for r in trace.requests.iter().copied() {
-        let client = client.clone();
-        let url = format!("http://{disp}{}", trace.objects[r.object].path);
-        let at = start + Duration::from_secs_f64(r.at);
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(at).await;
-            let res = async {
-                let resp = client.get(&url).send().await?;
-                let ok = resp.status().is_success();
-                let body = resp.bytes().await?;
-                Ok::<_, reqwest::Error>((ok, body.len()))
-            }
-            .await;
-            let ms = at.elapsed().as_secs_f64() * 1000.0;
-            match res {
-                Ok((true, n)) => Some((ms, n)),
-                _ => None,
-            }
-        }));
+    // One request: its response time from `at` and its bytes, or None.
+    async fn fetch(
+        client: reqwest::Client,
+        url: String,
+        at: tokio::time::Instant,
+    ) -> Option<(f64, usize)> {
+        let res = async {
+            let resp = client.get(&url).send().await?;
+            let ok = resp.status().is_success();
+            let body = resp.bytes().await?;
+            Ok::<_, reqwest::Error>((ok, body.len()))
+        }
+        .await;
+        let ms = at.elapsed().as_secs_f64() * 1000.0;
+        match res {
+            Ok((true, n)) => Some((ms, n)),
+            _ => None,
+        }
+    }
+    let mut tasks = Vec::new();
+    if a.closed_loop == 0 {
+        // Open loop: every request at its recorded time.
+        for r in trace.requests.iter().copied() {
+            let client = client.clone();
+            let url = format!("http://{disp}{}", trace.objects[r.object].path);
+            let at = start + Duration::from_secs_f64(r.at);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                vec![fetch(client, url, at).await]
+            }));
+        }
+    } else {
+        // Closed loop: the clients take the trace's requests in order
+        // (from the start again when it runs out) until --duration ends.
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = start + a.duration;
+        for _ in 0..a.closed_loop {
+            let (client, next, trace) = (client.clone(), next.clone(), trace.clone());
+            let disp = disp.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(start).await;
+                let mut got = Vec::new();
+                while tokio::time::Instant::now() < stop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let r = trace.requests[i % trace.requests.len()];
+                    let url = format!("http://{disp}{}", trace.objects[r.object].path);
+                    let at = tokio::time::Instant::now();
+                    got.push(fetch(client.clone(), url, at).await);
+                }
+                got
+            }));
+        }
     }
     let fail_at = a.duration.as_secs_f64() / 3.0;
     let mut failed = false;
@@ -616,12 +680,14 @@ async fn one_run(
     let mut bytes = 0usize;
     let mut errors = 0usize;
     for t in tasks {
-        match t.await.ok().flatten() {
-            Some((ms, n)) => {
-                lat.push(ms);
-                bytes += n;
+        for one in t.await.unwrap_or_else(|_| vec![None]) {
+            match one {
+                Some((ms, n)) => {
+                    lat.push(ms);
+                    bytes += n;
+                }
+                None => errors += 1,
             }
-            None => errors += 1,
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -657,6 +723,7 @@ async fn one_run(
         mean_ms: mean,
         p95_ms: p95,
         throughput_mb_s: bytes as f64 / 1e6 / elapsed,
+        requests_per_s: lat.len() as f64 / elapsed,
         disk_read_mb: disk as f64 / 1e6,
         final_caps_mb_s: final_caps,
         max_total_mb_s: max_total / 1e6,
