@@ -196,3 +196,158 @@ fn an_htb_class_caps_a_backend_and_its_cache_misses_read_the_disk() {
     ]);
     assert!(parse_class_stats(&show).is_empty(), "{show}");
 }
+
+/// A veth pair of this test's own in this namespace (these kernels have
+/// no dummy links), removed on drop: an agent's shaper can put its htb
+/// classes on one end without touching any other interface.
+struct Dummy(String);
+
+impl Dummy {
+    fn new(suffix: &str) -> Dummy {
+        let name = format!("shbw{:x}{suffix}", std::process::id() & 0xffff);
+        let peer = format!("{name}p");
+        sh(&[
+            "ip", "link", "add", &name, "type", "veth", "peer", "name", &peer,
+        ]);
+        sh(&["ip", "link", "set", &name, "up"]);
+        sh(&["ip", "link", "set", &peer, "up"]);
+        Dummy(name)
+    }
+
+    /// The htb classes on the link, as tc prints them.
+    fn rates(&self) -> String {
+        sh(&["tc", "class", "show", "dev", &self.0])
+    }
+}
+
+impl Drop for Dummy {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// Per server of the service: name, up, cap and the cap its node applied.
+type ServerCap = (String, bool, u64, Option<u64>);
+
+fn server_caps(c: &Cluster) -> Option<Vec<ServerCap>> {
+    let svc = c.service("web")?;
+    let servers = svc["bandwidth"]["servers"].as_array()?;
+    Some(
+        servers
+            .iter()
+            .map(|s| {
+                (
+                    s["server"].as_str().unwrap_or("").to_string(),
+                    s["up"].as_bool().unwrap_or(false),
+                    s["cap_bps"].as_u64().unwrap_or(0),
+                    s["applied_bps"].as_u64(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The manager's directory, the renewals and the agents' shapers end to
+/// end: a service with `[bandwidth] total = "8 MB/s"` on two agents
+/// started with `--shape-dev`, each given half as an htb class on its
+/// device and acknowledging it; one agent killed, its node declared
+/// failed, and its share moved to the survivor, whose class follows.
+#[test]
+fn the_manager_s_caps_reach_the_agents_tc_classes_and_a_failed_node_s_share_moves() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (tc on dummy links)"
+    );
+    let (da, db) = (Dummy::new("a"), Dummy::new("b"));
+    let c = Cluster::start(2.0);
+    let spawn = |name: &str, addr: &str, dev: &str| {
+        let dir = c.agent_dir(name);
+        let token = c.token();
+        Proc::spawn(
+            &format!("agent-{name}"),
+            &[
+                "agent",
+                "--join",
+                &c.url,
+                "--token",
+                &token,
+                "--name",
+                name,
+                "--dir",
+                dir.to_str().unwrap(),
+                "--address",
+                addr,
+                "--shape-dev",
+                dev,
+            ],
+        )
+    };
+    let _a = spawn("n1", "127.0.0.31", &da.0);
+    let mut b = spawn("n2", "127.0.0.32", &db.0);
+    c.wait_alive(&["n1", "n2"]);
+    let root = c.dir().join("site");
+    write(&root.join("index.html"), "hello\n");
+    let port = free_port();
+    let file = c.dir().join("web.toml");
+    write(
+        &file,
+        &format!(
+            r#"
+name = "web"
+min_nodes = 2
+max_nodes = 2
+[app]
+adaptor = "www"
+port = {port}
+[app.params]
+listen = "{{{{ node_address }}}}:{{{{ port }}}}"
+root = "{}"
+[dispatch]
+algo = "lc"
+[metric]
+kind = "dispatch_rps"
+capacity = 1000
+[bandwidth]
+total = "8 MB/s"
+interval = "1s"
+"#,
+            root.display()
+        ),
+    );
+    let (ok, out, err) = c.cli(&["service", "apply", file.to_str().unwrap()]);
+    assert!(ok, "apply failed: {out}{err}");
+    // Both servers at half the total, acknowledged by their nodes, and
+    // each node's class at that rate (4 MB/s is 32 Mbit/s).
+    wait_for("both caps applied", Duration::from_secs(60), || {
+        let caps = server_caps(&c)?;
+        eprintln!("{caps:?}");
+        (caps.len() == 2
+            && caps.iter().all(|(_, up, cap, applied)| {
+                *up && *cap == 4_000_000 && *applied == Some(4_000_000)
+            }))
+        .then_some(())
+    });
+    for d in [&da, &db] {
+        let r = d.rates();
+        assert!(r.contains("rate 32Mbit"), "{}: {r}", d.0);
+    }
+    // n2's agent dies; its lease runs out and its share goes to n1.
+    b.kill9();
+    wait_for(
+        "n1 holding the whole total",
+        Duration::from_secs(60),
+        || {
+            let caps = server_caps(&c)?;
+            eprintln!("{caps:?}");
+            let n1 = caps.iter().find(|s| s.0 == "n1")?;
+            (n1.2 == 8_000_000 && n1.3 == Some(8_000_000)).then_some(())
+        },
+    );
+    let r = da.rates();
+    assert!(r.contains("rate 64Mbit"), "{}: {r}", da.0);
+    let svc = c.service("web").unwrap();
+    assert!(
+        svc["bandwidth"]["in_force_bps"].as_u64().unwrap() <= 8_000_000,
+        "{svc}"
+    );
+}
