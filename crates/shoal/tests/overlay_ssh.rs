@@ -166,8 +166,23 @@ fn the_pool_deploys_and_heals_itself_over_ssh() {
             t.elapsed().as_secs_f64()
         );
     }
-    for i in 1..=HOSTS {
-        assert_eq!(net.peers(i - 1).len(), 1, "h{i}");
+    // Once recovered, one peer per host. Under load (the full suite on 2
+    // cores) a host was once seen with none right after its recovery was
+    // seen: the pool heals that too, so wait for it, but never accept two.
+    let gap = Instant::now();
+    wait_for("one peer on every host", Duration::from_secs(30), || {
+        let counts: Vec<usize> = (1..=HOSTS).map(|i| net.peers(i - 1).len()).collect();
+        assert!(
+            counts.iter().all(|&n| n <= 1),
+            "two peers on a host: {counts:?}"
+        );
+        counts.iter().all(|&n| n == 1).then_some(())
+    });
+    if gap.elapsed() > Duration::from_millis(200) {
+        eprintln!(
+            "measured: a host had no peer for {:.2} s after the recoveries",
+            gap.elapsed().as_secs_f64()
+        );
     }
 
     // The auth agent: no answer without the overlay key; a refusal for a
