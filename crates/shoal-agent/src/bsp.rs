@@ -344,6 +344,16 @@ pub fn run(a: BspArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// `n` loopback addresses nobody listens on (bound, then released).
+    fn free_addrs(n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|_| {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap()
+            })
+            .collect()
+    }
+
     #[test]
     fn patterns() {
         assert_eq!(Pattern::Chain.inputs(0, 4), vec![1]);
@@ -355,12 +365,7 @@ mod tests {
 
     #[test]
     fn a_two_unit_chain_runs_and_the_follower_blocks_on_its_upstream() {
-        let ports: Vec<SocketAddr> = (0..2)
-            .map(|_| {
-                let l = TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap()
-            })
-            .collect();
+        let ports = free_addrs(2);
         let dir = tempfile::tempdir().unwrap();
         let args = |i: usize| BspArgs {
             index: i,
@@ -390,12 +395,7 @@ mod tests {
     /// previous process already sent.
     #[test]
     fn units_resumed_one_iteration_apart_finish() {
-        let ports: Vec<SocketAddr> = (0..2)
-            .map(|_| {
-                let l = TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap()
-            })
-            .collect();
+        let ports = free_addrs(2);
         let dir = tempfile::tempdir().unwrap();
         let u0 = dir.path().join("u0.json");
         Status {

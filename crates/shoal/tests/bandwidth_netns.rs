@@ -260,30 +260,8 @@ fn the_manager_s_caps_reach_the_agents_tc_classes_and_a_failed_node_s_share_move
     );
     let (da, db) = (Dummy::new("a"), Dummy::new("b"));
     let c = Cluster::start(2.0);
-    let spawn = |name: &str, addr: &str, dev: &str| {
-        let dir = c.agent_dir(name);
-        let token = c.token();
-        Proc::spawn(
-            &format!("agent-{name}"),
-            &[
-                "agent",
-                "--join",
-                &c.url,
-                "--token",
-                &token,
-                "--name",
-                name,
-                "--dir",
-                dir.to_str().unwrap(),
-                "--address",
-                addr,
-                "--shape-dev",
-                dev,
-            ],
-        )
-    };
-    let _a = spawn("n1", "127.0.0.31", &da.0);
-    let mut b = spawn("n2", "127.0.0.32", &db.0);
+    let _a = c.agent_at_with("n1", "127.0.0.31", &["--shape-dev", &da.0]);
+    let mut b = c.agent_at_with("n2", "127.0.0.32", &["--shape-dev", &db.0]);
     c.wait_alive(&["n1", "n2"]);
     let root = c.dir().join("site");
     write(&root.join("index.html"), "hello\n");

@@ -291,24 +291,28 @@ impl Cluster {
     /// An agent that registers `address` as its own (one loopback address
     /// per node, as separate hosts would have).
     pub fn agent_at(&self, name: &str, address: &str) -> Proc {
+        self.agent_at_with(name, address, &[])
+    }
+
+    /// [`Cluster::agent_at`] with more agent flags (`--shape-dev eth0`).
+    pub fn agent_at_with(&self, name: &str, address: &str, extra: &[&str]) -> Proc {
         let dir = self.agent_dir(name);
         let token = self.token();
-        Proc::spawn(
-            &format!("agent-{name}"),
-            &[
-                "agent",
-                "--join",
-                &self.url,
-                "--token",
-                &token,
-                "--name",
-                name,
-                "--dir",
-                dir.to_str().unwrap(),
-                "--address",
-                address,
-            ],
-        )
+        let mut args = vec![
+            "agent",
+            "--join",
+            &self.url,
+            "--token",
+            &token,
+            "--name",
+            name,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--address",
+            address,
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(&format!("agent-{name}"), &args)
     }
 
     fn status_cmd(&self) -> (bool, String, String) {
