@@ -10,9 +10,7 @@
 
 use crate::state::Registry;
 use shoal_core::shares::spec::{JobSpec, JobStatus, ShareReply, UnitReportBody, UnitStatus};
-use shoal_core::shares::{
-    Command, Job, MIGRATION_HOLD_PERIODS, Placement, UnitReport, choose_migration,
-};
+use shoal_core::shares::{Command, Job, Placement, UnitReport, choose_migration, settled};
 use shoal_net::wire::{AppAssignment, LeaseState, Params};
 use shoal_store::Store;
 use std::collections::BTreeMap;
@@ -60,8 +58,8 @@ struct Entry {
     node_free: BTreeMap<String, (f64, f64)>,
     last_payout_ms: u64,
     bottlenecks: Vec<String>,
-    /// When the rule last moved a unit of this job, manager clock.
-    last_migration_ms: Option<u64>,
+    /// Per unit, when it last moved (manager clock, seconds; -inf: never).
+    moved_at: Vec<f64>,
     migrations: Vec<String>,
 }
 
@@ -84,13 +82,13 @@ impl Entry {
             })
             .collect();
         Ok(Self {
+            moved_at: vec![f64::NEG_INFINITY; doc.placement.len()],
             doc,
             ledger,
             units,
             node_free: BTreeMap::new(),
             last_payout_ms: 0,
             bottlenecks: Vec::new(),
-            last_migration_ms: None,
             migrations: Vec::new(),
         })
     }
@@ -389,6 +387,8 @@ impl Jobs {
         self.assign_units(&doc, &left)?;
         e.doc = doc;
         e.units[unit].node = to.to_string();
+        // By hand or by the rule, a moved unit stays a while (`settled`).
+        e.moved_at[unit] = self.registry.now_ms() as f64 / 1e3;
         if !left.is_empty() {
             e.node_free.remove(&from);
         }
@@ -523,9 +523,12 @@ impl Jobs {
         for c in cmds {
             if let Command::Bottleneck { unit } = c {
                 let node = e.doc.placement[unit].clone();
+                // Units that moved less than MIGRATION_HOLD_PERIODS ago stay.
+                let now_s = now_ms as f64 / 1e3;
                 let placements: Vec<Placement<usize, String>> = e
                     .units
                     .iter()
+                    .filter(|u| settled(e.moved_at[u.unit], now_s, period.as_secs_f64()))
                     .map(|u| Placement {
                         unit: u.unit,
                         host: u.node.clone(),
@@ -560,13 +563,8 @@ impl Jobs {
                     Some((u, to)) => format!("{node}: full; migrate unit {u} to {to}"),
                     None => format!("{node}: full; no less utilized node to migrate to"),
                 };
-                let hold = period.as_millis() as u64 * MIGRATION_HOLD_PERIODS;
-                let held = e
-                    .last_migration_ms
-                    .is_some_and(|t| now_ms.saturating_sub(t) < hold);
                 if let Some(m) = advice
                     && e.doc.spec.migrate
-                    && !held
                     && moves.is_empty()
                 {
                     moves.push((m, note.clone()));
@@ -582,13 +580,12 @@ impl Jobs {
             }
         }
         for ((u, to), why) in moves {
-            match self.migrate_locked(name, e, u, &to, &format!("bottleneck {why}")) {
-                Ok(_) => e.last_migration_ms = Some(now_ms),
-                Err(err) => self.registry.event(
+            if let Err(err) = self.migrate_locked(name, e, u, &to, &format!("bottleneck {why}")) {
+                self.registry.event(
                     "job",
                     Some(&to),
                     format!("{name}: moving unit {u} to {to} failed: {err}"),
-                ),
+                );
             }
         }
         Ok(ShareReply {

@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 use shoal_core::shares::{
-    Command, EPS, Job, Mode, Placement, UnitReport, choose_migration, proportional,
+    Command, EPS, Job, Mode, Placement, UnitReport, choose_migration, proportional, settled,
 };
 use std::path::PathBuf;
 
@@ -352,10 +352,9 @@ impl Sim {
         bottlenecks.dedup();
         let mut hosts: Vec<(usize, f64)> = host_used.iter().copied().enumerate().collect();
         for b in bottlenecks {
-            let recent = |&(i, u): &(usize, usize)| self.now - self.units[i][u].moved_at < 5.0 * t;
             let cands: Vec<Placement<(usize, usize), usize>> = placements
                 .iter()
-                .filter(|p| !recent(&p.unit))
+                .filter(|p| settled(self.units[p.unit.0][p.unit.1].moved_at, self.now, t))
                 .cloned()
                 .collect();
             if let Some(((i, u), to)) = choose_migration(&b, &cands, &hosts, |_, _| false) {

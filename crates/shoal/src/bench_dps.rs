@@ -17,7 +17,7 @@ use serde::Serialize;
 use shoal_agent::dps::{EmulatedHost, UnitProbe};
 use shoal_agent::platform::cgroup::{self, Version};
 use shoal_core::shares::{
-    Command as Cmd, Job, Mode, Placement, UnitReport, choose_migration, converged_after,
+    Command as Cmd, Job, Mode, Placement, UnitReport, choose_migration, converged_after, settled,
 };
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -338,7 +338,7 @@ impl Bench<'_> {
                     let cands: Vec<Placement<(usize, usize), usize>> = placements
                         .iter()
                         .filter(|p| {
-                            now_s - moved_at[p.unit.0][p.unit.1] > 5.0 * t.as_secs_f64()
+                            settled(moved_at[p.unit.0][p.unit.1], now_s, t.as_secs_f64())
                                 && units[p.unit.0][p.unit.1].done.is_none()
                         })
                         .cloned()

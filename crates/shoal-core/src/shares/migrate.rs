@@ -9,11 +9,18 @@
 /// A host this busy (used over capacity) is fully utilized.
 pub const FULL_UTILIZATION: f64 = 0.9;
 
-/// After moving a unit, a job waits this many report periods before the
-/// rule may move another: the moved unit must report from its new host
-/// (and the hosts' use settle) before the rule looks again, or one full
-/// host could send units back and forth.
-pub const MIGRATION_HOLD_PERIODS: u64 = 5;
+/// A unit that moved stays where it is for this many report periods: it
+/// must report from its new host (and the hosts' use settle) before the
+/// rule may move it again, or one full host could send it back and forth.
+pub const MIGRATION_HOLD_PERIODS: f64 = 5.0;
+
+/// Whether a unit that last moved at `moved_at` (seconds on the caller's
+/// clock; `f64::NEG_INFINITY` if never) may move at `now`, with report
+/// period `period` seconds. Callers drop the units that may not from the
+/// candidates they give [`choose_migration`].
+pub fn settled(moved_at: f64, now: f64, period: f64) -> bool {
+    now - moved_at >= MIGRATION_HOLD_PERIODS * period
+}
 
 /// One unit where it runs now.
 #[derive(Debug, Clone, PartialEq)]

@@ -23,7 +23,7 @@ pub mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use migrate::{FULL_UTILIZATION, MIGRATION_HOLD_PERIODS, Placement, choose_migration};
+pub use migrate::{FULL_UTILIZATION, MIGRATION_HOLD_PERIODS, Placement, choose_migration, settled};
 
 use serde::{Deserialize, Serialize};
 
