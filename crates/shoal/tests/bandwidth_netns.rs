@@ -226,6 +226,32 @@ impl Drop for Dummy {
     }
 }
 
+/// Asserts that the link's htb class runs at `cap` bytes/s, as tc prints
+/// it (rounded: 3789474 B/s is "30315Kbit").
+fn assert_class_rate(d: &Dummy, cap: u64) {
+    let text = d.rates();
+    let rate = text
+        .split_whitespace()
+        .skip_while(|w| *w != "rate")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{}: no rate in {text}", d.0));
+    let (num, unit) = rate.split_at(rate.find(|c: char| c.is_alphabetic()).unwrap_or(rate.len()));
+    let scale = match unit {
+        "bit" => 1.0,
+        "Kbit" => 1e3,
+        "Mbit" => 1e6,
+        "Gbit" => 1e9,
+        _ => panic!("{}: unknown rate unit in {rate}", d.0),
+    };
+    let bits = num.parse::<f64>().unwrap() * scale;
+    let want = cap as f64 * 8.0;
+    assert!(
+        (bits - want).abs() <= want * 1e-3,
+        "{}: class at {rate}, cap {cap} B/s: {text}",
+        d.0
+    );
+}
+
 /// Per server of the service: name, up, cap and the cap its node applied.
 type ServerCap = (String, bool, u64, Option<u64>);
 
@@ -294,26 +320,33 @@ interval = "1s"
     );
     let (ok, out, err) = c.cli(&["service", "apply", file.to_str().unwrap()]);
     assert!(ok, "apply failed: {out}{err}");
-    // Both servers at half the total, acknowledged by their nodes, and
-    // each node's class at that rate (4 MB/s is 32 Mbit/s).
-    wait_for("both caps applied", Duration::from_secs(60), || {
+    // Both servers capped and each cap acknowledged by its node, the caps
+    // within the total, and each node's class at its cap. (Half each when
+    // both report no demand at once; the first samples may land a renewal
+    // apart, and then eq. 3.2 moves a little share first, reduction before
+    // increase.)
+    let caps = wait_for("both caps applied", Duration::from_secs(90), || {
         let caps = server_caps(&c)?;
         eprintln!("{caps:?}");
         (caps.len() == 2
-            && caps.iter().all(|(_, up, cap, applied)| {
-                *up && *cap == 4_000_000 && *applied == Some(4_000_000)
-            }))
-        .then_some(())
+            && caps
+                .iter()
+                .all(|(_, up, cap, applied)| *up && *cap > 0 && *applied == Some(*cap)))
+        .then_some(caps)
     });
-    for d in [&da, &db] {
-        let r = d.rates();
-        assert!(r.contains("rate 32Mbit"), "{}: {r}", d.0);
+    assert!(
+        caps.iter().map(|s| s.2).sum::<u64>() <= 8_000_000,
+        "{caps:?}"
+    );
+    for (d, name) in [(&da, "n1"), (&db, "n2")] {
+        let cap = caps.iter().find(|s| s.0 == name).unwrap().2;
+        assert_class_rate(d, cap);
     }
     // n2's agent dies; its lease runs out and its share goes to n1.
     b.kill9();
     wait_for(
         "n1 holding the whole total",
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         || {
             let caps = server_caps(&c)?;
             eprintln!("{caps:?}");
@@ -321,8 +354,7 @@ interval = "1s"
             (n1.2 == 8_000_000 && n1.3 == Some(8_000_000)).then_some(())
         },
     );
-    let r = da.rates();
-    assert!(r.contains("rate 64Mbit"), "{}: {r}", da.0);
+    assert_class_rate(&da, 8_000_000);
     let svc = c.service("web").unwrap();
     assert!(
         svc["bandwidth"]["in_force_bps"].as_u64().unwrap() <= 8_000_000,
