@@ -11,6 +11,9 @@ pub mod bandwidth;
 pub mod control;
 /// The one duration syntax of every flag and file (`500ms`, `6s`, `2m`, `1h`).
 pub mod duration;
+/// H-SWEB federation: summaries between clusters, the exchange interval
+/// and liveness, the per-request cost model and its decision.
+pub mod federation;
 /// Demand forecasting (AR(p), EMA, seasonal).
 pub mod forecast;
 /// Leases: TTL bookkeeping, expiry, grace after a restart.
