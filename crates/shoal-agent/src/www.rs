@@ -39,6 +39,20 @@ pub struct WwwArgs {
     /// with that much memory would. Default: map every file (page cache).
     #[arg(long, value_name = "MB", value_parser = parse_cache_mb)]
     pub cache_mb: Option<f64>,
+    /// Cap this server at this many CPUs (a CPU cgroup of its own, v2 or
+    /// v1, removed when it stops; needs root): a node of known capacity for
+    /// the CPU-heavy route `/_shoal/burn?ms=N`.
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
+    pub cpus: Option<f64>,
+}
+
+fn parse_cpus(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.01..=1024.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?}: give a number of CPUs from 0.01 to 1024, e.g. --cpus 0.25"
+        )),
+    }
 }
 
 fn parse_cache_mb(s: &str) -> Result<f64, String> {
@@ -311,6 +325,9 @@ impl Files {
         if req.uri().path() == METRICS_PATH {
             return self.metrics();
         }
+        if req.uri().path() == INVENTORY_PATH {
+            return self.inventory();
+        }
         let head = req.method() == Method::HEAD;
         if req.method() != Method::GET && !head {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
@@ -335,6 +352,92 @@ impl Files {
             }
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot read file\n"),
         }
+    }
+}
+
+impl Files {
+    /// `/_shoal/inventory`: `SIZE PATH` per regular file under the root,
+    /// paths as a client asks for them; at most [`INVENTORY_MAX`] lines.
+    /// What a federated cluster tells its peers it holds.
+    fn inventory(&self) -> Response<Full<Bytes>> {
+        let mut out = String::new();
+        let mut n = 0usize;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let Ok(t) = e.file_type() else { continue };
+                let path = e.path();
+                if t.is_dir() {
+                    stack.push(path);
+                } else if t.is_file()
+                    && let (Ok(m), Ok(rel)) = (e.metadata(), path.strip_prefix(&self.root))
+                    && let Some(rel) = rel.to_str()
+                {
+                    out.push_str(&format!("{} /{rel}\n", m.len()));
+                    n += 1;
+                    if n >= INVENTORY_MAX {
+                        return inventory_response(out);
+                    }
+                }
+            }
+        }
+        inventory_response(out)
+    }
+}
+
+fn inventory_response(body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Most files `/_shoal/inventory` lists.
+pub const INVENTORY_MAX: usize = 200_000;
+/// Where `shoal www` lists the files it serves.
+pub const INVENTORY_PATH: &str = "/_shoal/inventory";
+/// The CPU-heavy route: `GET /_shoal/burn?ms=N` spends N ms of CPU (this
+/// thread's CPU time, so a contended or capped CPU takes longer) and
+/// answers. N from 1 to 60000.
+pub const BURN_PATH: &str = "/_shoal/burn";
+
+/// Spends `ms` of this thread's CPU time.
+fn burn(ms: u64) {
+    use nix::time::{ClockId, clock_gettime};
+    let cpu = || {
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+            .unwrap_or_default()
+    };
+    let until = cpu() + Duration::from_millis(ms);
+    let mut x = 0u64;
+    while cpu() < until {
+        for i in 0..10_000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+    }
+}
+
+fn burn_response(query: Option<&str>) -> Response<Full<Bytes>> {
+    let ms = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))
+        .and_then(|v| v.parse::<u64>().ok());
+    match ms {
+        Some(ms) if (1..=60_000).contains(&ms) => {
+            burn(ms);
+            let mut r = Response::new(Full::new(Bytes::from(format!("burned {ms} ms of CPU\n"))));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        }
+        _ => text(
+            StatusCode::BAD_REQUEST,
+            "give the CPU time to burn in ms, 1 to 60000: /_shoal/burn?ms=200\n",
+        ),
     }
 }
 
@@ -380,9 +483,16 @@ pub async fn serve_with(listener: tokio::net::TcpListener, root: PathBuf, cache_
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let files = files.clone();
                 async move {
-                    // A bounded cache's miss reads the disk: off the
-                    // async workers.
-                    let r = if files.objects.is_some() {
+                    // The CPU-heavy route and a bounded cache's miss (a
+                    // disk read) run off the async workers.
+                    let r = if req.uri().path() == BURN_PATH {
+                        let q = req.uri().query().map(str::to_string);
+                        tokio::task::spawn_blocking(move || burn_response(q.as_deref()))
+                            .await
+                            .unwrap_or_else(|_| {
+                                text(StatusCode::INTERNAL_SERVER_ERROR, "burn failed\n")
+                            })
+                    } else if files.objects.is_some() {
                         let (parts, _) = req.into_parts();
                         let req = Request::from_parts(parts, ());
                         tokio::task::spawn_blocking(move || files.respond(&req))
@@ -417,6 +527,29 @@ pub fn run(args: WwwArgs) -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         rt.worker_threads(t.max(1));
     }
+    // Held until the server stops; dropping it moves this process back to
+    // the root cgroup and removes the group.
+    let _cpu_cap = match args.cpus {
+        Some(c) => {
+            let v = crate::platform::cgroup::detect().map_err(|e| {
+                anyhow::anyhow!("--cpus {c}: {e}; drop --cpus to run without a CPU cap")
+            })?;
+            let g = crate::platform::cgroup::CpuGroup::create(
+                v,
+                &format!("shoal-www-{}", std::process::id()),
+            )
+            .and_then(|g| {
+                g.set_limit(Some(c))?;
+                g.add(std::process::id())?;
+                Ok(g)
+            })
+            .map_err(|e| {
+                anyhow::anyhow!("--cpus {c}: {e}; run as root, or drop --cpus")
+            })?;
+            Some(g)
+        }
+        None => None,
+    };
     rt.enable_all().build()?.block_on(async move {
         let l = shoal_net::server::bind(&args.listen).await?;
         eprintln!(

@@ -114,9 +114,23 @@ pub struct Backends {
     selector: Box<dyn Selector>,
     opts: HealthOpts,
     clock: Clock,
+    /// The address connections to these backends are made from (a
+    /// federated peer's dispatcher: this dispatcher's own); none: the
+    /// system chooses.
+    source: std::sync::OnceLock<std::net::IpAddr>,
 }
 
 impl Backends {
+    /// Connect from `ip` from now on.
+    pub fn set_source(&self, ip: std::net::IpAddr) {
+        let _ = self.source.set(ip);
+    }
+
+    /// The source address of connections, if set.
+    pub fn source(&self) -> Option<std::net::IpAddr> {
+        self.source.get().copied()
+    }
+
     /// A list with `specs`, chosen from by `selector`.
     pub fn new(
         specs: &[BackendSpec],
@@ -133,6 +147,7 @@ impl Backends {
             selector,
             opts,
             clock,
+            source: Default::default(),
         }))
     }
 

@@ -120,13 +120,20 @@ pub fn specs(list: &BackendList) -> Vec<BackendSpec> {
 
 /// Follows the list and reports load until the process ends. `version` is
 /// the version already applied.
-pub async fn run(target: Target, backends: Arc<Backends>, id: String, version: u64) {
+pub async fn run(
+    target: Target,
+    backends: Arc<Backends>,
+    id: String,
+    version: u64,
+    fed: Arc<crate::federation::Fed>,
+) {
     let applied = Arc::new(AtomicU64::new(version));
     tokio::spawn(report_loop(
         target.clone(),
         backends.clone(),
         id,
         applied.clone(),
+        fed,
     ));
     let client = match target.client() {
         Ok(c) => c,
@@ -172,7 +179,20 @@ pub async fn run(target: Target, backends: Arc<Backends>, id: String, version: u
     }
 }
 
-async fn report_loop(target: Target, backends: Arc<Backends>, id: String, applied: Arc<AtomicU64>) {
+/// The manager's answer to a load report: a federated service's view.
+#[derive(Debug, serde::Deserialize)]
+struct ReportAnswer {
+    #[serde(default)]
+    federation: Option<shoal_core::federation::wire::FedView>,
+}
+
+async fn report_loop(
+    target: Target,
+    backends: Arc<Backends>,
+    id: String,
+    applied: Arc<AtomicU64>,
+    fed: Arc<crate::federation::Fed>,
+) {
     let client = match target.client() {
         Ok(c) => c,
         Err(e) => {
@@ -227,9 +247,14 @@ async fn report_loop(target: Target, backends: Arc<Backends>, id: String, applie
             dispatcher: id.clone(),
             version,
             backends: loads,
+            federation: fed.active().then(|| fed.report()),
         };
-        if let Err(e) = client.post::<_, serde_json::Value>(&path, &report).await {
-            tracing::debug!("report: {e}");
+        match client.post::<_, ReportAnswer>(&path, &report).await {
+            Ok(a) => match a.federation {
+                Some(v) => fed.apply(v),
+                None => fed.clear(),
+            },
+            Err(e) => tracing::debug!("report: {e}"),
         }
     }
 }

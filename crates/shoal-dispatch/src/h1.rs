@@ -689,10 +689,33 @@ impl BackendConn {
 
     /// Connects to `addr`; `None` when it cannot be reached within `timeout`.
     pub async fn connect(addr: &str, timeout: Duration) -> Option<BackendConn> {
-        let io = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .ok()?
-            .ok()?;
+        Self::connect_from(addr, timeout, None).await
+    }
+
+    /// [`BackendConn::connect`] from a given source address (a federated
+    /// dispatcher reaches its peers from its own listen address).
+    pub async fn connect_from(
+        addr: &str,
+        timeout: Duration,
+        source: Option<std::net::IpAddr>,
+    ) -> Option<BackendConn> {
+        let io = match source {
+            None => tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .ok()?
+                .ok()?,
+            Some(ip) => {
+                let to: std::net::SocketAddr = tokio::net::lookup_host(addr).await.ok()?.next()?;
+                let sock = if to.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+                .ok()?;
+                sock.bind(std::net::SocketAddr::new(ip, 0)).ok()?;
+                tokio::time::timeout(timeout, sock.connect(to)).await.ok()?.ok()?
+            }
+        };
         let _ = io.set_nodelay(true);
         Some(BackendConn {
             io,

@@ -9,6 +9,7 @@ pub mod backends;
 mod bench;
 pub mod clock;
 pub mod config;
+pub mod federation;
 pub mod follow;
 pub mod game;
 pub mod h1;
@@ -331,17 +332,21 @@ fn serve(
 ) -> anyhow::Result<()> {
     let selector = select::build(&args.select.config())?;
     let clock = Clock::new();
-    let backends = Backends::new(
-        &specs,
-        selector,
-        HealthOpts {
-            eject_base: args.eject_for,
-            eject_max: Duration::from_secs(30).max(args.eject_for),
-            eject_after_5xx: args.eject_after_5xx,
-            drain_timeout: args.drain_timeout,
-        },
-        clock.clone(),
-    )?;
+    let health = HealthOpts {
+        eject_base: args.eject_for,
+        eject_max: Duration::from_secs(30).max(args.eject_for),
+        eject_after_5xx: args.eject_after_5xx,
+        drain_timeout: args.drain_timeout,
+    };
+    let backends = Backends::new(&specs, selector, health.clone(), clock.clone())?;
+    // A followed service may be federated: the manager says so in its
+    // answer to the first load report.
+    let fed = follow
+        .as_ref()
+        .map(|_| {
+            let ip = args.listen.ip();
+            federation::Fed::new(clock.clone(), health, (!ip.is_unspecified()).then_some(ip))
+        });
     let metrics = Arc::new(Metrics::default());
     let access_log = match &args.access_log {
         Some(p) => Some(access_log::AccessLog::open(p, metrics.clone())?),
@@ -360,6 +365,7 @@ fn serve(
         stopping: Default::default(),
         access_log,
         tunnel_timeout: args.tunnel_timeout,
+        federation: fed.clone(),
     });
     let admin_auth = match (&args.admin_token_file, args.admin) {
         (Some(p), Some(_)) => server::AdminAuth::from_file(p)?,
@@ -513,6 +519,7 @@ fn serve(
                     backends.clone(),
                     metrics.clone(),
                     admin_auth.clone(),
+                    fed.clone(),
                 ));
                 (Some(addr), Some(task))
             }
@@ -546,11 +553,14 @@ fn serve(
                 .or(args.health_path.as_ref().map(|_| Duration::from_secs(2))),
         ));
         if let Some((target, version)) = follow {
+            let fed = fed.clone().expect("made when following");
+            tokio::spawn(federation::inventory_loop(fed.clone(), backends.clone()));
             tokio::spawn(follow::run(
                 target,
                 backends.clone(),
                 local.to_string(),
                 version,
+                fed,
             ));
         }
         {
@@ -807,6 +817,10 @@ pub struct Route {
     pub chosen: Option<String>,
     /// Why.
     pub reason: String,
+    /// A federated service's decision: local, fetch or redirect, with
+    /// every candidate's terms (only from a live dispatcher).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<shoal_core::federation::Decision>,
 }
 
 impl Route {
@@ -825,6 +839,7 @@ impl Route {
             loads: e.loads,
             chosen: e.chosen.map(name),
             reason: e.reason,
+            federation: None,
         }
     }
 }
@@ -832,13 +847,27 @@ impl Route {
 /// Where each of `urls` goes in this dispatcher now, with its live loads,
 /// health and history; changes nothing (what the admin listener's
 /// `POST /route` answers).
-pub fn explain_live(backends: &Backends, urls: &[String]) -> Vec<Route> {
+pub fn explain_live(
+    backends: &Backends,
+    urls: &[String],
+    fed: Option<&federation::Fed>,
+) -> Vec<Route> {
     let t = backends.load();
     let now_ms = backends.clock().now_ms();
     urls.iter()
         .map(|u| {
             let key = RequestKey { target: u, now_ms };
-            Route::new(u, backends.selector().explain(&key, &t.set), &t.set)
+            let mut r = Route::new(u, backends.selector().explain(&key, &t.set), &t.set);
+            // A federated service: where the cost model sends it, each
+            // candidate with its terms (as from a client on loopback).
+            r.federation = fed.and_then(|f| {
+                let path = u
+                    .find("://")
+                    .and_then(|i| u[i + 3..].find('/').map(|j| &u[i + 3 + j..]))
+                    .unwrap_or(u);
+                f.decide(path, 0.0, false, backends, false).map(|(d, _)| d)
+            });
+            r
         })
         .collect()
 }
@@ -1000,6 +1029,25 @@ pub async fn route(args: RouteArgs) -> anyhow::Result<()> {
             r.chosen.as_deref().unwrap_or("(none)")
         )?;
         writeln!(out, "  why           {}", r.reason)?;
+        if let Some(d) = &r.federation {
+            let where_ = match d.chosen.peer() {
+                Some(p) => format!("{} {p}", d.chosen.kind()),
+                None => d.chosen.kind().to_string(),
+            };
+            writeln!(out, "  federation    {where_}: {}", d.reason)?;
+            for c in &d.candidates {
+                let t = &c.terms;
+                let name = match c.placement.peer() {
+                    Some(p) => format!("{} {p}", c.placement.kind()),
+                    None => c.placement.kind().to_string(),
+                };
+                writeln!(
+                    out,
+                    "    {name:<18} t_s {:>9.1} ms = redirection {:.1} + data {:.1} + server {:.1} + net {:.1} + client {:.1}",
+                    c.total_ms, t.redirection, t.data, t.server, t.net, t.client
+                )?;
+            }
+        }
     }
     Ok(())
 }

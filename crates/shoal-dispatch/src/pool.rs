@@ -95,6 +95,15 @@ pub async fn connect(addr: &str, timeout: Duration) -> Option<Conn> {
     Conn::connect(addr, timeout).await
 }
 
+/// [`connect`] from `source` when given.
+pub async fn connect_from(
+    addr: &str,
+    timeout: Duration,
+    source: Option<std::net::IpAddr>,
+) -> Option<Conn> {
+    Conn::connect_from(addr, timeout, source).await
+}
+
 /// Closes idle connections past the idle timeout, every second or so.
 pub async fn sweep_task(backends: std::sync::Arc<crate::Backends>, idle_ms: u64) {
     let every = Duration::from_millis((idle_ms / 2).clamp(10, 1000));

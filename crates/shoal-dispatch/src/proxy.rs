@@ -46,6 +46,8 @@ pub struct Shared {
     pub access_log: Option<AccessLog>,
     /// A protocol-switched tunnel closes after this long without traffic.
     pub tunnel_timeout: Duration,
+    /// A federated service's decisions (H-SWEB), when it is one.
+    pub federation: Option<Arc<crate::federation::Fed>>,
 }
 
 /// Per-client-connection state seen by the connection's watchdog, which
@@ -67,6 +69,9 @@ pub struct ConnState {
     /// The client's address as an X-Forwarded-For item (see
     /// [`forwarded_for_value`]); computed per request when unset.
     pub forwarded_for: Option<HeaderValue>,
+    /// The client socket (a federated service reads the kernel's RTT and
+    /// delivery-rate estimates of it).
+    pub fd: Option<std::os::fd::RawFd>,
 }
 
 struct Waiting<'a>(&'a AtomicU32);
@@ -102,6 +107,36 @@ struct Done {
     cell: Arc<HealthCell>,
     /// The request's access-log line, filled in as the response goes.
     log: Option<Box<LogLine>>,
+    /// What a federated service measures of the request.
+    fed: Option<Box<FedTrack>>,
+}
+
+/// A federated request's measurements on its way (see
+/// [`crate::federation::Fed::finish`]).
+#[derive(Debug)]
+struct FedTrack {
+    fed: Arc<crate::federation::Fed>,
+    track: crate::federation::Track,
+    head_at: Instant,
+    ttfb: Duration,
+    bytes: u64,
+    _fetch: Option<crate::federation::FetchGuard>,
+    _local: Option<LocalGuard>,
+}
+
+/// Counts a request on the local backends of a federated service.
+#[derive(Debug)]
+struct LocalGuard(Arc<crate::federation::Fed>);
+impl LocalGuard {
+    fn new(f: &Arc<crate::federation::Fed>) -> Self {
+        f.in_flight.fetch_add(1, Relaxed);
+        Self(f.clone())
+    }
+}
+impl Drop for LocalGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 /// What the access log says of a request, gathered along the way (only
@@ -168,6 +203,23 @@ impl Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
+        if let Some(t) = self.fed.take() {
+            let t = *t;
+            let tcp = match &t.track {
+                crate::federation::Track::From(_) => {
+                    self.conn.fd.and_then(crate::federation::tcp_estimates)
+                }
+                _ => None,
+            };
+            t.fed.finish(
+                t.track,
+                t.ttfb,
+                t.head_at.elapsed(),
+                t.bytes,
+                &self.sh.backends,
+                tcp,
+            );
+        }
         self.sh.metrics.latency(self.start.elapsed());
         self.conn.open.fetch_sub(1, Relaxed);
         if let (Some(line), Some(log)) = (&self.log, &self.sh.access_log) {
@@ -190,6 +242,9 @@ impl Body for Metered {
             Some(Ok(f)) => {
                 if let (Some(d), Some(done)) = (f.data_ref(), &mut this.done) {
                     done.sh.metrics.bytes_out.fetch_add(d.len() as u64, Relaxed);
+                    if let Some(t) = &mut done.fed {
+                        t.bytes += d.len() as u64;
+                    }
                     if let Some(l) = &mut done.log {
                         l.bytes += d.len() as u64;
                     }
@@ -358,12 +413,17 @@ enum Sent {
 
 /// An idle connection to the backend (`true`: reused), or a new one;
 /// `None` when it cannot be connected to.
-async fn checkout(sh: &Shared, cell: &HealthCell, addr: &str) -> Option<(Conn, bool)> {
+async fn checkout(
+    sh: &Shared,
+    be: &crate::backends::Backends,
+    cell: &HealthCell,
+    addr: &str,
+) -> Option<(Conn, bool)> {
     let now = sh.backends.clock().now_ms();
     if let Some(c) = cell.idle.pop(now, sh.pool.idle_ms) {
         return Some((c, true));
     }
-    pool::connect(addr, sh.pool.connect_timeout)
+    pool::connect_from(addr, sh.pool.connect_timeout, be.source())
         .await
         .map(|c| (c, false))
 }
@@ -379,11 +439,39 @@ async fn proxy(
     start: Instant,
     mut log: Option<Box<LogLine>>,
 ) -> Response<RespBody> {
-    match forward(sh, &conn, peer, req, &mut log).await {
+    let mut req = req;
+    let mut fed_track = None;
+    let mut be = None;
+    if let Some(fed) = &sh.federation {
+        match federate(sh, fed, &conn, &mut req) {
+            Federated::Local(t) => fed_track = t,
+            Federated::Fetch(b, t) => {
+                be = Some(b);
+                fed_track = Some(t);
+            }
+            Federated::Redirect(r) => {
+                sh.metrics.latency(start.elapsed());
+                conn.open.fetch_sub(1, Relaxed);
+                if let (Some(mut l), Some(alog)) = (log, &sh.access_log) {
+                    l.status = r.status().as_u16();
+                    l.outcome = "redirected";
+                    l.write(alog, start);
+                }
+                return r;
+            }
+        }
+    }
+    let be = be.as_ref().unwrap_or(&sh.backends);
+    match forward(sh, be, &conn, peer, req, &mut log).await {
         Ok((parts, body, lease, cell)) => {
             if let Some(l) = &mut log {
                 l.status = parts.status.as_u16();
             }
+            let fed = fed_track.map(|mut t: Box<FedTrack>| {
+                t.ttfb = start.elapsed();
+                t.head_at = Instant::now();
+                t
+            });
             let body = Metered {
                 inner: body,
                 done: Some(Done {
@@ -393,6 +481,7 @@ async fn proxy(
                     sh: sh.clone(),
                     cell,
                     log,
+                    fed,
                 }),
             };
             Response::from_parts(parts, Either::Left(body))
@@ -413,6 +502,107 @@ async fn proxy(
     }
 }
 
+/// What a federated service's decision makes of a request.
+enum Federated {
+    /// Served by the local backends (with what to measure, for GET/HEAD).
+    Local(Option<Box<FedTrack>>),
+    /// Fetched from a peer's dispatcher through this table.
+    Fetch(Arc<crate::backends::Backends>, Box<FedTrack>),
+    /// The 307 to send.
+    Redirect(Response<RespBody>),
+}
+
+/// Decides where a federated service's request goes (shoal-core's cost
+/// model through [`crate::federation::Fed::route`]), and marks it: a fetch
+/// carries the header that makes the peer serve it where it lands, a
+/// request redirected here loses its parameter before the backends see it.
+fn federate(
+    sh: &Shared,
+    fed: &Arc<crate::federation::Fed>,
+    conn: &ConnState,
+    req: &mut Request<Incoming>,
+) -> Federated {
+    use crate::federation::{Route, Track};
+    use shoal_core::federation::FETCH_HEADER;
+    if !fed.active() || !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Federated::Local(None);
+    }
+    let mut target = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let mut from = req
+        .headers()
+        .get(FETCH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if from.is_some() {
+        req.headers_mut().remove(FETCH_HEADER);
+    }
+    let mut redirected_from = None;
+    if let Some((t, c)) = crate::federation::strip_redirect_param(&target)
+        && let Ok(uri) = t.parse::<http::Uri>()
+    {
+        *req.uri_mut() = uri;
+        target = t;
+        redirected_from = Some(c.clone());
+        from.get_or_insert(c);
+    }
+    let rtt = conn
+        .fd
+        .and_then(crate::federation::tcp_estimates)
+        .map_or(0.0, |x| x.0);
+    let track = |t: Track, fetch, local| {
+        Box::new(FedTrack {
+            fed: fed.clone(),
+            track: t,
+            head_at: Instant::now(),
+            ttfb: Duration::ZERO,
+            bytes: 0,
+            _fetch: fetch,
+            _local: local,
+        })
+    };
+    match fed.route(&target, rtt, from, &sh.backends) {
+        Route::Local(_) => {
+            let t = match redirected_from {
+                Some(c) => Track::From(c),
+                None => Track::Class {
+                    key: shoal_core::federation::summary::class_key(&target),
+                    in_flight: fed.in_flight.load(Relaxed),
+                },
+            };
+            Federated::Local(Some(track(t, None, Some(LocalGuard::new(fed)))))
+        }
+        Route::Fetch(rt) => {
+            if let Some(c) = fed.cluster()
+                && let Ok(v) = HeaderValue::from_str(&c)
+            {
+                req.headers_mut()
+                    .insert(HeaderName::from_static(FETCH_HEADER), v);
+            }
+            let guard = crate::federation::Fed::fetch_started(&rt);
+            let b = rt.backends.clone();
+            Federated::Fetch(b, track(Track::Fetch(rt), Some(guard), None))
+        }
+        Route::Redirect(location) => {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+                b"served by another cluster\n",
+            ))));
+            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Federated::Redirect(r)
+        }
+    }
+}
+
 /// The backend's response head and body, the lease on that backend and its
 /// health cell (home of its idle connections); or a local error response.
 type Forwarded = (
@@ -424,6 +614,7 @@ type Forwarded = (
 
 async fn forward(
     sh: &Arc<Shared>,
+    be: &Arc<crate::backends::Backends>,
     conn: &ConnState,
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -480,11 +671,11 @@ async fn forward(
         }
     };
 
-    let table: Arc<Table> = sh.backends.load_full();
-    let selector = sh.backends.selector();
+    let table: Arc<Table> = be.load_full();
+    let selector = be.selector();
     let key = RequestKey {
         target: pq,
-        now_ms: sh.backends.clock().now_ms(),
+        now_ms: be.clock().now_ms(),
     };
     // A request without a body can be replayed on another backend when the
     // first could not be connected to: nothing was sent.
@@ -526,7 +717,7 @@ async fn forward(
         let res = {
             let _w = Waiting::new(&conn.waiting);
             // The deadline from the coarse clock: no clock read per request.
-            let deadline = sh.backends.clock().start()
+            let deadline = be.clock().start()
                 + Duration::from_millis(key.now_ms)
                 + sh.backend_timeout;
             tokio::time::timeout_at(deadline.into(), async {
@@ -535,7 +726,7 @@ async fn forward(
                 // a body goes again on another connection.
                 let mut stale_tries = 0;
                 loop {
-                    let Some((mut c, reused)) = checkout(sh, cell, addr).await else {
+                    let Some((mut c, reused)) = checkout(sh, be, cell, addr).await else {
                         return Sent::Connect;
                     };
                     let up = body
@@ -581,7 +772,7 @@ async fn forward(
                 ));
             }
             Ok(Sent::Ok(h, c, up)) => {
-                sh.backends.on_status(&table, i, h.parts.status.as_u16());
+                be.on_status(&table, i, h.parts.status.as_u16());
                 let mut rp = h.parts;
                 strip_hop_by_hop(&mut rp.headers);
                 rp.version = Version::HTTP_11;
@@ -589,7 +780,7 @@ async fn forward(
                 if let Err(e) = rb.check_first_chunk().await {
                     tracing::debug!("backend {addr}: {e}");
                     sh.metrics.error(ErrorKind::BackendReset);
-                    sh.backends.on_status(&table, i, 502);
+                    be.on_status(&table, i, 502);
                     return Err(local(
                         StatusCode::BAD_GATEWAY,
                         "the backend's response was malformed\n",
@@ -604,7 +795,7 @@ async fn forward(
             }
             Ok(Sent::Connect) => {
                 sh.metrics.error(ErrorKind::Connect);
-                sh.backends.eject(&table, i);
+                be.eject(&table, i);
                 drop(lease);
                 if !last {
                     sh.metrics.retries.fetch_add(1, Relaxed);
@@ -626,7 +817,7 @@ async fn forward(
             Ok(Sent::Reset(e)) => {
                 tracing::debug!("backend {}: {e}", table.set.get(i).addr());
                 sh.metrics.error(ErrorKind::BackendReset);
-                sh.backends.on_status(&table, i, 502);
+                be.on_status(&table, i, 502);
                 drop(lease);
                 if safe && bodiless && !last {
                     sh.metrics.retries.fetch_add(1, Relaxed);
@@ -639,7 +830,7 @@ async fn forward(
             }
             Err(_) => {
                 sh.metrics.error(ErrorKind::Timeout);
-                sh.backends.on_status(&table, i, 504);
+                be.on_status(&table, i, 504);
                 return Err(local(
                     StatusCode::GATEWAY_TIMEOUT,
                     "the backend timed out\n",

@@ -127,6 +127,7 @@ pub async fn serve_proxy(
             m.connections.fetch_add(1, Relaxed);
             let state = Arc::new(ConnState {
                 forwarded_for: forwarded_for_value(peer),
+                fd: Some(std::os::fd::AsRawFd::as_raw_fd(&stream)),
                 ..ConnState::default()
             });
             let io = TokioIo::new(Tracked::new(stream, state.clone(), clock.clone()));
@@ -442,6 +443,7 @@ pub async fn serve_admin(
     backends: Arc<Backends>,
     metrics: Arc<Metrics>,
     auth: AdminAuth,
+    fed: Option<Arc<crate::federation::Fed>>,
 ) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -451,9 +453,17 @@ pub async fn serve_admin(
         let backends = backends.clone();
         let metrics = metrics.clone();
         let auth = auth.clone();
+        let fed = fed.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                admin(backends.clone(), metrics.clone(), auth.clone(), peer, req)
+                admin(
+                    backends.clone(),
+                    metrics.clone(),
+                    auth.clone(),
+                    fed.clone(),
+                    peer,
+                    req,
+                )
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -478,6 +488,7 @@ async fn admin(
     backends: Arc<Backends>,
     metrics: Arc<Metrics>,
     auth: AdminAuth,
+    fed: Option<Arc<crate::federation::Fed>>,
     peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -531,7 +542,7 @@ async fn admin(
                     Ok(urls) => text(
                         StatusCode::OK,
                         json,
-                        serde_json::to_string(&crate::explain_live(&backends, &urls))
+                        serde_json::to_string(&crate::explain_live(&backends, &urls, fed.as_deref()))
                             .unwrap_or_default(),
                     ),
                     Err(e) => text(

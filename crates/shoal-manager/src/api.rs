@@ -33,6 +33,8 @@ pub struct Ctx {
     pub node_cert_ttl: std::time::Duration,
     /// Parallel jobs and the DPS banker.
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Federation with other clusters (H-SWEB).
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// An API error: an HTTP status and a message that names the fix.
@@ -209,6 +211,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(crate::service_api::routes())
         .merge(crate::node_api::routes())
         .merge(crate::job_api::routes())
+        .merge(crate::federation::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,

@@ -34,11 +34,16 @@ const PAGE: &str = include_str!("assets/dashboard.html");
 /// and per-backend loads), as JSON values.
 pub type ServicesView = Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>;
 
+/// Produces the federation part of a snapshot (`GET /v1/federation`'s
+/// answer), when the manager has federated peers.
+pub type FederationView = Arc<dyn Fn() -> Option<serde_json::Value> + Send + Sync>;
+
 #[derive(Clone)]
 struct Ctx {
     registry: Arc<Registry>,
     services: ServicesView,
     overlay: crate::OverlayView,
+    federation: Option<FederationView>,
 }
 
 fn snapshot(ctx: &Ctx) -> serde_json::Value {
@@ -47,6 +52,7 @@ fn snapshot(ctx: &Ctx) -> serde_json::Value {
         "nodes": ctx.registry.nodes(),
         "services": (ctx.services)(),
         "overlay": ctx.overlay.0.as_ref().and_then(|f| f()),
+        "federation": ctx.federation.as_ref().and_then(|f| f()),
     });
     redact(&mut v);
     v
@@ -159,6 +165,7 @@ pub fn router(
     registry: Arc<Registry>,
     services: ServicesView,
     overlay: crate::OverlayView,
+    federation: Option<FederationView>,
     names: Vec<String>,
     port: u16,
     token: Option<String>,
@@ -167,6 +174,7 @@ pub fn router(
         registry,
         services,
         overlay,
+        federation,
     };
     // Cookies are shared by every port of a host: one name per dashboard,
     // so two managers on one machine do not log each other out.

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod dashboard;
 pub mod engine;
+pub mod federation;
 pub mod job_api;
 pub mod jobs;
 pub mod logs;
@@ -236,7 +237,19 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     let tls = shoal_net::tls::server_config(&cert, &key, &ca.pem)?;
 
     metrics.follow_decisions(&registry);
+    // Peers are told the URL this manager answers on: the configured one,
+    // unless --listen moved it (then the address it listens on).
+    let fed_url = match &args.listen {
+        Some(_) if !local.ip().is_unspecified() => format!("https://{local}"),
+        _ => cfg.manager_url.clone(),
+    };
+    // Calls to peers leave from the listen address when it is a specific
+    // one (a multi-homed host answers peers from where it listens).
+    let source = (!local.ip().is_unspecified()).then_some(local.ip());
+    let federation = federation::Federation::open(dir.clone(), fed_url, source)?;
+    federation.start();
     let ctx = Arc::new(api::Ctx {
+        federation: federation.clone(),
         registry: registry.clone(),
         ca,
         trust: trust.clone(),
@@ -290,6 +303,14 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                     registry.clone(),
                     services_view(services.clone()),
                     args.overlay.clone(),
+                    Some({
+                        let f = federation.clone();
+                        Arc::new(move || {
+                            let st = f.status();
+                            (!st.peers.is_empty())
+                                .then(|| serde_json::to_value(st).unwrap_or_default())
+                        }) as dashboard::FederationView
+                    }),
                     names,
                     at.port(),
                     dash_token.clone(),

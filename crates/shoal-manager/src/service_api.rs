@@ -182,6 +182,13 @@ async fn report(
             "dispatcher must name the reporting dispatcher (its listen address)".into(),
         ));
     }
+    // A federated service's dispatcher gets the view it decides with.
+    let view = ctx
+        .federation
+        .on_report(&name, ctx.services.federation_spec(&name).as_ref(), &r);
     ctx.services.report(&name, r)?;
-    Ok(axum::Json(serde_json::json!({"ok": true})))
+    Ok(axum::Json(match view {
+        Some(v) => serde_json::json!({"ok": true, "federation": v}),
+        None => serde_json::json!({"ok": true}),
+    }))
 }

@@ -142,6 +142,19 @@ pub fn validate(s: &ServiceSpec) -> Result<(), SpecError> {
         bw.settings(&s.dispatch)
             .map_err(|e| err(&format!("bandwidth.{}", e.key), e.problem))?;
     }
+    if let Some(f) = &s.federation {
+        f.model()
+            .map_err(|(k, e)| err(&format!("federation.{k}"), e))?;
+        if let Some(p) = &f.public
+            && p.parse::<std::net::SocketAddr>().is_err()
+            && !p.contains(':')
+        {
+            return Err(err(
+                "federation.public",
+                format!("must be HOST:PORT (where peers redirect clients), got {p:?}"),
+            ));
+        }
+    }
     if !ADAPTORS.contains(&s.app.adaptor.as_str()) {
         return Err(err(
             "app.adaptor",
@@ -271,6 +284,14 @@ impl Services {
             .lock()
             .detail(name)
             .map_err(|_| ServiceError::NotFound(name.to_string()))
+    }
+
+    /// A service's `[federation]`, if it has one.
+    pub fn federation_spec(
+        &self,
+        name: &str,
+    ) -> Option<shoal_core::control::model::FederationSpec> {
+        self.shell.lock().spec(name)?.federation.clone()
     }
 
     /// A service's backend list.

@@ -85,8 +85,16 @@ pub struct ApiClient {
 }
 
 fn build(cfg: rustls::ClientConfig) -> Result<reqwest::Client, ApiError> {
+    build_from(cfg, None)
+}
+
+fn build_from(
+    cfg: rustls::ClientConfig,
+    source: Option<std::net::IpAddr>,
+) -> Result<reqwest::Client, ApiError> {
     reqwest::Client::builder()
         .use_preconfigured_tls(cfg)
+        .local_address(source)
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(60))
@@ -103,6 +111,22 @@ impl ApiClient {
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             http: build(cfg)?,
+        })
+    }
+
+    /// [`ApiClient::new`] whose connections come from `source` (a manager
+    /// calls its federated peers from its own listen address).
+    pub fn new_from(
+        base: &str,
+        ca_pem: &str,
+        identity: Option<(&str, &str)>,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Self, ApiError> {
+        let cfg =
+            tls::client_config(ca_pem, identity).map_err(|e| ApiError::Setup(e.to_string()))?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http: build_from(cfg, source)?,
         })
     }
 
@@ -244,6 +268,27 @@ impl ApiClient {
         Ok(r)
     }
 
+    /// GET whose body the caller reads itself (a probe of the link), after
+    /// the status is checked.
+    pub async fn get_response(&self, path: &str) -> Result<reqwest::Response, ApiError> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !r.status().is_success() {
+            return self.decode::<()>(path, r).await.map(|_| unreachable!());
+        }
+        Ok(r)
+    }
+
+    /// Reads the next chunk of a response body (see
+    /// [`ApiClient::get_response`]) and returns its length; `None` at the end.
+    pub async fn chunk_len(&self, r: &mut reqwest::Response) -> Result<Option<usize>, ApiError> {
+        Ok(r.chunk().await.map_err(|e| self.unreachable(e))?.map(|c| c.len()))
+    }
+
     /// The pool's status.
     pub async fn status(&self) -> Result<StatusResponse, ApiError> {
         self.get("/v1/status").await
@@ -301,6 +346,29 @@ pub async fn join(
     roles: &[String],
 ) -> Result<(String, String, String), ApiError> {
     let base = url.trim_end_matches('/');
+    let ca_pem = pinned_ca(base, token).await?;
+    let (key_pem, csr_pem) =
+        crate::identity::node_key_and_csr(name).map_err(|e| ApiError::Setup(e.to_string()))?;
+    let pinned = ApiClient::new(base, &ca_pem, None)?;
+    let resp: JoinResponse = pinned
+        .post(
+            "/v1/join",
+            &JoinRequest {
+                token: token.to_string(),
+                name: name.to_string(),
+                csr_pem,
+                roles: roles.to_vec(),
+            },
+        )
+        .await?;
+    Ok((ca_pem, key_pem, resp.cert_pem))
+}
+
+/// Fetches the CA of the manager at `url` and checks it against the
+/// fingerprint a token pins: the first step of a join and of a federation
+/// link. Returns the CA's PEM.
+pub async fn pinned_ca(url: &str, token: &Token) -> Result<String, ApiError> {
+    let base = url.trim_end_matches('/');
     let boot = ApiClient {
         base: base.to_string(),
         http: build(tls::bootstrap_client_config().map_err(|e| ApiError::Setup(e.to_string()))?)?,
@@ -323,19 +391,5 @@ pub async fn join(
             want: hex::encode(token.ca_fingerprint),
         });
     }
-    let (key_pem, csr_pem) =
-        crate::identity::node_key_and_csr(name).map_err(|e| ApiError::Setup(e.to_string()))?;
-    let pinned = ApiClient::new(base, &ca_pem, None)?;
-    let resp: JoinResponse = pinned
-        .post(
-            "/v1/join",
-            &JoinRequest {
-                token: token.to_string(),
-                name: name.to_string(),
-                csr_pem,
-                roles: roles.to_vec(),
-            },
-        )
-        .await?;
-    Ok((ca_pem, key_pem, resp.cert_pem))
+    Ok(ca_pem)
 }

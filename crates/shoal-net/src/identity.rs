@@ -267,6 +267,10 @@ pub struct ClusterConfig {
     pub lease_ttl_secs: f64,
     /// UDP port for multicast discovery.
     pub discovery_port: u16,
+    /// The cluster's name among federated clusters (`shoal init --name`);
+    /// default: `c` and the first 8 hex digits of the CA's fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -276,6 +280,7 @@ impl Default for ClusterConfig {
             manager_url: "https://127.0.0.1:7400".into(),
             lease_ttl_secs: 6.0,
             discovery_port: crate::discovery::DEFAULT_PORT,
+            name: None,
         }
     }
 }
@@ -335,6 +340,9 @@ pub struct InitOutput {
 pub const ADMIN_CN: &str = "shoal-admin";
 /// Prefix of node identities' common names.
 pub const NODE_CN_PREFIX: &str = "node:";
+/// Prefix of a federated peer cluster's common name (`federation:<cluster>`)
+/// on the client certificate this cluster's CA issued it.
+pub const FEDERATION_CN_PREFIX: &str = "federation:";
 /// Prefix of dispatcher identities' common names (`dispatcher:<service>`).
 pub const DISPATCHER_CN_PREFIX: &str = "dispatcher:";
 /// Files of a dispatcher's directory (`shoal cert dispatcher --out DIR`).

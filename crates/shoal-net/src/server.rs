@@ -34,6 +34,12 @@ impl Peer {
             .as_deref()
             .and_then(|c| c.strip_prefix(crate::identity::DISPATCHER_CN_PREFIX))
     }
+    /// The peer cluster, when the peer is a federated cluster's manager.
+    pub fn federation(&self) -> Option<&str> {
+        self.cn
+            .as_deref()
+            .and_then(|c| c.strip_prefix(crate::identity::FEDERATION_CN_PREFIX))
+    }
     /// Whether the peer holds the administrator certificate.
     pub fn is_admin(&self) -> bool {
         self.cn.as_deref() == Some(crate::identity::ADMIN_CN)

@@ -992,6 +992,7 @@ impl Sim {
             dispatcher: format!("d{svc}"),
             version: list.version,
             backends,
+            federation: None,
         };
         let service = self.services[s].clone();
         self.input(Input::Report { service, report });
@@ -1364,6 +1365,7 @@ impl ClusterConfig {
                 season_secs: season,
             },
             bandwidth: None,
+            federation: None,
         }
     }
 }

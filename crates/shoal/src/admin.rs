@@ -91,6 +91,10 @@ pub struct InitArgs {
     /// Lease TTL (e.g. 6s, 1500ms).
     #[arg(long, default_value = "6s", value_parser = shoal_core::duration::parse_positive_secs)]
     pub lease_ttl: f64,
+    /// The cluster's name among federated clusters (`shoal federation`);
+    /// default: `c` and 8 hex digits of its CA's fingerprint.
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 pub fn init(a: InitArgs) -> anyhow::Result<()> {
@@ -110,6 +114,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
         listen: a.listen.clone(),
         manager_url: url.clone(),
         lease_ttl_secs: a.lease_ttl,
+        name: a.name.clone(),
         ..Default::default()
     };
     let dir = cluster_dir(a.dir.as_deref())?;

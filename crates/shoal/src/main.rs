@@ -5,10 +5,12 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod bench_agents;
 mod bench_dps;
+mod bench_federation;
 mod bench_overlay;
 mod bench_timestamps;
 mod bench_vibra;
 mod inspect;
+mod federation;
 mod job;
 mod node;
 mod overlay;
@@ -62,6 +64,11 @@ enum Cmd {
     /// run, list, show, stop.
     #[command(subcommand)]
     Job(job::JobCmd),
+    /// Federation with clusters in other places (H-SWEB): join, status,
+    /// leave. A service with `[federation]` then sends each request where
+    /// it finishes first.
+    #[command(subcommand)]
+    Federation(federation::FederationCmd),
     /// The built-in static file server (the default demo app).
     Www(shoal_agent::www::WwwArgs),
     /// Run an L7 dispatcher for a service.
@@ -206,6 +213,12 @@ enum BenchCmd {
     ///
     /// Example: shoal bench vibra --duration 40s --caps 2.4,2.7,3.0 --json
     Vibra(bench_vibra::BenchVibraArgs),
+    /// H-SWEB between two real clusters in a private network namespace:
+    /// Table 1's decisions, speedups over local-only and always-redirect,
+    /// CPU shedding, a dead peer, the exchange's overhead (root).
+    ///
+    /// Example: shoal bench federation --json
+    Federation(bench_federation::BenchFederationArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -232,6 +245,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
         Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
         Cmd::Bench(BenchCmd::Vibra(a)) => bench_vibra::run(a),
+        Cmd::Bench(BenchCmd::Federation(a)) => bench_federation::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -271,6 +285,7 @@ fn main() -> std::process::ExitCode {
                     Cmd::Cert(admin::CertCmd::Revoke(a)) => admin::cert_revoke(a).await,
                     Cmd::Service(c) => service::run(c).await,
                     Cmd::Job(c) => job::run(c).await,
+                    Cmd::Federation(c) => federation::run(c).await,
                     Cmd::Up(a) => up::run(a).await,
                     Cmd::Overlay(c) => overlay::run(c).await,
                     Cmd::AuthAgent(a) => overlay::auth_agent(a).await,
@@ -282,6 +297,7 @@ fn main() -> std::process::ExitCode {
                     | Cmd::Bench(BenchCmd::Dps(_))
                     | Cmd::Bsp(_)
                     | Cmd::Bench(BenchCmd::Vibra(_))
+                    | Cmd::Bench(BenchCmd::Federation(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)

@@ -200,6 +200,9 @@ fn spec(
                 if let Some(mb) = params.get("cache_mb") {
                     args.extend(["--cache-mb".into(), mb.clone()]);
                 }
+                if let Some(c) = params.get("cpus") {
+                    args.extend(["--cpus".into(), c.clone()]);
+                }
                 return Ok(Spec {
                     program: exe.display().to_string(),
                     args,

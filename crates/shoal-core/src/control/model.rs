@@ -323,11 +323,22 @@ pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
         "nginx" | "www" => {
             let www = adaptor == "www";
             if let Some(k) = params.keys().find(|k| {
-                !(matches!(k.as_str(), "listen" | "root") || (www && k.as_str() == "cache_mb"))
+                !(matches!(k.as_str(), "listen" | "root")
+                    || (www && matches!(k.as_str(), "cache_mb" | "cpus")))
             }) {
                 return Err(format!(
                     "unknown parameter {k:?} for the {adaptor} adaptor; use listen and root{}",
-                    if www { " (and cache_mb)" } else { "" }
+                    if www { " (and cache_mb, cpus)" } else { "" }
+                ));
+            }
+            if let Some(v) = params.get("cpus")
+                && !v
+                    .trim()
+                    .parse::<f64>()
+                    .is_ok_and(|x| (0.01..=1024.0).contains(&x))
+            {
+                return Err(format!(
+                    "cpus must be a number of CPUs from 0.01 to 1024, e.g. 0.5, got {v:?}"
                 ));
             }
             if let Some(v) = params.get("cache_mb")
@@ -589,6 +600,73 @@ pub struct ServiceSpec {
     /// (Vibra); none: nodes are not shaped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<BandwidthSpec>,
+    /// Federation with other clusters (H-SWEB): requests go where they
+    /// finish first; none: every request is served here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationSpec>,
+}
+
+/// `[federation]` in a service file: this service's requests may be
+/// fetched from, or redirected to, the clusters this one is federated with
+/// (`shoal federation join`) that run a service of the same name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSpec {
+    /// Local predictions at or under this are served here without looking
+    /// at any peer (H-SWEB's "predetermined constant").
+    #[serde(default = "default_fed_threshold")]
+    pub threshold: String,
+    /// The bandwidth assumed from this cluster to its own clients, Mbit/s.
+    #[serde(default = "default_client_mbit")]
+    pub client_mbit: f64,
+    /// A node's storage bandwidth, Mbit/s.
+    #[serde(default = "default_disk_mbit")]
+    pub disk_mbit: f64,
+    /// The address peers redirect clients to (HOST:PORT); default: the
+    /// reporting dispatcher's listen address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<String>,
+    /// `cost` (the default: the cost model decides), or a baseline:
+    /// `local` (never redirect, fetch what is not here) or `redirect`
+    /// (always redirect to a peer holding the data).
+    #[serde(default)]
+    pub mode: crate::federation::Mode,
+}
+
+fn default_fed_threshold() -> String {
+    "50ms".into()
+}
+fn default_client_mbit() -> f64 {
+    1000.0
+}
+fn default_disk_mbit() -> f64 {
+    4000.0
+}
+
+impl FederationSpec {
+    /// The cost model's settings, or which key is wrong and why.
+    pub fn model(&self) -> Result<crate::federation::Model, (&'static str, String)> {
+        let t = crate::duration::parse_secs(&self.threshold)
+            .map_err(|e| ("threshold", e.to_string()))?;
+        if !(0.0..=60.0).contains(&t) {
+            return Err((
+                "threshold",
+                format!("must be between 0 and 60 s, got {}", self.threshold),
+            ));
+        }
+        for (k, v) in [("client_mbit", self.client_mbit), ("disk_mbit", self.disk_mbit)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err((k, format!("must be a positive number of Mbit/s, got {v}")));
+            }
+        }
+        Ok(crate::federation::Model {
+            mode: self.mode,
+            threshold_ms: t * 1e3,
+            client_mbit: self.client_mbit,
+            disk_mbit: self.disk_mbit,
+            ..crate::federation::Model::default()
+        })
+    }
 }
 
 /// `[bandwidth]` in a service file: the total BW split by eq. 3.1/3.2
@@ -794,6 +872,9 @@ pub struct DispatchReport {
     pub version: u64,
     /// Its backends.
     pub backends: Vec<BackendLoad>,
+    /// What a federated service's dispatcher adds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<crate::federation::wire::FedReport>,
 }
 
 /// One monitor sample of a service.

@@ -300,6 +300,7 @@ mod tests {
                 in_flight: 0,
                 rps: 2.0 * active,
             }],
+            federation: None,
         }
     }
 

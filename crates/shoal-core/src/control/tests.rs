@@ -136,6 +136,7 @@ impl Rig {
                 dispatcher: "d1".into(),
                 version: list.version,
                 backends,
+                federation: None,
             },
         })
         .unwrap();

@@ -38,9 +38,28 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How a service's requests are placed: by the cost model, or one of the
+/// two baselines H-SWEB is measured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The cost model decides.
+    #[default]
+    Cost,
+    /// Local only: every request is served by the cluster it reached; data
+    /// held elsewhere is fetched (no redirect, no peer's CPU).
+    Local,
+    /// Always redirect to a peer that holds the data (or, for a request
+    /// every cluster can answer, to the least loaded peer).
+    Redirect,
+}
+
 /// The model's settings (a service's `[federation]`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Model {
+    /// Cost model or a baseline.
+    #[serde(default)]
+    pub mode: Mode,
     /// Local predictions at or under this many ms are served locally
     /// without looking at any peer.
     pub threshold_ms: f64,
@@ -55,6 +74,7 @@ pub struct Model {
 impl Default for Model {
     fn default() -> Self {
         Self {
+            mode: Mode::Cost,
             threshold_ms: 50.0,
             client_mbit: 1000.0,
             disk_mbit: 4000.0,
@@ -106,6 +126,25 @@ pub struct PeerView {
     pub holds: Option<u64>,
     /// P's unloaded service time for the request's class, if it timed it.
     pub base_ms: Option<f64>,
+    /// Redirect this request to learn the path from P to our clients (see
+    /// [`explore_now`]).
+    pub explore: bool,
+}
+
+/// Smallest response whose delivery rate measures a path (bytes).
+pub const MIN_MEASURED_BYTES: u64 = 64 * 1024;
+
+/// One in this many requests that could measure an unmeasured path from a
+/// peer to our clients is redirected to measure it.
+pub const EXPLORE_EVERY: u64 = 5;
+
+/// Whether the `n`-th request (from 0) that could measure an unmeasured
+/// client path explores: the first, then one in [`EXPLORE_EVERY`]. The path
+/// from a peer to our clients is measured only on clients redirected there,
+/// so without this a redirect that the prior (the clusters' own link)
+/// makes look slower would never be tried, and never found faster.
+pub fn explore_now(n: u64) -> bool {
+    n % EXPLORE_EVERY == 0
 }
 
 /// One request's inputs.
@@ -294,6 +333,57 @@ impl Model {
                     .into(),
             };
         }
+        let holders = || {
+            i.peers
+                .iter()
+                .filter(|p| p.alive && p.nodes > 0 && p.holds.is_some())
+        };
+        match self.mode {
+            Mode::Cost => {}
+            Mode::Local => {
+                if let Some(l) = local {
+                    return Decision {
+                        chosen: Placement::Local,
+                        candidates: vec![l],
+                        consulted: false,
+                        reason: "local-only mode".into(),
+                    };
+                }
+                let Some(p) = holders().next() else {
+                    return Decision {
+                        chosen: Placement::Local,
+                        candidates: Vec::new(),
+                        consulted: false,
+                        reason: "local-only mode; no live peer holds the object".into(),
+                    };
+                };
+                let c = self.fetch(i, p, p.holds.unwrap_or(0));
+                return Decision {
+                    chosen: c.placement.clone(),
+                    candidates: vec![c],
+                    consulted: false,
+                    reason: "local-only mode: the object is not here, fetched".into(),
+                };
+            }
+            Mode::Redirect => {
+                let best = holders().min_by(|a, b| Self::peer_load(a).total_cmp(&Self::peer_load(b)));
+                if let Some(p) = best {
+                    let c = self.redirect(i, p, p.holds.unwrap_or(0));
+                    return Decision {
+                        chosen: c.placement.clone(),
+                        candidates: vec![c],
+                        consulted: true,
+                        reason: "always-redirect mode".into(),
+                    };
+                }
+                return Decision {
+                    chosen: Placement::Local,
+                    candidates: local.into_iter().collect(),
+                    consulted: true,
+                    reason: "always-redirect mode; no live peer holds the object".into(),
+                };
+            }
+        }
         if let Some(l) = &local
             && l.total_ms <= self.threshold_ms
         {
@@ -326,6 +416,31 @@ impl Model {
                     .into(),
             },
             Some(b) => {
+                // Learning the peer's path to our clients beats the cost
+                // estimate made without it, now and then.
+                if !matches!(b.placement, Placement::Redirect(_))
+                    && let Some(p) = i.peers.iter().find(|p| {
+                        p.explore
+                            && p.alive
+                            && p.client_path.is_none()
+                            && p.holds.is_some_and(|s| s >= MIN_MEASURED_BYTES)
+                    })
+                    && let Some(c) = cands
+                        .iter()
+                        .find(|c| c.placement == Placement::Redirect(p.cluster.clone()))
+                {
+                    return Decision {
+                        chosen: c.placement.clone(),
+                        reason: format!(
+                            "exploring: {} has not measured the path to our clients yet (one request in {EXPLORE_EVERY} that could measure it); the estimate said {} {:.1} ms",
+                            p.cluster,
+                            b.placement.kind(),
+                            b.total_ms
+                        ),
+                        candidates: cands.clone(),
+                        consulted: true,
+                    };
+                }
                 let reason = match (&b.placement, &local) {
                     (Placement::Local, _) => format!(
                         "local {:.1} ms is over the threshold but still the fastest",

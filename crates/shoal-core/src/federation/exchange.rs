@@ -10,7 +10,8 @@
 //! one is never queued behind the last), at least `min`. While the
 //! summaries change (a load moved by more than 10 %, a node came or went,
 //! the object list changed) the interval stays at that floor; while they
-//! do not, it doubles up to `max`, so a quiet federation costs little. The
+//! do not, it doubles up to `max` (2 s: a dead peer is then noticed within 7 s),
+//! so a quiet federation costs little. The
 //! paper's own budget, under 1 % of the network, is the default.
 //!
 //! Dead (notes UV8): nothing heard from the peer (a request of its own or
@@ -41,7 +42,7 @@ impl Default for IntervalRule {
         Self {
             budget: 0.01,
             min_secs: 0.5,
-            max_secs: 4.0,
+            max_secs: 2.0,
             ceiling_secs: 60.0,
         }
     }

@@ -15,12 +15,14 @@
 pub mod cost;
 pub mod exchange;
 pub mod summary;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;
 
 pub use cost::{
-    Candidate, CostInputs, Decision, Model, Path as NetPath, PeerView, Placement, Terms,
+    Candidate, CostInputs, Decision, EXPLORE_EVERY, MIN_MEASURED_BYTES, Mode, Model,
+    Path as NetPath, PeerView, Placement, Terms, explore_now,
 };
 pub use exchange::{IntervalRule, Liveness};
 pub use summary::{ClassTime, ClientPath, Summary, aggregate, object_key, summarize};

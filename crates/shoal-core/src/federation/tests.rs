@@ -24,6 +24,7 @@ fn uv2_supercluster_is_node_weighted() {
 
 fn model() -> Model {
     Model {
+        mode: Mode::Cost,
         threshold_ms: 50.0,
         client_mbit: 100.0,
         disk_mbit: 4000.0,
@@ -49,6 +50,7 @@ fn peer(holds: Option<u64>) -> PeerView {
         pending: 0.0,
         holds,
         base_ms: None,
+        explore: false,
     }
 }
 
@@ -223,15 +225,15 @@ fn uv9_interval_within_one_percent_of_the_link() {
     // A fast link: the 0.5 s floor; a long RTT: two of them.
     close(r.floor(2000, 1000.0, 10.0), 0.5);
     close(r.floor(2000, 1000.0, 400.0), 0.8);
-    // Unchanged summaries back off to 4 s; a change snaps back.
+    // Unchanged summaries back off to 2 s; a change snaps back.
     let mut t = 0.5;
     for _ in 0..5 {
         t = r.next(t, 2000, 1000.0, 10.0, false);
     }
-    close(t, 4.0);
+    close(t, 2.0);
     close(r.next(t, 2000, 1000.0, 10.0, true), 0.5);
     // A link too slow for the budget at 4 s: the budget wins, up to 60 s.
-    close(r.next(4.0, 100_000, 0.1, 10.0, false), 60.0);
+    close(r.next(2.0, 100_000, 0.1, 10.0, false), 60.0);
 }
 
 #[test]
@@ -272,4 +274,48 @@ fn object_keys_ignore_the_query_class_keys_do_not() {
         summary::class_key("/burn?ms=1"),
         summary::class_key("/burn?ms=2")
     );
+}
+
+#[test]
+fn the_baselines_fetch_or_redirect_whatever_the_costs() {
+    let peers = [peer(Some(10_000))];
+    let local_only = Model {
+        mode: Mode::Local,
+        ..model()
+    };
+    assert_eq!(
+        local_only.decide(&inputs(None, &peers)).chosen,
+        Placement::Fetch("p".into())
+    );
+    assert_eq!(
+        local_only.decide(&inputs(Some(10), &peers)).chosen,
+        Placement::Local
+    );
+    let always = Model {
+        mode: Mode::Redirect,
+        ..model()
+    };
+    assert_eq!(
+        always.decide(&inputs(Some(10), &peers)).chosen,
+        Placement::Redirect("p".into())
+    );
+}
+
+#[test]
+fn an_unmeasured_client_path_is_explored_now_and_then() {
+    let mut p = peer(Some(1_500_000));
+    p.client_path = None;
+    let d = model().decide(&inputs(None, &[p.clone()]));
+    assert_eq!(d.chosen, Placement::Fetch("p".into()));
+    p.explore = true;
+    let d = model().decide(&inputs(None, &[p.clone()]));
+    assert_eq!(d.chosen, Placement::Redirect("p".into()));
+    assert!(d.reason.starts_with("exploring"), "{}", d.reason);
+    // Too small to measure anything: no exploration.
+    p.holds = Some(10_000);
+    assert_eq!(
+        model().decide(&inputs(None, &[p])).chosen,
+        Placement::Fetch("p".into())
+    );
+    assert!(explore_now(0) && !explore_now(1) && explore_now(EXPLORE_EVERY));
 }
