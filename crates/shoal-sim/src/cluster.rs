@@ -828,6 +828,7 @@ impl Sim {
                 endpoint: None,
                 message: (a.state == AppState::Failed).then(|| "exited with status 1".into()),
                 bandwidth: None,
+                stream: None,
             })
             .collect();
         let input = Input::Renew {
@@ -1364,6 +1365,7 @@ impl ClusterConfig {
                 season_secs: season,
             },
             bandwidth: None,
+            stream: None,
         }
     }
 }

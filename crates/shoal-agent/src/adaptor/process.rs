@@ -25,6 +25,9 @@ pub enum Flavor {
     Nginx,
     /// The built-in `shoal www` static server: `listen`, `root`.
     Www,
+    /// Debian's icecast2 with a private configuration: `listen`, `mounts`,
+    /// `max_listeners`, `burst_kb`, `relay_from`, `secret.source_password`.
+    Icecast,
 }
 
 impl Flavor {
@@ -33,6 +36,7 @@ impl Flavor {
             Flavor::Process => "process",
             Flavor::Nginx => "nginx",
             Flavor::Www => "www",
+            Flavor::Icecast => "icecast",
         }
     }
 }
@@ -52,6 +56,8 @@ struct Spec {
     files: Vec<(PathBuf, String)>,
     health: Option<Health>,
     endpoint: Option<String>,
+    /// The icecast adaptor's configuration (its stats are read with it).
+    icecast: Option<super::icecast::Config>,
 }
 
 const NGINX_CONF: &str = r#"# Written by the shoal agent; edits are overwritten by `set`.
@@ -176,6 +182,7 @@ fn spec(
                 files,
                 health: health.as_deref().map(parse_health).transpose()?,
                 endpoint: params.get("endpoint").cloned(),
+                icecast: None,
             })
         }
         Flavor::Nginx | Flavor::Www => {
@@ -207,6 +214,7 @@ fn spec(
                     files: Vec::new(),
                     health: Some(Health::Tcp(listen.clone())),
                     endpoint: Some(listen),
+                    icecast: None,
                 });
             }
             let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
@@ -242,9 +250,60 @@ fn spec(
                 files: vec![(conf, render(&env, "nginx.conf", NGINX_CONF, &ctx)?)],
                 health: Some(Health::Tcp(listen.clone())),
                 endpoint: Some(listen),
+                icecast: None,
+            })
+        }
+        Flavor::Icecast => {
+            let cfg = super::icecast::Config::from_params(params)?;
+            if !Path::new(super::icecast::PROGRAM).exists() {
+                return Err(AdaptorError::Spawn(format!(
+                    "icecast2 is not installed on node {node} ({} is missing; apt-get install -y icecast2)",
+                    super::icecast::PROGRAM
+                )));
+            }
+            let conf = app_dir.join("icecast.xml");
+            let xml = cfg.render(
+                &app_dir.join("icecast-log"),
+                nix::unistd::geteuid().is_root(),
+            );
+            let listen = cfg.listen.to_string();
+            Ok(Spec {
+                program: super::icecast::PROGRAM.into(),
+                args: vec!["-c".into(), conf.display().to_string()],
+                env: Vec::new(),
+                files: vec![(conf, xml)],
+                health: Some(Health::Tcp(listen.clone())),
+                endpoint: Some(listen),
+                icecast: Some(cfg),
             })
         }
     }
+}
+
+/// Gives `path` to the user icecast switches to, so that it can re-read
+/// its configuration on SIGHUP and write its access log.
+fn give_to_icecast_user(path: &Path) -> Result<(), AdaptorError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let (u, g) = super::icecast::RUN_AS;
+    let uid = nix::unistd::User::from_name(u)
+        .ok()
+        .flatten()
+        .map(|x| x.uid);
+    let gid = nix::unistd::Group::from_name(g)
+        .ok()
+        .flatten()
+        .map(|x| x.gid);
+    if uid.is_none() {
+        return Err(AdaptorError::Spawn(format!(
+            "icecast refuses to run as root and this node has no user {u:?} to run it as; create it (adduser --system {u})"
+        )));
+    }
+    nix::unistd::chown(path, uid, gid).map_err(|e| AdaptorError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
 }
 
 /// A process a previous run of the agent started and this one took over:
@@ -404,6 +463,17 @@ impl ProcessApp {
             f.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(io)?;
             f.write_all(text.as_bytes()).map_err(io)?;
+            if self.flavor == Flavor::Icecast {
+                give_to_icecast_user(path)?;
+            }
+        }
+        if self.flavor == Flavor::Icecast {
+            let logs = self.dir.join("icecast-log");
+            std::fs::create_dir_all(&logs).map_err(|source| AdaptorError::Io {
+                path: logs.clone(),
+                source,
+            })?;
+            give_to_icecast_user(&logs)?;
         }
         Ok(())
     }
@@ -667,6 +737,11 @@ impl Adaptor for ProcessApp {
                 }
             }
         }
+        // icecast's own figures: listeners per mount, bytes sent.
+        let stream = match (&self.spec.icecast, self.state) {
+            (Some(cfg), AppState::Running) => super::icecast::fetch_stats(cfg).await.ok(),
+            _ => None,
+        };
         AppStatus {
             id: self.id.clone(),
             adaptor: self.flavor.name().to_string(),
@@ -676,6 +751,7 @@ impl Adaptor for ProcessApp {
             endpoint: self.spec.endpoint.clone(),
             message: self.message.clone(),
             bandwidth: None,
+            stream,
         }
     }
 
@@ -741,6 +817,19 @@ impl Adaptor for ProcessApp {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
+            if let Some(pid) = self.pid {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+            }
+            return Ok(());
+        }
+        let same_socket =
+            self.spec.icecast.as_ref().map(|c| c.listen) == new.icecast.as_ref().map(|c| c.listen);
+        if self.flavor == Flavor::Icecast && running && same_socket {
+            // icecast re-reads its configuration on SIGHUP and keeps its
+            // listeners (mounts, limits, relays, passwords change in place);
+            // a new listen socket needs a restart.
+            self.spec = new;
+            self.write_files()?;
             if let Some(pid) = self.pid {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
             }
