@@ -1365,7 +1365,6 @@ impl ClusterConfig {
                 season_secs: season,
             },
             bandwidth: None,
-            stream: None,
         }
     }
 }

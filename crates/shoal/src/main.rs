@@ -6,6 +6,7 @@ mod admin;
 mod bench_agents;
 mod bench_dps;
 mod bench_overlay;
+mod bench_stream;
 mod bench_timestamps;
 mod bench_vibra;
 mod inspect;
@@ -15,6 +16,7 @@ mod overlay;
 mod overlay_apps;
 mod overlay_utility;
 mod service;
+mod stream;
 mod up;
 mod up_selfdeploy;
 
@@ -206,6 +208,12 @@ enum BenchCmd {
     ///
     /// Example: shoal bench vibra --duration 40s --caps 2.4,2.7,3.0 --json
     Vibra(bench_vibra::BenchVibraArgs),
+    /// LAMA's audio-streaming experiment live: icecast relays placed by
+    /// the controller on namespace hosts with tc caps, listeners arriving
+    /// and leaving as LAMA's workload does (root, icecast2).
+    ///
+    /// Example: shoal bench stream --saturate --levels 600,700,750,800 --hold 10s
+    Stream(bench_stream::BenchStreamArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -232,6 +240,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(BenchCmd::Overlay(a)) => bench_overlay::run(a),
         Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
         Cmd::Bench(BenchCmd::Vibra(a)) => bench_vibra::run(a),
+        Cmd::Bench(BenchCmd::Stream(a)) => bench_stream::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -282,6 +291,7 @@ fn main() -> std::process::ExitCode {
                     | Cmd::Bench(BenchCmd::Dps(_))
                     | Cmd::Bsp(_)
                     | Cmd::Bench(BenchCmd::Vibra(_))
+                    | Cmd::Bench(BenchCmd::Stream(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)

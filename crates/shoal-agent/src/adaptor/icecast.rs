@@ -6,8 +6,10 @@
 //! Debian's `icecast2` runs unmodified. As root it must drop privileges
 //! (`<changeowner>`, it refuses to run as root otherwise), and it re-reads
 //! its configuration on SIGHUP as that user, so the configuration file is
-//! given to that user (mode 0600): the source password stays readable by
-//! icecast and root only.
+//! given to that user (mode 0600) in a directory of its own under
+//! /run/shoal-icecast (the agent's directory may be closed to others): the
+//! source password stays readable by icecast and root only. Both of its
+//! logs go to stderr, the app's output.log.
 
 use super::AdaptorError;
 use shoal_net::wire::{MountStats, Params, StreamStats};
@@ -20,6 +22,21 @@ const SHARE: &str = "/usr/share/icecast2";
 /// The unprivileged user icecast switches to when started as root.
 pub const RUN_AS: (&str, &str) = ("nobody", "nogroup");
 
+/// Where icecast's configuration lives: the app directory, or as root a
+/// directory the unprivileged icecast can reach, named after the app
+/// directory (FNV-1a of its path).
+pub fn home(app_dir: &Path, as_root: bool) -> std::path::PathBuf {
+    if !as_root {
+        return app_dir.to_path_buf();
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in app_dir.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Path::new("/run/shoal-icecast").join(format!("{h:016x}"))
+}
+
 /// The configuration, checked parameters in, icecast.xml out.
 #[derive(Clone, PartialEq)]
 pub struct Config {
@@ -31,6 +48,8 @@ pub struct Config {
     pub max_listeners: u64,
     /// The burst a new listener gets at once, bytes (its start-up buffer).
     pub burst_bytes: u64,
+    /// How far a listener may fall behind before icecast drops it, bytes.
+    pub queue_bytes: u64,
     /// The master to relay every mount from, when this server is a relay.
     pub relay_from: Option<std::net::SocketAddr>,
     source_password: String,
@@ -45,6 +64,7 @@ impl std::fmt::Debug for Config {
             .field("mounts", &self.mounts)
             .field("max_listeners", &self.max_listeners)
             .field("burst_bytes", &self.burst_bytes)
+            .field("queue_bytes", &self.queue_bytes)
             .field("relay_from", &self.relay_from)
             .finish_non_exhaustive()
     }
@@ -96,6 +116,7 @@ impl Config {
                 .collect(),
             max_listeners: num("max_listeners", 1000),
             burst_bytes: num("burst_kb", 64) * 1024,
+            queue_bytes: num("queue_kb", 512) * 1024,
             relay_from,
             source_password,
             admin_password,
@@ -107,9 +128,9 @@ impl Config {
         ("admin", &self.admin_password)
     }
 
-    /// icecast.xml. `log_dir` must be writable by the user icecast runs as;
+    /// icecast.xml. `home` must be reachable by the user icecast runs as;
     /// `as_root` adds the `<changeowner>` icecast insists on as root.
-    pub fn render(&self, log_dir: &Path, as_root: bool) -> String {
+    pub fn render(&self, home: &Path, as_root: bool) -> String {
         use std::fmt::Write;
         let mut x = String::new();
         let ip = self.listen.ip();
@@ -122,12 +143,13 @@ impl Config {
         // Clients: every listener, plus sources, relays and admin requests.
         let _ = writeln!(
             x,
-            "  <limits><clients>{}</clients><sources>{}</sources><queue-size>524288</queue-size>\
+            "  <limits><clients>{}</clients><sources>{}</sources><queue-size>{}</queue-size>\
              <client-timeout>30</client-timeout><header-timeout>15</header-timeout>\
              <source-timeout>10</source-timeout><burst-on-connect>1</burst-on-connect>\
              <burst-size>{}</burst-size></limits>",
             self.max_listeners + 16,
             self.mounts.len() + 2,
+            self.queue_bytes,
             self.burst_bytes
         );
         let _ = writeln!(
@@ -168,12 +190,12 @@ impl Config {
             x,
             "  <paths><basedir>{d}</basedir><logdir>{d}</logdir>\
              <webroot>{SHARE}/web</webroot><adminroot>{SHARE}/admin</adminroot></paths>",
-            d = log_dir.display()
+            d = home.display()
         );
-        // Errors to stderr (the app's output.log); access lines to a file.
+        // Both logs to stderr: the app's output.log.
         let _ = writeln!(
             x,
-            "  <logging><accesslog>access.log</accesslog><errorlog>-</errorlog>\
+            "  <logging><accesslog>-</accesslog><errorlog>-</errorlog>\
              <loglevel>3</loglevel></logging>"
         );
         let owner = if as_root {

@@ -6,7 +6,7 @@
 //! files, and what `set` does (nginx and icecast reload their configuration
 //! in place; the others restart with the new parameters).
 
-mod icecast;
+pub mod icecast;
 mod process;
 
 pub use icecast::parse_stats as parse_icecast_stats;

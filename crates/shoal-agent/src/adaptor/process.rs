@@ -261,11 +261,10 @@ fn spec(
                     super::icecast::PROGRAM
                 )));
             }
-            let conf = app_dir.join("icecast.xml");
-            let xml = cfg.render(
-                &app_dir.join("icecast-log"),
-                nix::unistd::geteuid().is_root(),
-            );
+            let as_root = nix::unistd::geteuid().is_root();
+            let home = super::icecast::home(app_dir, as_root);
+            let conf = home.join("icecast.xml");
+            let xml = cfg.render(&home, as_root);
             let listen = cfg.listen.to_string();
             Ok(Spec {
                 program: super::icecast::PROGRAM.into(),
@@ -444,6 +443,24 @@ impl ProcessApp {
                 })?;
             }
         }
+        if self.flavor == Flavor::Icecast {
+            let home = super::icecast::home(&self.dir, nix::unistd::geteuid().is_root());
+            if home != self.dir {
+                use std::os::unix::fs::PermissionsExt;
+                let io = |path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| AdaptorError::Io { path, source }
+                };
+                let parent = home.parent().unwrap_or(&home);
+                std::fs::create_dir_all(&home).map_err(io(&home))?;
+                // Others may pass through the parent, not list it.
+                std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))
+                    .map_err(io(parent))?;
+                std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io(&home))?;
+                give_to_icecast_user(&home)?;
+            }
+        }
         for (path, text) in &self.spec.files {
             // Config files may hold credentials: only the agent's user
             // reads them (an existing file keeps its mode on open, so set it).
@@ -466,14 +483,6 @@ impl ProcessApp {
             if self.flavor == Flavor::Icecast {
                 give_to_icecast_user(path)?;
             }
-        }
-        if self.flavor == Flavor::Icecast {
-            let logs = self.dir.join("icecast-log");
-            std::fs::create_dir_all(&logs).map_err(|source| AdaptorError::Io {
-                path: logs.clone(),
-                source,
-            })?;
-            give_to_icecast_user(&logs)?;
         }
         Ok(())
     }
@@ -791,6 +800,12 @@ impl Adaptor for ProcessApp {
             self.kill_group(Signal::SIGKILL);
         }
         let _ = std::fs::remove_file(self.pid_file());
+        if self.flavor == Flavor::Icecast {
+            let home = super::icecast::home(&self.dir, nix::unistd::geteuid().is_root());
+            if home != self.dir {
+                let _ = std::fs::remove_dir_all(home);
+            }
+        }
         self.pid = None;
         self.state = AppState::Stopped;
         self.restart_at = None;

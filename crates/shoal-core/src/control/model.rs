@@ -392,7 +392,8 @@ pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
 /// The icecast adaptor's parameters: `listen` (IP:PORT), `secret.source_password`,
 /// optional `secret.admin_password` (default: the source password),
 /// `mounts` (comma-separated, default `/stream`), `max_listeners`
-/// (default 1000), `burst_kb` (default 64) and `relay_from` (IP:PORT of the
+/// (default 1000), `burst_kb` (default 64), `queue_kb` (how far a
+/// listener may lag before icecast drops it, default 512) and `relay_from` (IP:PORT of the
 /// server to relay every mount from; equal to `listen`, as
 /// `{{ first_server }}` renders on the first node, it is the master).
 fn check_icecast_params(params: &Params) -> Result<(), String> {
@@ -401,6 +402,7 @@ fn check_icecast_params(params: &Params) -> Result<(), String> {
         "mounts",
         "max_listeners",
         "burst_kb",
+        "queue_kb",
         "relay_from",
         "secret.source_password",
         "secret.admin_password",
@@ -462,7 +464,11 @@ fn check_icecast_params(params: &Params) -> Result<(), String> {
             ));
         }
     }
-    for (k, lo, hi) in [("max_listeners", 1u64, 100_000u64), ("burst_kb", 0, 16_384)] {
+    for (k, lo, hi) in [
+        ("max_listeners", 1u64, 100_000u64),
+        ("burst_kb", 0, 16_384),
+        ("queue_kb", 4, 65_536),
+    ] {
         if let Some(v) = params.get(k)
             && !v
                 .trim()

@@ -1085,14 +1085,29 @@ fn measure(
     usage + 0.0
 }
 
-/// The serving node to release: the least utilized.
+/// The serving node to release: the least utilized. When the app relays
+/// from `{{ first_server }}` (LAMA's RelayFrom), the first serving node is
+/// the others' source and is not released while another node serves: the
+/// relays were rendered with its address and would lose the stream.
 fn victim(s: &Service) -> Option<usize> {
+    let relays_from_first = s
+        .spec
+        .as_ref()
+        .is_some_and(|spec| spec.app.params.values().any(|v| v.contains("first_server")));
+    let master = relays_from_first
+        .then(|| {
+            s.doc
+                .allocs
+                .iter()
+                .position(|a| a.phase == AllocPhase::Serving)
+        })
+        .flatten();
     choose_victim(
         s.doc
             .allocs
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.phase == AllocPhase::Serving)
+            .filter(|(i, a)| a.phase == AllocPhase::Serving && Some(*i) != master)
             .map(|(i, a)| (i, s.util.get(&a.node).copied().unwrap_or(f64::NAN))),
     )
 }
