@@ -21,7 +21,7 @@
 //! LAMA's while the bytes fit a 2-core machine. Times are divided by
 //! `--speed` (the workload, the control period, lead time, drain timeout).
 
-use crate::stream::{End, Listened, listener, source};
+use crate::stream::{End, Listened, Tally, listener, source};
 use crate::up::{Child2, Lab, spawn, spawn_in, stop_all, wait_until};
 use anyhow::Context;
 use shoal_net::client::ApiClient;
@@ -30,6 +30,8 @@ use shoal_net::wire::*;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -53,6 +55,9 @@ pub struct BenchStreamArgs {
     /// --saturate: how long each level is held.
     #[arg(long, default_value = "20s", value_parser = shoal_core::duration::parse_positive_duration)]
     pub hold: Duration,
+    /// --saturate: listeners arriving per second between levels.
+    #[arg(long, default_value_t = 20.0)]
+    pub arrival_rate: f64,
     /// Policies to run the LAMA workload with, one fresh cluster each.
     #[arg(long, value_delimiter = ',', default_value = "threshold,ar,predictive")]
     pub policy: Vec<String>,
@@ -223,8 +228,9 @@ async fn start(a: &BenchStreamArgs, policy: &str, min: usize, max: usize) -> any
         ClusterConfig {
             listen: listen.clone(),
             manager_url: format!("https://{listen}"),
-            // Renewals (and load samples) every second.
-            lease_ttl_secs: 3.0,
+            // The simulator's 6 s lease (renewals and load samples every
+            // 2 s), compressed by --speed like every other time.
+            lease_ttl_secs: (6.0 / a.speed).max(1.5),
             ..Default::default()
         },
         false,
@@ -363,6 +369,7 @@ struct Audience {
     /// there: a cut by a reallocation.
     draining_seen: std::collections::BTreeSet<SocketAddr>,
     kbps: f64,
+    tally: Arc<Tally>,
 }
 
 impl Audience {
@@ -374,6 +381,7 @@ impl Audience {
             done: Vec::new(),
             draining_seen: Default::default(),
             kbps,
+            tally: Arc::new(Tally::default()),
         }
     }
     fn count_on(&self, s: &SocketAddr) -> usize {
@@ -388,8 +396,9 @@ impl Audience {
         let id = self.next_id;
         self.next_id += 1;
         let kbps = self.kbps;
+        let tally = self.tally.clone();
         self.tasks
-            .spawn(async move { (id, listener(MOUNT.into(), kbps, rx).await) });
+            .spawn(async move { (id, listener(MOUNT.into(), kbps, rx, tally).await) });
         self.on.insert(id, (s, tx));
     }
     fn leave_one(&mut self) {
@@ -455,6 +464,7 @@ fn summarize(done: &[(Listened, bool)]) -> serde_json::Value {
         "disconnected": cut.len(),
         "disconnected_by_release": done.iter().filter(|(_, r)| *r).count(),
         "moved": done.iter().map(|(l, _)| l.moves as u64).sum::<u64>(),
+        "mbytes_received": done.iter().map(|(l, _)| l.bytes as f64).sum::<f64>() / 1e6,
         "never_started": done.iter().filter(|(l, _)| l.startup.is_none()).count(),
         "startup_p50_s": pct(0.5),
         "startup_p99_s": pct(0.99),
@@ -478,56 +488,68 @@ async fn saturate(a: &BenchStreamArgs) -> anyhow::Result<serde_json::Value> {
     }
     let mut levels = Vec::new();
     let mut first_bad: Option<u64> = None;
+    // One audience, growing level by level at --arrival-rate, as listeners
+    // arrive at a station; each level's figures are those of its hold.
+    let mut aud = Audience::new(k);
+    let pace = Duration::from_secs_f64(1.0 / a.arrival_rate);
     for &level in &a.levels {
-        // Each level starts with a fresh audience, connected over 5 s, so
-        // that the stalls counted are the level's, not a burst's.
-        let mut aud = Audience::new(k);
-        for i in 0..level {
+        while (aud.on.len() as u64) < level {
             aud.arrive(&serve);
-            if i % 50 == 49 {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+            tokio::time::sleep(pace).await;
         }
+        // Settle: the newest listeners' bursts are in flight.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let snap = |t: &Tally| {
+            (
+                t.stalls.load(Relaxed),
+                t.stall_ms.load(Relaxed),
+                t.cuts.load(Relaxed),
+            )
+        };
+        let before = snap(&aud.tally);
+        let t_hold = Instant::now();
+        let bytes0 = tc_sent_bytes(&rig._lab.ns(0));
         tokio::time::sleep(a.hold).await;
-        let (_, _, svc, icecast_listeners) = serving(&rig).await?;
-        while !aud.on.is_empty() {
-            aud.leave_one();
-        }
-        while let Some(Ok((_, l))) = aud.tasks.join_next().await {
-            aud.done.push((l, false));
-        }
-        let s = summarize(&aud.done);
-        let bad =
-            s["stalled_listeners"].as_u64().unwrap_or(0) + s["disconnected"].as_u64().unwrap_or(0);
-        let goodput: f64 = aud.done.iter().map(|(l, _)| l.bytes as f64).sum::<f64>() * 8.0
-            / 1e6
-            / (a.hold.as_secs_f64() + 5.0)
-            * a.scale;
-        if bad > 0 && first_bad.is_none() {
+        let bytes1 = tc_sent_bytes(&rig._lab.ns(0));
+        let after = snap(&aud.tally);
+        let (_, _, _, icecast_listeners) = serving(&rig).await?;
+        let secs = t_hold.elapsed().as_secs_f64();
+        let tx_mbit = match (bytes0, bytes1) {
+            (Some(b0), Some(b1)) => Some((b1 - b0) as f64 * 8.0 / 1e6 / secs * a.scale),
+            _ => None,
+        };
+        let (stalls, stall_s, cuts) = (
+            after.0 - before.0,
+            (after.1 - before.1) as f64 / 1000.0,
+            after.2 - before.2,
+        );
+        if (stalls > 0 || cuts > 0) && first_bad.is_none() {
             first_bad = Some(level);
         }
         let row = serde_json::json!({
             "listeners": level,
             "icecast_listeners": icecast_listeners,
-            "node_mbit_observed_x_scale": svc.usage.map(|u| u * a.scale),
-            "goodput_mbit_x_scale": goodput,
-            "result": s,
+            "stalls": stalls,
+            "stall_listener_seconds": stall_s,
+            "cut": cuts,
+            "node_tx_mbit_x_scale": tx_mbit,
+            "utilization": tx_mbit.map(|m| m / 100.0),
         });
         if !a.json {
             println!(
-                "{level:>5} listeners: stalled {:>4}, stall s {:>8.1}, cut {:>4}, startup p99 {:>5.2} s, node tx {:>6.1} Mbit/s (x{} scale), icecast counts {icecast_listeners}",
-                s["stalled_listeners"],
-                s["stall_listener_seconds"].as_f64().unwrap_or(0.0),
-                s["disconnected"],
-                s["startup_p99_s"].as_f64().unwrap_or(f64::NAN),
-                svc.usage.unwrap_or(f64::NAN) * a.scale,
-                a.scale
+                "{level:>5} listeners (icecast counts {icecast_listeners:>5}): stalls {stalls:>4}, stall listener-s {stall_s:>7.1}, cut {cuts:>4}, node tx {:>6.1} Mbit/s at full scale",
+                tx_mbit.unwrap_or(f64::NAN)
             );
         }
         levels.push(row);
-        // Let icecast settle between levels.
-        tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    while !aud.on.is_empty() {
+        aud.leave_one();
+    }
+    while let Some(Ok((_, l))) = aud.tasks.join_next().await {
+        aud.done.push((l, false));
+    }
+    let all = summarize(&aud.done);
     let _ = stop_tx.send(true);
     let sent = src.await??;
     if !a.json {
@@ -541,6 +563,7 @@ async fn saturate(a: &BenchStreamArgs) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "scale": a.scale, "stream_kbps": k, "node_mbit": node_mbit(a), "hold_s": a.hold.as_secs_f64(),
         "source_bytes": sent, "first_level_with_stalls_or_cuts": first_bad, "levels": levels,
+        "arrival_rate_per_s": a.arrival_rate, "all_listeners": all,
     }))
 }
 
@@ -685,4 +708,18 @@ fn print_live(p: &str, s: &serde_json::Value) {
         s["startup_p50_s"].as_f64().unwrap_or(f64::NAN),
         s["startup_p99_s"].as_f64().unwrap_or(f64::NAN)
     );
+}
+
+/// Bytes the node's tc qdisc has sent on eth0 (its egress), from
+/// `tc -s qdisc`.
+fn tc_sent_bytes(ns: &str) -> Option<u64> {
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", "eth0",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let i = text.find("Sent ")?;
+    text[i + 5..].split_whitespace().next()?.parse().ok()
 }

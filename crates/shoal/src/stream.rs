@@ -222,6 +222,17 @@ async fn open(addr: SocketAddr, mount: &str) -> Result<(TcpStream, Vec<u8>), Str
     }
 }
 
+/// Running totals over many listeners, read while they play.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Stalls begun.
+    pub stalls: std::sync::atomic::AtomicU64,
+    /// Milliseconds of stall ended.
+    pub stall_ms: std::sync::atomic::AtomicU64,
+    /// Listeners cut off by the server or the network.
+    pub cuts: std::sync::atomic::AtomicU64,
+}
+
 /// Listens to `mount` on the server `target` names until it turns `None`
 /// (the listener leaves). When `target` names another server, the listener
 /// moves: it opens the new connection first and drops the old one once the
@@ -232,7 +243,9 @@ pub async fn listener(
     mount: String,
     kbps: f64,
     mut target: tokio::sync::watch::Receiver<Option<SocketAddr>>,
+    tally: std::sync::Arc<Tally>,
 ) -> Listened {
+    use std::sync::atomic::Ordering::Relaxed;
     let t0 = Instant::now();
     let secs = move || t0.elapsed().as_secs_f64();
     let rate = kbps * 1000.0 / 8.0;
@@ -240,8 +253,27 @@ pub async fn listener(
     let max_buffer_s = 10.0;
     let mut bytes = 0u64;
     let mut moves = 0;
-    let done = |p: &mut Player, bytes, moves, end, server| {
+    let (mut seen_stalls, mut seen_stalled) = (0u32, 0.0f64);
+    let mut note = |p: &Player| {
+        if p.stalls > seen_stalls {
+            tally
+                .stalls
+                .fetch_add(u64::from(p.stalls - seen_stalls), Relaxed);
+            seen_stalls = p.stalls;
+        }
+        if p.stalled > seen_stalled {
+            tally
+                .stall_ms
+                .fetch_add(((p.stalled - seen_stalled) * 1000.0) as u64, Relaxed);
+            seen_stalled = p.stalled;
+        }
+    };
+    let tally2 = tally.clone();
+    let done = move |p: &mut Player, bytes, moves, end: End, server| {
         p.finish(secs());
+        if matches!(end, End::Cut(_)) {
+            tally2.cuts.fetch_add(1, Relaxed);
+        }
         Listened {
             startup: p.startup,
             stalled: p.stalled,
@@ -278,7 +310,7 @@ pub async fn listener(
                 r = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut b)) => {
                     match r {
                         Ok(Ok(0)) => return done(&mut p, bytes, moves, End::Cut(format!("{on} closed the stream")), Some(on)),
-                        Ok(Ok(n)) => { bytes += n as u64; p.feed(secs(), n); }
+                        Ok(Ok(n)) => { bytes += n as u64; p.feed(secs(), n); note(&p); }
                         Ok(Err(e)) => return done(&mut p, bytes, moves, End::Cut(format!("{on}: {e}")), Some(on)),
                         Err(_) => return done(&mut p, bytes, moves, End::Cut(format!("{on} sent nothing for 30 s")), Some(on)),
                     }

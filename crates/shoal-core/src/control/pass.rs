@@ -1001,11 +1001,17 @@ fn render_ctx(name: &str, s: &Service, spec: &ServiceSpec, n: &Node) -> RenderCt
         app_id: app_id(name),
         first_server: String::new(),
     };
-    ctx.first_server = s
-        .doc
-        .allocs
-        .iter()
-        .find(|a| a.phase == AllocPhase::Serving && a.node != reg.name)
+    // The first serving node; else the first one starting (nodes
+    // allocated in one pass relay from the first of them, not from
+    // themselves: icecast's relay retries until its master serves).
+    let other = |phase: AllocPhase| {
+        s.doc
+            .allocs
+            .iter()
+            .find(|a| a.phase == phase && a.node != reg.name)
+    };
+    ctx.first_server = other(AllocPhase::Serving)
+        .or_else(|| other(AllocPhase::Starting))
         .map(|a| a.address.clone())
         .unwrap_or_else(|| {
             // The first server relays from nobody: itself.
