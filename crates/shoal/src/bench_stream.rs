@@ -68,7 +68,7 @@ pub struct BenchStreamArgs {
     #[arg(long, default_value_t = 8.0)]
     pub scale: f64,
     /// Time compression: workload seconds per real second.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 4.0)]
     pub speed: f64,
     /// The workload's seed (the simulator's lama-audio with the same seed).
     #[arg(long, default_value_t = 1)]
@@ -134,12 +134,19 @@ pub fn run(a: BenchStreamArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Ctrl-C or SIGTERM ends the run early; the rig is still removed.
+        let stop = crate::up::catch_stop_signals()?;
         let out = if a.saturate {
             saturate(&a).await?
         } else {
             let mut runs = serde_json::Map::new();
             for p in &a.policy {
-                let r = live(&a, p).await.with_context(|| format!("policy {p}"))?;
+                if *stop.borrow() {
+                    break;
+                }
+                let r = live(&a, p, &stop)
+                    .await
+                    .with_context(|| format!("policy {p}"))?;
                 if !a.json {
                     print_live(p, &r);
                 }
@@ -365,8 +372,8 @@ struct Audience {
     on: BTreeMap<u64, (SocketAddr, watch::Sender<Option<SocketAddr>>)>,
     tasks: tokio::task::JoinSet<(u64, Listened)>,
     done: Vec<(Listened, bool)>,
-    /// Servers (by address) that were draining when a listener was cut
-    /// there: a cut by a reallocation.
+    /// Servers (by address) draining or out of the service at the last
+    /// poll: a listener cut there was cut by a reallocation.
     draining_seen: std::collections::BTreeSet<SocketAddr>,
     kbps: f64,
     tally: Arc<Tally>,
@@ -568,7 +575,11 @@ async fn saturate(a: &BenchStreamArgs) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The LAMA workload on `max` nodes with one policy.
-async fn live(a: &BenchStreamArgs, policy: &str) -> anyhow::Result<serde_json::Value> {
+async fn live(
+    a: &BenchStreamArgs,
+    policy: &str,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<serde_json::Value> {
     let w = shoal_sim::autoscale::workload::lama_audio(
         &shoal_sim::autoscale::workload::LamaAudio::default(),
         2.0,
@@ -603,16 +614,21 @@ async fn live(a: &BenchStreamArgs, policy: &str) -> anyhow::Result<serde_json::V
     loop {
         tick.tick().await;
         let wt = t0.elapsed().as_secs_f64() * a.speed;
-        if wt >= length {
+        if wt >= length || *stop.borrow() {
             break;
         }
         n_poll += 1;
         if n_poll % 2 == 0 {
             if let Ok((s, d, st, il)) = serving(&rig).await {
                 serve = s;
-                for x in &d {
-                    aud.draining_seen.insert(*x);
-                }
+                // Servers draining or no longer in the service: a listener
+                // cut there was cut by a reallocation.
+                aud.draining_seen = rig
+                    .addrs
+                    .values()
+                    .filter_map(|x| x.parse().ok())
+                    .filter(|x| !serve.contains(x))
+                    .collect();
                 if !a.no_move {
                     let newly: Vec<SocketAddr> = d
                         .iter()
@@ -683,6 +699,7 @@ async fn live(a: &BenchStreamArgs, policy: &str) -> anyhow::Result<serde_json::V
     s["source_ok"] = src_sent.map(|r| r.is_ok()).unwrap_or(false).into();
     s["speed"] = a.speed.into();
     s["scale"] = a.scale.into();
+    s["interrupted"] = (*stop.borrow()).into();
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir)?;
         std::fs::write(

@@ -62,6 +62,16 @@ fn source(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<String
     })
 }
 
+/// [`source`] once `addr` accepts connections.
+fn source_when_up(addr: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<String> {
+    wait_for(
+        "the master icecast to listen",
+        Duration::from_secs(20),
+        || TcpStream::connect(&addr).ok().map(|_| ()),
+    );
+    source(addr, stop)
+}
+
 /// A listener on `addr`; counts the bytes it gets until `stop`. It
 /// reconnects while the mount is not there yet (a relay picks its master's
 /// stream up within icecast's master-update-interval), and ends if a
@@ -150,9 +160,7 @@ capacity = 10000
 
     // Both nodes serve; one is the master (relay_from is itself), the
     // other relays from it.
-    let (master, relay) = wait_for("two icecasts serving", Duration::from_secs(30), || {
-        let s = c.service("radio")?;
-        (s["serving"].as_array()?.len() == 2).then_some(())?;
+    let (master, relay) = wait_for("two icecasts assigned", Duration::from_secs(30), || {
         let st = c.try_status()?;
         let mut m = None;
         let mut rl = None;
@@ -178,7 +186,12 @@ capacity = 10000
     });
 
     let stop = Arc::new(AtomicBool::new(false));
-    let src = source(master.clone(), stop.clone());
+    let src = source_when_up(master.clone(), stop.clone());
+    // The relay serves only once it has the master's stream (before, a
+    // listener sent to it would get 404).
+    wait_for("both serving", Duration::from_secs(30), || {
+        (c.service("radio")?["serving"].as_array()?.len() == 2).then_some(())
+    });
     // The relay gets the source's stream from the master.
     let (got, l1) = listen(relay.clone(), stop.clone());
     wait_bytes(&got, 64 * 1024, "64 KB through the relay");

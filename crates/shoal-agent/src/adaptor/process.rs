@@ -751,6 +751,25 @@ impl Adaptor for ProcessApp {
             (Some(cfg), AppState::Running) => super::icecast::fetch_stats(cfg).await.ok(),
             _ => None,
         };
+        // A relay serves once every mount has its master's stream: before,
+        // a listener sent to it would get 404.
+        if let Some(cfg) = &self.spec.icecast
+            && cfg.relay_from.is_some()
+            && self.state == AppState::Running
+        {
+            let live = stream.as_ref().is_some_and(|st| {
+                cfg.mounts
+                    .iter()
+                    .all(|m| st.mounts.get(m).is_some_and(|x| x.live))
+            });
+            if !live {
+                self.state = AppState::Starting;
+                self.message = Some(format!(
+                    "waiting for the stream from {}",
+                    cfg.relay_from.map(|a| a.to_string()).unwrap_or_default()
+                ));
+            }
+        }
         AppStatus {
             id: self.id.clone(),
             adaptor: self.flavor.name().to_string(),

@@ -348,6 +348,17 @@ impl Controller {
                                 .sum::<u32>();
                             (*v, n)
                         });
+                        // A streaming server counts its own listeners
+                        // (connections no dispatcher sees, as listeners
+                        // are redirected to it): it drains until they
+                        // have left or moved, or the timeout.
+                        let own = n
+                            .apps
+                            .iter()
+                            .find(|x| x.id == id)
+                            .and_then(|x| x.stream.as_ref())
+                            .map(|st| (dv, st.listeners.min(u64::from(u32::MAX)) as u32));
+                        let in_flight = in_flight.chain(own);
                         if let Some(why) = drain_done(elapsed, drain_timeout, dv, in_flight) {
                             ch.note(
                                 Some(&a.node),
