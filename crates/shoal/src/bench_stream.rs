@@ -618,8 +618,10 @@ async fn live(
             break;
         }
         n_poll += 1;
-        if n_poll % 2 == 0 {
-            if let Ok((s, d, st, il)) = serving(&rig).await {
+        if n_poll.is_multiple_of(2)
+            && let Ok((s, d, st, il)) = serving(&rig).await
+        {
+            {
                 serve = s;
                 // Servers draining or no longer in the service: a listener
                 // cut there was cut by a reallocation.
@@ -657,7 +659,7 @@ async fn live(
         last = Instant::now();
         node_seconds += svc.nodes.len() as f64 * dt;
         nodes_max = nodes_max.max(svc.nodes.len());
-        if n_poll % 4 == 0 {
+        if n_poll.is_multiple_of(4) {
             series.push(serde_json::json!({
                 "t": wt, "demand_mbit": target as f64 * per, "listeners": aud.on.len(),
                 "icecast_listeners": icecast_listeners,
@@ -666,7 +668,7 @@ async fn live(
                 "allocated": svc.nodes.len(), "serving": svc.serving.len(),
                 "draining": svc.draining.len(),
             }));
-            if !a.json && n_poll % 40 == 0 {
+            if !a.json && n_poll.is_multiple_of(40) {
                 eprintln!(
                     "{policy:>10} t={wt:>5.0}s listeners {:>4} nodes {} (serving {}) observed {:>6.1} Mbit/s forecast {:>6.1}",
                     aud.on.len(),

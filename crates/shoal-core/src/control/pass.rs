@@ -1103,28 +1103,31 @@ fn measure(
 }
 
 /// The serving node to release: the least utilized. When the app relays
-/// from `{{ first_server }}` (LAMA's RelayFrom), the first serving node is
-/// the others' source and is not released while another node serves: the
-/// relays were rendered with its address and would lose the stream.
+/// from `{{ first_server }}` (LAMA's RelayFrom), a node whose address
+/// another allocation's app was rendered with is a source of the others
+/// and is not released: those relays would lose the stream. (Allocations
+/// are not kept in allocation order, so "the first serving one" is not
+/// the master; the rendered parameters say who relays from whom.)
 fn victim(s: &Service) -> Option<usize> {
-    let relays_from_first = s
+    let relays = s
         .spec
         .as_ref()
         .is_some_and(|spec| spec.app.params.values().any(|v| v.contains("first_server")));
-    let master = relays_from_first
-        .then(|| {
-            s.doc
-                .allocs
-                .iter()
-                .position(|a| a.phase == AllocPhase::Serving)
-        })
-        .flatten();
+    let is_source = |addr: &str| {
+        relays
+            && s.doc.allocs.iter().any(|b| {
+                b.address != addr
+                    && b.app
+                        .as_ref()
+                        .is_some_and(|app| app.params.values().any(|v| v == addr))
+            })
+    };
     choose_victim(
         s.doc
             .allocs
             .iter()
             .enumerate()
-            .filter(|(i, a)| a.phase == AllocPhase::Serving && Some(*i) != master)
+            .filter(|(_, a)| a.phase == AllocPhase::Serving && !is_source(&a.address))
             .map(|(i, a)| (i, s.util.get(&a.node).copied().unwrap_or(f64::NAN))),
     )
 }
