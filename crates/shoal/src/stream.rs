@@ -318,7 +318,9 @@ pub async fn listener(
                 r = target.changed() => if r.is_err() { return done(&mut p, bytes, moves, End::Left, Some(on)); },
             }
         }
-        if target.has_changed().unwrap_or(true) {
+        // Not `has_changed`: the `changed()` that woke the select above
+        // already marked the new value seen.
+        {
             let want = *target.borrow_and_update();
             match want {
                 None => return done(&mut p, bytes, moves, End::Left, Some(on)),
