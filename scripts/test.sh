@@ -16,6 +16,8 @@ command -v node >/dev/null 2>&1 || need+=(nodejs npm)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # sshd in network namespaces: the overlay's SSH deploy test (overlay_ssh).
 [[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
+# icecast2: the icecast adaptor's test (crates/shoal/tests/icecast.rs).
+[[ -x /usr/bin/icecast2 ]] || need+=(icecast2)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "the tests need: ${need[*]}; run as root or install them (apt-get install -y ${need[*]})" >&2
@@ -30,6 +32,8 @@ if ((${#need[@]})); then
   systemctl stop nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || pkill -x nginx || true
   # Likewise the prometheus server; only its promtool is used.
   systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+  # And the system icecast2 (port 8000); the tests run their own.
+  systemctl stop icecast2 >/dev/null 2>&1 || service icecast2 stop >/dev/null 2>&1 || true
   # The sshd the package starts listens in the host's namespace only; the
   # tests start their own in theirs, so it is left alone (stopping it could
   # cut the session this runs in).

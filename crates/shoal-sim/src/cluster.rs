@@ -828,6 +828,7 @@ impl Sim {
                 endpoint: None,
                 message: (a.state == AppState::Failed).then(|| "exited with status 1".into()),
                 bandwidth: None,
+                stream: None,
             })
             .collect();
         let input = Input::Renew {

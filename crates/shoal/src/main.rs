@@ -7,6 +7,7 @@ mod bench_agents;
 mod bench_dps;
 mod bench_federation;
 mod bench_overlay;
+mod bench_stream;
 mod bench_timestamps;
 mod bench_vibra;
 mod inspect;
@@ -17,6 +18,7 @@ mod overlay;
 mod overlay_apps;
 mod overlay_utility;
 mod service;
+mod stream;
 mod up;
 mod up_selfdeploy;
 
@@ -219,6 +221,12 @@ enum BenchCmd {
     ///
     /// Example: shoal bench federation --json
     Federation(bench_federation::BenchFederationArgs),
+    /// LAMA's audio-streaming experiment live: icecast relays placed by
+    /// the controller on namespace hosts with tc caps, listeners arriving
+    /// and leaving as LAMA's workload does (root, icecast2).
+    ///
+    /// Example: shoal bench stream --saturate --levels 600,700,750,800 --hold 10s
+    Stream(bench_stream::BenchStreamArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -246,6 +254,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(BenchCmd::Timestamps(a)) => bench_timestamps::run(a),
         Cmd::Bench(BenchCmd::Vibra(a)) => bench_vibra::run(a),
         Cmd::Bench(BenchCmd::Federation(a)) => bench_federation::run(a),
+        Cmd::Bench(BenchCmd::Stream(a)) => bench_stream::run(a),
         Cmd::Init(a) => admin::init(a),
         Cmd::Token(a) => admin::token(a),
         Cmd::Cert(admin::CertCmd::Dispatcher(a)) => admin::cert_dispatcher(a),
@@ -298,6 +307,7 @@ fn main() -> std::process::ExitCode {
                     | Cmd::Bsp(_)
                     | Cmd::Bench(BenchCmd::Vibra(_))
                     | Cmd::Bench(BenchCmd::Federation(_))
+                    | Cmd::Bench(BenchCmd::Stream(_))
                     | Cmd::Init(_)
                     | Cmd::Token(_)
                     | Cmd::Www(_)

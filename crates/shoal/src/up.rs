@@ -95,19 +95,19 @@ pub struct UpArgs {
 
 /// A child process in its own process group, with its output in a log file
 /// and (optionally) the lines it prints mirrored into a buffer.
-struct Child2 {
+pub(crate) struct Child2 {
     name: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Child2> {
+pub(crate) fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Child2> {
     spawn_in(None, name, args, log)
 }
 
 /// Spawns `shoal ARGS`, inside network namespace `netns` when given
 /// (`ip netns exec` execs the program, so the pid is shoal's own).
-fn spawn_in(
+pub(crate) fn spawn_in(
     netns: Option<&str>,
     name: &str,
     args: &[String],
@@ -153,7 +153,7 @@ fn spawn_in(
 }
 
 impl Child2 {
-    async fn wait_line(&self, prefix: &str, within: Duration) -> anyhow::Result<String> {
+    pub(crate) async fn wait_line(&self, prefix: &str, within: Duration) -> anyhow::Result<String> {
         let t = Instant::now();
         loop {
             if let Some(l) = self
@@ -179,7 +179,7 @@ impl Child2 {
 
 /// Stops children in order (dispatcher, agents, manager): SIGTERM, wait,
 /// then SIGKILL to the whole group, so no process outlives `up`.
-fn stop_all(children: &mut Vec<Child2>) {
+pub(crate) fn stop_all(children: &mut Vec<Child2>) {
     use nix::sys::signal::Signal;
     for c in children.iter() {
         c.signal(Signal::SIGTERM);
@@ -204,7 +204,7 @@ fn stop_all(children: &mut Vec<Child2>) {
 /// Real hosts on one machine: a bridge in the root namespace and one network
 /// namespace per node behind a veth pair, with a tc token-bucket cap on the
 /// node's interface. Everything is removed on drop.
-struct Lab {
+pub(crate) struct Lab {
     tag: String,
     nodes: usize,
     subnet: String,
@@ -226,7 +226,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 impl Lab {
-    fn create(nodes: usize, mbit: f64) -> anyhow::Result<Lab> {
+    pub(crate) fn create(nodes: usize, mbit: f64) -> anyhow::Result<Lab> {
         if !nix::unistd::geteuid().is_root() {
             anyhow::bail!(
                 "--netns needs root (it creates network namespaces, veth pairs and tc qdiscs); run as root or drop --netns"
@@ -279,13 +279,13 @@ impl Lab {
     fn bridge(&self) -> String {
         format!("shup{}", self.tag)
     }
-    fn ns(&self, i: usize) -> String {
+    pub(crate) fn ns(&self, i: usize) -> String {
         format!("shoal-up-{}-{i}", self.tag)
     }
-    fn host_ip(&self) -> String {
+    pub(crate) fn host_ip(&self) -> String {
         format!("{}.1", self.subnet)
     }
-    fn node_ip(&self, i: usize) -> String {
+    pub(crate) fn node_ip(&self, i: usize) -> String {
         format!("{}.{}", self.subnet, 10 + i)
     }
 }
@@ -494,7 +494,7 @@ fn pick_loopback_nodes(n: usize) -> anyhow::Result<(Vec<String>, u16)> {
 /// Stop requests: SIGTERM, SIGINT and SIGHUP, caught from the very start
 /// so that a signal at any moment, start-up included, stops what `up` has
 /// started and removes its directory instead of killing `up` alone.
-fn catch_stop_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+pub(crate) fn catch_stop_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -897,20 +897,7 @@ async fn load_phase(
     // Let requests in flight finish.
     let _ = tokio::time::timeout(Duration::from_secs(10), inflight.acquire_many(512)).await;
     let events: Vec<Event> = c.admin.get("/v1/events").await.unwrap_or_default();
-    // Nodes added plus nodes released, as the simulator counts them:
-    // each decision reads "...: add(k): reason" or "...: release(k): ...".
-    let reallocs: u64 = events
-        .iter()
-        .filter(|e| e.kind == "decision")
-        .filter_map(|e| {
-            let m = &e.message;
-            let i = m
-                .find("add(")
-                .map(|i| i + 4)
-                .or_else(|| m.find("release(").map(|i| i + 8))?;
-            m[i..].split(')').next()?.parse::<u64>().ok()
-        })
-        .sum();
+    let reallocs = reallocations(&events, None);
     let mut l = std::mem::take(&mut *stats.latencies_us.lock().unwrap_or_else(|p| p.into_inner()));
     l.sort_unstable();
     let summary = serde_json::json!({
@@ -930,7 +917,26 @@ async fn load_phase(
     Ok(summary)
 }
 
-async fn wait_until<F, Fut>(what: &str, within: Duration, mut f: F) -> anyhow::Result<()>
+/// Nodes added plus nodes released (of `service`, or of any), as the
+/// simulator counts them: each decision reads "...: add(k): reason" or
+/// "...: release(k): ...".
+pub(crate) fn reallocations(events: &[Event], service: Option<&str>) -> u64 {
+    events
+        .iter()
+        .filter(|e| e.kind == "decision")
+        .filter(|e| service.is_none_or(|s| e.service.as_deref() == Some(s)))
+        .filter_map(|e| {
+            let m = &e.message;
+            let i = m
+                .find("add(")
+                .map(|i| i + 4)
+                .or_else(|| m.find("release(").map(|i| i + 8))?;
+            m[i..].split(')').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+pub(crate) async fn wait_until<F, Fut>(what: &str, within: Duration, mut f: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

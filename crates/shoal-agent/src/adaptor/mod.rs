@@ -3,11 +3,13 @@
 //!
 //! Every built-in adaptor runs the application as a supervised process; what
 //! differs is how the control parameters become a command line and config
-//! files, and what `set` does (nginx reloads its configuration in place; the
-//! others restart with the new parameters).
+//! files, and what `set` does (nginx and icecast reload their configuration
+//! in place; the others restart with the new parameters).
 
+pub mod icecast;
 mod process;
 
+pub use icecast::parse_stats as parse_icecast_stats;
 pub use process::{Flavor, ProcessApp};
 
 use shoal_net::wire::{AppAssignment, AppStatus, Params};
@@ -60,9 +62,10 @@ pub fn create(
         "process" => Flavor::Process,
         "nginx" => Flavor::Nginx,
         "www" => Flavor::Www,
+        "icecast" => Flavor::Icecast,
         other => {
             return Err(AdaptorError::Params(format!(
-                "unknown adaptor {other:?}; use process, nginx or www"
+                "unknown adaptor {other:?}; use process, nginx, www or icecast"
             )));
         }
     };
@@ -191,6 +194,7 @@ impl Supervisor {
                 endpoint: None,
                 message: Some(why.clone()),
                 bandwidth: None,
+                stream: None,
             });
         }
         out

@@ -25,6 +25,9 @@ pub enum Flavor {
     Nginx,
     /// The built-in `shoal www` static server: `listen`, `root`.
     Www,
+    /// Debian's icecast2 with a private configuration: `listen`, `mounts`,
+    /// `max_listeners`, `burst_kb`, `relay_from`, `secret.source_password`.
+    Icecast,
 }
 
 impl Flavor {
@@ -33,6 +36,7 @@ impl Flavor {
             Flavor::Process => "process",
             Flavor::Nginx => "nginx",
             Flavor::Www => "www",
+            Flavor::Icecast => "icecast",
         }
     }
 }
@@ -52,6 +56,8 @@ struct Spec {
     files: Vec<(PathBuf, String)>,
     health: Option<Health>,
     endpoint: Option<String>,
+    /// The icecast adaptor's configuration (its stats are read with it).
+    icecast: Option<super::icecast::Config>,
 }
 
 const NGINX_CONF: &str = r#"# Written by the shoal agent; edits are overwritten by `set`.
@@ -176,6 +182,7 @@ fn spec(
                 files,
                 health: health.as_deref().map(parse_health).transpose()?,
                 endpoint: params.get("endpoint").cloned(),
+                icecast: None,
             })
         }
         Flavor::Nginx | Flavor::Www => {
@@ -210,6 +217,7 @@ fn spec(
                     files: Vec::new(),
                     health: Some(Health::Tcp(listen.clone())),
                     endpoint: Some(listen),
+                    icecast: None,
                 });
             }
             let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
@@ -245,9 +253,59 @@ fn spec(
                 files: vec![(conf, render(&env, "nginx.conf", NGINX_CONF, &ctx)?)],
                 health: Some(Health::Tcp(listen.clone())),
                 endpoint: Some(listen),
+                icecast: None,
+            })
+        }
+        Flavor::Icecast => {
+            let cfg = super::icecast::Config::from_params(params)?;
+            if !Path::new(super::icecast::PROGRAM).exists() {
+                return Err(AdaptorError::Spawn(format!(
+                    "icecast2 is not installed on node {node} ({} is missing; apt-get install -y icecast2)",
+                    super::icecast::PROGRAM
+                )));
+            }
+            let as_root = nix::unistd::geteuid().is_root();
+            let home = super::icecast::home(app_dir, as_root);
+            let conf = home.join("icecast.xml");
+            let xml = cfg.render(&home, as_root);
+            let listen = cfg.listen.to_string();
+            Ok(Spec {
+                program: super::icecast::PROGRAM.into(),
+                args: vec!["-c".into(), conf.display().to_string()],
+                env: Vec::new(),
+                files: vec![(conf, xml)],
+                health: Some(Health::Tcp(listen.clone())),
+                endpoint: Some(listen),
+                icecast: Some(cfg),
             })
         }
     }
+}
+
+/// Gives `path` to the user icecast switches to, so that it can re-read
+/// its configuration on SIGHUP and write its access log.
+fn give_to_icecast_user(path: &Path) -> Result<(), AdaptorError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let (u, g) = super::icecast::RUN_AS;
+    let uid = nix::unistd::User::from_name(u)
+        .ok()
+        .flatten()
+        .map(|x| x.uid);
+    let gid = nix::unistd::Group::from_name(g)
+        .ok()
+        .flatten()
+        .map(|x| x.gid);
+    if uid.is_none() {
+        return Err(AdaptorError::Spawn(format!(
+            "icecast refuses to run as root and this node has no user {u:?} to run it as; create it (adduser --system {u})"
+        )));
+    }
+    nix::unistd::chown(path, uid, gid).map_err(|e| AdaptorError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
 }
 
 /// A process a previous run of the agent started and this one took over:
@@ -388,6 +446,24 @@ impl ProcessApp {
                 })?;
             }
         }
+        if self.flavor == Flavor::Icecast {
+            let home = super::icecast::home(&self.dir, nix::unistd::geteuid().is_root());
+            if home != self.dir {
+                use std::os::unix::fs::PermissionsExt;
+                let io = |path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| AdaptorError::Io { path, source }
+                };
+                let parent = home.parent().unwrap_or(&home);
+                std::fs::create_dir_all(&home).map_err(io(&home))?;
+                // Others may pass through the parent, not list it.
+                std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))
+                    .map_err(io(parent))?;
+                std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io(&home))?;
+                give_to_icecast_user(&home)?;
+            }
+        }
         for (path, text) in &self.spec.files {
             // Config files may hold credentials: only the agent's user
             // reads them (an existing file keeps its mode on open, so set it).
@@ -407,6 +483,9 @@ impl ProcessApp {
             f.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(io)?;
             f.write_all(text.as_bytes()).map_err(io)?;
+            if self.flavor == Flavor::Icecast {
+                give_to_icecast_user(path)?;
+            }
         }
         Ok(())
     }
@@ -670,6 +749,30 @@ impl Adaptor for ProcessApp {
                 }
             }
         }
+        // icecast's own figures: listeners per mount, bytes sent.
+        let stream = match (&self.spec.icecast, self.state) {
+            (Some(cfg), AppState::Running) => super::icecast::fetch_stats(cfg).await.ok(),
+            _ => None,
+        };
+        // A relay serves once every mount has its master's stream: before,
+        // a listener sent to it would get 404.
+        if let Some(cfg) = &self.spec.icecast
+            && cfg.relay_from.is_some()
+            && self.state == AppState::Running
+        {
+            let live = stream.as_ref().is_some_and(|st| {
+                cfg.mounts
+                    .iter()
+                    .all(|m| st.mounts.get(m).is_some_and(|x| x.live))
+            });
+            if !live {
+                self.state = AppState::Starting;
+                self.message = Some(format!(
+                    "waiting for the stream from {}",
+                    cfg.relay_from.map(|a| a.to_string()).unwrap_or_default()
+                ));
+            }
+        }
         AppStatus {
             id: self.id.clone(),
             adaptor: self.flavor.name().to_string(),
@@ -679,6 +782,7 @@ impl Adaptor for ProcessApp {
             endpoint: self.spec.endpoint.clone(),
             message: self.message.clone(),
             bandwidth: None,
+            stream,
         }
     }
 
@@ -718,6 +822,12 @@ impl Adaptor for ProcessApp {
             self.kill_group(Signal::SIGKILL);
         }
         let _ = std::fs::remove_file(self.pid_file());
+        if self.flavor == Flavor::Icecast {
+            let home = super::icecast::home(&self.dir, nix::unistd::geteuid().is_root());
+            if home != self.dir {
+                let _ = std::fs::remove_dir_all(home);
+            }
+        }
         self.pid = None;
         self.state = AppState::Stopped;
         self.restart_at = None;
@@ -744,6 +854,19 @@ impl Adaptor for ProcessApp {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
+            if let Some(pid) = self.pid {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+            }
+            return Ok(());
+        }
+        let same_socket =
+            self.spec.icecast.as_ref().map(|c| c.listen) == new.icecast.as_ref().map(|c| c.listen);
+        if self.flavor == Flavor::Icecast && running && same_socket {
+            // icecast re-reads its configuration on SIGHUP and keeps its
+            // listeners (mounts, limits, relays, passwords change in place);
+            // a new listen socket needs a restart.
+            self.spec = new;
+            self.write_files()?;
             if let Some(pid) = self.pid {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
             }

@@ -156,6 +156,40 @@ pub struct AppStatus {
     /// enforces a bandwidth cap (Vibra).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<AppBandwidth>,
+    /// A streaming server's own figures (the icecast adaptor reads them
+    /// from icecast's /admin/stats), when the app is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamStats>,
+}
+
+/// What a streaming server reports of itself: listeners per mount and the
+/// bytes it has sent, so that a service can be sized on listeners or on
+/// bandwidth (LAMA section 5).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamStats {
+    /// Listeners connected, over all mounts.
+    pub listeners: u64,
+    /// Per mount point.
+    #[serde(default)]
+    pub mounts: BTreeMap<String, MountStats>,
+}
+
+/// One mount point of a streaming server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountStats {
+    /// Listeners connected to it.
+    pub listeners: u64,
+    /// Bytes sent to its listeners since the mount started.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Listeners icecast counts as lagging behind the stream.
+    #[serde(default)]
+    pub slow_listeners: u64,
+    /// Whether a source (or the relay's upstream) is feeding it.
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// An app's egress on its node: the offered rate (sent plus dropped, the
@@ -278,7 +312,7 @@ impl NodeStatus {
 }
 
 /// Adaptors every agent has built in.
-pub const ADAPTORS: &[&str] = &["process", "nginx", "www"];
+pub const ADAPTORS: &[&str] = &["process", "nginx", "www", "icecast"];
 
 /// Checks an assignment's control parameters without touching any node:
 /// the adaptor exists, every key is one it understands, required keys are
@@ -358,11 +392,106 @@ pub fn check_params(adaptor: &str, params: &Params) -> Result<(), String> {
             need("root")?;
             Ok(())
         }
+        "icecast" => check_icecast_params(params),
         other => Err(format!(
             "unknown adaptor {other:?}; use one of: {}",
             ADAPTORS.join(", ")
         )),
     }
+}
+
+/// The icecast adaptor's parameters: `listen` (IP:PORT), `secret.source_password`,
+/// optional `secret.admin_password` (default: the source password),
+/// `mounts` (comma-separated, default `/stream`), `max_listeners`
+/// (default 1000), `burst_kb` (default 64), `queue_kb` (how far a
+/// listener may lag before icecast drops it, default 512) and `relay_from` (IP:PORT of the
+/// server to relay every mount from; equal to `listen`, as
+/// `{{ first_server }}` renders on the first node, it is the master).
+fn check_icecast_params(params: &Params) -> Result<(), String> {
+    const KNOWN: &[&str] = &[
+        "listen",
+        "mounts",
+        "max_listeners",
+        "burst_kb",
+        "queue_kb",
+        "relay_from",
+        "secret.source_password",
+        "secret.admin_password",
+    ];
+    if let Some(k) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown parameter {k:?} for the icecast adaptor; use {}",
+            KNOWN.join(", ")
+        ));
+    }
+    let addr = |k: &str, v: &str| {
+        v.parse::<core::net::SocketAddr>()
+            .map(|_| ())
+            .map_err(|_| format!("{k} must be IP:PORT, e.g. 10.0.0.1:8000, got {v:?}"))
+    };
+    match params.get("listen").filter(|v| !v.is_empty()) {
+        Some(v) => addr("listen", v)?,
+        None => {
+            return Err(
+                "the icecast adaptor needs the parameter listen (--param listen=IP:PORT)".into(),
+            );
+        }
+    }
+    if let Some(v) = params.get("relay_from").filter(|v| !v.is_empty()) {
+        addr("relay_from", v)?;
+    }
+    match params.get("secret.source_password") {
+        Some(p) if !p.is_empty() => {}
+        _ => {
+            return Err(
+                "the icecast adaptor needs a source password: secret.source_password (or source_password in [app.secrets])".into(),
+            );
+        }
+    }
+    for k in ["secret.source_password", "secret.admin_password"] {
+        if params.get(k).is_some_and(|p| {
+            p.contains(['<', '>', '&', '"', '\'']) || p.chars().any(char::is_control)
+        }) {
+            return Err(format!(
+                "{k} may not hold XML markup characters (< > & \" ') or control characters; choose another password"
+            ));
+        }
+    }
+    for m in params
+        .get("mounts")
+        .map(String::as_str)
+        .unwrap_or("/stream")
+        .split(',')
+    {
+        let m = m.trim();
+        let ok = m.len() > 1
+            && m.starts_with('/')
+            && m[1..]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+        if !ok {
+            return Err(format!(
+                "mounts: {m:?} is not a mount point; give paths such as /stream or /radio.mp3, comma-separated"
+            ));
+        }
+    }
+    for (k, lo, hi) in [
+        ("max_listeners", 1u64, 100_000u64),
+        ("burst_kb", 0, 16_384),
+        ("queue_kb", 4, 65_536),
+    ] {
+        if let Some(v) = params.get(k)
+            && !v
+                .trim()
+                .parse::<u64>()
+                .is_ok_and(|x| (lo..=hi).contains(&x))
+        {
+            return Err(format!(
+                "{k} must be a whole number from {lo} to {hi}, got {v:?}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Which load drives a service's sizing.
@@ -924,5 +1053,64 @@ impl ServiceDetail {
             a.app = a.app.as_ref().map(|x| x.redacted(is_secret_param));
         }
         self
+    }
+}
+
+#[cfg(test)]
+mod icecast_params_tests {
+    use super::*;
+
+    fn p(kv: &[(&str, &str)]) -> Params {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn icecast_parameters_are_checked_with_the_fix_named() {
+        let ok = p(&[
+            ("listen", "10.0.0.2:8000"),
+            ("relay_from", "10.0.0.1:8000"),
+            ("mounts", "/stream, /talk.mp3"),
+            ("secret.source_password", "pw"),
+        ]);
+        assert_eq!(check_params("icecast", &ok), Ok(()));
+        let err = |kv: &[(&str, &str)]| check_params("icecast", &p(kv)).unwrap_err();
+        assert!(err(&[("listen", "10.0.0.2:8000")]).contains("secret.source_password"));
+        assert!(err(&[("secret.source_password", "pw")]).contains("listen"));
+        assert!(err(&[("listen", "x"), ("secret.source_password", "pw")]).contains("IP:PORT"));
+        assert!(
+            err(&[
+                ("listen", "10.0.0.2:8000"),
+                ("secret.source_password", "a<b")
+            ])
+            .contains("markup")
+        );
+        let e = err(&[
+            ("listen", "10.0.0.2:8000"),
+            ("secret.source_password", "pw"),
+            ("mounts", "stream"),
+        ]);
+        assert!(e.contains("mount point"), "{e}");
+        assert!(
+            err(&[
+                ("listen", "10.0.0.2:8000"),
+                ("secret.source_password", "pw"),
+                ("max_listeners", "lots"),
+            ])
+            .contains("max_listeners")
+        );
+        assert!(
+            err(&[
+                ("listen", "10.0.0.2:8000"),
+                ("secret.source_password", "pw"),
+                ("root", "/x"),
+            ])
+            .contains("unknown parameter")
+        );
+        // The password never appears in an error.
+        assert!(
+            !err(&[("listen", "bad"), ("secret.source_password", "hunter2")]).contains("hunter2")
+        );
     }
 }

@@ -348,6 +348,17 @@ impl Controller {
                                 .sum::<u32>();
                             (*v, n)
                         });
+                        // A streaming server counts its own listeners
+                        // (connections no dispatcher sees, as listeners
+                        // are redirected to it): it drains until they
+                        // have left or moved, or the timeout.
+                        let own = n
+                            .apps
+                            .iter()
+                            .find(|x| x.id == id)
+                            .and_then(|x| x.stream.as_ref())
+                            .map(|st| (dv, st.listeners.min(u64::from(u32::MAX)) as u32));
+                        let in_flight = in_flight.chain(own);
                         if let Some(why) = drain_done(elapsed, drain_timeout, dv, in_flight) {
                             ch.note(
                                 Some(&a.node),
@@ -1001,11 +1012,17 @@ fn render_ctx(name: &str, s: &Service, spec: &ServiceSpec, n: &Node) -> RenderCt
         app_id: app_id(name),
         first_server: String::new(),
     };
-    ctx.first_server = s
-        .doc
-        .allocs
-        .iter()
-        .find(|a| a.phase == AllocPhase::Serving && a.node != reg.name)
+    // The first serving node; else the first one starting (nodes
+    // allocated in one pass relay from the first of them, not from
+    // themselves: icecast's relay retries until its master serves).
+    let other = |phase: AllocPhase| {
+        s.doc
+            .allocs
+            .iter()
+            .find(|a| a.phase == phase && a.node != reg.name)
+    };
+    ctx.first_server = other(AllocPhase::Serving)
+        .or_else(|| other(AllocPhase::Starting))
         .map(|a| a.address.clone())
         .unwrap_or_else(|| {
             // The first server relays from nobody: itself.
@@ -1085,14 +1102,32 @@ fn measure(
     usage + 0.0
 }
 
-/// The serving node to release: the least utilized.
+/// The serving node to release: the least utilized. When the app relays
+/// from `{{ first_server }}` (LAMA's RelayFrom), a node whose address
+/// another allocation's app was rendered with is a source of the others
+/// and is not released: those relays would lose the stream. (Allocations
+/// are not kept in allocation order, so "the first serving one" is not
+/// the master; the rendered parameters say who relays from whom.)
 fn victim(s: &Service) -> Option<usize> {
+    let relays = s
+        .spec
+        .as_ref()
+        .is_some_and(|spec| spec.app.params.values().any(|v| v.contains("first_server")));
+    let is_source = |addr: &str| {
+        relays
+            && s.doc.allocs.iter().any(|b| {
+                b.address != addr
+                    && b.app
+                        .as_ref()
+                        .is_some_and(|app| app.params.values().any(|v| v == addr))
+            })
+    };
     choose_victim(
         s.doc
             .allocs
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.phase == AllocPhase::Serving)
+            .filter(|(_, a)| a.phase == AllocPhase::Serving && !is_source(&a.address))
             .map(|(i, a)| (i, s.util.get(&a.node).copied().unwrap_or(f64::NAN))),
     )
 }

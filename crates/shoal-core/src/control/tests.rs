@@ -93,6 +93,7 @@ impl Rig {
                     endpoint: None,
                     message: None,
                     bandwidth: None,
+                    stream: None,
                 })
                 .collect();
             self.input(Input::Renew {
@@ -542,6 +543,7 @@ fn renew_shaped(r: &mut Rig, caps: &mut BTreeMap<String, u64>, offered: &dyn Fn(
                     sent_bps: 0.0,
                     cap_bps: caps.get(&n.name).copied(),
                 }),
+                stream: None,
             })
             .collect();
         let reply = r

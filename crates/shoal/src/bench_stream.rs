@@ -1,0 +1,744 @@
+//! `shoal bench stream`: LAMA's audio-streaming experiment (section 5) live.
+//! Nodes are network namespaces on a bridge with their egress capped by tc
+//! (the lab of `shoal up --netns`); a real manager and one real agent per
+//! node; the service `radio` runs Debian's icecast2 through the icecast
+//! adaptor, its first node fed by this bench's source and every later one
+//! relaying from it (`relay_from = "{{ first_server }}"`).
+//!
+//! Listeners are redirected to a relay, as streaming services do (a
+//! playlist or a 302 names the server): the bench, acting as the
+//! redirector, sends each new listener to the serving, non-draining node
+//! with the fewest listeners, from the manager's live service status. They
+//! do not go through the dispatcher because a proxy would carry every
+//! stream's bytes on its own node, which is the bottleneck relays remove.
+//! When a node drains, the redirector sends it no new listeners and, with
+//! `--move` (default), moves its listeners to the others (each keeps
+//! playing from its buffer while it reconnects); without it they may leave
+//! until the drain timeout, and those still there are cut.
+//!
+//! All rates are divided by `--scale` (the node's 100 Mbit/s, the stream's
+//! 128 kbit/s, icecast's burst and queue), so that listener counts are
+//! LAMA's while the bytes fit a 2-core machine. Times are divided by
+//! `--speed` (the workload, the control period, lead time, drain timeout).
+
+use crate::stream::{End, Listened, Tally, listener, source};
+use crate::up::{Child2, Lab, spawn, spawn_in, stop_all, wait_until};
+use anyhow::Context;
+use shoal_net::client::ApiClient;
+use shoal_net::identity::{ClusterConfig, ClusterDir};
+use shoal_net::wire::*;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// `shoal bench stream` arguments.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Examples (as root; apt-get install -y icecast2):\n  shoal bench stream --saturate --levels 500,600,700,750,800,900 --hold 20s --json\n  shoal bench stream --policy threshold,ar,predictive --speed 2 --json --out /tmp/stream\n\nscripts/bench-stream.sh runs the figures of docs/streaming.md."
+)]
+pub struct BenchStreamArgs {
+    /// One node only: add listeners level by level and find where stalls
+    /// begin (LAMA: fewer than 750 at 128 kbit/s on 100 Mbit/s).
+    #[arg(long)]
+    pub saturate: bool,
+    /// --saturate: listener counts to hold, ascending.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "500,600,650,700,725,750,775,800,850,900"
+    )]
+    pub levels: Vec<u64>,
+    /// --saturate: how long each level is held.
+    #[arg(long, default_value = "20s", value_parser = shoal_core::duration::parse_positive_duration)]
+    pub hold: Duration,
+    /// --saturate: listeners arriving per second between levels.
+    #[arg(long, default_value_t = 20.0)]
+    pub arrival_rate: f64,
+    /// Policies to run the LAMA workload with, one fresh cluster each.
+    #[arg(long, value_delimiter = ',', default_value = "threshold,ar,predictive")]
+    pub policy: Vec<String>,
+    /// Nodes in the pool (the service's ceiling).
+    #[arg(long, default_value_t = 6)]
+    pub nodes: usize,
+    /// Rates divided by this: 100/scale Mbit/s nodes, 128/scale kbit/s.
+    #[arg(long, default_value_t = 8.0)]
+    pub scale: f64,
+    /// Time compression: workload seconds per real second.
+    #[arg(long, default_value_t = 4.0)]
+    pub speed: f64,
+    /// The workload's seed (the simulator's lama-audio with the same seed).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Forecast horizon the policies provision for, workload seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub lead_time: f64,
+    /// How long a released node drains, workload seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_timeout: f64,
+    /// Leave listeners on a draining node (they are cut at the timeout)
+    /// instead of moving them.
+    #[arg(long)]
+    pub no_move: bool,
+    /// Write each run's time series (JSON) here.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const MOUNT: &str = "/stream";
+const PORT: u16 = 8000;
+
+fn validate(a: &BenchStreamArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "shoal bench stream needs root (it creates network namespaces and tc qdiscs)"
+        );
+    }
+    if !Path::new(shoal_agent::adaptor::icecast::PROGRAM).exists() {
+        anyhow::bail!("icecast2 is not installed: apt-get install -y icecast2");
+    }
+    for (f, v) in [
+        ("--scale", a.scale),
+        ("--speed", a.speed),
+        ("--lead-time", a.lead_time),
+        ("--drain-timeout", a.drain_timeout),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            anyhow::bail!("{f} must be a positive number, got {v}");
+        }
+    }
+    if a.nodes == 0 || a.nodes > 20 {
+        anyhow::bail!("--nodes must be 1 to 20, got {}", a.nodes);
+    }
+    if a.saturate && (a.levels.is_empty() || a.levels.windows(2).any(|w| w[0] >= w[1])) {
+        anyhow::bail!("--levels must be listener counts in ascending order, e.g. 500,700,750,800");
+    }
+    for p in &a.policy {
+        if !["threshold", "ar", "hpa", "predictive"].contains(&p.as_str()) {
+            anyhow::bail!("--policy {p:?}: use threshold, ar, hpa or predictive (comma-separated)");
+        }
+    }
+    Ok(())
+}
+
+pub fn run(a: BenchStreamArgs) -> anyhow::Result<()> {
+    validate(&a)?;
+    crate::raise_nofile();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        // Ctrl-C or SIGTERM ends the run early; the rig is still removed.
+        let stop = crate::up::catch_stop_signals()?;
+        let out = if a.saturate {
+            saturate(&a).await?
+        } else {
+            let mut runs = serde_json::Map::new();
+            for p in &a.policy {
+                if *stop.borrow() {
+                    break;
+                }
+                let r = live(&a, p, &stop)
+                    .await
+                    .with_context(|| format!("policy {p}"))?;
+                if !a.json {
+                    print_live(p, &r);
+                }
+                runs.insert(p.clone(), r);
+            }
+            serde_json::Value::Object(runs)
+        };
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Ok(())
+    })
+}
+
+/// A cluster of `n` namespace nodes running the `radio` service.
+struct Rig {
+    _lab: Lab,
+    children: Vec<Child2>,
+    admin: ApiClient,
+    _tmp: tempfile::TempDir,
+    password: String,
+    addrs: BTreeMap<String, String>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        stop_all(&mut self.children);
+    }
+}
+
+fn kbps(a: &BenchStreamArgs) -> f64 {
+    128.0 / a.scale
+}
+fn node_mbit(a: &BenchStreamArgs) -> f64 {
+    100.0 / a.scale
+}
+
+fn service_toml(a: &BenchStreamArgs, policy: &str, min: usize, max: usize) -> String {
+    let kb = |x: f64| ((x / a.scale).round() as u64).max(4);
+    format!(
+        r#"name = "radio"
+min_nodes = {min}
+max_nodes = {max}
+policy = "{policy}"
+period_secs = {period}
+lead_time_secs = {lead}
+drain_timeout_secs = {drain}
+role = "stream"
+
+[app]
+adaptor = "icecast"
+port = {PORT}
+
+[app.params]
+listen = "{{{{ node_address }}}}:{{{{ port }}}}"
+relay_from = "{{{{ first_server }}}}"
+mounts = "{MOUNT}"
+max_listeners = "4000"
+burst_kb = "{burst}"
+queue_kb = "{queue}"
+
+[metric]
+kind = "net"
+capacity = {cap}
+"#,
+        period = 2.0 / a.speed,
+        lead = a.lead_time / a.speed,
+        drain = a.drain_timeout / a.speed,
+        burst = kb(64.0),
+        queue = kb(512.0),
+        cap = node_mbit(a),
+    )
+}
+
+async fn start(a: &BenchStreamArgs, policy: &str, min: usize, max: usize) -> anyhow::Result<Rig> {
+    let lab = Lab::create(max, node_mbit(a))?;
+    let tmp = tempfile::Builder::new().prefix("shoal-stream-").tempdir()?;
+    let base = tmp.path().to_path_buf();
+    let host = lab.host_ip();
+    let port = std::net::TcpListener::bind((host.as_str(), 0))?
+        .local_addr()?
+        .port();
+    let listen = format!("{host}:{port}");
+    let cd = ClusterDir::new(base.join("cluster"));
+    cd.init(
+        ClusterConfig {
+            listen: listen.clone(),
+            manager_url: format!("https://{listen}"),
+            // The simulator's 6 s lease (renewals and load samples every
+            // 2 s), compressed by --speed like every other time.
+            lease_ttl_secs: (6.0 / a.speed).max(1.5),
+            ..Default::default()
+        },
+        false,
+    )?;
+    shoal_manager::store_identity::create(&cd)?;
+    let dir = cd.path.display().to_string();
+    let mut children = vec![spawn(
+        "manager",
+        &[
+            "manager".into(),
+            "--dir".into(),
+            dir.clone(),
+            "--no-discovery".into(),
+        ],
+        &base.join("manager.log"),
+    )?];
+    let admin = ApiClient::admin(&cd, None)?;
+    let mut rig = Rig {
+        _lab: lab,
+        children: Vec::new(),
+        admin,
+        _tmp: tmp,
+        password: format!("{:016x}", rand::random::<u64>()),
+        addrs: BTreeMap::new(),
+    };
+    rig.children.append(&mut children);
+    wait_until("the manager", Duration::from_secs(20), || async {
+        rig.admin.status().await.is_ok()
+    })
+    .await?;
+    let token_file = cd.path.join("token");
+    for i in 0..max {
+        let name = format!("node{}", i + 1);
+        let args: Vec<String> = vec![
+            "agent".into(),
+            "--join".into(),
+            format!("https://{listen}"),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--name".into(),
+            name.clone(),
+            "--roles".into(),
+            "stream".into(),
+            "--dir".into(),
+            base.join(&name).display().to_string(),
+            "--capacity".into(),
+            format!("net_mbps={}", node_mbit(a)),
+        ];
+        let ns = rig._lab.ns(i);
+        rig.children.push(spawn_in(
+            Some(&ns),
+            &name,
+            &args,
+            &base.join(format!("{name}.log")),
+        )?);
+        rig.addrs
+            .insert(name, format!("{}:{PORT}", rig._lab.node_ip(i)));
+    }
+    wait_until(
+        "the agents to register",
+        Duration::from_secs(30),
+        || async {
+            rig.admin
+                .status()
+                .await
+                .map(|s| {
+                    s.nodes
+                        .iter()
+                        .filter(|n| n.state == LeaseState::Alive)
+                        .count()
+                        == max
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    let mut toml = service_toml(a, policy, min, max);
+    toml.push_str(&format!(
+        "\n[app.secrets]\nsource_password = \"{}\"\n",
+        rig.password
+    ));
+    let spec: ServiceSpec = toml::from_str(&toml).context("the radio service")?;
+    let _: serde_json::Value = rig
+        .admin
+        .send(reqwest::Method::PUT, "/v1/services/radio", &spec)
+        .await?;
+    wait_until(
+        "the first icecast to serve",
+        Duration::from_secs(60),
+        || async {
+            serving(&rig)
+                .await
+                .map(|s| !s.0.is_empty())
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    Ok(rig)
+}
+
+/// The service's serving and draining backends, and its status.
+async fn serving(
+    rig: &Rig,
+) -> anyhow::Result<(Vec<SocketAddr>, Vec<SocketAddr>, ServiceStatus, usize)> {
+    let s = rig.admin.status().await?;
+    let svc = s
+        .services
+        .iter()
+        .find(|x| x.name == "radio")
+        .cloned()
+        .unwrap_or_default();
+    let addr = |n: &String| rig.addrs.get(n).and_then(|a| a.parse().ok());
+    let draining: Vec<SocketAddr> = svc.draining.iter().filter_map(addr).collect();
+    let serve: Vec<SocketAddr> = svc
+        .serving
+        .iter()
+        .filter_map(addr)
+        .filter(|a| !draining.contains(a))
+        .collect();
+    let listeners = s
+        .nodes
+        .iter()
+        .flat_map(|n| n.apps.iter())
+        .filter_map(|a| a.stream.as_ref())
+        .map(|st| st.listeners as usize)
+        .sum();
+    Ok((serve, draining, svc, listeners))
+}
+
+struct Audience {
+    next_id: u64,
+    on: BTreeMap<u64, (SocketAddr, watch::Sender<Option<SocketAddr>>)>,
+    tasks: tokio::task::JoinSet<(u64, Listened)>,
+    done: Vec<(Listened, bool)>,
+    /// Servers (by address) draining or out of the service at the last
+    /// poll: a listener cut there was cut by a reallocation.
+    draining_seen: std::collections::BTreeSet<SocketAddr>,
+    kbps: f64,
+    tally: Arc<Tally>,
+}
+
+impl Audience {
+    fn new(kbps: f64) -> Self {
+        Self {
+            next_id: 0,
+            on: BTreeMap::new(),
+            tasks: tokio::task::JoinSet::new(),
+            done: Vec::new(),
+            draining_seen: Default::default(),
+            kbps,
+            tally: Arc::new(Tally::default()),
+        }
+    }
+    fn count_on(&self, s: &SocketAddr) -> usize {
+        self.on.values().filter(|(a, _)| a == s).count()
+    }
+    fn least(&self, serving: &[SocketAddr]) -> Option<SocketAddr> {
+        serving.iter().copied().min_by_key(|s| self.count_on(s))
+    }
+    fn arrive(&mut self, serving: &[SocketAddr]) {
+        let Some(s) = self.least(serving) else { return };
+        let (tx, rx) = watch::channel(Some(s));
+        let id = self.next_id;
+        self.next_id += 1;
+        let kbps = self.kbps;
+        let tally = self.tally.clone();
+        self.tasks
+            .spawn(async move { (id, listener(MOUNT.into(), kbps, rx, tally).await) });
+        self.on.insert(id, (s, tx));
+    }
+    fn leave_one(&mut self) {
+        // A random listener leaves (LAMA's departures).
+        if self.on.is_empty() {
+            return;
+        }
+        let i = rand::random::<usize>() % self.on.len();
+        let id = *self.on.keys().nth(i).expect("index in range");
+        if let Some((_, tx)) = self.on.remove(&id) {
+            let _ = tx.send(None);
+        }
+    }
+    /// Moves every listener of `from` to the least loaded of `to`.
+    fn move_off(&mut self, from: &[SocketAddr], to: &[SocketAddr]) -> usize {
+        let mut n = 0;
+        let ids: Vec<u64> = self
+            .on
+            .iter()
+            .filter(|(_, (s, _))| from.contains(s))
+            .map(|(i, _)| *i)
+            .collect();
+        for id in ids {
+            let Some(t) = self.least(to) else { break };
+            if let Some((s, tx)) = self.on.get_mut(&id) {
+                *s = t;
+                let _ = tx.send(Some(t));
+                n += 1;
+            }
+        }
+        n
+    }
+    fn reap(&mut self) {
+        while let Some(Ok((id, l))) = self.tasks.try_join_next() {
+            self.on.remove(&id);
+            let by_release = matches!(l.end, End::Cut(_))
+                && l.server.is_some_and(|s| self.draining_seen.contains(&s));
+            self.done.push((l, by_release));
+        }
+    }
+}
+
+fn summarize(done: &[(Listened, bool)]) -> serde_json::Value {
+    let mut startups: Vec<f64> = done.iter().filter_map(|(l, _)| l.startup).collect();
+    startups.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> Option<f64> {
+        (!startups.is_empty()).then(|| startups[((startups.len() - 1) as f64 * p).round() as usize])
+    };
+    let cut: Vec<&Listened> = done
+        .iter()
+        .map(|(l, _)| l)
+        .filter(|l| matches!(l.end, End::Cut(_)))
+        .collect();
+    let why = cut.iter().find_map(|l| match &l.end {
+        End::Cut(w) => Some(w.clone()),
+        End::Left => None,
+    });
+    serde_json::json!({
+        "listeners": done.len(),
+        "stall_listener_seconds": done.iter().map(|(l, _)| l.stalled).sum::<f64>(),
+        "stalled_listeners": done.iter().filter(|(l, _)| l.stalls > 0).count(),
+        "stalls": done.iter().map(|(l, _)| l.stalls as u64).sum::<u64>(),
+        "disconnected": cut.len(),
+        "disconnected_by_release": done.iter().filter(|(_, r)| *r).count(),
+        "moved": done.iter().map(|(l, _)| l.moves as u64).sum::<u64>(),
+        "mbytes_received": done.iter().map(|(l, _)| l.bytes as f64).sum::<f64>() / 1e6,
+        "never_started": done.iter().filter(|(l, _)| l.startup.is_none()).count(),
+        "startup_p50_s": pct(0.5),
+        "startup_p99_s": pct(0.99),
+        "first_cut": why,
+    })
+}
+
+/// One node: hold each listener level and see where stalls begin.
+async fn saturate(a: &BenchStreamArgs) -> anyhow::Result<serde_json::Value> {
+    let rig = start(a, "threshold", 1, 1).await?;
+    let (serve, ..) = serving(&rig).await?;
+    let master = serve[0];
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pw = rig.password.clone();
+    let k = kbps(a);
+    let src = tokio::spawn(async move { source(master, MOUNT, &pw, k, stop_rx).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if src.is_finished() {
+        src.await??;
+        anyhow::bail!("the source stopped at once");
+    }
+    let mut levels = Vec::new();
+    let mut first_bad: Option<u64> = None;
+    // One audience, growing level by level at --arrival-rate, as listeners
+    // arrive at a station; each level's figures are those of its hold.
+    let mut aud = Audience::new(k);
+    let pace = Duration::from_secs_f64(1.0 / a.arrival_rate);
+    for &level in &a.levels {
+        while (aud.on.len() as u64) < level {
+            aud.arrive(&serve);
+            tokio::time::sleep(pace).await;
+        }
+        // Settle: the newest listeners' bursts are in flight.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let snap = |t: &Tally| {
+            (
+                t.stalls.load(Relaxed),
+                t.stall_ms.load(Relaxed),
+                t.cuts.load(Relaxed),
+            )
+        };
+        let before = snap(&aud.tally);
+        let t_hold = Instant::now();
+        let bytes0 = tc_sent_bytes(&rig._lab.ns(0));
+        tokio::time::sleep(a.hold).await;
+        let bytes1 = tc_sent_bytes(&rig._lab.ns(0));
+        let after = snap(&aud.tally);
+        let (_, _, _, icecast_listeners) = serving(&rig).await?;
+        let secs = t_hold.elapsed().as_secs_f64();
+        let tx_mbit = match (bytes0, bytes1) {
+            (Some(b0), Some(b1)) => Some((b1 - b0) as f64 * 8.0 / 1e6 / secs * a.scale),
+            _ => None,
+        };
+        let (stalls, stall_s, cuts) = (
+            after.0 - before.0,
+            (after.1 - before.1) as f64 / 1000.0,
+            after.2 - before.2,
+        );
+        if (stalls > 0 || cuts > 0) && first_bad.is_none() {
+            first_bad = Some(level);
+        }
+        let row = serde_json::json!({
+            "listeners": level,
+            "icecast_listeners": icecast_listeners,
+            "stalls": stalls,
+            "stall_listener_seconds": stall_s,
+            "cut": cuts,
+            "node_tx_mbit_x_scale": tx_mbit,
+            "utilization": tx_mbit.map(|m| m / 100.0),
+        });
+        if !a.json {
+            println!(
+                "{level:>5} listeners (icecast counts {icecast_listeners:>5}): stalls {stalls:>4}, stall listener-s {stall_s:>7.1}, cut {cuts:>4}, node tx {:>6.1} Mbit/s at full scale",
+                tx_mbit.unwrap_or(f64::NAN)
+            );
+        }
+        levels.push(row);
+    }
+    while !aud.on.is_empty() {
+        aud.leave_one();
+    }
+    while let Some(Ok((_, l))) = aud.tasks.join_next().await {
+        aud.done.push((l, false));
+    }
+    let all = summarize(&aud.done);
+    let _ = stop_tx.send(true);
+    let sent = src.await??;
+    if !a.json {
+        println!(
+            "stalls or cuts begin at {first_bad:?} listeners ({} kbit/s on {} Mbit/s, scale 1/{})",
+            k,
+            node_mbit(a),
+            a.scale
+        );
+    }
+    Ok(serde_json::json!({
+        "scale": a.scale, "stream_kbps": k, "node_mbit": node_mbit(a), "hold_s": a.hold.as_secs_f64(),
+        "source_bytes": sent, "first_level_with_stalls_or_cuts": first_bad, "levels": levels,
+        "arrival_rate_per_s": a.arrival_rate, "all_listeners": all,
+    }))
+}
+
+/// The LAMA workload on `max` nodes with one policy.
+async fn live(
+    a: &BenchStreamArgs,
+    policy: &str,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<serde_json::Value> {
+    let w = shoal_sim::autoscale::workload::lama_audio(
+        &shoal_sim::autoscale::workload::LamaAudio::default(),
+        2.0,
+        a.seed,
+    );
+    let per = shoal_sim::autoscale::workload::LamaAudio::default().stream_mbps;
+    let rig = start(a, policy, 1, a.nodes).await?;
+    let (serve, ..) = serving(&rig).await?;
+    let master = serve[0];
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pw = rig.password.clone();
+    let k = kbps(a);
+    let src = tokio::spawn(async move { source(master, MOUNT, &pw, k, stop_rx).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if src.is_finished() {
+        src.await??;
+        anyhow::bail!("the source stopped at once");
+    }
+    let mut aud = Audience::new(k);
+    let t0 = Instant::now();
+    let length = w.demand.len() as f64 * w.step;
+    let mut series = Vec::new();
+    let mut node_seconds = 0.0;
+    let mut last = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut moved_total = 0;
+    let mut draining_now: Vec<SocketAddr> = Vec::new();
+    let mut nodes_max = 0;
+    let (mut serve, mut svc) = (serve, ServiceStatus::default());
+    let mut icecast_listeners = 0;
+    let mut n_poll = 0u64;
+    loop {
+        tick.tick().await;
+        let wt = t0.elapsed().as_secs_f64() * a.speed;
+        if wt >= length || *stop.borrow() {
+            break;
+        }
+        n_poll += 1;
+        if n_poll.is_multiple_of(2)
+            && let Ok((s, d, st, il)) = serving(&rig).await
+        {
+            {
+                serve = s;
+                // Servers draining or no longer in the service: a listener
+                // cut there was cut by a reallocation.
+                aud.draining_seen = rig
+                    .addrs
+                    .values()
+                    .filter_map(|x| x.parse().ok())
+                    .filter(|x| !serve.contains(x))
+                    .collect();
+                if !a.no_move {
+                    let newly: Vec<SocketAddr> = d
+                        .iter()
+                        .copied()
+                        .filter(|x| !draining_now.contains(x))
+                        .collect();
+                    if !newly.is_empty() {
+                        moved_total += aud.move_off(&newly, &serve);
+                    }
+                }
+                draining_now = d;
+                svc = st;
+                icecast_listeners = il;
+            }
+        }
+        let target =
+            (w.demand[((wt / w.step) as usize).min(w.demand.len() - 1)] / per).round() as usize;
+        aud.reap();
+        while aud.on.len() < target && !serve.is_empty() {
+            aud.arrive(&serve);
+        }
+        while aud.on.len() > target {
+            aud.leave_one();
+        }
+        let dt = last.elapsed().as_secs_f64() * a.speed;
+        last = Instant::now();
+        node_seconds += svc.nodes.len() as f64 * dt;
+        nodes_max = nodes_max.max(svc.nodes.len());
+        if n_poll.is_multiple_of(4) {
+            series.push(serde_json::json!({
+                "t": wt, "demand_mbit": target as f64 * per, "listeners": aud.on.len(),
+                "icecast_listeners": icecast_listeners,
+                "observed_mbit": svc.usage.map(|u| u * a.scale),
+                "forecast_mbit": svc.forecast.map(|u| u * a.scale),
+                "allocated": svc.nodes.len(), "serving": svc.serving.len(),
+                "draining": svc.draining.len(),
+            }));
+            if !a.json && n_poll.is_multiple_of(40) {
+                eprintln!(
+                    "{policy:>10} t={wt:>5.0}s listeners {:>4} nodes {} (serving {}) observed {:>6.1} Mbit/s forecast {:>6.1}",
+                    aud.on.len(),
+                    svc.nodes.len(),
+                    svc.serving.len(),
+                    svc.usage.unwrap_or(0.0) * a.scale,
+                    svc.forecast.unwrap_or(0.0) * a.scale
+                );
+            }
+        }
+    }
+    while !aud.on.is_empty() {
+        aud.leave_one();
+    }
+    while let Some(Ok((_, l))) = aud.tasks.join_next().await {
+        let by_release = matches!(l.end, End::Cut(_))
+            && l.server.is_some_and(|s| aud.draining_seen.contains(&s));
+        aud.done.push((l, by_release));
+    }
+    let _ = stop_tx.send(true);
+    let src_sent = src.await;
+    let events: Vec<Event> = rig.admin.get("/v1/events").await.unwrap_or_default();
+    let reallocs = crate::up::reallocations(&events, Some("radio"));
+    let mut s = summarize(&aud.done);
+    s["policy"] = policy.into();
+    s["reallocations"] = reallocs.into();
+    s["node_seconds"] = node_seconds.into();
+    s["nodes_max"] = nodes_max.into();
+    s["moved_on_drain"] = moved_total.into();
+    s["source_ok"] = src_sent.map(|r| r.is_ok()).unwrap_or(false).into();
+    s["speed"] = a.speed.into();
+    s["scale"] = a.scale.into();
+    s["interrupted"] = (*stop.borrow()).into();
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join(format!("stream-live-{policy}.json")),
+            serde_json::to_string_pretty(&serde_json::json!({"summary": s, "series": series}))?,
+        )?;
+    }
+    Ok(s)
+}
+
+fn print_live(p: &str, s: &serde_json::Value) {
+    println!(
+        "{p:>10}: reallocations {}, peak nodes {}, node-s {:.0}, listeners {}, stall listener-s {:.1} ({} listeners), disconnected {} ({} by a release), moved {}, startup p50/p99 {:.2}/{:.2} s",
+        s["reallocations"],
+        s["nodes_max"],
+        s["node_seconds"].as_f64().unwrap_or(0.0),
+        s["listeners"],
+        s["stall_listener_seconds"].as_f64().unwrap_or(0.0),
+        s["stalled_listeners"],
+        s["disconnected"],
+        s["disconnected_by_release"],
+        s["moved_on_drain"],
+        s["startup_p50_s"].as_f64().unwrap_or(f64::NAN),
+        s["startup_p99_s"].as_f64().unwrap_or(f64::NAN)
+    );
+}
+
+/// Bytes the node's tc qdisc has sent on eth0 (its egress), from
+/// `tc -s qdisc`.
+fn tc_sent_bytes(ns: &str) -> Option<u64> {
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", "eth0",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    let i = text.find("Sent ")?;
+    text[i + 5..].split_whitespace().next()?.parse().ok()
+}
