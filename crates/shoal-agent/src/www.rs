@@ -364,7 +364,9 @@ impl Files {
         let mut n = 0usize;
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for e in rd.flatten() {
                 let Ok(t) = e.file_type() else { continue };
                 let path = e.path();
@@ -543,9 +545,7 @@ pub fn run(args: WwwArgs) -> anyhow::Result<()> {
                 g.add(std::process::id())?;
                 Ok(g)
             })
-            .map_err(|e| {
-                anyhow::anyhow!("--cpus {c}: {e}; run as root, or drop --cpus")
-            })?;
+            .map_err(|e| anyhow::anyhow!("--cpus {c}: {e}; run as root, or drop --cpus"))?;
             Some(g)
         }
         None => None,

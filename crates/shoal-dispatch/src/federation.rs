@@ -279,22 +279,20 @@ impl Fed {
         let okey = object_key(target);
         let ckey = class_key(target);
         let objects = self.objects.load();
-        let held_by_peer = live.peers.iter().find_map(|p| p.objects.get(&okey).copied());
+        let held_by_peer = live
+            .peers
+            .iter()
+            .find_map(|p| p.objects.get(&okey).copied());
         // What no list names (a computed answer, `/_shoal/burn`) every
         // cluster of the service can give.
-        let dynamic = held_by_peer.is_none()
-            && objects.map.as_ref().is_none_or(|m| !m.contains_key(&okey));
+        let dynamic =
+            held_by_peer.is_none() && objects.map.as_ref().is_none_or(|m| !m.contains_key(&okey));
         let local_size = match &objects.map {
             None => Some(held_by_peer.unwrap_or(0)),
             Some(_) if dynamic => Some(0),
             Some(m) => m.get(&okey).copied(),
         };
-        let base_ms = self
-            .classes
-            .lock()
-            .unwrap()
-            .get(&ckey)
-            .map(|c| c.base_ms);
+        let base_ms = self.classes.lock().unwrap().get(&ckey).map(|c| c.base_ms);
         let now = self.clock.now_ms();
         let n = nodes(backends);
         let local_load = f64::from(self.in_flight.load(Relaxed)) / f64::from(n.max(1));
@@ -314,7 +312,10 @@ impl Fed {
                 v.base_ms = p.classes.get(&ckey).copied();
                 let recent = {
                     let mut r = p.rt.redirects.lock().unwrap();
-                    while r.front().is_some_and(|t| now.saturating_sub(*t) > REDIRECT_PENDING_MS) {
+                    while r
+                        .front()
+                        .is_some_and(|t| now.saturating_sub(*t) > REDIRECT_PENDING_MS)
+                    {
                         r.pop_front();
                     }
                     r.len()
@@ -323,11 +324,11 @@ impl Fed {
                 if count
                     && !from_peer
                     && v.client_path.is_none()
-                    && v.holds.is_some_and(|s| s >= shoal_core::federation::MIN_MEASURED_BYTES)
+                    && v.holds
+                        .is_some_and(|s| s >= shoal_core::federation::MIN_MEASURED_BYTES)
                 {
-                    v.explore = shoal_core::federation::explore_now(
-                        p.rt.unmeasured.fetch_add(1, Relaxed),
-                    );
+                    v.explore =
+                        shoal_core::federation::explore_now(p.rt.unmeasured.fetch_add(1, Relaxed));
                 }
                 v
             })
@@ -567,13 +568,15 @@ pub fn strip_redirect_param(target: &str) -> Option<(String, String)> {
     let mut from = None;
     let rest: Vec<&str> = query
         .split('&')
-        .filter(|kv| match kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
-            Some(v) if from.is_none() => {
-                from = Some(v.to_string());
-                false
-            }
-            _ => true,
-        })
+        .filter(
+            |kv| match kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+                Some(v) if from.is_none() => {
+                    from = Some(v.to_string());
+                    false
+                }
+                _ => true,
+            },
+        )
         .collect();
     let from = from?;
     let t = if rest.is_empty() {

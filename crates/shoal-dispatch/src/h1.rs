@@ -713,7 +713,10 @@ impl BackendConn {
                 }
                 .ok()?;
                 sock.bind(std::net::SocketAddr::new(ip, 0)).ok()?;
-                tokio::time::timeout(timeout, sock.connect(to)).await.ok()?.ok()?
+                tokio::time::timeout(timeout, sock.connect(to))
+                    .await
+                    .ok()?
+                    .ok()?
             }
         };
         let _ = io.set_nodelay(true);

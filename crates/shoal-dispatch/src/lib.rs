@@ -341,12 +341,10 @@ fn serve(
     let backends = Backends::new(&specs, selector, health.clone(), clock.clone())?;
     // A followed service may be federated: the manager says so in its
     // answer to the first load report.
-    let fed = follow
-        .as_ref()
-        .map(|_| {
-            let ip = args.listen.ip();
-            federation::Fed::new(clock.clone(), health, (!ip.is_unspecified()).then_some(ip))
-        });
+    let fed = follow.as_ref().map(|_| {
+        let ip = args.listen.ip();
+        federation::Fed::new(clock.clone(), health, (!ip.is_unspecified()).then_some(ip))
+    });
     let metrics = Arc::new(Metrics::default());
     let access_log = match &args.access_log {
         Some(p) => Some(access_log::AccessLog::open(p, metrics.clone())?),

@@ -717,9 +717,8 @@ async fn forward(
         let res = {
             let _w = Waiting::new(&conn.waiting);
             // The deadline from the coarse clock: no clock read per request.
-            let deadline = be.clock().start()
-                + Duration::from_millis(key.now_ms)
-                + sh.backend_timeout;
+            let deadline =
+                be.clock().start() + Duration::from_millis(key.now_ms) + sh.backend_timeout;
             tokio::time::timeout_at(deadline.into(), async {
                 // An idle connection the backend closed just as it was
                 // reused fails before a byte of response: a request without

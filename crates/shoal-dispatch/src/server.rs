@@ -542,8 +542,12 @@ async fn admin(
                     Ok(urls) => text(
                         StatusCode::OK,
                         json,
-                        serde_json::to_string(&crate::explain_live(&backends, &urls, fed.as_deref()))
-                            .unwrap_or_default(),
+                        serde_json::to_string(&crate::explain_live(
+                            &backends,
+                            &urls,
+                            fed.as_deref(),
+                        ))
+                        .unwrap_or_default(),
                     ),
                     Err(e) => text(
                         StatusCode::BAD_REQUEST,

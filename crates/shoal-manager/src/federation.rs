@@ -26,8 +26,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_core::federation::exchange::changed;
 use shoal_core::federation::wire::{
-    DecisionCounts, ExchangeMsg, FedView, FederationStatus, LinkRequest, LinkResponse,
-    PeerEntry, PeerStatus,
+    DecisionCounts, ExchangeMsg, FedView, FederationStatus, LinkRequest, LinkResponse, PeerEntry,
+    PeerStatus,
 };
 use shoal_core::federation::{IntervalRule, Liveness, NetPath, Summary};
 use shoal_net::client::ApiClient;
@@ -124,7 +124,12 @@ impl PeerState {
 
     fn link(&self) -> NetPath {
         NetPath {
-            rtt_ms: self.rtts.iter().copied().fold(f64::INFINITY, f64::min).min(10_000.0),
+            rtt_ms: self
+                .rtts
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+                .min(10_000.0),
             mbit: self.mbit.unwrap_or(DEFAULT_MBIT),
         }
     }
@@ -182,7 +187,9 @@ struct Inner {
 
 impl std::fmt::Debug for Federation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Federation").field("name", &self.name).finish()
+        f.debug_struct("Federation")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -316,7 +323,10 @@ impl Federation {
             (None, Some(p)) => (p.summary.objects.clone(), p.summary.objects_version),
             (None, None) => (Vec::new(), 0),
         };
-        let mut decisions = prev.as_ref().map(|p| p.decisions.clone()).unwrap_or_default();
+        let mut decisions = prev
+            .as_ref()
+            .map(|p| p.decisions.clone())
+            .unwrap_or_default();
         decisions.insert(r.dispatcher.clone(), fed.decisions);
         let summary = Summary {
             service: service.to_string(),
@@ -483,7 +493,11 @@ impl Federation {
                     return;
                 };
                 let link = p.link();
-                let rtt = if link.rtt_ms.is_finite() { link.rtt_ms } else { 0.0 };
+                let rtt = if link.rtt_ms.is_finite() {
+                    link.rtt_ms
+                } else {
+                    0.0
+                };
                 p.interval_secs = self
                     .rule
                     .next(interval, sent_bytes, link.mbit, rtt, changed_any);
@@ -677,7 +691,10 @@ async fn join(
     }
     let (cert_for_you, key_for_you) = ctx
         .ca
-        .issue_client(&format!("{FEDERATION_CN_PREFIX}{}", hello.cluster), LINK_LIFE)
+        .issue_client(
+            &format!("{FEDERATION_CN_PREFIX}{}", hello.cluster),
+            LINK_LIFE,
+        )
         .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let issued_key_fp = key_fp(&cert_for_you)?;
     let resp: LinkResponse = pinned
@@ -739,13 +756,11 @@ fn key_fp(cert_pem: &str) -> ApiResult<String> {
 
 /// `POST /v1/federation/link`: another cluster asks to federate with a
 /// token of ours (the TLS client is anonymous; the token is the proof).
-async fn link(
-    State(ctx): State<Arc<Ctx>>,
-    body: Bytes,
-) -> ApiResult<axum::Json<LinkResponse>> {
+async fn link(State(ctx): State<Arc<Ctx>>, body: Bytes) -> ApiResult<axum::Json<LinkResponse>> {
     let r: LinkRequest = decode(&body)?;
     let fed = &ctx.federation;
-    let token = Token::parse(&r.token).map_err(|e| ApiErr(StatusCode::BAD_REQUEST, format!("token: {e}")))?;
+    let token = Token::parse(&r.token)
+        .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, format!("token: {e}")))?;
     if let Err(e) = validate_cluster_name(&r.cluster) {
         return Err(ApiErr(StatusCode::BAD_REQUEST, format!("cluster: {e}")));
     }
@@ -760,7 +775,12 @@ async fn link(
     }
     let admitted = ctx
         .trust
-        .admit_token(&token, &format!("federation-{}", r.cluster), &["federation".to_string()], true)
+        .admit_token(
+            &token,
+            &format!("federation-{}", r.cluster),
+            &["federation".to_string()],
+            true,
+        )
         .map_err(|e| ApiErr(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
     match admitted {
         Ok((_, Some(roles))) if roles.iter().any(|x| x == "federation") => {}
@@ -775,7 +795,8 @@ async fn link(
         }
     }
     // What the asker gave us must be a certificate of its CA naming us.
-    let issued_by_them = shoal_net::tls::client_config(&r.ca_pem, Some((&r.cert_for_you, &r.key_for_you)));
+    let issued_by_them =
+        shoal_net::tls::client_config(&r.ca_pem, Some((&r.cert_for_you, &r.key_for_you)));
     if let Err(e) = issued_by_them {
         return Err(ApiErr(
             StatusCode::BAD_REQUEST,
@@ -801,7 +822,10 @@ async fn link(
     ctx.registry.event(
         "federation",
         None,
-        format!("cluster {} at {} linked with a federation token", r.cluster, r.url),
+        format!(
+            "cluster {} at {} linked with a federation token",
+            r.cluster, r.url
+        ),
     );
     Ok(axum::Json(LinkResponse {
         cluster: fed.name.clone(),
@@ -836,7 +860,11 @@ fn need_peer(ctx: &Ctx, peer: &Peer) -> ApiResult<String> {
             "only a federated cluster's manager may do this (a federation certificate of this cluster's CA)".into(),
         ));
     };
-    if peer.key_fp.as_deref().is_some_and(|k| ctx.trust.is_revoked(k)) {
+    if peer
+        .key_fp
+        .as_deref()
+        .is_some_and(|k| ctx.trust.is_revoked(k))
+    {
         return Err(ApiErr(
             StatusCode::FORBIDDEN,
             "this federation certificate was revoked (`shoal federation leave`); join again".into(),
@@ -849,7 +877,9 @@ fn need_peer(ctx: &Ctx, peer: &Peer) -> ApiResult<String> {
         }
         _ => Err(ApiErr(
             StatusCode::FORBIDDEN,
-            format!("cluster {name:?} is not federated with this one, or presents a certificate this cluster no longer holds for it; join again"),
+            format!(
+                "cluster {name:?} is not federated with this one, or presents a certificate this cluster no longer holds for it; join again"
+            ),
         )),
     }
 }

@@ -286,7 +286,10 @@ impl ApiClient {
     /// Reads the next chunk of a response body (see
     /// [`ApiClient::get_response`]) and returns its length; `None` at the end.
     pub async fn chunk_len(&self, r: &mut reqwest::Response) -> Result<Option<usize>, ApiError> {
-        Ok(r.chunk().await.map_err(|e| self.unreachable(e))?.map(|c| c.len()))
+        Ok(r.chunk()
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .map(|c| c.len()))
     }
 
     /// The pool's status.

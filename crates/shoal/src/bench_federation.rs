@@ -208,8 +208,18 @@ fn shape(a: &BenchFederationArgs) -> anyhow::Result<bool> {
 }
 
 fn class_bytes(id: u32) -> u64 {
-    let Ok(out) = sh("tc", &["-s", "class", "show", "dev", "lo", "classid", &format!("1:{id}")])
-    else {
+    let Ok(out) = sh(
+        "tc",
+        &[
+            "-s",
+            "class",
+            "show",
+            "dev",
+            "lo",
+            "classid",
+            &format!("1:{id}"),
+        ],
+    ) else {
         return 0;
     };
     out.split("Sent ")
@@ -435,7 +445,11 @@ fn times(mut v: Vec<f64>, failed: usize) -> Times {
     Times {
         requests: n,
         failed,
-        mean_ms: if n > 0 { v.iter().sum::<f64>() / n as f64 } else { 0.0 },
+        mean_ms: if n > 0 {
+            v.iter().sum::<f64>() / n as f64
+        } else {
+            0.0
+        },
         p99_ms: if n > 0 {
             v[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1]
         } else {
@@ -468,8 +482,7 @@ pub fn run(mut a: BenchFederationArgs) -> anyhow::Result<()> {
     }
     // Before any thread: the namespace is the calling thread's, and what
     // it starts (threads, children) inherit it.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .context("unshare(CLONE_NEWNET)")?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
     let rtt_emulated = shape(&a)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -618,18 +631,29 @@ async fn bench(a: &BenchFederationArgs, root: &Path) -> anyhow::Result<Report> {
             let measured = c.fed().await.is_ok_and(|s| {
                 s.peers.iter().any(|p| {
                     p.cluster == other.name
-                        && p.summaries
-                            .iter()
-                            .any(|x| x.client_paths.iter().any(|cp| cp.from == c.name && cp.samples > 0))
+                        && p.summaries.iter().any(|x| {
+                            x.client_paths
+                                .iter()
+                                .any(|cp| cp.from == c.name && cp.samples > 0)
+                        })
                 })
             });
             if measured {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(60) {
-                bail!("{}'s path to {}'s clients was not measured within 60 s", other.name, c.name);
+                bail!(
+                    "{}'s path to {}'s clients was not measured within 60 s",
+                    other.name,
+                    c.name
+                );
             }
-            let url = format!("http://{}/{}/large/{}", c.dispatcher_addr(), other.name, n % FILES);
+            let url = format!(
+                "http://{}/{}/large/{}",
+                c.dispatcher_addr(),
+                other.name,
+                n % FILES
+            );
             get(&http, &url).await;
             n += 1;
         }
@@ -681,11 +705,7 @@ async fn table1(
                 let mut failed = 0;
                 let mut redirected = 0u64;
                 for i in 0..n {
-                    let url = format!(
-                        "http://{}/{data}/{size}/{}",
-                        c.dispatcher_addr(),
-                        i % FILES
-                    );
+                    let url = format!("http://{}/{data}/{size}/{}", c.dispatcher_addr(), i % FILES);
                     let (t, r, ok) = get(&http, &url).await;
                     if !ok {
                         failed += 1;
@@ -734,7 +754,11 @@ async fn speedup(
             let mut ms = Vec::new();
             let mut failed = 0;
             for i in 0..n {
-                let url = format!("http://{}/west/{size}/{}", east.dispatcher_addr(), i % FILES);
+                let url = format!(
+                    "http://{}/west/{size}/{}",
+                    east.dispatcher_addr(),
+                    i % FILES
+                );
                 let (t, _, ok) = get(&http, &url).await;
                 if ok {
                     ms.push(t);
@@ -747,7 +771,12 @@ async fn speedup(
         rep.speedup.insert(mode.to_string(), per);
     }
     set_mode(a, east, "cost").await?;
-    let m = |mode: &str, size: &str| rep.speedup.get(mode).and_then(|x| x.get(size)).map(|t| t.mean_ms);
+    let m = |mode: &str, size: &str| {
+        rep.speedup
+            .get(mode)
+            .and_then(|x| x.get(size))
+            .map(|t| t.mean_ms)
+    };
     let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
         (Some(x), Some(y)) if y > 0.0 => Some(x / y),
         _ => None,
@@ -818,7 +847,8 @@ async fn cpu(
             let total = (d.local + d.local_consulted + d.fetch + d.redirect).max(1);
             rep.cpu_shed_share_one_loaded = Some((d.fetch + d.redirect) as f64 / total as f64);
         }
-        rep.cpu.insert(format!("east_loaded_{mode}"), times(ms, failed));
+        rep.cpu
+            .insert(format!("east_loaded_{mode}"), times(ms, failed));
     }
     // Both loaded: east's own clients and west's at once.
     let before = east.decisions().await;
@@ -848,12 +878,22 @@ async fn overhead(
     // At rest: nothing but the exchange (and its probes) on the link.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let b0 = class_bytes(10) + class_bytes(11);
-    let m0 = east.fed().await?.peers.first().map_or(0, |p| p.bytes_sent + p.bytes_received);
+    let m0 = east
+        .fed()
+        .await?
+        .peers
+        .first()
+        .map_or(0, |p| p.bytes_sent + p.bytes_received);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(a.rest_secs)).await;
     let secs = t0.elapsed().as_secs_f64();
     let b1 = class_bytes(10) + class_bytes(11);
-    let m1 = east.fed().await?.peers.first().map_or(0, |p| p.bytes_sent + p.bytes_received);
+    let m1 = east
+        .fed()
+        .await?
+        .peers
+        .first()
+        .map_or(0, |p| p.bytes_sent + p.bytes_received);
     let bytes = b1 - b0;
     rep.overhead_link_bytes = Some(bytes);
     rep.overhead_secs = Some(secs);
@@ -887,7 +927,11 @@ async fn dead(east: &ClusterRig, west: &mut ClusterRig, rep: &mut Report) -> any
             failed += 1;
         }
         let st = east.fed().await?;
-        if st.peers.iter().any(|p| p.cluster == "west" && p.state == "presumed dead") {
+        if st
+            .peers
+            .iter()
+            .any(|p| p.cluster == "west" && p.state == "presumed dead")
+        {
             detected = Some(t0.elapsed().as_secs_f64());
             break;
         }
@@ -918,7 +962,10 @@ async fn dead(east: &ClusterRig, west: &mut ClusterRig, rep: &mut Report) -> any
     let mut revived = None;
     while t1.elapsed() < Duration::from_secs(60) {
         let st = east.fed().await?;
-        if st.peers.iter().any(|p| p.cluster == "west" && p.state == "alive")
+        if st
+            .peers
+            .iter()
+            .any(|p| p.cluster == "west" && p.state == "alive")
         {
             revived = Some(t1.elapsed().as_secs_f64());
             break;
@@ -951,7 +998,11 @@ fn print_report(r: &Report) {
         r.link_mbit,
         r.client_mbit,
         r.rtt_ms,
-        if r.rtt_emulated { "" } else { " NOT ADDED (no sch_netem on this kernel)" },
+        if r.rtt_emulated {
+            ""
+        } else {
+            " NOT ADDED (no sch_netem on this kernel)"
+        },
         r.node_cpus
     );
     if !r.table1.is_empty() {
@@ -963,7 +1014,15 @@ fn print_report(r: &Report) {
         for c in &r.table1 {
             println!(
                 "{:<7} {:<7} {:<6} {:>5} {:>6} {:>6} {:>9} {:>7} {:>9.1}",
-                c.client, c.data, c.size, c.requests, c.local, c.fetch, c.redirect, c.failed, c.mean_ms
+                c.client,
+                c.data,
+                c.size,
+                c.requests,
+                c.local,
+                c.fetch,
+                c.redirect,
+                c.failed,
+                c.mean_ms
             );
         }
     }
@@ -1008,7 +1067,8 @@ fn print_report(r: &Report) {
         "overhead at rest: {} bytes on the link in {} s = {} of it (manager counted {} bytes)",
         r.overhead_link_bytes.unwrap_or(0),
         f(r.overhead_secs),
-        r.overhead_share.map_or("-".into(), |s| format!("{:.3} %", s * 100.0)),
+        r.overhead_share
+            .map_or("-".into(), |s| format!("{:.3} %", s * 100.0)),
         r.overhead_manager_bytes.unwrap_or(0)
     );
 }

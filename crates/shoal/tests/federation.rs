@@ -11,7 +11,8 @@ use common::*;
 use serde_json::Value;
 
 fn f(v: &Value, k: &str) -> f64 {
-    v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v:#}"))
+    v[k].as_f64()
+        .unwrap_or_else(|| panic!("{k} missing in {v:#}"))
 }
 
 #[test]
@@ -39,9 +40,16 @@ fn two_clusters_send_each_request_where_it_finishes_first() {
         if c["client"] == c["data"] {
             assert!(local * 100 >= n * 95, "same site should stay local: {c}");
         } else if c["size"] == "large" {
-            assert!(redirect * 10 >= n * 9, "a large remote file should be redirected: {c}");
+            assert!(
+                redirect * 10 >= n * 9,
+                "a large remote file should be redirected: {c}"
+            );
         } else {
-            assert_eq!(fetch + redirect, n, "a small remote file goes to its data: {c}");
+            assert_eq!(
+                fetch + redirect,
+                n,
+                "a small remote file goes to its data: {c}"
+            );
         }
     }
     // Never slower than local-only by more than 5 %.

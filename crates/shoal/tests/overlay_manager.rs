@@ -210,7 +210,13 @@ fn the_pool_joins_its_manager_and_keeps_it_alive() {
             .iter()
             .all(|t| t["state"] == "alive");
         let starts = v["managers"][0][1]["starts"].as_u64()?;
-        (up && v["reports"] == HOSTS && starts >= 2).then_some(v)
+        // A host's deployment is known once its deployer's report carries
+        // it: under load that report can come a survey later than the
+        // host's own.
+        let deployed = v["targets"].as_array()?[1..]
+            .iter()
+            .all(|t| t["deployed"][1].as_str().is_some_and(|b| !b.is_empty()));
+        (up && deployed && v["reports"] == HOSTS && starts >= 2).then_some(v)
     });
     assert_eq!(view["managers"][0][0], "h1");
     assert_eq!(view["managers"][0][1]["dir"], cdir.as_str());

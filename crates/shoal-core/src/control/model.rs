@@ -783,7 +783,10 @@ impl FederationSpec {
                 format!("must be between 0 and 60 s, got {}", self.threshold),
             ));
         }
-        for (k, v) in [("client_mbit", self.client_mbit), ("disk_mbit", self.disk_mbit)] {
+        for (k, v) in [
+            ("client_mbit", self.client_mbit),
+            ("disk_mbit", self.disk_mbit),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err((k, format!("must be a positive number of Mbit/s, got {v}")));
             }

@@ -366,7 +366,8 @@ impl Model {
                 };
             }
             Mode::Redirect => {
-                let best = holders().min_by(|a, b| Self::peer_load(a).total_cmp(&Self::peer_load(b)));
+                let best =
+                    holders().min_by(|a, b| Self::peer_load(a).total_cmp(&Self::peer_load(b)));
                 if let Some(p) = best {
                     let c = self.redirect(i, p, p.holds.unwrap_or(0));
                     return Decision {
