@@ -476,7 +476,7 @@ impl Fed {
             .iter()
             .map(|(k, c)| (*k, *c))
             .collect();
-        classes.sort_by(|a, b| b.1.n.cmp(&a.1.n));
+        classes.sort_by_key(|c| std::cmp::Reverse(c.1.n));
         FedReport {
             objects_version: objects.version,
             objects: (manager_version != Some(objects.version)).then(|| objects.list.clone()),

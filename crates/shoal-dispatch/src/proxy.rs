@@ -450,6 +450,7 @@ async fn proxy(
                 fed_track = Some(t);
             }
             Federated::Redirect(r) => {
+                let r = *r;
                 sh.metrics.latency(start.elapsed());
                 conn.open.fetch_sub(1, Relaxed);
                 if let (Some(mut l), Some(alog)) = (log, &sh.access_log) {
@@ -508,8 +509,9 @@ enum Federated {
     Local(Option<Box<FedTrack>>),
     /// Fetched from a peer's dispatcher through this table.
     Fetch(Arc<crate::backends::Backends>, Box<FedTrack>),
-    /// The 307 to send.
-    Redirect(Response<RespBody>),
+    /// The 307 to send (boxed: a response head is large, and this path
+    /// is the rare one).
+    Redirect(Box<Response<RespBody>>),
 }
 
 /// Decides where a federated service's request goes (shoal-core's cost
@@ -598,7 +600,7 @@ fn federate(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
-            Federated::Redirect(r)
+            Federated::Redirect(Box::new(r))
         }
     }
 }

@@ -278,7 +278,7 @@ impl Federation {
         let name = rec.cluster.clone();
         let fresh = {
             let mut inner = self.inner.lock().unwrap();
-            let fresh = !inner.peers.get(&name).is_some_and(|p| !p.removed);
+            let fresh = inner.peers.get(&name).is_none_or(|p| p.removed);
             match inner.peers.get_mut(&name) {
                 Some(p) if !p.removed => p.rec = rec,
                 _ => {

@@ -144,7 +144,7 @@ pub const EXPLORE_EVERY: u64 = 5;
 /// so without this a redirect that the prior (the clusters' own link)
 /// makes look slower would never be tried, and never found faster.
 pub fn explore_now(n: u64) -> bool {
-    n % EXPLORE_EVERY == 0
+    n.is_multiple_of(EXPLORE_EVERY)
 }
 
 /// One request's inputs.
