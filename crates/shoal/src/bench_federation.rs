@@ -468,6 +468,23 @@ fn delta(a: DecisionCounts, b: DecisionCounts) -> DecisionCounts {
     }
 }
 
+/// The decisions `c`'s dispatcher made since `before`, once it has
+/// reported at least `n` of them (it reports every second), or what it
+/// reported within 10 s: a count read too early would miss decisions, and
+/// a "nothing was sent" would then hold for want of a report.
+async fn counted(c: &ClusterRig, before: DecisionCounts, n: u64) -> DecisionCounts {
+    let t0 = Instant::now();
+    loop {
+        let d = delta(before, c.decisions().await);
+        if d.local + d.local_consulted + d.fetch + d.redirect >= n
+            || t0.elapsed() > Duration::from_secs(10)
+        {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs the benchmark (root: namespaces, tc, cgroups).
 pub fn run(mut a: BenchFederationArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -713,9 +730,7 @@ async fn table1(
                     redirected += u64::from(r);
                     ms.push(t);
                 }
-                // The dispatcher reports every second.
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                let d = delta(before, c.decisions().await);
+                let d = counted(c, before, n as u64).await;
                 rep.table1.push(Cell {
                     client: client_at,
                     data,
@@ -841,8 +856,7 @@ async fn cpu(
         set_mode(a, east, mode).await?;
         let before = east.decisions().await;
         let (ms, failed) = load(east.client_ip(), url(east), CPU_CLIENTS, a.cpu_secs).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let d = delta(before, east.decisions().await);
+        let d = counted(east, before, (ms.len() + failed) as u64).await;
         if mode == "cost" {
             let total = (d.local + d.local_consulted + d.fetch + d.redirect).max(1);
             rep.cpu_shed_share_one_loaded = Some((d.fetch + d.redirect) as f64 / total as f64);
@@ -856,8 +870,9 @@ async fn cpu(
         load(east.client_ip(), url(east), CPU_CLIENTS, a.cpu_secs),
         load(west.client_ip(), url(west), CPU_CLIENTS, a.cpu_secs)
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let d = delta(before, east.decisions().await);
+    // East's dispatcher decides for its own clients' requests only (what
+    // west fetches or is redirected here counts as from_peers).
+    let d = counted(east, before, (e.0.len() + e.1) as u64).await;
     let total = (d.local + d.local_consulted + d.fetch + d.redirect).max(1);
     rep.cpu_shed_share_both_loaded = Some((d.fetch + d.redirect) as f64 / total as f64);
     rep.cpu.insert("both_loaded_east".into(), times(e.0, e.1));
@@ -945,8 +960,7 @@ async fn dead(east: &ClusterRig, west: &mut ClusterRig, rep: &mut Report) -> any
     for _ in 0..10 {
         get(&http, &remote).await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let d = delta(before, east.decisions().await);
+    let d = counted(east, before, 10).await;
     rep.sent_to_dead_after_timeout = Some(d.fetch + d.redirect);
     // Back: its manager and dispatcher again, same addresses.
     west.start_manager()?;
@@ -977,16 +991,17 @@ async fn dead(east: &ClusterRig, west: &mut ClusterRig, rep: &mut Report) -> any
     // its return (its dispatcher must follow its manager and report).
     let before = east.decisions().await;
     let mut ok_n = 0;
+    let mut tries = 0u64;
     let t2 = Instant::now();
     while ok_n < 5 && t2.elapsed() < Duration::from_secs(30) {
+        tries += 1;
         if get(&http, &remote).await.2 {
             ok_n += 1;
         } else {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let d = delta(before, east.decisions().await);
+    let d = counted(east, before, tries).await;
     rep.used_again = Some(d.fetch + d.redirect > 0 && ok_n >= 5);
     rep.used_again_s = Some(t1.elapsed().as_secs_f64());
     Ok(())
