@@ -144,7 +144,7 @@ pub fn run(a: BenchStreamArgs) -> anyhow::Result<()> {
                 if *stop.borrow() {
                     break;
                 }
-                let r = live(&a, p, &stop)
+                let r = live(&a, p, &Plan::lama(a.seed), &stop)
                     .await
                     .with_context(|| format!("policy {p}"))?;
                 if !a.json {
@@ -169,6 +169,8 @@ struct Rig {
     _tmp: tempfile::TempDir,
     password: String,
     addrs: BTreeMap<String, String>,
+    dash_url: Option<String>,
+    dir: std::path::PathBuf,
 }
 
 impl Drop for Rig {
@@ -221,7 +223,13 @@ capacity = {cap}
     )
 }
 
-async fn start(a: &BenchStreamArgs, policy: &str, min: usize, max: usize) -> anyhow::Result<Rig> {
+async fn start(
+    a: &BenchStreamArgs,
+    policy: &str,
+    min: usize,
+    max: usize,
+    dashboard: Option<&str>,
+) -> anyhow::Result<Rig> {
     let lab = Lab::create(max, node_mbit(a))?;
     let tmp = tempfile::Builder::new().prefix("shoal-stream-").tempdir()?;
     let base = tmp.path().to_path_buf();
@@ -244,16 +252,37 @@ async fn start(a: &BenchStreamArgs, policy: &str, min: usize, max: usize) -> any
     )?;
     shoal_manager::store_identity::create(&cd)?;
     let dir = cd.path.display().to_string();
-    let mut children = vec![spawn(
-        "manager",
-        &[
-            "manager".into(),
-            "--dir".into(),
-            dir.clone(),
-            "--no-discovery".into(),
-        ],
-        &base.join("manager.log"),
-    )?];
+    let mut margs: Vec<String> = vec![
+        "manager".into(),
+        "--dir".into(),
+        dir.clone(),
+        "--no-discovery".into(),
+    ];
+    if let Some(d) = dashboard {
+        // A taken address falls back to a free port, as `shoal up` does.
+        let d = match std::net::TcpListener::bind(d) {
+            Ok(l) => {
+                drop(l);
+                d.to_string()
+            }
+            Err(_) => "127.0.0.1:0".into(),
+        };
+        margs.extend(["--dashboard".into(), d]);
+    }
+    let mut children = vec![spawn("manager", &margs, &base.join("manager.log"))?];
+    let dash_url = if dashboard.is_some() {
+        Some(
+            children[0]
+                .wait_line("dashboard (read-only) at", Duration::from_secs(20))
+                .await?
+                .rsplit(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    } else {
+        None
+    };
     let admin = ApiClient::admin(&cd, None)?;
     let mut rig = Rig {
         _lab: lab,
@@ -262,6 +291,8 @@ async fn start(a: &BenchStreamArgs, policy: &str, min: usize, max: usize) -> any
         _tmp: tmp,
         password: format!("{:016x}", rand::random::<u64>()),
         addrs: BTreeMap::new(),
+        dash_url,
+        dir: cd.path.clone(),
     };
     rig.children.append(&mut children);
     wait_until("the manager", Duration::from_secs(20), || async {
@@ -481,7 +512,7 @@ fn summarize(done: &[(Listened, bool)]) -> serde_json::Value {
 
 /// One node: hold each listener level and see where stalls begin.
 async fn saturate(a: &BenchStreamArgs) -> anyhow::Result<serde_json::Value> {
-    let rig = start(a, "threshold", 1, 1).await?;
+    let rig = start(a, "threshold", 1, 1, None).await?;
     let (serve, ..) = serving(&rig).await?;
     let master = serve[0];
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -574,19 +605,68 @@ async fn saturate(a: &BenchStreamArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-/// The LAMA workload on `max` nodes with one policy.
+/// What a live run follows, and how it shows itself.
+struct Plan {
+    /// Concurrent listeners wanted, one value per `step` workload seconds.
+    listeners: Vec<f64>,
+    step: f64,
+    /// The manager's dashboard address, if it is to have one.
+    dashboard: Option<String>,
+    /// Stop after this much real time, if sooner than the workload's end.
+    until: Option<Duration>,
+    /// Print where to look once the cluster is up (`shoal up`).
+    announce: bool,
+}
+
+impl Plan {
+    /// LAMA's audio workload (the simulator's `lama-audio`, same seed).
+    fn lama(seed: u64) -> Self {
+        let w = shoal_sim::autoscale::workload::lama_audio(
+            &shoal_sim::autoscale::workload::LamaAudio::default(),
+            2.0,
+            seed,
+        );
+        let per = shoal_sim::autoscale::workload::LamaAudio::default().stream_mbps;
+        Plan {
+            listeners: w.demand.iter().map(|d| d / per).collect(),
+            step: w.step,
+            dashboard: None,
+            until: None,
+            announce: false,
+        }
+    }
+}
+
+/// A workload on `max` nodes with one policy.
 async fn live(
     a: &BenchStreamArgs,
     policy: &str,
+    plan: &Plan,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<serde_json::Value> {
-    let w = shoal_sim::autoscale::workload::lama_audio(
-        &shoal_sim::autoscale::workload::LamaAudio::default(),
-        2.0,
-        a.seed,
-    );
     let per = shoal_sim::autoscale::workload::LamaAudio::default().stream_mbps;
-    let rig = start(a, policy, 1, a.nodes).await?;
+    let rig = start(a, policy, 1, a.nodes, plan.dashboard.as_deref()).await?;
+    if plan.announce {
+        println!(
+            "shoal up: {} nodes (namespaces, {:.1} Mbit/s each = 100 Mbit/s at scale 1/{}), icecast2 radio, policy {policy}, {}x",
+            a.nodes,
+            node_mbit(a),
+            a.scale,
+            a.speed
+        );
+        if let Some(d) = &rig.dash_url {
+            println!("  dashboard   {d}");
+        }
+        println!(
+            "  status      shoal status --dir {}",
+            rig.dir.display()
+        );
+        println!(
+            "  stream      http://{}{MOUNT} (relays: every node's address, port {PORT}; listeners are sent to the least loaded)",
+            rig.addrs.values().next().cloned().unwrap_or_default()
+        );
+        println!("  Ctrl-C stops everything");
+    }
     let (serve, ..) = serving(&rig).await?;
     let master = serve[0];
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -600,7 +680,7 @@ async fn live(
     }
     let mut aud = Audience::new(k);
     let t0 = Instant::now();
-    let length = w.demand.len() as f64 * w.step;
+    let length = plan.listeners.len() as f64 * plan.step;
     let mut series = Vec::new();
     let mut node_seconds = 0.0;
     let mut last = Instant::now();
@@ -611,10 +691,15 @@ async fn live(
     let (mut serve, mut svc) = (serve, ServiceStatus::default());
     let mut icecast_listeners = 0;
     let mut n_poll = 0u64;
+    // Each node's egress, from the bridge's end of its veth, once a second:
+    // (seconds since t0, per node: utilization of its cap).
+    let veths: Vec<String> = (0..a.nodes).map(|i| rig._lab.veth(i)).collect();
+    let mut egress_prev: Option<(Instant, Vec<Option<u64>>)> = None;
+    let mut egress: Vec<(f64, Vec<f64>)> = Vec::new();
     loop {
         tick.tick().await;
         let wt = t0.elapsed().as_secs_f64() * a.speed;
-        if wt >= length || *stop.borrow() {
+        if wt >= length || *stop.borrow() || plan.until.is_some_and(|u| t0.elapsed() >= u) {
             break;
         }
         n_poll += 1;
@@ -646,8 +731,8 @@ async fn live(
                 icecast_listeners = il;
             }
         }
-        let target =
-            (w.demand[((wt / w.step) as usize).min(w.demand.len() - 1)] / per).round() as usize;
+        let target = plan.listeners[((wt / plan.step) as usize).min(plan.listeners.len() - 1)]
+            .round() as usize;
         aud.reap();
         while aud.on.len() < target && !serve.is_empty() {
             aud.arrive(&serve);
@@ -660,7 +745,27 @@ async fn live(
         node_seconds += svc.nodes.len() as f64 * dt;
         nodes_max = nodes_max.max(svc.nodes.len());
         if n_poll.is_multiple_of(4) {
+            let now = Instant::now();
+            let bytes: Vec<Option<u64>> = veths.iter().map(|v| veth_rx_bytes(v)).collect();
+            let mut util = vec![0.0; veths.len()];
+            if let Some((t, prev)) = &egress_prev {
+                let dt = now.duration_since(*t).as_secs_f64();
+                for (i, u) in util.iter_mut().enumerate() {
+                    if let (Some(b0), Some(b1)) = (prev[i], bytes[i]) {
+                        *u = (b1.saturating_sub(b0)) as f64 * 8.0 / 1e6 / dt / node_mbit(a);
+                    }
+                }
+                egress.push((now.duration_since(t0).as_secs_f64(), util.clone()));
+            }
+            egress_prev = Some((now, bytes));
+            let per_node: Vec<usize> = rig
+                ._lab
+                .node_addrs(PORT)
+                .iter()
+                .map(|s| aud.count_on(s))
+                .collect();
             series.push(serde_json::json!({
+                "node_utilization": util, "node_listeners": per_node,
                 "t": wt, "demand_mbit": target as f64 * per, "listeners": aud.on.len(),
                 "icecast_listeners": icecast_listeners,
                 "observed_mbit": svc.usage.map(|u| u * a.scale),
@@ -668,7 +773,7 @@ async fn live(
                 "allocated": svc.nodes.len(), "serving": svc.serving.len(),
                 "draining": svc.draining.len(),
             }));
-            if !a.json && n_poll.is_multiple_of(40) {
+            if (!a.json || plan.announce) && n_poll.is_multiple_of(40) {
                 eprintln!(
                     "{policy:>10} t={wt:>5.0}s listeners {:>4} nodes {} (serving {}) observed {:>6.1} Mbit/s forecast {:>6.1}",
                     aud.on.len(),
@@ -693,6 +798,7 @@ async fn live(
     let events: Vec<Event> = rig.admin.get("/v1/events").await.unwrap_or_default();
     let reallocs = crate::up::reallocations(&events, Some("radio"));
     let mut s = summarize(&aud.done);
+    s["stall_causes"] = stall_causes(&aud.done, t0, &egress, &rig._lab.node_addrs(PORT));
     s["policy"] = policy.into();
     s["reallocations"] = reallocs.into();
     s["node_seconds"] = node_seconds.into();
@@ -712,6 +818,46 @@ async fn live(
     Ok(s)
 }
 
+/// `shoal up --netns --app icecast`: the radio as a demo, with the
+/// dashboard, following `--workload` (LAMA's audio by default: normalized
+/// curves reach 3,000 listeners at their peak).
+pub async fn up(u: &crate::up::UpArgs, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let a = BenchStreamArgs {
+        saturate: false,
+        levels: Vec::new(),
+        hold: Duration::from_secs(1),
+        arrival_rate: 20.0,
+        policy: vec![u.policy.clone()],
+        nodes: u.nodes,
+        // The node's link stands for LAMA's 100 Mbit/s.
+        scale: 100.0 / u.node_mbit,
+        speed: u.speed,
+        seed: 1,
+        lead_time: 10.0,
+        drain_timeout: 30.0,
+        no_move: false,
+        out: None,
+        json: u.json,
+    };
+    validate(&a)?;
+    let (curve, step) = crate::up::curve(u.workload)?;
+    let plan = Plan {
+        listeners: curve.iter().map(|c| c * 3000.0).collect(),
+        step,
+        dashboard: Some(u.dashboard.clone()),
+        until: u.duration,
+        announce: true,
+    };
+    crate::raise_nofile();
+    let s = live(&a, &u.policy, &plan, &stop).await?;
+    if u.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print_live(&u.policy, &s);
+    }
+    Ok(())
+}
+
 fn print_live(p: &str, s: &serde_json::Value) {
     println!(
         "{p:>10}: reallocations {}, peak nodes {}, node-s {:.0}, listeners {}, stall listener-s {:.1} ({} listeners), disconnected {} ({} by a release), moved {}, startup p50/p99 {:.2}/{:.2} s",
@@ -727,6 +873,74 @@ fn print_live(p: &str, s: &serde_json::Value) {
         s["startup_p50_s"].as_f64().unwrap_or(f64::NAN),
         s["startup_p99_s"].as_f64().unwrap_or(f64::NAN)
     );
+    let c = &s["stall_causes"];
+    println!(
+        "{:>10}  stalls by cause: within 10 s of a connect or move {}, on a node at >= 95 % of its cap {}, other {}; per node {}",
+        "", c["after_open"], c["hot_node"], c["other"], c["per_node"]
+    );
+}
+
+/// Sorts every stall of a live run by its likely cause:
+/// - `after_open`: within 10 s of the connection it happened on opening
+///   (a first connect or a move; icecast's burst is about 4 s of audio, so
+///   a new connection that does not keep up runs dry in that time);
+/// - `hot_node`: otherwise, on a node whose egress was at 95 % of its cap
+///   or more in the second of the stall or the one before;
+/// - `other`: neither.
+///
+/// Also counts them per node.
+fn stall_causes(
+    done: &[(Listened, bool)],
+    t0: Instant,
+    egress: &[(f64, Vec<f64>)],
+    nodes: &[SocketAddr],
+) -> serde_json::Value {
+    let (mut after_open, mut hot, mut other) = (0u64, 0u64, 0u64);
+    let mut per_node = vec![0u64; nodes.len()];
+    let mut at_util: Vec<f64> = Vec::new();
+    for (l, _) in done {
+        let base = l.connected.saturating_duration_since(t0).as_secs_f64();
+        for st in &l.stall_log {
+            let t = base + st.at;
+            let node = nodes.iter().position(|n| *n == st.server);
+            if let Some(i) = node {
+                per_node[i] += 1;
+            }
+            // The egress samples covering t and the second before.
+            let util = node
+                .map(|i| {
+                    egress
+                        .iter()
+                        .filter(|(s, _)| *s >= t - 1.0 && *s <= t + 1.0)
+                        .map(|(_, u)| u[i])
+                        .fold(0.0, f64::max)
+                })
+                .unwrap_or(0.0);
+            at_util.push(util);
+            if st.since_open < 10.0 {
+                after_open += 1;
+            } else if util >= 0.95 {
+                hot += 1;
+            } else {
+                other += 1;
+            }
+        }
+    }
+    at_util.sort_by(f64::total_cmp);
+    let median = at_util.get(at_util.len() / 2).copied();
+    serde_json::json!({
+        "after_open": after_open, "hot_node": hot, "other": other,
+        "per_node": per_node, "median_node_utilization_at_stall": median,
+    })
+}
+
+/// Bytes received by a root-namespace interface.
+fn veth_rx_bytes(dev: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/rx_bytes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Bytes the node's tc qdisc has sent on eth0 (its egress), from

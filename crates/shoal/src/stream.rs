@@ -143,6 +143,18 @@ impl Player {
         }
     }
 
+    /// When a stall would have begun by `now` if nothing arrives (the
+    /// buffer ran dry while playing), without changing the player.
+    pub fn stalls_pending(&self, now: f64) -> Option<f64> {
+        (self.playing && self.rate * (now - self.last) > self.buffered)
+            .then(|| self.last + self.buffered / self.rate)
+    }
+
+    /// When the stall now running began, if one is.
+    pub fn stalling_since(&self) -> Option<f64> {
+        self.stall_since
+    }
+
     /// Seconds of audio held.
     pub fn buffered_s(&self) -> f64 {
         self.buffered / self.rate
@@ -183,6 +195,23 @@ pub struct Listened {
     pub end: End,
     /// The server it was on when it ended.
     pub server: Option<SocketAddr>,
+    /// When it first connected.
+    pub connected: Instant,
+    /// Every stall: when it began (seconds after `connected`), the server
+    /// it was on, and seconds since that connection opened (a first
+    /// connect or a move).
+    pub stall_log: Vec<Stall>,
+}
+
+/// One stall of one listener.
+#[derive(Debug, Clone)]
+pub struct Stall {
+    /// Seconds after the listener first connected.
+    pub at: f64,
+    /// The server it was reading from.
+    pub server: SocketAddr,
+    /// Seconds since the connection to that server opened.
+    pub since_open: f64,
 }
 
 async fn open(addr: SocketAddr, mount: &str) -> Result<(TcpStream, Vec<u8>), String> {
@@ -254,8 +283,16 @@ pub async fn listener(
     let mut bytes = 0u64;
     let mut moves = 0;
     let (mut seen_stalls, mut seen_stalled) = (0u32, 0.0f64);
-    let mut note = |p: &Player| {
+    let mut stall_log: Vec<Stall> = Vec::new();
+    let mut opened = 0.0f64;
+    let mut note = |p: &Player, on: SocketAddr, opened: f64, log: &mut Vec<Stall>| {
         if p.stalls > seen_stalls {
+            let at = p.stalling_since().unwrap_or(p.last);
+            log.push(Stall {
+                at,
+                server: on,
+                since_open: at - opened,
+            });
             tally
                 .stalls
                 .fetch_add(u64::from(p.stalls - seen_stalls), Relaxed);
@@ -269,8 +306,19 @@ pub async fn listener(
         }
     };
     let tally2 = tally.clone();
-    let done = move |p: &mut Player, bytes, moves, end: End, server| {
+    let done = move |p: &mut Player, bytes, moves, end: End, server, mut stall_log: Vec<Stall>| {
+        let stall_before = p.stalling_since().or(p.stalls_pending(secs()));
         p.finish(secs());
+        // A stall that runs to the end was never ended by data; log it.
+        if let (Some(at), Some(server)) = (stall_before, server)
+            && (p.stalls as usize) > stall_log.len()
+        {
+            stall_log.push(Stall {
+                at,
+                server,
+                since_open: f64::NAN,
+            });
+        }
         if matches!(end, End::Cut(_)) {
             tally2.cuts.fetch_add(1, Relaxed);
         }
@@ -282,10 +330,12 @@ pub async fn listener(
             moves,
             end,
             server,
+            connected: t0,
+            stall_log,
         }
     };
     let Some(mut on) = *target.borrow_and_update() else {
-        return done(&mut p, 0, 0, End::Left, None);
+        return done(&mut p, 0, 0, End::Left, None, stall_log);
     };
     let mut conn = match open(on, &mount).await {
         Ok((s, first)) => {
@@ -293,7 +343,7 @@ pub async fn listener(
             p.feed(secs(), first.len());
             s
         }
-        Err(e) => return done(&mut p, 0, 0, End::Cut(e), Some(on)),
+        Err(e) => return done(&mut p, 0, 0, End::Cut(e), Some(on), stall_log),
     };
     let mut b = vec![0u8; 8192];
     loop {
@@ -302,20 +352,21 @@ pub async fn listener(
             let wait = Duration::from_secs_f64((p.buffered_s() - max_buffer_s + 0.2).max(0.05));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                r = target.changed() => if r.is_err() { return done(&mut p, bytes, moves, End::Left, Some(on)); },
+                r = target.changed() => if r.is_err() { return done(&mut p, bytes, moves, End::Left, Some(on), stall_log); },
             }
             p.advance(secs());
+            note(&p, on, opened, &mut stall_log);
         } else {
             tokio::select! {
                 r = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut b)) => {
                     match r {
-                        Ok(Ok(0)) => return done(&mut p, bytes, moves, End::Cut(format!("{on} closed the stream")), Some(on)),
-                        Ok(Ok(n)) => { bytes += n as u64; p.feed(secs(), n); note(&p); }
-                        Ok(Err(e)) => return done(&mut p, bytes, moves, End::Cut(format!("{on}: {e}")), Some(on)),
-                        Err(_) => return done(&mut p, bytes, moves, End::Cut(format!("{on} sent nothing for 30 s")), Some(on)),
+                        Ok(Ok(0)) => return done(&mut p, bytes, moves, End::Cut(format!("{on} closed the stream")), Some(on), stall_log),
+                        Ok(Ok(n)) => { bytes += n as u64; p.feed(secs(), n); note(&p, on, opened, &mut stall_log); }
+                        Ok(Err(e)) => return done(&mut p, bytes, moves, End::Cut(format!("{on}: {e}")), Some(on), stall_log),
+                        Err(_) => return done(&mut p, bytes, moves, End::Cut(format!("{on} sent nothing for 30 s")), Some(on), stall_log),
                     }
                 }
-                r = target.changed() => if r.is_err() { return done(&mut p, bytes, moves, End::Left, Some(on)); },
+                r = target.changed() => if r.is_err() { return done(&mut p, bytes, moves, End::Left, Some(on), stall_log); },
             }
         }
         // Not `has_changed`: the `changed()` that woke the select above
@@ -323,13 +374,14 @@ pub async fn listener(
         {
             let want = *target.borrow_and_update();
             match want {
-                None => return done(&mut p, bytes, moves, End::Left, Some(on)),
+                None => return done(&mut p, bytes, moves, End::Left, Some(on), stall_log),
                 Some(next) if next != on => {
                     // Move: the new server's burst refills the buffer.
                     match open(next, &mount).await {
                         Ok((s, first)) => {
                             conn = s;
                             on = next;
+                            opened = secs();
                             moves += 1;
                             bytes += first.len() as u64;
                             p.feed(secs(), first.len());

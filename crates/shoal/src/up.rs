@@ -34,12 +34,18 @@ pub enum UpApp {
     Www,
     /// nginx (apt-get install nginx).
     Nginx,
+    /// A live radio on Debian's icecast2 (apt-get install icecast2), the
+    /// first node fed by a 128 kbit/s source and every added node relaying
+    /// from it, with listeners arriving and leaving as the workload says
+    /// (LAMA's section 5). Needs --netns: a stream is sized on each node's
+    /// own link.
+    Icecast,
 }
 
 /// `shoal up` arguments.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Examples:\n  shoal up\n  shoal up --netns --self-deploy --nodes 16   (as root)\n  shoal up --nodes 4 --workload ramp --duration 60s --speed 10\n  shoal up --workload lama-audio --app nginx"
+    after_help = "Examples:\n  shoal up\n  shoal up --netns --self-deploy --nodes 16   (as root)\n  shoal up --nodes 4 --workload ramp --duration 60s --speed 10\n  shoal up --workload lama-audio --app nginx\n  shoal up --netns --app icecast --workload lama-audio   (as root; apt-get install icecast2)"
 )]
 pub struct UpArgs {
     /// Number of nodes (agents) in the pool.
@@ -244,7 +250,7 @@ impl Lab {
         ip(&["link", "set", &br, "up"])?;
         for i in 0..nodes {
             let ns = lab.ns(i);
-            let veth = format!("shu{}n{i}", lab.tag);
+            let veth = lab.veth(i);
             ip(&["netns", "add", &ns])?;
             ip(&[
                 "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -282,8 +288,19 @@ impl Lab {
     pub(crate) fn ns(&self, i: usize) -> String {
         format!("shoal-up-{}-{i}", self.tag)
     }
+    /// The root namespace's end of node `i`'s veth pair: what it receives
+    /// is the node's egress.
+    pub(crate) fn veth(&self, i: usize) -> String {
+        format!("shu{}n{i}", self.tag)
+    }
     pub(crate) fn host_ip(&self) -> String {
         format!("{}.1", self.subnet)
+    }
+    /// Every node's address with `port`, in node order.
+    pub(crate) fn node_addrs(&self, port: u16) -> Vec<std::net::SocketAddr> {
+        (0..self.nodes)
+            .filter_map(|i| format!("{}:{port}", self.node_ip(i)).parse().ok())
+            .collect()
     }
     pub(crate) fn node_ip(&self, i: usize) -> String {
         format!("{}.{}", self.subnet, 10 + i)
@@ -301,7 +318,7 @@ impl Drop for Lab {
 
 /// The demand curve, normalized to a peak of 1, sampled every `step`
 /// workload-seconds.
-fn curve(w: UpWorkload) -> anyhow::Result<(Vec<f64>, f64)> {
+pub(crate) fn curve(w: UpWorkload) -> anyhow::Result<(Vec<f64>, f64)> {
     let step = 2.0;
     let demand: Vec<f64> = match w {
         UpWorkload::Ramp => {
@@ -416,6 +433,20 @@ fn validate(a: &UpArgs) -> anyhow::Result<()> {
             "--netns needs root (it creates network namespaces, veth pairs and tc qdiscs); run as root or drop --netns"
         );
     }
+    if a.app == UpApp::Icecast {
+        if !a.netns {
+            anyhow::bail!(
+                "--app icecast needs --netns (each node a namespace with its own capped link, as root): a stream is sized on each node's egress"
+            );
+        }
+        if !Path::new(shoal_agent::adaptor::icecast::PROGRAM).exists() {
+            anyhow::bail!("--app icecast needs icecast2 installed (apt-get install -y icecast2)");
+        }
+        if a.self_deploy {
+            anyhow::bail!("--app icecast and --self-deploy are two different demos; pick one");
+        }
+        return Ok(());
+    }
     if a.app == UpApp::Nginx && !Path::new("/usr/sbin/nginx").exists() {
         anyhow::bail!(
             "--app nginx needs nginx installed (apt-get install -y nginx), or use --app www"
@@ -435,6 +466,7 @@ fn demo_spec(a: &UpArgs, root: &Path, port: u16) -> String {
     let adaptor = match a.app {
         UpApp::Www => "www",
         UpApp::Nginx => "nginx",
+        UpApp::Icecast => "icecast",
     };
     format!(
         r#"name = "demo"
@@ -532,6 +564,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     validate(&a)?;
     if a.self_deploy {
         return crate::up_selfdeploy::run(a, stop).await;
+    }
+    if a.app == UpApp::Icecast {
+        return crate::bench_stream::up(&a, stop).await;
     }
     // With --json, stdout carries the JSON summary only.
     let json = a.json;
