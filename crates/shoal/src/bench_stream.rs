@@ -657,10 +657,7 @@ async fn live(
         if let Some(d) = &rig.dash_url {
             println!("  dashboard   {d}");
         }
-        println!(
-            "  status      shoal status --dir {}",
-            rig.dir.display()
-        );
+        println!("  status      shoal status --dir {}", rig.dir.display());
         println!(
             "  stream      http://{}{MOUNT} (relays: every node's address, port {PORT}; listeners are sent to the least loaded)",
             rig.addrs.values().next().cloned().unwrap_or_default()
