@@ -14,7 +14,8 @@
 //! When a node drains, the redirector sends it no new listeners and, with
 //! `--move` (default), moves its listeners to the others (each keeps
 //! playing from its buffer while it reconnects); without it they may leave
-//! until the drain timeout, and those still there are cut.
+//! until the drain timeout, and those still there are cut. When a relay
+//! starts serving, listeners move onto it from the servers above the mean.
 //!
 //! All rates are divided by `--scale` (the node's 100 Mbit/s, the stream's
 //! 128 kbit/s, icecast's burst and queue), so that listener counts are
@@ -79,8 +80,9 @@ pub struct BenchStreamArgs {
     /// How long a released node drains, workload seconds.
     #[arg(long, default_value_t = 30.0)]
     pub drain_timeout: f64,
-    /// Leave listeners on a draining node (they are cut at the timeout)
-    /// instead of moving them.
+    /// Never move a listener: not off a draining node (those still there
+    /// are cut at the drain timeout) and not onto a relay that starts
+    /// serving (no rebalancing).
     #[arg(long)]
     pub no_move: bool,
     /// Write each run's time series (JSON) here.
@@ -469,6 +471,40 @@ impl Audience {
         }
         n
     }
+    /// Moves listeners off servers holding more than their share of the
+    /// audience onto `fresh` (relays that just began to serve), until every
+    /// server of `serving` holds about the mean: without it, listeners stay
+    /// where they first landed and the oldest nodes stay saturated while
+    /// new relays fill only with new arrivals.
+    fn rebalance(&mut self, serving: &[SocketAddr], fresh: &[SocketAddr]) -> usize {
+        if serving.is_empty() || fresh.is_empty() {
+            return 0;
+        }
+        let mean = self.on.len().div_ceil(serving.len());
+        let mut n = 0;
+        for from in serving.iter().filter(|s| !fresh.contains(s)) {
+            let excess = self.count_on(from).saturating_sub(mean);
+            let ids: Vec<u64> = self
+                .on
+                .iter()
+                .filter(|(_, (s, _))| s == from)
+                .map(|(i, _)| *i)
+                .take(excess)
+                .collect();
+            for id in ids {
+                let Some(t) = self.least(fresh) else { break };
+                if self.count_on(&t) >= mean {
+                    break;
+                }
+                if let Some((s, tx)) = self.on.get_mut(&id) {
+                    *s = t;
+                    let _ = tx.send(Some(t));
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
     fn reap(&mut self) {
         while let Some(Ok((id, l))) = self.tasks.try_join_next() {
             self.on.remove(&id);
@@ -683,6 +719,7 @@ async fn live(
     let mut last = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut moved_total = 0;
+    let mut rebalanced = 0;
     let mut draining_now: Vec<SocketAddr> = Vec::new();
     let mut nodes_max = 0;
     let (mut serve, mut svc) = (serve, ServiceStatus::default());
@@ -704,7 +741,12 @@ async fn live(
             && let Ok((s, d, st, il)) = serving(&rig).await
         {
             {
+                let fresh: Vec<SocketAddr> =
+                    s.iter().copied().filter(|x| !serve.contains(x)).collect();
                 serve = s;
+                if !a.no_move && !fresh.is_empty() {
+                    rebalanced += aud.rebalance(&serve, &fresh);
+                }
                 // Servers draining or no longer in the service: a listener
                 // cut there was cut by a reallocation.
                 aud.draining_seen = rig
@@ -801,6 +843,7 @@ async fn live(
     s["node_seconds"] = node_seconds.into();
     s["nodes_max"] = nodes_max.into();
     s["moved_on_drain"] = moved_total.into();
+    s["moved_to_new_relays"] = rebalanced.into();
     s["source_ok"] = src_sent.map(|r| r.is_ok()).unwrap_or(false).into();
     s["speed"] = a.speed.into();
     s["scale"] = a.scale.into();
